@@ -1,0 +1,1003 @@
+//! Certificate tooling for DCS.
+//!
+//! Edge agents and the aggregator authenticate each other with mutual TLS
+//! under one private CA. This crate creates that CA, the aggregator's server
+//! certificate and one client certificate per agent. An agent's identity is
+//! carried in a URI SAN `dcs://TENANT/AGENT`, which the aggregator reads from
+//! the verified chain, so the tenant and agent ids here must obey exactly the
+//! rule the aggregator enforces (see [`validate_identifier`]).
+//!
+//! Everything is generated in memory before any file is touched, and every
+//! file is written under a temporary name and renamed into place, so a failed
+//! or interrupted run never leaves a half-written certificate or key behind.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
+    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, string::Ia5String,
+};
+use time::{Duration, OffsetDateTime, UtcOffset};
+
+/// File name of the CA certificate, both in the CA directory and in an agent's
+/// bundle (where the agent uses it to verify the aggregator).
+pub const CA_CERT_FILE: &str = "ca.pem";
+/// File name of the CA private key in the CA directory.
+pub const CA_KEY_FILE: &str = "ca-key.pem";
+
+/// Longest tenant or agent id. The ids end up in database keys and in the URI
+/// SAN, so the aggregator caps them; issuing a longer one would produce a
+/// certificate the aggregator rejects.
+pub const MAX_IDENTIFIER_LEN: usize = 64;
+
+/// Common name of a server certificate issued without any DNS name. Only the
+/// SANs matter to TLS clients; the CN is for humans reading the certificate.
+pub const DEFAULT_SERVER_CN: &str = "dcs-aggregator";
+
+/// Clock skew tolerated by [`Validity::days_from_now`]: edge devices often
+/// have slightly wrong clocks, and a certificate that is "not yet valid" for a
+/// few minutes after issuance is a confusing failure.
+const CLOCK_SKEW: Duration = Duration::minutes(5);
+
+const CERT_MODE: u32 = 0o644;
+const KEY_MODE: u32 = 0o600;
+const DIR_MODE: u32 = 0o700;
+
+/// Everything that can go wrong in this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A tenant or agent id breaks the identifier rule. `kind` says which one
+    /// ("tenant", "agent") so the caller can point at the right argument.
+    #[error("invalid {kind} id {value:?}: {reason}")]
+    InvalidIdentifier {
+        kind: &'static str,
+        value: String,
+        reason: String,
+    },
+
+    /// A DNS name for the server certificate is malformed; TLS clients would
+    /// never match it, so issuing it would only defer the failure.
+    #[error("invalid DNS name {value:?}: {reason}")]
+    InvalidDnsName { value: String, reason: String },
+
+    /// A server certificate without any name cannot be verified by anyone.
+    #[error("a server certificate needs at least one DNS name or IP address")]
+    NoServerNames,
+
+    /// The CA common name is unusable.
+    #[error("invalid CA common name {value:?}: {reason}")]
+    InvalidCommonName { value: String, reason: &'static str },
+
+    /// The validity range is empty or reversed.
+    #[error("invalid validity: not_after ({not_after}) must be later than not_before ({not_before})")]
+    InvalidValidity {
+        not_before: OffsetDateTime,
+        not_after: OffsetDateTime,
+    },
+
+    /// A file name given to [`write_pair`] would escape the target directory
+    /// or collide with the temporary files used while writing.
+    #[error("invalid output file name {name:?}: {reason}")]
+    InvalidFileName { name: String, reason: &'static str },
+
+    /// Neither CA file exists in the directory.
+    #[error("CA not found at {}: run `dcs-certs init --out {}` first", dir.display(), dir.display())]
+    CaNotFound { dir: PathBuf },
+
+    /// Only one of the two CA files exists. Kept apart from `CaNotFound`
+    /// because `init` would refuse this directory without `--force`.
+    #[error(
+        "CA at {} is incomplete: {missing} is missing (restore it, or replace the CA with `dcs-certs init --out {} --force`)",
+        dir.display(),
+        dir.display()
+    )]
+    CaIncomplete { dir: PathBuf, missing: &'static str },
+
+    /// Writing a CA would replace an existing one, which silently invalidates
+    /// every certificate it has issued.
+    #[error(
+        "a CA already exists at {} ({existing} present); refusing to overwrite it (use --force to replace it and invalidate every certificate it issued)",
+        dir.display()
+    )]
+    CaExists {
+        dir: PathBuf,
+        existing: &'static str,
+    },
+
+    /// The CA files exist but cannot be used to issue certificates.
+    #[error("invalid CA file {}: {reason}", path.display())]
+    InvalidCa { path: PathBuf, reason: String },
+
+    /// A file system operation failed.
+    #[error("could not {action} {}: {source}", path.display())]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// rcgen refused to build a certificate or key.
+    #[error("certificate generation failed: {0}")]
+    Generate(#[from] rcgen::Error),
+}
+
+/// PEM text of a certificate and its private key.
+///
+/// `Debug` leaves the key out so that logging a `Pem` never leaks it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pem {
+    pub cert: String,
+    pub key: String,
+}
+
+impl fmt::Debug for Pem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pem")
+            .field("cert", &self.cert)
+            .field("key", &"<redacted>")
+            .finish()
+    }
+}
+
+/// The period during which a certificate is valid.
+///
+/// Any range is accepted, including one entirely in the past, because tests
+/// need expired certificates. Only an empty or reversed range is rejected, at
+/// issuance time (the fields are public, so it cannot be enforced earlier).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Validity {
+    pub not_before: OffsetDateTime,
+    pub not_after: OffsetDateTime,
+}
+
+impl Validity {
+    /// Valid from five minutes ago (clock skew) until `days` days from now.
+    ///
+    /// Saturates at the largest representable date instead of panicking, so
+    /// an absurd `days` yields a long-lived certificate rather than a crash.
+    pub fn days_from_now(days: u32) -> Validity {
+        let now = OffsetDateTime::now_utc();
+        Validity {
+            not_before: now - CLOCK_SKEW,
+            not_after: now.saturating_add(Duration::days(i64::from(days))),
+        }
+    }
+
+    /// A validity range checked up front, for callers that prefer to fail
+    /// when they build the range rather than when they issue with it.
+    pub fn new(not_before: OffsetDateTime, not_after: OffsetDateTime) -> Result<Validity, Error> {
+        let validity = Validity {
+            not_before,
+            not_after,
+        };
+        validity.check()?;
+        Ok(validity)
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        if self.not_after <= self.not_before {
+            return Err(Error::InvalidValidity {
+                not_before: self.not_before,
+                not_after: self.not_after,
+            });
+        }
+        Ok(())
+    }
+
+    fn apply(&self, params: &mut CertificateParams) -> Result<(), Error> {
+        self.check()?;
+        // rcgen picks UTCTime vs GeneralizedTime from the year as given, so
+        // normalise the offset first or a date near a year boundary could be
+        // encoded in the wrong form.
+        params.not_before = self.not_before.to_offset(UtcOffset::UTC);
+        params.not_after = self.not_after.to_offset(UtcOffset::UTC);
+        Ok(())
+    }
+}
+
+/// A certificate authority able to issue DCS server and agent certificates.
+///
+/// Holds the PEM text alongside the parsed signing state so that [`Ca::write`]
+/// reproduces exactly what was loaded or generated.
+pub struct Ca {
+    cert_pem: String,
+    key_pem: String,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+impl fmt::Debug for Ca {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Ca")
+            .field("cert_pem", &self.cert_pem)
+            .field("key_pem", &"<redacted>")
+            .finish_non_exhaustive()
+    }
+}
+
+impl Ca {
+    /// Generates a new self-signed CA with a fresh ECDSA P-256 key.
+    pub fn generate(common_name: &str, validity: Validity) -> Result<Ca, Error> {
+        if common_name.trim().is_empty() {
+            return Err(Error::InvalidCommonName {
+                value: common_name.to_owned(),
+                reason: "must not be empty",
+            });
+        }
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::default();
+        validity.apply(&mut params)?;
+        params.distinguished_name = common_name_only(common_name);
+        // Path length 0: this CA only ever signs leaves, so a leaked leaf key
+        // (or a leaf mistakenly marked as CA elsewhere) cannot extend the chain.
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key)?;
+        let cert_pem = cert.pem();
+        let key_pem = key.serialize_pem();
+        // Build the issuer from the certificate we just produced, exactly as
+        // `load` does, so a fresh CA and a reloaded one sign identically.
+        let issuer = Issuer::from_ca_cert_der(cert.der(), key)?;
+        Ok(Ca {
+            cert_pem,
+            key_pem,
+            issuer,
+        })
+    }
+
+    /// Reads `DIR/ca.pem` and `DIR/ca-key.pem`.
+    ///
+    /// Checks that the certificate is a CA and that the key belongs to it:
+    /// otherwise every certificate issued afterwards would fail verification
+    /// at handshake time, far from the actual mistake.
+    pub fn load(dir: &Path) -> Result<Ca, Error> {
+        let cert_path = dir.join(CA_CERT_FILE);
+        let key_path = dir.join(CA_KEY_FILE);
+        match (cert_path.exists(), key_path.exists()) {
+            (false, false) => {
+                return Err(Error::CaNotFound {
+                    dir: dir.to_owned(),
+                });
+            }
+            (true, false) => {
+                return Err(Error::CaIncomplete {
+                    dir: dir.to_owned(),
+                    missing: CA_KEY_FILE,
+                });
+            }
+            (false, true) => {
+                return Err(Error::CaIncomplete {
+                    dir: dir.to_owned(),
+                    missing: CA_CERT_FILE,
+                });
+            }
+            (true, true) => {}
+        }
+        let cert_pem = read_to_string(&cert_path)?;
+        let key_pem = read_to_string(&key_path)?;
+        let invalid_cert = |reason: String| Error::InvalidCa {
+            path: cert_path.clone(),
+            reason,
+        };
+
+        let key = KeyPair::from_pem(&key_pem).map_err(|e| Error::InvalidCa {
+            path: key_path.clone(),
+            reason: format!("not a usable private key: {e}"),
+        })?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| invalid_cert(format!("not a PEM certificate: {e}")))?;
+        let x509 = pem
+            .parse_x509()
+            .map_err(|e| invalid_cert(format!("not an X.509 certificate: {e}")))?;
+        if !x509.is_ca() {
+            return Err(invalid_cert(
+                "certificate is not a CA (basicConstraints CA flag is not set)".to_owned(),
+            ));
+        }
+        if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(Error::InvalidCa {
+                path: key_path,
+                reason: format!("private key does not belong to {}", cert_path.display()),
+            });
+        }
+        let issuer = Issuer::from_ca_cert_der(&pem.contents.clone().into(), key)
+            .map_err(|e| invalid_cert(e.to_string()))?;
+        Ok(Ca {
+            cert_pem,
+            key_pem,
+            issuer,
+        })
+    }
+
+    /// PEM text of the CA certificate: the trust anchor both sides configure.
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// PEM text of the CA private key.
+    pub fn key_pem(&self) -> &str {
+        &self.key_pem
+    }
+
+    /// Writes `DIR/ca.pem` (0644) and `DIR/ca-key.pem` (0600), creating `DIR`
+    /// (0700) if needed.
+    ///
+    /// Refuses with [`Error::CaExists`] if either file is already there:
+    /// replacing a CA key invalidates every certificate it issued, so it must
+    /// be explicit ([`Ca::write_replacing`]).
+    pub fn write(&self, dir: &Path) -> Result<(), Error> {
+        for existing in [CA_CERT_FILE, CA_KEY_FILE] {
+            // symlink_metadata so that a dangling symlink also counts as
+            // "something is there".
+            if fs::symlink_metadata(dir.join(existing)).is_ok() {
+                return Err(Error::CaExists {
+                    dir: dir.to_owned(),
+                    existing,
+                });
+            }
+        }
+        self.write_replacing(dir)
+    }
+
+    /// Like [`Ca::write`] but replaces an existing CA (`init --force`).
+    pub fn write_replacing(&self, dir: &Path) -> Result<(), Error> {
+        write_files(
+            dir,
+            &[
+                OutFile::cert(CA_CERT_FILE, &self.cert_pem),
+                OutFile::key(CA_KEY_FILE, &self.key_pem),
+            ],
+        )
+    }
+
+    /// Issues the aggregator's server certificate (EKU serverAuth).
+    ///
+    /// DNS names and IP addresses are kept apart, because a TLS client
+    /// connecting to an IP only matches an IP SAN, never a DNS SAN spelling
+    /// the same address. The CN is the first DNS name, or
+    /// [`DEFAULT_SERVER_CN`] if there is none.
+    pub fn issue_server(
+        &self,
+        dns: &[String],
+        ips: &[IpAddr],
+        validity: Validity,
+    ) -> Result<Pem, Error> {
+        if dns.is_empty() && ips.is_empty() {
+            return Err(Error::NoServerNames);
+        }
+        let mut sans = Vec::with_capacity(dns.len() + ips.len());
+        for name in dns {
+            validate_dns_name(name)?;
+            sans.push(SanType::DnsName(ia5(name)?));
+        }
+        sans.extend(ips.iter().copied().map(SanType::IpAddress));
+        let cn = dns.first().map_or(DEFAULT_SERVER_CN, String::as_str);
+        self.issue_leaf(cn, sans, ExtendedKeyUsagePurpose::ServerAuth, validity)
+    }
+
+    /// Issues an agent's client certificate (EKU clientAuth) with the URI SAN
+    /// `dcs://TENANT/AGENT` and CN = AGENT.
+    ///
+    /// The aggregator derives the agent's identity from that URI alone, so
+    /// both ids are validated here with the aggregator's rule.
+    pub fn issue_agent(&self, tenant: &str, agent: &str, validity: Validity) -> Result<Pem, Error> {
+        validate_identifier("tenant", tenant)?;
+        validate_identifier("agent", agent)?;
+        let uri = ia5(&format!("dcs://{tenant}/{agent}"))?;
+        self.issue_leaf(
+            agent,
+            vec![SanType::URI(uri)],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            validity,
+        )
+    }
+
+    fn issue_leaf(
+        &self,
+        common_name: &str,
+        sans: Vec<SanType>,
+        eku: ExtendedKeyUsagePurpose,
+        validity: Validity,
+    ) -> Result<Pem, Error> {
+        let mut params = CertificateParams::default();
+        validity.apply(&mut params)?;
+        params.distinguished_name = common_name_only(common_name);
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        // ECDSA keys only sign during the handshake; keyEncipherment is an
+        // RSA key-transport usage and would be wrong here.
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![eku];
+        // Lets verifiers pick the right CA key if the CA is ever rotated.
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(Pem {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        })
+    }
+}
+
+/// Checks a tenant or agent id: 1 to 64 characters, each in `[a-z0-9_.-]`,
+/// the first in `[a-z0-9]`.
+///
+/// The aggregator applies the same rule to the URI SAN; the restricted
+/// alphabet keeps ids safe in URIs, file names and log lines, and the
+/// alphanumeric first character rules out `.`/`..` and option-like `-x`.
+/// `kind` names the id ("tenant", "agent") in the error.
+pub fn validate_identifier(kind: &'static str, value: &str) -> Result<(), Error> {
+    let invalid = |reason: String| Error::InvalidIdentifier {
+        kind,
+        value: value.to_owned(),
+        reason,
+    };
+    let Some(first) = value.chars().next() else {
+        return Err(invalid("must not be empty".to_owned()));
+    };
+    let len = value.chars().count();
+    if len > MAX_IDENTIFIER_LEN {
+        return Err(invalid(format!(
+            "is {len} characters long; at most {MAX_IDENTIFIER_LEN} are allowed"
+        )));
+    }
+    if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
+        return Err(invalid(format!(
+            "must start with a lowercase letter or digit, not {first:?}"
+        )));
+    }
+    if let Some((pos, bad)) = value
+        .chars()
+        .enumerate()
+        .find(|&(_, c)| !is_identifier_char(c))
+    {
+        return Err(invalid(format!(
+            "character {bad:?} at position {} is not allowed (allowed: a-z, 0-9, '_', '.', '-')",
+            pos + 1
+        )));
+    }
+    Ok(())
+}
+
+fn is_identifier_char(c: char) -> bool {
+    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-')
+}
+
+/// Checks a DNS name for a server certificate: ASCII labels of letters,
+/// digits, `-` and `_`, 1 to 63 characters each, at most 253 in total, with
+/// an optional leading `*.` wildcard label.
+///
+/// An IP address is refused with a hint, because as a DNS SAN it would never
+/// match a connection to that address.
+pub fn validate_dns_name(value: &str) -> Result<(), Error> {
+    let invalid = |reason: String| Error::InvalidDnsName {
+        value: value.to_owned(),
+        reason,
+    };
+    if value.parse::<IpAddr>().is_ok() {
+        return Err(invalid(
+            "is an IP address; pass it as an IP address (--ip) instead".to_owned(),
+        ));
+    }
+    if value.is_empty() {
+        return Err(invalid("must not be empty".to_owned()));
+    }
+    if value.len() > 253 {
+        return Err(invalid("is longer than 253 characters".to_owned()));
+    }
+    let rest = value.strip_prefix("*.").unwrap_or(value);
+    for label in rest.split('.') {
+        if label.is_empty() {
+            return Err(invalid("contains an empty label".to_owned()));
+        }
+        if label.len() > 63 {
+            return Err(invalid(format!(
+                "label {label:?} is longer than 63 characters"
+            )));
+        }
+        if label.starts_with('-') || label.ends_with('-') {
+            return Err(invalid(format!(
+                "label {label:?} starts or ends with '-'"
+            )));
+        }
+        // Underscores are not valid in hostnames but are common in container
+        // service names, and rustls accepts them.
+        if let Some(bad) = label
+            .chars()
+            .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_')))
+        {
+            return Err(invalid(format!(
+                "character {bad:?} is not allowed (allowed: letters, digits, '-', '_', and '.' between labels)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// Writes `DIR/NAME.pem` (0644) and `DIR/NAME-key.pem` (0600), creating `DIR`
+/// (0700) if needed. Existing files are replaced: leaf certificates are cheap
+/// to reissue, unlike a CA.
+pub fn write_pair(dir: &Path, name: &str, pem: &Pem) -> Result<(), Error> {
+    validate_file_stem(name)?;
+    let cert_name = format!("{name}.pem");
+    let key_name = format!("{name}-key.pem");
+    write_files(
+        dir,
+        &[
+            OutFile::cert(&cert_name, &pem.cert),
+            OutFile::key(&key_name, &pem.key),
+        ],
+    )
+}
+
+/// Writes everything an agent needs into `DIR`: `agent.pem`, `agent-key.pem`
+/// and a copy of the CA certificate as `ca.pem` (to verify the aggregator).
+///
+/// One call rather than [`write_pair`] plus a copy, so that all three files
+/// are staged before any of them replaces an older version.
+pub fn write_agent_bundle(dir: &Path, agent: &Pem, ca_cert_pem: &str) -> Result<(), Error> {
+    write_files(
+        dir,
+        &[
+            OutFile::cert("agent.pem", &agent.cert),
+            OutFile::key("agent-key.pem", &agent.key),
+            OutFile::cert(CA_CERT_FILE, ca_cert_pem),
+        ],
+    )
+}
+
+fn validate_file_stem(name: &str) -> Result<(), Error> {
+    let invalid = |reason| Error::InvalidFileName {
+        name: name.to_owned(),
+        reason,
+    };
+    if name.is_empty() {
+        return Err(invalid("must not be empty"));
+    }
+    if name.contains(['/', '\0']) {
+        return Err(invalid("must not contain '/' or NUL"));
+    }
+    if name.starts_with('.') {
+        // Also keeps it clear of our own ".NAME.tmp-*" staging files.
+        return Err(invalid("must not start with '.'"));
+    }
+    Ok(())
+}
+
+fn common_name_only(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
+fn ia5(value: &str) -> Result<Ia5String, Error> {
+    Ok(Ia5String::try_from(value)?)
+}
+
+fn read_to_string(path: &Path) -> Result<String, Error> {
+    fs::read_to_string(path).map_err(|source| Error::Io {
+        action: "read",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+struct OutFile<'a> {
+    name: &'a str,
+    contents: &'a str,
+    mode: u32,
+}
+
+impl<'a> OutFile<'a> {
+    fn cert(name: &'a str, contents: &'a str) -> Self {
+        OutFile {
+            name,
+            contents,
+            mode: CERT_MODE,
+        }
+    }
+
+    fn key(name: &'a str, contents: &'a str) -> Self {
+        OutFile {
+            name,
+            contents,
+            mode: KEY_MODE,
+        }
+    }
+}
+
+/// Stages every file under a temporary name in `dir`, then renames them all
+/// into place. Staging everything first means a failure (disk full, bad
+/// permissions) leaves the previous files untouched and no stray temporary
+/// files; the renames themselves are atomic per file.
+fn write_files(dir: &Path, files: &[OutFile<'_>]) -> Result<(), Error> {
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(|source| Error::Io {
+            action: "create directory",
+            path: dir.to_owned(),
+            source,
+        })?;
+
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(files.len());
+    let cleanup = |staged: &[(PathBuf, PathBuf)]| {
+        for (tmp, _) in staged {
+            let _ = fs::remove_file(tmp);
+        }
+    };
+    for file in files {
+        match stage(dir, file) {
+            Ok(tmp) => staged.push((tmp, dir.join(file.name))),
+            Err(e) => {
+                cleanup(&staged);
+                return Err(e);
+            }
+        }
+    }
+    for (i, (tmp, target)) in staged.iter().enumerate() {
+        if let Err(source) = fs::rename(tmp, target) {
+            cleanup(&staged[i..]);
+            return Err(Error::Io {
+                action: "move into place",
+                path: target.clone(),
+                source,
+            });
+        }
+    }
+    // Make the renames durable too; without this a crash could lose them
+    // even though the file contents were synced.
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::Io {
+            action: "sync directory",
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// Writes one file under a fresh temporary name and returns that name.
+fn stage(dir: &Path, file: &OutFile<'_>) -> Result<PathBuf, Error> {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut tmp_name = OsString::from(".");
+    tmp_name.push(file.name);
+    tmp_name.push(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let tmp = dir.join(tmp_name);
+    let io_err = |action| {
+        let path = tmp.clone();
+        move |source| Error::Io {
+            action,
+            path,
+            source,
+        }
+    };
+    // The mode applies at creation, so a private key is never readable by
+    // others, not even for an instant. create_new refuses to follow a
+    // symlink planted at the temporary name.
+    let mut out = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(file.mode)
+        .open(&tmp)
+        .map_err(io_err("create"))?;
+    let result = (|| {
+        // The umask may have stripped bits (a 0644 certificate created under
+        // umask 077); set the exact mode on the still-empty file. This can
+        // only widen a certificate, never a key beyond 0600.
+        out.set_permissions(Permissions::from_mode(file.mode))
+            .map_err(io_err("set permissions on"))?;
+        out.write_all(file.contents.as_bytes())
+            .map_err(io_err("write"))?;
+        out.sync_all().map_err(io_err("sync"))
+    })();
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(tmp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::extensions::GeneralName;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    fn parse(pem: &str) -> Vec<u8> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
+        pem.contents
+    }
+
+    fn ca() -> Ca {
+        Ca::generate("Test CA", Validity::days_from_now(30)).unwrap()
+    }
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    #[test]
+    fn identifiers_follow_the_aggregator_rule() {
+        let max = "a".repeat(64);
+        for ok in ["t1", "a", "0", "edge-01.site_a", "9abc", max.as_str()] {
+            validate_identifier("agent", ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        let too_long = "a".repeat(65);
+        for bad in [
+            "",
+            too_long.as_str(),
+            "Upper",
+            "-lead",
+            ".lead",
+            "_lead",
+            "a/b",
+            "a b",
+            "a:b",
+            "é",
+            "aé",
+        ] {
+            assert!(
+                validate_identifier("agent", bad).is_err(),
+                "{bad:?} should be rejected"
+            );
+        }
+    }
+
+    #[test]
+    fn identifier_error_names_the_kind_the_value_and_the_reason() {
+        let err = validate_identifier("tenant", "Bad").unwrap_err();
+        let Error::InvalidIdentifier {
+            kind,
+            value,
+            reason,
+        } = &err
+        else {
+            panic!("unexpected error {err:?}");
+        };
+        assert_eq!(*kind, "tenant");
+        assert_eq!(value, "Bad");
+        assert!(reason.contains("lowercase"), "{reason}");
+        assert!(err.to_string().contains("tenant"), "{err}");
+    }
+
+    #[test]
+    fn dns_names_that_no_client_could_match_are_rejected() {
+        for ok in ["localhost", "aggregator", "dcs_aggregator", "a.example.com", "*.example.com"] {
+            validate_dns_name(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
+        }
+        for bad in ["", "10.0.0.1", "::1", "a..b", "-a.com", "a b", "a/b", "é.com", "a.*.com"] {
+            assert!(validate_dns_name(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+
+    #[test]
+    fn empty_or_reversed_validity_is_rejected() {
+        let now = OffsetDateTime::now_utc();
+        assert!(Validity::new(now, now).is_err());
+        assert!(Validity::new(now, now - Duration::hours(1)).is_err());
+        let reversed = Validity {
+            not_before: now,
+            not_after: now - Duration::days(1),
+        };
+        assert!(matches!(
+            Ca::generate("x", reversed),
+            Err(Error::InvalidValidity { .. })
+        ));
+        assert!(matches!(
+            ca().issue_agent("t1", "a1", reversed),
+            Err(Error::InvalidValidity { .. })
+        ));
+    }
+
+    #[test]
+    fn days_from_now_tolerates_clock_skew_and_never_panics() {
+        let v = Validity::days_from_now(1);
+        let now = OffsetDateTime::now_utc();
+        assert!(v.not_before <= now - Duration::minutes(4));
+        assert!(v.not_after > now + Duration::hours(23));
+        let huge = Validity::days_from_now(u32::MAX);
+        assert!(huge.not_after > huge.not_before);
+    }
+
+    #[test]
+    fn expired_validity_produces_a_certificate_that_has_already_expired() {
+        let now = OffsetDateTime::now_utc();
+        let past = Validity::new(now - Duration::days(10), now - Duration::days(1)).unwrap();
+        let pem = ca().issue_agent("t1", "a1", past).unwrap();
+        let der = parse(&pem.cert);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        assert!(cert.validity().not_after.to_datetime() < now);
+        assert!(!cert.validity().is_valid());
+    }
+
+    #[test]
+    fn leaves_chain_to_the_ca_that_issued_them() {
+        let ca = ca();
+        let ca_der = parse(ca.cert_pem());
+        let (_, ca_cert) = X509Certificate::from_der(&ca_der).unwrap();
+        assert!(ca_cert.is_ca());
+        ca_cert.verify_signature(None).expect("CA is self-signed");
+
+        let server = ca
+            .issue_server(&["localhost".into()], &[], Validity::days_from_now(1))
+            .unwrap();
+        let der = parse(&server.cert);
+        let (_, leaf) = X509Certificate::from_der(&der).unwrap();
+        leaf.verify_signature(Some(ca_cert.public_key()))
+            .expect("signed by the CA");
+        assert_eq!(leaf.issuer(), ca_cert.subject());
+        assert!(!leaf.is_ca());
+    }
+
+    #[test]
+    fn a_reloaded_ca_issues_certificates_that_verify_against_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let original = ca();
+        original.write(dir.path()).unwrap();
+        let loaded = Ca::load(dir.path()).unwrap();
+        assert_eq!(loaded.cert_pem(), original.cert_pem());
+        assert_eq!(loaded.key_pem(), original.key_pem());
+
+        let agent = loaded
+            .issue_agent("t1", "a1", Validity::days_from_now(1))
+            .unwrap();
+        let ca_der = parse(original.cert_pem());
+        let (_, ca_cert) = X509Certificate::from_der(&ca_der).unwrap();
+        let der = parse(&agent.cert);
+        let (_, leaf) = X509Certificate::from_der(&der).unwrap();
+        leaf.verify_signature(Some(ca_cert.public_key())).unwrap();
+        let sans = &leaf.subject_alternative_name().unwrap().unwrap().value;
+        assert_eq!(sans.general_names, vec![GeneralName::URI("dcs://t1/a1")]);
+    }
+
+    #[test]
+    fn loading_refuses_a_key_that_does_not_belong_to_the_certificate() {
+        let dir = tempfile::tempdir().unwrap();
+        ca().write(dir.path()).unwrap();
+        let other = ca();
+        fs::write(dir.path().join(CA_KEY_FILE), other.key_pem()).unwrap();
+        let err = Ca::load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("does not belong"), "{err}");
+    }
+
+    #[test]
+    fn loading_refuses_a_leaf_certificate_posing_as_a_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let leaf = ca()
+            .issue_agent("t1", "a1", Validity::days_from_now(1))
+            .unwrap();
+        fs::write(dir.path().join(CA_CERT_FILE), &leaf.cert).unwrap();
+        fs::write(dir.path().join(CA_KEY_FILE), &leaf.key).unwrap();
+        let err = Ca::load(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("not a CA"), "{err}");
+    }
+
+    #[test]
+    fn loading_a_missing_or_half_present_ca_says_what_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(matches!(
+            Ca::load(dir.path()),
+            Err(Error::CaNotFound { .. })
+        ));
+        assert!(matches!(
+            Ca::load(&dir.path().join("nope")),
+            Err(Error::CaNotFound { .. })
+        ));
+        fs::write(dir.path().join(CA_CERT_FILE), ca().cert_pem()).unwrap();
+        assert!(matches!(
+            Ca::load(dir.path()),
+            Err(Error::CaIncomplete {
+                missing: CA_KEY_FILE,
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn writing_a_ca_never_replaces_an_existing_one_unless_asked() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = ca();
+        first.write(dir.path()).unwrap();
+        let second = ca();
+        assert!(matches!(
+            second.write(dir.path()),
+            Err(Error::CaExists { .. })
+        ));
+        assert_eq!(Ca::load(dir.path()).unwrap().cert_pem(), first.cert_pem());
+        second.write_replacing(dir.path()).unwrap();
+        assert_eq!(Ca::load(dir.path()).unwrap().cert_pem(), second.cert_pem());
+    }
+
+    #[test]
+    fn written_keys_are_private_and_certificates_public() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("nested/out");
+        let ca = ca();
+        ca.write(&out).unwrap();
+        assert_eq!(mode(&out.join(CA_CERT_FILE)), 0o644);
+        assert_eq!(mode(&out.join(CA_KEY_FILE)), 0o600);
+        assert_eq!(mode(&out), 0o700);
+
+        let pem = ca
+            .issue_server(&[], &["127.0.0.1".parse().unwrap()], Validity::days_from_now(1))
+            .unwrap();
+        write_pair(&out, "server", &pem).unwrap();
+        assert_eq!(mode(&out.join("server.pem")), 0o644);
+        assert_eq!(mode(&out.join("server-key.pem")), 0o600);
+        assert_eq!(fs::read_to_string(out.join("server-key.pem")).unwrap(), pem.key);
+    }
+
+    #[test]
+    fn leaf_files_may_be_replaced_and_no_temporary_files_remain() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = ca();
+        let first = ca
+            .issue_agent("t1", "a1", Validity::days_from_now(1))
+            .unwrap();
+        let second = ca
+            .issue_agent("t1", "a1", Validity::days_from_now(1))
+            .unwrap();
+        write_agent_bundle(dir.path(), &first, ca.cert_pem()).unwrap();
+        write_agent_bundle(dir.path(), &second, ca.cert_pem()).unwrap();
+        assert_eq!(
+            fs::read_to_string(dir.path().join("agent.pem")).unwrap(),
+            second.cert
+        );
+        let mut names: Vec<_> = fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["agent-key.pem", "agent.pem", "ca.pem"]);
+    }
+
+    #[test]
+    fn write_pair_refuses_names_that_escape_the_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let pem = Pem {
+            cert: "c".into(),
+            key: "k".into(),
+        };
+        for bad in ["", "../x", "a/b", ".hidden"] {
+            assert!(matches!(
+                write_pair(dir.path(), bad, &pem),
+                Err(Error::InvalidFileName { .. })
+            ));
+        }
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn debug_output_never_contains_private_keys() {
+        let ca = ca();
+        assert!(!format!("{ca:?}").contains("PRIVATE KEY"));
+        let pem = ca
+            .issue_agent("t1", "a1", Validity::days_from_now(1))
+            .unwrap();
+        assert!(!format!("{pem:?}").contains("PRIVATE KEY"));
+    }
+
+    #[test]
+    fn server_without_any_name_is_refused() {
+        assert!(matches!(
+            ca().issue_server(&[], &[], Validity::days_from_now(1)),
+            Err(Error::NoServerNames)
+        ));
+    }
+}

@@ -1,0 +1,277 @@
+//! The batch wire format: the only place that knows the bytes on the network.
+//!
+//! A batch is one JSON document, gzip-compressed, sent as the body of
+//! `POST /v1/batches` with `Content-Encoding: gzip`:
+//!
+//! ```json
+//! {"v":1,"epoch":"<uuid>","backlog":{...},
+//!  "records":[{"seq":1,"id":"…","stream":"…","ts":1700000000000000,"payload":{…}}]}
+//! ```
+//!
+//! - `v` is the format version; a receiver refuses versions it does not know.
+//! - `epoch` names the agent's buffer file; `(agent, epoch, seq)` is the record's
+//!   delivery key, which makes redelivery idempotent.
+//! - `ts` is microseconds since the Unix epoch.
+//! - `payload` is the producer's JSON object text, written and read without
+//!   re-serialisation.
+//!
+//! JSON was chosen over a binary format because gzip removes most of its
+//! redundancy (repeated keys) and the payloads are JSON already; a binary
+//! envelope would save little and cost a second schema.
+
+use std::borrow::Cow;
+use std::io::{Read, Write};
+
+use flate2::Compression;
+use flate2::read::GzDecoder;
+use flate2::write::GzEncoder;
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use uuid::Uuid;
+
+use crate::Error;
+use crate::record::FieldError;
+
+pub const FORMAT_VERSION: u32 = 1;
+/// Path of the aggregator's batch endpoint.
+pub const BATCHES_PATH: &str = "/v1/batches";
+
+/// What the agent reports about its own buffer with every batch, so the center
+/// sees a site's backlog even when only a trickle of batches gets through.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backlog {
+    pub records: u64,
+    pub bytes: u64,
+    /// Age in seconds of the oldest record still buffered.
+    pub oldest_age_secs: u64,
+    /// Records ever evicted by the `drop-oldest` overflow policy.
+    pub dropped_total: u64,
+}
+
+/// A decoded batch, borrowing from the decompressed body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Batch<'a> {
+    pub v: u32,
+    pub epoch: Uuid,
+    #[serde(default)]
+    pub backlog: Option<Backlog>,
+    #[serde(borrow)]
+    pub records: Vec<WireRecord<'a>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WireRecord<'a> {
+    pub seq: i64,
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
+    #[serde(borrow)]
+    pub stream: Cow<'a, str>,
+    pub ts: i64,
+    #[serde(borrow)]
+    pub payload: &'a RawValue,
+}
+
+/// One record to encode; the payload is JSON text already validated at ingest.
+#[derive(Debug, Clone, Copy)]
+pub struct OutRecord<'a> {
+    pub seq: i64,
+    pub id: &'a str,
+    pub stream: &'a str,
+    pub ts_us: i64,
+    pub payload: &'a str,
+}
+
+/// Encodes and gzip-compresses a batch. `level` is the gzip level (0–9); low
+/// levels already shrink repetitive JSON several-fold at a fraction of the CPU.
+pub fn encode_batch<'a>(
+    epoch: Uuid,
+    backlog: Option<&Backlog>,
+    records: impl IntoIterator<Item = OutRecord<'a>>,
+    level: u32,
+) -> Vec<u8> {
+    let mut gz = GzEncoder::new(Vec::new(), Compression::new(level));
+    // Writing into a Vec cannot fail, hence the expects below.
+    write_batch_json(&mut gz, epoch, backlog, records).expect("write to memory");
+    gz.finish().expect("finish gzip in memory")
+}
+
+fn write_batch_json<'a>(
+    w: &mut impl Write,
+    epoch: Uuid,
+    backlog: Option<&Backlog>,
+    records: impl IntoIterator<Item = OutRecord<'a>>,
+) -> std::io::Result<()> {
+    write!(w, r#"{{"v":{FORMAT_VERSION},"epoch":"{epoch}","#)?;
+    if let Some(b) = backlog {
+        w.write_all(br#""backlog":"#)?;
+        serde_json::to_writer(&mut *w, b)?;
+        w.write_all(b",")?;
+    }
+    w.write_all(br#""records":["#)?;
+    for (i, r) in records.into_iter().enumerate() {
+        if i > 0 {
+            w.write_all(b",")?;
+        }
+        write!(w, r#"{{"seq":{},"id":"#, r.seq)?;
+        serde_json::to_writer(&mut *w, r.id)?;
+        w.write_all(br#","stream":"#)?;
+        serde_json::to_writer(&mut *w, r.stream)?;
+        write!(w, r#","ts":{},"payload":"#, r.ts_us)?;
+        w.write_all(r.payload.as_bytes())?;
+        w.write_all(b"}")?;
+    }
+    w.write_all(b"]}")
+}
+
+/// Decompresses a gzip body, refusing to produce more than `limit` bytes. Reading
+/// stops at the limit, so a gzip bomb costs at most `limit` bytes of memory.
+pub fn gunzip_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, Error> {
+    let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
+    let mut decoder = GzDecoder::new(body).take(limit as u64 + 1);
+    decoder
+        .read_to_end(&mut out)
+        .map_err(|e| Error::MalformedBatch(format!("gzip: {e}")))?;
+    if out.len() > limit {
+        return Err(Error::BatchTooLarge { limit });
+    }
+    Ok(out)
+}
+
+/// Parses a decompressed batch.
+pub fn parse_batch(json: &[u8]) -> Result<Batch<'_>, Error> {
+    // Peek at the version first so that a future format gets a clear
+    // "unsupported version" rather than a confusing field error.
+    #[derive(Deserialize)]
+    struct VersionOnly {
+        v: u32,
+    }
+    if let Ok(VersionOnly { v }) = serde_json::from_slice::<VersionOnly>(json)
+        && v != FORMAT_VERSION
+    {
+        return Err(Error::UnsupportedVersion(v));
+    }
+    serde_json::from_slice(json).map_err(|e| Error::MalformedBatch(e.to_string()))
+}
+
+/// The aggregator's answer to a batch, sent only after the transaction committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BatchAck {
+    /// Records newly written.
+    pub accepted: u64,
+    /// Records that were already stored (a redelivery); not written again.
+    pub duplicates: u64,
+}
+
+/// The JSON body of every error response on both tiers.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A stable machine-readable code, e.g. `invalid_records`, `buffer_full`.
+    pub error: String,
+    /// A sentence for humans.
+    pub message: String,
+    /// Per-record problems, when the error is about records.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<FieldError>,
+}
+
+impl ErrorBody {
+    pub fn new(error: &str, message: impl Into<String>) -> Self {
+        ErrorBody {
+            error: error.to_owned(),
+            message: message.into(),
+            details: Vec::new(),
+        }
+    }
+
+    pub fn with_details(mut self, details: Vec<FieldError>) -> Self {
+        self.details = details;
+        self
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Vec<u8> {
+        let recs = [
+            OutRecord {
+                seq: 1,
+                id: "a",
+                stream: "s",
+                ts_us: 5,
+                payload: r#"{"x":"quote\" and \\ backslash"}"#,
+            },
+            OutRecord {
+                seq: 2,
+                id: "ü\"",
+                stream: "s.t",
+                ts_us: -1,
+                payload: r#"{}"#,
+            },
+        ];
+        let backlog = Backlog {
+            records: 2,
+            bytes: 40,
+            oldest_age_secs: 3,
+            dropped_total: 0,
+        };
+        encode_batch(Uuid::nil(), Some(&backlog), recs, 1)
+    }
+
+    #[test]
+    fn a_batch_survives_the_round_trip_with_payloads_untouched() {
+        let json = gunzip_limited(&sample(), 1 << 20).unwrap();
+        let batch = parse_batch(&json).unwrap();
+        assert_eq!(batch.v, 1);
+        assert_eq!(batch.backlog.unwrap().records, 2);
+        assert_eq!(batch.records.len(), 2);
+        assert_eq!(batch.records[0].payload.get(), r#"{"x":"quote\" and \\ backslash"}"#);
+        assert_eq!(batch.records[1].id, "ü\"");
+        assert_eq!(batch.records[1].ts, -1);
+    }
+
+    #[test]
+    fn decompression_stops_at_the_limit() {
+        let bomb = encode_batch(
+            Uuid::nil(),
+            None,
+            (0..10_000).map(|i| OutRecord {
+                seq: i,
+                id: "id",
+                stream: "s",
+                ts_us: 0,
+                payload: "{}",
+            }),
+            9,
+        );
+        assert!(matches!(
+            gunzip_limited(&bomb, 1000),
+            Err(Error::BatchTooLarge { limit: 1000 })
+        ));
+    }
+
+    #[test]
+    fn garbage_is_malformed_not_a_panic() {
+        assert!(matches!(
+            gunzip_limited(b"not gzip at all", 1000),
+            Err(Error::MalformedBatch(_))
+        ));
+        let truncated = &sample()[..20];
+        assert!(gunzip_limited(truncated, 1 << 20).is_err());
+        assert!(matches!(
+            parse_batch(br#"{"v":1,"records":"#),
+            Err(Error::MalformedBatch(_))
+        ));
+    }
+
+    #[test]
+    fn an_unknown_version_is_named() {
+        assert!(matches!(
+            parse_batch(br#"{"v":7,"epoch":"x","records":[],"new":1}"#),
+            Err(Error::UnsupportedVersion(7))
+        ));
+    }
+}
