@@ -1,1 +1,14 @@
+//! Test harness for DCS: real PostgreSQL databases and clusters, real
+//! certificates, real aggregator and agent servers on 127.0.0.1 port 0.
+//!
+//! - [`pg`]: a fresh database per test on the shared server, or a test-owned
+//!   cluster that a test may stop and start.
+//! - [`pki`]: a CA plus server and agent certificates in a temp dir.
+//! - [`aggregator`]: start an in-process aggregator.
+//! - [`agent`]: start an in-process edge agent, or a `dcs-edge` process that a
+//!   test may kill.
 
+pub mod agent;
+pub mod aggregator;
+pub mod pg;
+pub mod pki;
