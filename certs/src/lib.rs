@@ -21,8 +21,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, string::Ia5String,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, string::Ia5String,
 };
 use time::{Duration, OffsetDateTime, UtcOffset};
 
@@ -76,7 +76,9 @@ pub enum Error {
     InvalidCommonName { value: String, reason: &'static str },
 
     /// The validity range is empty or reversed.
-    #[error("invalid validity: not_after ({not_after}) must be later than not_before ({not_before})")]
+    #[error(
+        "invalid validity: not_after ({not_after}) must be later than not_before ({not_before})"
+    )]
     InvalidValidity {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
@@ -507,9 +509,7 @@ pub fn validate_dns_name(value: &str) -> Result<(), Error> {
             )));
         }
         if label.starts_with('-') || label.ends_with('-') {
-            return Err(invalid(format!(
-                "label {label:?} starts or ends with '-'"
-            )));
+            return Err(invalid(format!("label {label:?} starts or ends with '-'")));
         }
         // Underscores are not valid in hostnames but are common in container
         // service names, and rustls accepts them.
@@ -778,11 +778,22 @@ mod tests {
 
     #[test]
     fn dns_names_that_no_client_could_match_are_rejected() {
-        for ok in ["localhost", "aggregator", "dcs_aggregator", "a.example.com", "*.example.com"] {
+        for ok in [
+            "localhost",
+            "aggregator",
+            "dcs_aggregator",
+            "a.example.com",
+            "*.example.com",
+        ] {
             validate_dns_name(ok).unwrap_or_else(|e| panic!("{ok:?}: {e}"));
         }
-        for bad in ["", "10.0.0.1", "::1", "a..b", "-a.com", "a b", "a/b", "é.com", "a.*.com"] {
-            assert!(validate_dns_name(bad).is_err(), "{bad:?} should be rejected");
+        for bad in [
+            "", "10.0.0.1", "::1", "a..b", "-a.com", "a b", "a/b", "é.com", "a.*.com",
+        ] {
+            assert!(
+                validate_dns_name(bad).is_err(),
+                "{bad:?} should be rejected"
+            );
         }
     }
 
@@ -935,12 +946,19 @@ mod tests {
         assert_eq!(mode(&out), 0o700);
 
         let pem = ca
-            .issue_server(&[], &["127.0.0.1".parse().unwrap()], Validity::days_from_now(1))
+            .issue_server(
+                &[],
+                &["127.0.0.1".parse().unwrap()],
+                Validity::days_from_now(1),
+            )
             .unwrap();
         write_pair(&out, "server", &pem).unwrap();
         assert_eq!(mode(&out.join("server.pem")), 0o644);
         assert_eq!(mode(&out.join("server-key.pem")), 0o600);
-        assert_eq!(fs::read_to_string(out.join("server-key.pem")).unwrap(), pem.key);
+        assert_eq!(
+            fs::read_to_string(out.join("server-key.pem")).unwrap(),
+            pem.key
+        );
     }
 
     #[test]
