@@ -1,0 +1,1111 @@
+//! The durable buffer: one SQLite file between the ingest API and the forwarder.
+//!
+//! # Design constraints
+//! - A producer gets a 2xx only after its records are committed at the configured
+//!   durability (`process-crash`: WAL + `synchronous=NORMAL`, survives kill -9;
+//!   `power-loss`: `synchronous=FULL`, survives a power cut).
+//! - A record leaves `records` only when the aggregator acknowledged it (ack),
+//!   when the aggregator refused it permanently (moved to `dead_letters`), or when
+//!   the `drop-oldest` overflow policy evicted it (counted in `dropped_total`).
+//!   Nothing else deletes a record.
+//! - Sequence numbers only grow, across restarts too; with the random `epoch`
+//!   written when the file is created they form the delivery key
+//!   `(agent, epoch, seq)` that makes redelivery idempotent at the aggregator.
+//! - Every counter shown to operators is derived from the database at open and
+//!   changed only after a commit, so it is exact across restarts and never negative.
+//!
+//! # On-disk schema
+//! - `meta(key, value)`: `epoch`, `schema_version`, `next_seq`, `dropped_total`,
+//!   `dead_letter_total`, `delivered_total`.
+//! - `records(seq PK, id, stream, ts_us, received_us, size, payload)`: buffered.
+//! - `ids(seq PK, id UNIQUE)`: producer ids, kept after delivery for a window of
+//!   `dedup_window` sequence numbers so a retried PUT is not buffered twice.
+//! - `dead_letters(...)`: records the aggregator refused, with the reason.
+//!
+//! # Write path
+//! One writer thread owns the only write connection. Ingest requests, acks and
+//! dead-letter moves are sent to it over a channel; it drains whatever is queued,
+//! applies it all in one transaction and commits once (group commit), then
+//! answers each request. Many concurrent producers thus share one fsync.
+//!
+//! # Read path and the in-flight claim
+//! The forwarder reads from its own connection (WAL readers never block the
+//! writer) in sequence order and *claims* what it read under the claims lock.
+//! Under `drop-oldest` the writer holds that lock from eviction until its commit
+//! and evicts only above the claimed sequence, so a record is never both counted
+//! as dropped and delivered.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, TransactionBehavior, params};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, oneshot};
+use uuid::Uuid;
+
+use dcs_shared::record::Record;
+
+const SCHEMA_VERSION: i64 = 1;
+/// Stop draining the queue into one transaction past this many records so one
+/// commit never holds the write lock for long and replies keep flowing.
+const GROUP_MAX_RECORDS: usize = 50_000;
+/// Queue depth between request handlers and the writer; senders wait when it is
+/// full, which is the backpressure that keeps memory bounded under overload.
+const QUEUE_DEPTH: usize = 256;
+/// Bytes a record costs beyond its fields (row header, index entry); counted so
+/// the capacity limit tracks disk use more closely than payload bytes alone.
+const RECORD_OVERHEAD_BYTES: u64 = 48;
+/// How often (in sequence numbers) the writer prunes the producer-id window.
+const PRUNE_EVERY: i64 = 10_000;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// Committed data survives a crash of the agent process (kill -9, OOM).
+    ProcessCrash,
+    /// Committed data survives a power loss or kernel crash: an fsync per commit.
+    PowerLoss,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Overflow {
+    /// A full buffer refuses new records (507); nothing is ever evicted.
+    Reject,
+    /// A full buffer evicts its oldest records (not yet in flight) to make room,
+    /// counting each one in `dropped_total`.
+    DropOldest,
+}
+
+#[derive(Debug, Clone)]
+pub struct BufferOptions {
+    pub path: PathBuf,
+    pub capacity_bytes: u64,
+    pub overflow: Overflow,
+    pub durability: Durability,
+    /// How many recent sequence numbers' producer ids are remembered after delivery.
+    pub dedup_window: i64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BufferError {
+    #[error("buffer is full ({used} of {capacity} bytes used, request needs {needed})")]
+    Full {
+        used: u64,
+        capacity: u64,
+        needed: u64,
+    },
+    #[error("the disk holding the buffer is full")]
+    DiskFull,
+    #[error("buffer database {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
+    #[error("buffer database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error(
+        "buffer {path} was written by a newer agent (schema {found}, this build reads {SCHEMA_VERSION})"
+    )]
+    NewerSchema { path: PathBuf, found: i64 },
+    #[error("buffer writer has stopped")]
+    Closed,
+}
+
+fn classify(e: rusqlite::Error) -> BufferError {
+    match e.sqlite_error_code() {
+        Some(rusqlite::ErrorCode::DiskFull) => BufferError::DiskFull,
+        _ => BufferError::Sqlite(e),
+    }
+}
+
+/// Counters derived from the database; see the module doc.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Stats {
+    pub records: u64,
+    pub bytes: u64,
+    pub dropped_total: u64,
+    pub dead_letter_total: u64,
+    pub delivered_total: u64,
+}
+
+/// What an append did, per record in request order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    pub ids: Vec<String>,
+    pub seqs: Vec<i64>,
+    /// Per record: false when its id was already known (idempotent retry).
+    pub new: Vec<bool>,
+}
+
+/// A record read for forwarding.
+#[derive(Debug, Clone)]
+pub struct Buffered {
+    pub seq: i64,
+    pub id: String,
+    pub stream: String,
+    pub ts_us: i64,
+    pub received_us: i64,
+    pub size: u64,
+    pub payload: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordState {
+    Buffered,
+    Delivered,
+    DeadLetter,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct DeadLetterSummary {
+    pub records: u64,
+    pub last_reason: Option<String>,
+    pub last_failed_at: Option<String>,
+}
+
+enum Command {
+    Append {
+        records: Vec<Record>,
+        reply: oneshot::Sender<Result<Appended, BufferError>>,
+    },
+    Ack {
+        first: i64,
+        last: i64,
+        reply: oneshot::Sender<Result<u64, BufferError>>,
+    },
+    DeadLetter {
+        first: i64,
+        last: i64,
+        reason: String,
+        reply: oneshot::Sender<Result<u64, BufferError>>,
+    },
+}
+
+impl Command {
+    fn weight(&self) -> usize {
+        match self {
+            Command::Append { records, .. } => records.len(),
+            _ => 1,
+        }
+    }
+}
+
+/// The highest sequence the forwarder has taken; records at or below it may be
+/// in flight and are never evicted (see "in-flight claim").
+#[derive(Debug, Default)]
+struct Claims {
+    claimed: i64,
+}
+
+struct Shared {
+    stats: Mutex<Stats>,
+    claims: Mutex<Claims>,
+    /// Woken after every commit that added records.
+    appended: Notify,
+}
+
+/// Handle to the buffer; cheap to clone.
+#[derive(Clone)]
+pub struct Buffer {
+    tx: mpsc::Sender<Command>,
+    shared: Arc<Shared>,
+    /// Read connection for the forwarder and the API; WAL readers run beside
+    /// the writer.
+    reader: Arc<Mutex<Connection>>,
+    epoch: Uuid,
+    capacity_bytes: u64,
+    path: PathBuf,
+    writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl Buffer {
+    /// Opens (or creates) the buffer file and starts its writer thread.
+    pub fn open(opts: BufferOptions) -> Result<Buffer, BufferError> {
+        let open_err = |source| BufferError::Open {
+            path: opts.path.clone(),
+            source,
+        };
+        if let Some(dir) = opts.path.parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| BufferError::Open {
+                path: opts.path.clone(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        }
+        let mut conn = Connection::open(&opts.path).map_err(open_err)?;
+        configure(&conn, opts.durability).map_err(open_err)?;
+        let (epoch, stats, next_seq) = init_schema(&mut conn, &opts.path)?;
+        let reader = Connection::open_with_flags(
+            &opts.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
+        reader
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+
+        let shared = Arc::new(Shared {
+            stats: Mutex::new(stats),
+            claims: Mutex::new(Claims::default()),
+            appended: Notify::new(),
+        });
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let writer = Writer {
+            conn,
+            shared: shared.clone(),
+            opts: opts.clone(),
+            next_seq,
+        };
+        let handle = std::thread::Builder::new()
+            .name("dcs-buffer-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| BufferError::Open {
+                path: opts.path.clone(),
+                source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+            })?;
+        Ok(Buffer {
+            tx,
+            shared,
+            reader: Arc::new(Mutex::new(reader)),
+            epoch,
+            capacity_bytes: opts.capacity_bytes,
+            path: opts.path,
+            writer: Arc::new(Mutex::new(Some(handle))),
+        })
+    }
+
+    pub fn epoch(&self) -> Uuid {
+        self.epoch
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn capacity_bytes(&self) -> u64 {
+        self.capacity_bytes
+    }
+
+    pub fn stats(&self) -> Stats {
+        *self.shared.stats.lock().expect("stats lock")
+    }
+
+    /// Waits until some append commits (or returns at once if one committed
+    /// since the last call).
+    pub async fn appended(&self) {
+        self.shared.appended.notified().await;
+    }
+
+    /// Appends records atomically: all are committed, or none.
+    pub async fn append(&self, records: Vec<Record>) -> Result<Appended, BufferError> {
+        self.call(|reply| Command::Append { records, reply }).await
+    }
+
+    /// Removes records the aggregator acknowledged; returns how many were removed.
+    pub async fn ack(&self, first: i64, last: i64) -> Result<u64, BufferError> {
+        self.call(|reply| Command::Ack { first, last, reply }).await
+    }
+
+    /// Moves records the aggregator refused for good into `dead_letters`.
+    pub async fn dead_letter(
+        &self,
+        first: i64,
+        last: i64,
+        reason: String,
+    ) -> Result<u64, BufferError> {
+        self.call(|reply| Command::DeadLetter {
+            first,
+            last,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, BufferError>>) -> Command,
+    ) -> Result<T, BufferError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .await
+            .map_err(|_| BufferError::Closed)?;
+        rx.await.map_err(|_| BufferError::Closed)?
+    }
+
+    /// Reads up to `max_records` / `max_bytes` of records after `after` in
+    /// sequence order (at least one record when any exists) and claims them for
+    /// forwarding. Blocking: call from `spawn_blocking`.
+    pub fn read_and_claim(
+        &self,
+        after: i64,
+        max_records: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Buffered>, BufferError> {
+        // Held across the read: an eviction either committed before it (so
+        // the read cannot see evicted rows) or waits until the claim is made.
+        let mut claims = self.shared.claims.lock().expect("claims lock");
+        let batch = self.read_after(after, max_records, max_bytes)?;
+        if let Some(last) = batch.last() {
+            claims.claimed = claims.claimed.max(last.seq);
+        }
+        Ok(batch)
+    }
+
+    /// Forgets the forwarder's claims, e.g. after it restarted its cursor.
+    pub fn reset_claims(&self) {
+        self.shared.claims.lock().expect("claims lock").claimed = 0;
+    }
+
+    fn read_after(
+        &self,
+        after: i64,
+        max_records: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Buffered>, BufferError> {
+        let conn = self.reader.lock().expect("reader lock");
+        let mut stmt = conn.prepare_cached(
+            "SELECT seq, id, stream, ts_us, received_us, size, payload FROM records
+             WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let mut rows = stmt.query(params![after, max_records as i64])?;
+        let mut out = Vec::new();
+        let mut bytes = 0u64;
+        while let Some(row) = rows.next()? {
+            let size: i64 = row.get(5)?;
+            let size = size as u64;
+            if !out.is_empty() && bytes + size > max_bytes {
+                break;
+            }
+            bytes += size;
+            out.push(Buffered {
+                seq: row.get(0)?,
+                id: row.get(1)?,
+                stream: row.get(2)?,
+                ts_us: row.get(3)?,
+                received_us: row.get(4)?,
+                size,
+                payload: row.get(6)?,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Microseconds since the Unix epoch when the oldest buffered record arrived.
+    pub fn oldest_received_us(&self) -> Result<Option<i64>, BufferError> {
+        let conn = self.reader.lock().expect("reader lock");
+        Ok(conn
+            .query_row(
+                "SELECT received_us FROM records ORDER BY seq LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?)
+    }
+
+    /// Where the record with this producer id is: buffered, delivered or dead.
+    pub fn lookup(&self, id: &str) -> Result<Option<(i64, RecordState)>, BufferError> {
+        let conn = self.reader.lock().expect("reader lock");
+        let Some(seq) = conn
+            .query_row("SELECT seq FROM ids WHERE id = ?1", [id], |r| {
+                r.get::<_, i64>(0)
+            })
+            .optional()?
+        else {
+            return Ok(None);
+        };
+        let in_table = |table: &str| -> Result<bool, rusqlite::Error> {
+            conn.query_row(
+                &format!("SELECT EXISTS(SELECT 1 FROM {table} WHERE seq = ?1)"),
+                [seq],
+                |r| r.get(0),
+            )
+        };
+        let state = if in_table("records")? {
+            RecordState::Buffered
+        } else if in_table("dead_letters")? {
+            RecordState::DeadLetter
+        } else {
+            RecordState::Delivered
+        };
+        Ok(Some((seq, state)))
+    }
+
+    pub fn dead_letter_summary(&self) -> Result<DeadLetterSummary, BufferError> {
+        let conn = self.reader.lock().expect("reader lock");
+        let records: i64 = conn.query_row("SELECT count(*) FROM dead_letters", [], |r| r.get(0))?;
+        let last: Option<(String, i64)> = conn
+            .query_row(
+                "SELECT reason, failed_us FROM dead_letters ORDER BY failed_us DESC, seq DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        Ok(DeadLetterSummary {
+            records: records as u64,
+            last_reason: last.as_ref().map(|(r, _)| r.clone()),
+            last_failed_at: last.map(|(_, us)| dcs_shared::record::format_ts(us)),
+        })
+    }
+
+    /// Stops the writer after it has finished queued work, checkpoints the WAL
+    /// and closes the file. Other clones become unusable.
+    pub async fn close(self) {
+        let writer = self.writer.clone();
+        drop(self);
+        let handle = writer.lock().expect("writer lock").take();
+        if let Some(handle) = handle {
+            // The thread exits once every sender is gone; clones held elsewhere
+            // (the forwarder) must be dropped first by the caller.
+            let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+        }
+    }
+}
+
+fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> {
+    conn.busy_timeout(Duration::from_secs(5))?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(
+        None,
+        "synchronous",
+        match durability {
+            Durability::ProcessCrash => "NORMAL",
+            Durability::PowerLoss => "FULL",
+        },
+    )?;
+    // Truncate the WAL after checkpoints so a drained buffer gives disk back.
+    conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    Ok(())
+}
+
+fn init_schema(conn: &mut Connection, path: &Path) -> Result<(Uuid, Stats, i64), BufferError> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    tx.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS records (
+             seq INTEGER PRIMARY KEY, id TEXT NOT NULL, stream TEXT NOT NULL,
+             ts_us INTEGER NOT NULL, received_us INTEGER NOT NULL, size INTEGER NOT NULL,
+             payload TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS ids (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE);
+         CREATE TABLE IF NOT EXISTS dead_letters (
+             seq INTEGER PRIMARY KEY, id TEXT NOT NULL, stream TEXT NOT NULL,
+             ts_us INTEGER NOT NULL, received_us INTEGER NOT NULL, size INTEGER NOT NULL,
+             payload TEXT NOT NULL, reason TEXT NOT NULL, failed_us INTEGER NOT NULL);",
+    )?;
+    let get = |key: &str| -> rusqlite::Result<Option<String>> {
+        tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+    };
+    let version: Option<i64> = get("schema_version")?.and_then(|v| v.parse().ok());
+    if let Some(found) = version
+        && found > SCHEMA_VERSION
+    {
+        return Err(BufferError::NewerSchema {
+            path: path.to_owned(),
+            found,
+        });
+    }
+    let epoch = match get("epoch")?.and_then(|e| e.parse::<Uuid>().ok()) {
+        Some(e) => e,
+        None => {
+            let e = Uuid::new_v4();
+            tx.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES ('epoch', ?1)",
+                [e.to_string()],
+            )?;
+            e
+        }
+    };
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
+        [SCHEMA_VERSION.to_string()],
+    )?;
+    let counter = |key: &str| -> rusqlite::Result<u64> {
+        Ok(get(key)?.and_then(|v| v.parse().ok()).unwrap_or(0))
+    };
+    let (records, bytes): (i64, i64) = tx.query_row(
+        "SELECT count(*), coalesce(sum(size), 0) FROM records",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?;
+    let stats = Stats {
+        records: records as u64,
+        bytes: bytes as u64,
+        dropped_total: counter("dropped_total")?,
+        dead_letter_total: counter("dead_letter_total")?,
+        delivered_total: counter("delivered_total")?,
+    };
+    // The next sequence is above anything ever handed out, whichever table
+    // still remembers it, so a seq is never reused within an epoch.
+    let max_seen: i64 = tx.query_row(
+        "SELECT max(coalesce((SELECT max(seq) FROM records), 0),
+                    coalesce((SELECT max(seq) FROM ids), 0),
+                    coalesce((SELECT max(seq) FROM dead_letters), 0))",
+        [],
+        |r| r.get(0),
+    )?;
+    let stored_next = counter("next_seq")? as i64;
+    let next_seq = stored_next.max(max_seen + 1).max(1);
+    tx.commit()?;
+    Ok((epoch, stats, next_seq))
+}
+
+struct Writer {
+    conn: Connection,
+    shared: Arc<Shared>,
+    opts: BufferOptions,
+    next_seq: i64,
+}
+
+/// What a group changed, applied to the in-memory counters only after commit.
+#[derive(Default)]
+struct Delta {
+    records: i64,
+    bytes: i64,
+    dropped: u64,
+    dead: u64,
+    delivered: u64,
+    appended: bool,
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Command>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut group = vec![first];
+            let mut weight = group[0].weight();
+            while weight < GROUP_MAX_RECORDS {
+                match rx.try_recv() {
+                    Ok(cmd) => {
+                        weight += cmd.weight();
+                        group.push(cmd);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+        // Every sender is gone: a clean shutdown. Fold the WAL back into the
+        // main file so the next start opens quickly.
+        if let Err(error) = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+        {
+            tracing::warn!(message = "checkpoint buffer on close", %error);
+        }
+    }
+
+    fn commit_group(&mut self, group: Vec<Command>) {
+        let start_seq = self.next_seq;
+        let mut delta = Delta::default();
+        let shared = self.shared.clone();
+        let mut claims = (self.opts.overflow == Overflow::DropOldest)
+            .then(|| shared.claims.lock().expect("claims lock"));
+        let mut replies: Vec<Reply> = Vec::new();
+        let result = (|| -> Result<(), BufferError> {
+            let tx = self
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)?;
+            for cmd in group {
+                match cmd {
+                    Command::Append { records, reply } => {
+                        let outcome = append(
+                            &tx,
+                            &self.opts,
+                            &self.shared,
+                            claims.as_deref_mut(),
+                            &mut self.next_seq,
+                            &mut delta,
+                            records,
+                        );
+                        replies.push(reply_with(reply, outcome));
+                    }
+                    Command::Ack { first, last, reply } => {
+                        let outcome = ack(&tx, first, last, &mut delta);
+                        replies.push(reply_with(reply, outcome));
+                    }
+                    Command::DeadLetter {
+                        first,
+                        last,
+                        reason,
+                        reply,
+                    } => {
+                        let outcome = dead_letter(&tx, first, last, &reason, &mut delta);
+                        replies.push(reply_with(reply, outcome));
+                    }
+                }
+            }
+            store_counters(&tx, &delta, self.next_seq)?;
+            if self.next_seq / PRUNE_EVERY != start_seq / PRUNE_EVERY {
+                prune_ids(&tx, self.next_seq - self.opts.dedup_window)?;
+            }
+            tx.commit().map_err(classify)
+        })();
+        drop(claims);
+        match &result {
+            Ok(()) => {
+                let mut s = self.shared.stats.lock().expect("stats lock");
+                s.records = (s.records as i64 + delta.records).max(0) as u64;
+                s.bytes = (s.bytes as i64 + delta.bytes).max(0) as u64;
+                s.dropped_total += delta.dropped;
+                s.dead_letter_total += delta.dead;
+                s.delivered_total += delta.delivered;
+            }
+            Err(error) => {
+                // Nothing of the group is on disk: hand the sequence numbers out again.
+                self.next_seq = start_seq;
+                tracing::error!(message = "buffer commit failed", %error);
+            }
+        }
+        for reply in replies {
+            reply(result.as_ref().map(|_| ()));
+        }
+        if result.is_ok() && delta.appended {
+            self.shared.appended.notify_one();
+        }
+    }
+}
+
+fn store_counters(
+    tx: &rusqlite::Transaction<'_>,
+    delta: &Delta,
+    next_seq: i64,
+) -> rusqlite::Result<()> {
+    let mut stmt = tx.prepare_cached(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = CAST(CAST(value AS INTEGER) + CAST(?3 AS INTEGER) AS TEXT)",
+    )?;
+    for (key, add) in [
+        ("dropped_total", delta.dropped),
+        ("dead_letter_total", delta.dead),
+        ("delivered_total", delta.delivered),
+    ] {
+        if add > 0 {
+            stmt.execute(params![key, add.to_string(), add as i64])?;
+        }
+    }
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq', ?1)",
+        [next_seq.to_string()],
+    )?;
+    Ok(())
+}
+
+type Reply = Box<dyn FnOnce(Result<(), &BufferError>)>;
+
+fn reply_with<T: Send + 'static>(
+    reply: oneshot::Sender<Result<T, BufferError>>,
+    outcome: Result<T, BufferError>,
+) -> Reply {
+    Box::new(move |commit: Result<(), &BufferError>| {
+        let _ = reply.send(match (commit, outcome) {
+            (Ok(()), outcome) => outcome,
+            (Err(e), Ok(_)) => Err(clone_err(e)),
+            (Err(_), Err(e)) => Err(e),
+        });
+    })
+}
+
+fn clone_err(e: &BufferError) -> BufferError {
+    match e {
+        BufferError::DiskFull => BufferError::DiskFull,
+        BufferError::Full {
+            used,
+            capacity,
+            needed,
+        } => BufferError::Full {
+            used: *used,
+            capacity: *capacity,
+            needed: *needed,
+        },
+        other => BufferError::Sqlite(rusqlite::Error::ToSqlConversionFailure(
+            other.to_string().into(),
+        )),
+    }
+}
+
+fn record_size(r: &Record, id_len: usize) -> u64 {
+    (r.payload.len() + r.stream.len() + id_len) as u64 + RECORD_OVERHEAD_BYTES
+}
+
+fn now_us() -> i64 {
+    dcs_shared::record::unix_micros(time::OffsetDateTime::now_utc())
+}
+
+/// Appends one request's records inside the group transaction. A request that
+/// cannot fit is refused before anything of it is written, so it is all or nothing.
+fn append(
+    tx: &rusqlite::Transaction<'_>,
+    opts: &BufferOptions,
+    shared: &Shared,
+    claims: Option<&mut Claims>,
+    next_seq: &mut i64,
+    delta: &mut Delta,
+    records: Vec<Record>,
+) -> Result<Appended, BufferError> {
+    // Agent-assigned ids are UUIDv7: unique and time-ordered.
+    const UUID_LEN: usize = 36;
+    let needed: u64 = records
+        .iter()
+        .map(|r| record_size(r, r.id.as_ref().map_or(UUID_LEN, String::len)))
+        .sum();
+    let used = {
+        let s = shared.stats.lock().expect("stats lock");
+        (s.bytes as i64 + delta.bytes).max(0) as u64
+    };
+    if used + needed > opts.capacity_bytes {
+        let full = BufferError::Full {
+            used,
+            capacity: opts.capacity_bytes,
+            needed,
+        };
+        match opts.overflow {
+            Overflow::Reject => return Err(full),
+            Overflow::DropOldest => {
+                if needed > opts.capacity_bytes {
+                    return Err(full);
+                }
+                let claimed = claims.map_or(i64::MAX, |c| c.claimed);
+                let freed = evict_oldest(tx, claimed, used + needed - opts.capacity_bytes, delta)?;
+                if used - freed + needed > opts.capacity_bytes {
+                    return Err(full);
+                }
+            }
+        }
+    }
+
+    let savepoint_seq = *next_seq;
+    let result = (|| -> rusqlite::Result<Appended> {
+        let mut find_id = tx.prepare_cached("SELECT seq FROM ids WHERE id = ?1")?;
+        let mut insert_id = tx.prepare_cached("INSERT INTO ids (seq, id) VALUES (?1, ?2)")?;
+        let mut insert = tx.prepare_cached(
+            "INSERT INTO records (seq, id, stream, ts_us, received_us, size, payload)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?;
+        let received_us = now_us();
+        let mut out = Appended {
+            ids: Vec::with_capacity(records.len()),
+            seqs: Vec::with_capacity(records.len()),
+            new: Vec::with_capacity(records.len()),
+        };
+        for r in records {
+            let (id, producer_id) = match r.id.clone() {
+                Some(id) => (id, true),
+                None => (Uuid::now_v7().to_string(), false),
+            };
+            if producer_id
+                && let Some(seq) = find_id
+                    .query_row([&id], |row| row.get::<_, i64>(0))
+                    .optional()?
+            {
+                out.ids.push(id);
+                out.seqs.push(seq);
+                out.new.push(false);
+                continue;
+            }
+            let seq = *next_seq;
+            *next_seq += 1;
+            let size = record_size(&r, id.len());
+            insert_id.execute(params![seq, id])?;
+            insert.execute(params![
+                seq,
+                id,
+                r.stream,
+                r.ts_us.unwrap_or(received_us),
+                received_us,
+                size as i64,
+                r.payload
+            ])?;
+            delta.records += 1;
+            delta.bytes += size as i64;
+            delta.appended = true;
+            out.ids.push(id);
+            out.seqs.push(seq);
+            out.new.push(true);
+        }
+        Ok(out)
+    })();
+    result.map_err(|e| {
+        *next_seq = savepoint_seq;
+        classify(e)
+    })
+}
+
+/// Evicts the oldest records above `claimed` until `want` bytes are free;
+/// returns the bytes freed. The caller holds the claims lock until commit.
+fn evict_oldest(
+    tx: &rusqlite::Transaction<'_>,
+    claimed: i64,
+    want: u64,
+    delta: &mut Delta,
+) -> Result<u64, BufferError> {
+    let mut stmt =
+        tx.prepare_cached("SELECT seq, size FROM records WHERE seq > ?1 ORDER BY seq LIMIT 1000")?;
+    let mut freed = 0u64;
+    let mut cut = claimed;
+    'outer: while freed < want {
+        let rows: Vec<(i64, i64)> = stmt
+            .query_map([cut], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        if rows.is_empty() {
+            break;
+        }
+        for (seq, size) in rows {
+            cut = seq;
+            freed += size as u64;
+            if freed >= want {
+                break 'outer;
+            }
+        }
+    }
+    if cut == claimed {
+        return Ok(0);
+    }
+    // Dropped records are forgotten entirely: a producer may send them again.
+    tx.execute(
+        "DELETE FROM ids WHERE seq IN (SELECT seq FROM records WHERE seq > ?1 AND seq <= ?2)",
+        params![claimed, cut],
+    )?;
+    let deleted = tx.execute(
+        "DELETE FROM records WHERE seq > ?1 AND seq <= ?2",
+        params![claimed, cut],
+    )? as u64;
+    delta.records -= deleted as i64;
+    delta.bytes -= freed as i64;
+    delta.dropped += deleted;
+    tracing::warn!(
+        message = "buffer full: evicted oldest records",
+        dropped = deleted,
+        up_to_seq = cut
+    );
+    Ok(freed)
+}
+
+fn ack(
+    tx: &rusqlite::Transaction<'_>,
+    first: i64,
+    last: i64,
+    delta: &mut Delta,
+) -> Result<u64, BufferError> {
+    let mut stmt =
+        tx.prepare_cached("DELETE FROM records WHERE seq BETWEEN ?1 AND ?2 RETURNING size")?;
+    let sizes: Vec<i64> = stmt
+        .query_map([first, last], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let n = sizes.len() as u64;
+    delta.records -= n as i64;
+    delta.bytes -= sizes.iter().sum::<i64>();
+    delta.delivered += n;
+    Ok(n)
+}
+
+fn dead_letter(
+    tx: &rusqlite::Transaction<'_>,
+    first: i64,
+    last: i64,
+    reason: &str,
+    delta: &mut Delta,
+) -> Result<u64, BufferError> {
+    tx.execute(
+        "INSERT OR REPLACE INTO dead_letters
+             (seq, id, stream, ts_us, received_us, size, payload, reason, failed_us)
+         SELECT seq, id, stream, ts_us, received_us, size, payload, ?3, ?4
+         FROM records WHERE seq BETWEEN ?1 AND ?2",
+        params![first, last, reason, now_us()],
+    )?;
+    let mut stmt =
+        tx.prepare_cached("DELETE FROM records WHERE seq BETWEEN ?1 AND ?2 RETURNING size")?;
+    let sizes: Vec<i64> = stmt
+        .query_map([first, last], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let n = sizes.len() as u64;
+    delta.records -= n as i64;
+    delta.bytes -= sizes.iter().sum::<i64>();
+    delta.dead += n;
+    Ok(n)
+}
+
+/// Forgets producer ids older than the dedup window, but never one whose record
+/// is still buffered or dead-lettered.
+fn prune_ids(tx: &rusqlite::Transaction<'_>, below: i64) -> rusqlite::Result<()> {
+    let oldest_kept: i64 = tx.query_row(
+        "SELECT min(?1, coalesce((SELECT min(seq) FROM records), ?1),
+                        coalesce((SELECT min(seq) FROM dead_letters), ?1))",
+        [below],
+        |r| r.get(0),
+    )?;
+    tx.execute("DELETE FROM ids WHERE seq < ?1", [oldest_kept])?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(dir: &Path, capacity: u64, overflow: Overflow) -> BufferOptions {
+        BufferOptions {
+            path: dir.join("buffer.db"),
+            capacity_bytes: capacity,
+            overflow,
+            durability: Durability::ProcessCrash,
+            dedup_window: 1_000_000,
+        }
+    }
+
+    fn rec(id: Option<&str>, payload: &str) -> Record {
+        Record {
+            id: id.map(str::to_owned),
+            stream: "s".into(),
+            ts_us: Some(1),
+            payload: payload.into(),
+        }
+    }
+
+    fn many(n: usize) -> Vec<Record> {
+        (0..n)
+            .map(|i| rec(None, &format!("{{\"i\":{i}}}")))
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn appended_records_get_increasing_seqs_and_are_read_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(opts(dir.path(), 1 << 30, Overflow::Reject)).unwrap();
+        let a = b.append(many(3)).await.unwrap();
+        assert_eq!(a.seqs, [1, 2, 3]);
+        let read = b.read_and_claim(0, 10, u64::MAX).unwrap();
+        assert_eq!(read.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(read[2].payload, r#"{"i":2}"#);
+        assert_eq!(b.read_and_claim(1, 1, u64::MAX).unwrap()[0].seq, 2);
+        assert_eq!(b.stats().records, 3);
+    }
+
+    #[tokio::test]
+    async fn a_producer_id_is_buffered_once_even_after_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(opts(dir.path(), 1 << 30, Overflow::Reject)).unwrap();
+        let first = b.append(vec![rec(Some("k1"), "{}")]).await.unwrap();
+        assert_eq!(first.new, [true]);
+        let again = b
+            .append(vec![rec(Some("k1"), "{}"), rec(Some("k2"), "{}")])
+            .await
+            .unwrap();
+        assert_eq!(again.new, [false, true]);
+        assert_eq!(again.seqs[0], first.seqs[0]);
+        assert_eq!(b.lookup("k1").unwrap(), Some((1, RecordState::Buffered)));
+        b.ack(1, 1).await.unwrap();
+        assert_eq!(b.lookup("k1").unwrap(), Some((1, RecordState::Delivered)));
+        let after = b.append(vec![rec(Some("k1"), "{}")]).await.unwrap();
+        assert_eq!(after.new, [false]);
+        assert_eq!(b.stats().records, 1);
+    }
+
+    #[tokio::test]
+    async fn ack_removes_exactly_the_range_and_counts_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(opts(dir.path(), 1 << 30, Overflow::Reject)).unwrap();
+        b.append(many(10)).await.unwrap();
+        assert_eq!(b.ack(3, 5).await.unwrap(), 3);
+        let left: Vec<i64> = b
+            .read_and_claim(0, 100, u64::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(left, [1, 2, 6, 7, 8, 9, 10]);
+        let s = b.stats();
+        assert_eq!((s.records, s.delivered_total), (7, 3));
+    }
+
+    #[tokio::test]
+    async fn a_full_buffer_refuses_the_whole_request_under_reject() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(opts(dir.path(), 1000, Overflow::Reject)).unwrap();
+        b.append(many(10)).await.unwrap();
+        let used = b.stats().bytes;
+        let err = b.append(many(20)).await.unwrap_err();
+        assert!(matches!(err, BufferError::Full { .. }), "{err}");
+        assert_eq!(
+            b.stats().bytes,
+            used,
+            "nothing of the refused request is kept"
+        );
+        assert_eq!(b.stats().records, 10);
+    }
+
+    #[tokio::test]
+    async fn drop_oldest_evicts_only_unclaimed_records_and_counts_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(opts(dir.path(), 1000, Overflow::DropOldest)).unwrap();
+        b.append(many(10)).await.unwrap();
+        // The forwarder holds seqs 1..=3 in flight: they must not be evicted.
+        let claimed = b.read_and_claim(0, 3, u64::MAX).unwrap();
+        assert_eq!(claimed.len(), 3);
+        let before = b.stats();
+        b.append(many(5)).await.unwrap();
+        let after = b.stats();
+        let seqs: Vec<i64> = b
+            .read_and_claim(0, 100, u64::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(&seqs[..3], [1, 2, 3], "claimed records survive eviction");
+        let dropped = after.dropped_total - before.dropped_total;
+        assert!(dropped > 0);
+        assert_eq!(after.records, before.records + 5 - dropped);
+        assert_eq!(seqs.len() as u64, after.records);
+        assert!(after.bytes <= 1000);
+    }
+
+    #[tokio::test]
+    async fn dead_letters_keep_the_reason_and_leave_the_buffer() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(opts(dir.path(), 1 << 30, Overflow::Reject)).unwrap();
+        b.append(vec![rec(Some("bad"), "{}"), rec(None, "{}")])
+            .await
+            .unwrap();
+        assert_eq!(b.dead_letter(1, 1, "422: nope".into()).await.unwrap(), 1);
+        let summary = b.dead_letter_summary().unwrap();
+        assert_eq!(summary.records, 1);
+        assert_eq!(summary.last_reason.as_deref(), Some("422: nope"));
+        assert_eq!(b.lookup("bad").unwrap(), Some((1, RecordState::DeadLetter)));
+        assert_eq!(b.stats().records, 1);
+        assert_eq!(b.stats().dead_letter_total, 1);
+    }
+
+    #[tokio::test]
+    async fn counters_epoch_and_sequence_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let (epoch, stats) = {
+            let b = Buffer::open(opts(dir.path(), 1 << 30, Overflow::Reject)).unwrap();
+            b.append(many(5)).await.unwrap();
+            b.ack(1, 5).await.unwrap();
+            b.append(many(2)).await.unwrap();
+            b.dead_letter(6, 6, "x".into()).await.unwrap();
+            let s = (b.epoch(), b.stats());
+            b.close().await;
+            s
+        };
+        let b = Buffer::open(opts(dir.path(), 1 << 30, Overflow::Reject)).unwrap();
+        assert_eq!(b.epoch(), epoch);
+        assert_eq!(b.stats(), stats);
+        // Everything below was handed out before; a new record never reuses a seq.
+        b.ack(7, 7).await.unwrap();
+        assert_eq!(b.append(many(1)).await.unwrap().seqs, [8]);
+    }
+
+    #[tokio::test]
+    async fn a_new_file_gets_a_new_epoch() {
+        let a = tempfile::tempdir().unwrap();
+        let c = tempfile::tempdir().unwrap();
+        let x = Buffer::open(opts(a.path(), 1 << 30, Overflow::Reject)).unwrap();
+        let y = Buffer::open(opts(c.path(), 1 << 30, Overflow::Reject)).unwrap();
+        assert_ne!(x.epoch(), y.epoch());
+    }
+}

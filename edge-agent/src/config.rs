@@ -1,0 +1,496 @@
+//! The agent's typed configuration: TOML file, then `DCS_EDGE_*` overrides
+//! (`DCS_EDGE_BATCH__MAX_RECORDS=500` sets `batch.max_records`), then
+//! [`Config::validate`], which names every bad key at once.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use dcs_shared::config::{ByteSize, ConfigError, Issues, duration};
+use dcs_shared::record::DEFAULT_MAX_PAYLOAD_BYTES;
+use dcs_shared::telemetry::LogFormat;
+
+use crate::buffer::{BufferOptions, Durability, Overflow};
+
+pub const ENV_PREFIX: &str = "DCS_EDGE_";
+
+/// Loopback only by default: producers run on the same VM, and the ingest API
+/// has no authentication of its own.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8780";
+pub const DEFAULT_BUFFER_PATH: &str = "/var/lib/dcs-edge/buffer.db";
+/// 1 GiB holds several million typical records: days of a busy site's output.
+pub const DEFAULT_CAPACITY: u64 = 1 << 30;
+/// Enough producer ids to cover any retry a producer would sensibly make.
+pub const DEFAULT_DEDUP_WINDOW: i64 = 1_000_000;
+pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 16 << 20;
+/// Large enough to amortise the TLS round trip and PostgreSQL commit, small
+/// enough that a retry resends little and memory stays flat.
+pub const DEFAULT_BATCH_MAX_RECORDS: usize = 5_000;
+pub const DEFAULT_BATCH_MAX_BYTES: u64 = 4 << 20;
+/// Short enough to keep delivery latency low, long enough to fill batches
+/// under a steady trickle.
+pub const DEFAULT_LINGER: Duration = Duration::from_millis(50);
+/// gzip level 1: repetitive JSON already shrinks several-fold; higher levels
+/// cost CPU a small VM does not have for little gain.
+pub const DEFAULT_COMPRESSION_LEVEL: u32 = 1;
+/// Two batches in flight keep the link busy while the aggregator commits.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 2;
+pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_millis(200);
+/// The longest a healed link waits before the agent notices.
+pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(30);
+pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub buffer: BufferConfig,
+    #[serde(default)]
+    pub ingest: IngestConfig,
+    pub aggregator: AggregatorConfig,
+    #[serde(default)]
+    pub batch: BatchConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenConfig {
+    #[serde(default = "default_listen")]
+    pub address: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    #[serde(default = "default_buffer_path")]
+    pub path: PathBuf,
+    #[serde(default = "default_capacity")]
+    pub capacity: ByteSize,
+    #[serde(default = "default_overflow")]
+    pub overflow: Overflow,
+    #[serde(default = "default_durability")]
+    pub durability: Durability,
+    #[serde(default = "default_dedup_window")]
+    pub dedup_window: i64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IngestConfig {
+    #[serde(default = "default_max_request_bytes")]
+    pub max_request_bytes: ByteSize,
+    #[serde(default = "default_max_payload_bytes")]
+    pub max_payload_bytes: ByteSize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AggregatorConfig {
+    /// e.g. `https://aggregator.example.com:8443`
+    pub url: String,
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// `http://proxy:3128`; when absent `HTTPS_PROXY`/`https_proxy` is honoured.
+    #[serde(default)]
+    pub proxy: Option<String>,
+    #[serde(default = "default_connect_timeout", with = "duration")]
+    pub connect_timeout: Duration,
+    #[serde(default = "default_request_timeout", with = "duration")]
+    pub request_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BatchConfig {
+    #[serde(default = "default_batch_max_records")]
+    pub max_records: usize,
+    #[serde(default = "default_batch_max_bytes")]
+    pub max_bytes: ByteSize,
+    #[serde(default = "default_linger", with = "duration")]
+    pub linger: Duration,
+    #[serde(default = "default_compression_level")]
+    pub compression_level: u32,
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight: usize,
+}
+
+/// Retries never give up: an outage of days must not lose data. These bound
+/// only how fast and how slowly the agent knocks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    #[serde(default = "default_retry_initial", with = "duration")]
+    pub initial: Duration,
+    #[serde(default = "default_retry_max", with = "duration")]
+    pub max: Duration,
+    #[serde(default = "default_shutdown_grace", with = "duration")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    #[serde(default)]
+    pub format: LogFormat,
+    #[serde(default = "default_level")]
+    pub level: String,
+}
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.into()
+}
+fn default_buffer_path() -> PathBuf {
+    DEFAULT_BUFFER_PATH.into()
+}
+fn default_capacity() -> ByteSize {
+    ByteSize(DEFAULT_CAPACITY)
+}
+fn default_overflow() -> Overflow {
+    Overflow::Reject
+}
+fn default_durability() -> Durability {
+    Durability::ProcessCrash
+}
+fn default_dedup_window() -> i64 {
+    DEFAULT_DEDUP_WINDOW
+}
+fn default_max_request_bytes() -> ByteSize {
+    ByteSize(DEFAULT_MAX_REQUEST_BYTES)
+}
+fn default_max_payload_bytes() -> ByteSize {
+    ByteSize(DEFAULT_MAX_PAYLOAD_BYTES as u64)
+}
+fn default_connect_timeout() -> Duration {
+    DEFAULT_CONNECT_TIMEOUT
+}
+fn default_request_timeout() -> Duration {
+    DEFAULT_REQUEST_TIMEOUT
+}
+fn default_batch_max_records() -> usize {
+    DEFAULT_BATCH_MAX_RECORDS
+}
+fn default_batch_max_bytes() -> ByteSize {
+    ByteSize(DEFAULT_BATCH_MAX_BYTES)
+}
+fn default_linger() -> Duration {
+    DEFAULT_LINGER
+}
+fn default_compression_level() -> u32 {
+    DEFAULT_COMPRESSION_LEVEL
+}
+fn default_max_in_flight() -> usize {
+    DEFAULT_MAX_IN_FLIGHT
+}
+fn default_retry_initial() -> Duration {
+    DEFAULT_RETRY_INITIAL
+}
+fn default_retry_max() -> Duration {
+    DEFAULT_RETRY_MAX
+}
+fn default_shutdown_grace() -> Duration {
+    DEFAULT_SHUTDOWN_GRACE
+}
+fn default_level() -> String {
+    "info".into()
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            address: default_listen(),
+        }
+    }
+}
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig {
+            path: default_buffer_path(),
+            capacity: default_capacity(),
+            overflow: default_overflow(),
+            durability: default_durability(),
+            dedup_window: default_dedup_window(),
+        }
+    }
+}
+impl Default for IngestConfig {
+    fn default() -> Self {
+        IngestConfig {
+            max_request_bytes: default_max_request_bytes(),
+            max_payload_bytes: default_max_payload_bytes(),
+        }
+    }
+}
+impl Default for BatchConfig {
+    fn default() -> Self {
+        BatchConfig {
+            max_records: default_batch_max_records(),
+            max_bytes: default_batch_max_bytes(),
+            linger: default_linger(),
+            compression_level: default_compression_level(),
+            max_in_flight: default_max_in_flight(),
+        }
+    }
+}
+impl Default for RetryConfig {
+    fn default() -> Self {
+        RetryConfig {
+            initial: default_retry_initial(),
+            max: default_retry_max(),
+            shutdown_grace: default_shutdown_grace(),
+        }
+    }
+}
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::default(),
+            level: default_level(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads the file (if any) and the process environment, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+        Self::load_from(file, std::env::vars())
+    }
+
+    pub fn load_from(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let config: Config = dcs_shared::config::load(file, ENV_PREFIX, env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// A config with every default, for tests and the demo.
+    pub fn with_aggregator(aggregator: AggregatorConfig) -> Config {
+        Config {
+            listen: ListenConfig::default(),
+            buffer: BufferConfig::default(),
+            ingest: IngestConfig::default(),
+            aggregator,
+            batch: BatchConfig::default(),
+            retry: RetryConfig::default(),
+            log: LogConfig::default(),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut issues = Issues::default();
+        issues.check(
+            self.listen.address.parse::<SocketAddr>().is_ok(),
+            "listen.address",
+            format!(
+                "{:?} is not an address like 127.0.0.1:8780",
+                self.listen.address
+            ),
+        );
+        issues.check(
+            !self.buffer.path.as_os_str().is_empty(),
+            "buffer.path",
+            "must not be empty",
+        );
+        issues.check(
+            self.buffer.capacity.0 >= 1 << 20,
+            "buffer.capacity",
+            "must be at least 1MiB",
+        );
+        issues.check(
+            self.buffer.dedup_window >= 0,
+            "buffer.dedup_window",
+            "must not be negative",
+        );
+        issues.check(
+            self.ingest.max_payload_bytes.0 >= 2,
+            "ingest.max_payload_bytes",
+            "must be at least 2 bytes",
+        );
+        issues.check(
+            self.ingest.max_request_bytes >= self.ingest.max_payload_bytes,
+            "ingest.max_request_bytes",
+            "must be at least ingest.max_payload_bytes",
+        );
+        let url_ok = self.aggregator.url.starts_with("https://")
+            && reqwest::Url::parse(&self.aggregator.url).is_ok_and(|u| u.host().is_some());
+        issues.check(
+            url_ok,
+            "aggregator.url",
+            format!(
+                "{:?} is not an https:// URL (agents only speak mutual TLS)",
+                self.aggregator.url
+            ),
+        );
+        for (key, path) in [
+            ("aggregator.ca", &self.aggregator.ca),
+            ("aggregator.cert", &self.aggregator.cert),
+            ("aggregator.key", &self.aggregator.key),
+        ] {
+            issues.check(
+                path.is_file(),
+                key,
+                format!("{} is not a readable file", path.display()),
+            );
+        }
+        if let Some(proxy) = &self.aggregator.proxy {
+            issues.check(
+                reqwest::Proxy::all(proxy).is_ok(),
+                "aggregator.proxy",
+                format!("{proxy:?} is not a proxy URL like http://proxy:3128"),
+            );
+        }
+        issues.check(
+            (1..=1_000_000).contains(&self.batch.max_records),
+            "batch.max_records",
+            "must be between 1 and 1000000",
+        );
+        issues.check(
+            self.batch.max_bytes.0 >= self.ingest.max_payload_bytes.0,
+            "batch.max_bytes",
+            "must be at least ingest.max_payload_bytes, or a large record could never be sent",
+        );
+        issues.check(
+            self.batch.compression_level <= 9,
+            "batch.compression_level",
+            "must be 0 to 9",
+        );
+        issues.check(
+            (1..=64).contains(&self.batch.max_in_flight),
+            "batch.max_in_flight",
+            "must be between 1 and 64",
+        );
+        issues.check(
+            !self.retry.initial.is_zero(),
+            "retry.initial",
+            "must be greater than zero",
+        );
+        issues.check(
+            self.retry.max >= self.retry.initial,
+            "retry.max",
+            "must be at least retry.initial",
+        );
+        issues.into_result()
+    }
+
+    pub fn buffer_options(&self) -> BufferOptions {
+        BufferOptions {
+            path: self.buffer.path.clone(),
+            capacity_bytes: self.buffer.capacity.0,
+            overflow: self.buffer.overflow,
+            durability: self.buffer.durability,
+            dedup_window: self.buffer.dedup_window,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn files() -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["ca.pem", "agent.pem", "agent-key.pem"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        dir
+    }
+
+    fn base_env(dir: &Path) -> Vec<(String, String)> {
+        env(&[
+            ("DCS_EDGE_AGGREGATOR__URL", "https://agg.example:8443"),
+            (
+                "DCS_EDGE_AGGREGATOR__CA",
+                &dir.join("ca.pem").to_string_lossy(),
+            ),
+            (
+                "DCS_EDGE_AGGREGATOR__CERT",
+                &dir.join("agent.pem").to_string_lossy(),
+            ),
+            (
+                "DCS_EDGE_AGGREGATOR__KEY",
+                &dir.join("agent-key.pem").to_string_lossy(),
+            ),
+        ])
+    }
+
+    #[test]
+    fn environment_alone_is_a_complete_config_with_defaults() {
+        let dir = files();
+        let c = Config::load_from(None, base_env(dir.path())).unwrap();
+        assert_eq!(c.listen.address, DEFAULT_LISTEN);
+        assert_eq!(c.buffer.overflow, Overflow::Reject);
+        assert_eq!(c.buffer.durability, Durability::ProcessCrash);
+        assert_eq!(c.batch.max_records, DEFAULT_BATCH_MAX_RECORDS);
+    }
+
+    #[test]
+    fn file_values_are_overridden_by_the_environment() {
+        let dir = files();
+        let file = dir.path().join("edge.toml");
+        std::fs::write(
+            &file,
+            "[buffer]\noverflow = \"drop-oldest\"\ndurability = \"power-loss\"\n[batch]\nmax_records = 10\nlinger = \"5ms\"\n",
+        )
+        .unwrap();
+        let mut e = base_env(dir.path());
+        e.extend(env(&[("DCS_EDGE_BATCH__MAX_RECORDS", "20")]));
+        let c = Config::load_from(Some(&file), e).unwrap();
+        assert_eq!(c.buffer.overflow, Overflow::DropOldest);
+        assert_eq!(c.buffer.durability, Durability::PowerLoss);
+        assert_eq!(c.batch.max_records, 20);
+        assert_eq!(c.batch.linger, Duration::from_millis(5));
+    }
+
+    #[test]
+    fn every_bad_key_is_named() {
+        let dir = files();
+        let mut e = base_env(dir.path());
+        e.extend(env(&[
+            ("DCS_EDGE_AGGREGATOR__URL", "http://plain.example"),
+            ("DCS_EDGE_LISTEN__ADDRESS", "nowhere"),
+            ("DCS_EDGE_BATCH__MAX_IN_FLIGHT", "0"),
+        ]));
+        let err = Config::load_from(None, e).unwrap_err().to_string();
+        for key in ["aggregator.url", "listen.address", "batch.max_in_flight"] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
+    }
+
+    #[test]
+    fn an_unknown_overflow_policy_is_refused() {
+        let dir = files();
+        let mut e = base_env(dir.path());
+        e.extend(env(&[("DCS_EDGE_BUFFER__OVERFLOW", "drop-newest")]));
+        let err = Config::load_from(None, e).unwrap_err().to_string();
+        assert!(err.contains("buffer.overflow"), "{err}");
+    }
+
+    #[test]
+    fn a_missing_certificate_file_is_named() {
+        let dir = files();
+        std::fs::remove_file(dir.path().join("agent-key.pem")).unwrap();
+        let err = Config::load_from(None, base_env(dir.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("aggregator.key"), "{err}");
+    }
+}

@@ -1,0 +1,538 @@
+//! The forwarder: reads the buffer in sequence order, cuts batches, and
+//! delivers them to the aggregator over mutual TLS until each is acknowledged.
+//!
+//! # Design constraints
+//! - Records are removed from the buffer only after the aggregator answered 2xx,
+//!   which it does only after its PostgreSQL commit. A lost answer means the
+//!   batch is sent again; the aggregator's `(agent, epoch, seq)` key makes that
+//!   harmless.
+//! - Transient failures (connection errors, timeouts, 408, 429, 5xx) are
+//!   retried forever with capped exponential backoff and full jitter, honouring
+//!   `Retry-After`. There is no give-up time: an outage of days loses nothing.
+//! - 401/403 (revoked or unknown agent) keep the data and retry at the cap.
+//! - A permanent refusal (400/415/422) moves the batch to the dead-letter table
+//!   with the reason: visible in `/v1/status`, never silently dropped. A 413
+//!   splits the batch in halves first; only a single record too large goes there.
+//! - Memory stays bounded by `max_in_flight` batches whatever the backlog.
+//!
+//! Retry timing is our own ten lines ([`Backoff`]) rather than a crate: the
+//! `backoff` crate is unmaintained (RUSTSEC-2025-0012), and per-attempt
+//! `Retry-After` plus "retry forever" fit a plain loop better than a combinator.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use reqwest::StatusCode;
+use serde::Serialize;
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+
+use dcs_shared::wire::{self, Backlog, BatchAck, ErrorBody, OutRecord};
+
+use crate::Error;
+use crate::buffer::{Buffer, Buffered};
+use crate::config::Config;
+
+/// Exponential backoff with full jitter: each delay is uniform in
+/// `[0, min(max, initial * 2^attempt)]`, which spreads a fleet of agents
+/// reconnecting after a shared outage instead of having them knock in step.
+#[derive(Debug, Clone)]
+pub struct Backoff {
+    initial: Duration,
+    max: Duration,
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn new(initial: Duration, max: Duration) -> Self {
+        Backoff {
+            initial,
+            max,
+            attempt: 0,
+        }
+    }
+
+    pub fn next_delay(&mut self) -> Duration {
+        let ceiling = self
+            .initial
+            .saturating_mul(1u32 << self.attempt.min(20))
+            .min(self.max);
+        self.attempt = self.attempt.saturating_add(1);
+        ceiling.mul_f64(fastrand::f64())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkState {
+    /// Nothing sent yet since start.
+    Unknown,
+    Up,
+    Down,
+}
+
+/// What operators see of the link in `/v1/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct LinkStatus {
+    pub link: LinkState,
+    pub last_success: Option<String>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<String>,
+    pub batches_sent: u64,
+    pub retries: u64,
+}
+
+/// Shared, lock-protected [`LinkStatus`]; updated by the forwarder, read by the API.
+#[derive(Debug)]
+pub struct Link(Mutex<LinkStatus>);
+
+impl Default for Link {
+    fn default() -> Self {
+        Link(Mutex::new(LinkStatus {
+            link: LinkState::Unknown,
+            last_success: None,
+            last_error: None,
+            last_error_at: None,
+            batches_sent: 0,
+            retries: 0,
+        }))
+    }
+}
+
+impl Link {
+    pub fn snapshot(&self) -> LinkStatus {
+        self.0.lock().expect("link lock").clone()
+    }
+
+    fn success(&self) {
+        let mut s = self.0.lock().expect("link lock");
+        s.link = LinkState::Up;
+        s.last_success = Some(now_rfc3339());
+        s.batches_sent += 1;
+    }
+
+    fn failure(&self, reason: &str, link_down: bool) {
+        let mut s = self.0.lock().expect("link lock");
+        if link_down {
+            s.link = LinkState::Down;
+        }
+        s.last_error = Some(reason.to_owned());
+        s.last_error_at = Some(now_rfc3339());
+        s.retries += 1;
+    }
+}
+
+fn now_rfc3339() -> String {
+    dcs_shared::record::format_ts(dcs_shared::record::unix_micros(
+        time::OffsetDateTime::now_utc(),
+    ))
+}
+
+/// How one delivery attempt ended.
+#[derive(Debug)]
+enum Outcome {
+    Delivered(BatchAck),
+    /// Worth retrying after a delay; the link is down if `link_down`.
+    Retry {
+        reason: String,
+        retry_after: Option<Duration>,
+        link_down: bool,
+    },
+    /// The aggregator does not accept this agent right now.
+    Unauthorized(String),
+    TooLarge(String),
+    Permanent(String),
+}
+
+struct Inner {
+    buffer: Buffer,
+    client: reqwest::Client,
+    url: reqwest::Url,
+    link: Arc<Link>,
+    max_records: usize,
+    max_bytes: u64,
+    linger: Duration,
+    compression_level: u32,
+    retry_initial: Duration,
+    retry_max: Duration,
+}
+
+pub struct Forwarder {
+    inner: Arc<Inner>,
+    max_in_flight: usize,
+    shutdown_grace: Duration,
+}
+
+/// Builds the mutual-TLS HTTP client. Trusts only the DCS CA; uses the
+/// configured proxy, else `HTTPS_PROXY`/`ALL_PROXY` from the environment.
+pub fn http_client(config: &Config) -> Result<reqwest::Client, Error> {
+    let agg = &config.aggregator;
+    let tls = dcs_shared::tls::client_config(&agg.ca, &agg.cert, &agg.key)?;
+    let mut builder = reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .connect_timeout(agg.connect_timeout)
+        .timeout(agg.request_timeout)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .http2_keep_alive_interval(Duration::from_secs(30))
+        .http2_keep_alive_while_idle(true)
+        .no_proxy();
+    let from_env = ["HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"]
+        .iter()
+        .find_map(|k| std::env::var(k).ok().filter(|v| !v.is_empty()));
+    if let Some(proxy) = agg.proxy.clone().or(from_env) {
+        let proxy = reqwest::Proxy::all(&proxy)
+            .map_err(Error::Http)?
+            .no_proxy(reqwest::NoProxy::from_env());
+        builder = builder.proxy(proxy);
+    }
+    builder.build().map_err(Error::Http)
+}
+
+impl Forwarder {
+    pub fn new(config: &Config, buffer: Buffer, link: Arc<Link>) -> Result<Forwarder, Error> {
+        let base = reqwest::Url::parse(&config.aggregator.url)
+            .map_err(|e| Error::Startup(format!("aggregator.url: {e}")))?;
+        let url = base
+            .join(wire::BATCHES_PATH)
+            .map_err(|e| Error::Startup(format!("aggregator.url: {e}")))?;
+        Ok(Forwarder {
+            inner: Arc::new(Inner {
+                buffer,
+                client: http_client(config)?,
+                url,
+                link,
+                max_records: config.batch.max_records,
+                max_bytes: config.batch.max_bytes.0,
+                linger: config.batch.linger,
+                compression_level: config.batch.compression_level,
+                retry_initial: config.retry.initial,
+                retry_max: config.retry.max,
+            }),
+            max_in_flight: config.batch.max_in_flight,
+            shutdown_grace: config.retry.shutdown_grace,
+        })
+    }
+
+    /// Runs until `stop` turns true; then waits up to the shutdown grace for
+    /// batches in flight and abandons the rest (they stay buffered and are sent
+    /// again after restart).
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let inner = self.inner;
+        inner.buffer.reset_claims();
+        let slots = Arc::new(Semaphore::new(self.max_in_flight));
+        let mut in_flight = JoinSet::new();
+        let mut cursor = 0i64;
+        loop {
+            while in_flight.try_join_next().is_some() {}
+            let permit = tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                p = slots.clone().acquire_owned() => p.expect("semaphore never closed"),
+            };
+            let batch = tokio::select! {
+                _ = stop.wait_for(|s| *s) => break,
+                b = inner.next_batch(cursor) => b,
+            };
+            let batch = match batch {
+                Ok(b) => b,
+                Err(error) => {
+                    tracing::error!(message = "read buffer for forwarding", %error);
+                    tokio::time::sleep(inner.retry_max.min(Duration::from_secs(5))).await;
+                    continue;
+                }
+            };
+            cursor = batch.last().expect("next_batch returns records").seq;
+            let inner = inner.clone();
+            let stop = stop.clone();
+            in_flight.spawn(async move {
+                inner.deliver(batch, stop).await;
+                drop(permit);
+            });
+        }
+        let drained = tokio::time::timeout(self.shutdown_grace, async {
+            while in_flight.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::info!(
+                message = "abandoning batches in flight at shutdown; they stay buffered",
+                batches = in_flight.len()
+            );
+            in_flight.shutdown().await;
+        }
+    }
+}
+
+impl Inner {
+    /// Waits for records after `after` and returns the next batch, lingering
+    /// briefly for a partial one to fill.
+    async fn next_batch(&self, after: i64) -> Result<Vec<Buffered>, Error> {
+        loop {
+            let buffer = self.buffer.clone();
+            let (max_records, max_bytes) = (self.max_records, self.max_bytes);
+            let batch = tokio::task::spawn_blocking(move || {
+                buffer.read_and_claim(after, max_records, max_bytes)
+            })
+            .await
+            .map_err(|e| Error::Startup(format!("buffer reader panicked: {e}")))??;
+            let Some(first) = batch.first() else {
+                // A missed wake-up costs at most a second, never a stall.
+                let _ = tokio::time::timeout(Duration::from_secs(1), self.buffer.appended()).await;
+                continue;
+            };
+            let bytes: u64 = batch.iter().map(|r| r.size).sum();
+            let full = batch.len() >= self.max_records || bytes * 10 >= self.max_bytes * 9;
+            let age_us = now_us().saturating_sub(first.received_us).max(0) as u128;
+            let linger_us = self.linger.as_micros();
+            if !full && age_us < linger_us {
+                tokio::time::sleep(Duration::from_micros((linger_us - age_us) as u64)).await;
+                continue;
+            }
+            return Ok(batch);
+        }
+    }
+
+    fn backlog(&self) -> Backlog {
+        let stats = self.buffer.stats();
+        let oldest_age_secs = self
+            .buffer
+            .oldest_received_us()
+            .ok()
+            .flatten()
+            .map(|us| (now_us().saturating_sub(us).max(0) / 1_000_000) as u64)
+            .unwrap_or(0);
+        Backlog {
+            records: stats.records,
+            bytes: stats.bytes,
+            oldest_age_secs,
+            dropped_total: stats.dropped_total,
+        }
+    }
+
+    fn encode(&self, batch: &[Buffered]) -> Bytes {
+        let records = batch.iter().map(|r| OutRecord {
+            seq: r.seq,
+            id: &r.id,
+            stream: &r.stream,
+            ts_us: r.ts_us,
+            payload: &r.payload,
+        });
+        Bytes::from(wire::encode_batch(
+            self.buffer.epoch(),
+            Some(&self.backlog()),
+            records,
+            self.compression_level,
+        ))
+    }
+
+    /// Delivers one batch until acknowledged, dead-lettered, or stopped.
+    async fn deliver(self: Arc<Self>, batch: Vec<Buffered>, mut stop: watch::Receiver<bool>) {
+        let mut pending = vec![batch];
+        while let Some(batch) = pending.pop() {
+            let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
+            let body = {
+                let me = self.clone();
+                match tokio::task::spawn_blocking(move || (me.encode(&batch), batch)).await {
+                    Ok(pair) => pair,
+                    Err(_) => return,
+                }
+            };
+            let (body, batch) = body;
+            let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
+            loop {
+                let outcome = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    o = self.post(body.clone()) => o,
+                };
+                let delay = match outcome {
+                    Outcome::Delivered(ack) => {
+                        self.link.success();
+                        tracing::debug!(
+                            message = "batch delivered",
+                            first_seq = first,
+                            last_seq = last,
+                            accepted = ack.accepted,
+                            duplicates = ack.duplicates
+                        );
+                        self.settle(&mut stop, |b| async move { b.ack(first, last).await })
+                            .await;
+                        break;
+                    }
+                    Outcome::TooLarge(reason) if batch.len() > 1 => {
+                        tracing::warn!(
+                            message = "aggregator refused batch as too large; splitting",
+                            first_seq = first,
+                            last_seq = last,
+                            %reason
+                        );
+                        let mut batch = batch;
+                        let upper = batch.split_off(batch.len() / 2);
+                        // Pop order sends the lower half first.
+                        pending.push(upper);
+                        pending.push(batch);
+                        break;
+                    }
+                    Outcome::TooLarge(reason) | Outcome::Permanent(reason) => {
+                        tracing::error!(
+                            message = "aggregator refused batch permanently; moved to dead letters",
+                            first_seq = first,
+                            last_seq = last,
+                            %reason
+                        );
+                        self.link.failure(&reason, false);
+                        let reason2 = reason.clone();
+                        self.settle(&mut stop, move |b| {
+                            let reason = reason2.clone();
+                            async move { b.dead_letter(first, last, reason).await }
+                        })
+                        .await;
+                        break;
+                    }
+                    Outcome::Unauthorized(reason) => {
+                        tracing::warn!(message = "aggregator refused this agent; keeping data", %reason);
+                        self.link.failure(&reason, true);
+                        self.retry_max
+                    }
+                    Outcome::Retry {
+                        reason,
+                        retry_after,
+                        link_down,
+                    } => {
+                        self.link.failure(&reason, link_down);
+                        let d = backoff.next_delay();
+                        let d = retry_after.map_or(d, |ra| ra.min(self.retry_max).max(d));
+                        tracing::info!(
+                            message = "delivery failed; will retry",
+                            first_seq = first,
+                            last_seq = last,
+                            %reason,
+                            retry_in_ms = d.as_millis() as u64
+                        );
+                        d
+                    }
+                };
+                tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
+            }
+        }
+    }
+
+    /// Applies a buffer change after the aggregator's answer, retrying if the
+    /// local disk refuses it (the records then simply stay and are resent).
+    async fn settle<F, Fut>(&self, stop: &mut watch::Receiver<bool>, op: F)
+    where
+        F: Fn(Buffer) -> Fut,
+        Fut: std::future::Future<Output = Result<u64, crate::buffer::BufferError>>,
+    {
+        let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
+        loop {
+            match op(self.buffer.clone()).await {
+                Ok(_) => return,
+                Err(error) => {
+                    tracing::error!(message = "update buffer after delivery", %error);
+                    tokio::select! {
+                        _ = stop.wait_for(|s| *s) => return,
+                        () = tokio::time::sleep(backoff.next_delay()) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    async fn post(&self, body: Bytes) -> Outcome {
+        let response = self
+            .client
+            .post(self.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_ENCODING, "gzip")
+            .body(body)
+            .send()
+            .await;
+        let response = match response {
+            Ok(r) => r,
+            Err(e) => {
+                return Outcome::Retry {
+                    reason: format!("send batch: {}", error_chain(&e)),
+                    retry_after: None,
+                    link_down: true,
+                };
+            }
+        };
+        let status = response.status();
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_secs);
+        let text = response.text().await.unwrap_or_default();
+        if status.is_success() {
+            // A 2xx means committed; an unreadable body does not change that.
+            let ack = serde_json::from_str(&text).unwrap_or(BatchAck {
+                accepted: 0,
+                duplicates: 0,
+            });
+            return Outcome::Delivered(ack);
+        }
+        let reason = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => format!("{status}: {}: {}", body.error, body.message),
+            Err(_) => format!("{status}: {}", text.chars().take(200).collect::<String>()),
+        };
+        match status {
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Outcome::Unauthorized(reason),
+            StatusCode::PAYLOAD_TOO_LARGE => Outcome::TooLarge(reason),
+            StatusCode::REQUEST_TIMEOUT | StatusCode::TOO_MANY_REQUESTS => Outcome::Retry {
+                reason,
+                retry_after,
+                link_down: false,
+            },
+            s if s.is_server_error() => Outcome::Retry {
+                reason,
+                retry_after,
+                link_down: false,
+            },
+            _ => Outcome::Permanent(reason),
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(": ");
+        s.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    s
+}
+
+fn now_us() -> i64 {
+    dcs_shared::record::unix_micros(time::OffsetDateTime::now_utc())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_and_stays_within_it() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        for attempt in 0..50 {
+            let d = b.next_delay();
+            let ceiling = Duration::from_millis(100)
+                .saturating_mul(1 << attempt.min(20))
+                .min(Duration::from_secs(2));
+            assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_is_jittered() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
+        let delays: std::collections::HashSet<_> = (0..20).map(|_| b.next_delay()).collect();
+        assert!(delays.len() > 10, "delays are not spread: {delays:?}");
+    }
+}

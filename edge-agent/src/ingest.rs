@@ -1,0 +1,470 @@
+//! The local HTTP API producers push records to, plus health and status.
+//!
+//! Every request is validated in full before anything is written: one bad
+//! record refuses the whole request with a JSON body naming each bad record's
+//! index, field and reason. A 2xx is sent only after the buffer committed the
+//! records at the configured durability.
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::value::RawValue;
+
+use dcs_shared::record::{self, FieldError, IncomingRecord, Limits, Record};
+use dcs_shared::wire::ErrorBody;
+
+use crate::buffer::{Buffer, BufferError, RecordState};
+use crate::forwarder::Link;
+
+/// Seconds a producer is told to wait when the buffer is full.
+const FULL_RETRY_AFTER_SECS: u64 = 5;
+
+#[derive(Clone)]
+pub struct AppState {
+    pub buffer: Buffer,
+    pub link: Arc<Link>,
+    pub limits: Limits,
+    pub max_request_bytes: usize,
+}
+
+pub fn router(state: AppState) -> Router {
+    let limit = state.max_request_bytes;
+    Router::new()
+        .route("/v1/records", post(post_records))
+        .route("/v1/records/{id}", get(get_record).put(put_record))
+        .route("/v1/status", get(status))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// An error response: a status and the shared JSON error body.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    body: ErrorBody,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            body: ErrorBody::new(code, message),
+            retry_after: None,
+        }
+    }
+
+    fn invalid(details: Vec<FieldError>, total: usize) -> Self {
+        let bad: std::collections::BTreeSet<i64> = details.iter().map(|d| d.index).collect();
+        let mut e = ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_records",
+            format!(
+                "{} of {total} records are invalid; nothing was written",
+                bad.len()
+            ),
+        );
+        e.body.details = details;
+        e
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = (self.status, Json(self.body)).into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<BufferError> for ApiError {
+    fn from(e: BufferError) -> Self {
+        match e {
+            BufferError::Full { .. } => {
+                let mut err = ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "buffer_full",
+                    e.to_string(),
+                );
+                err.retry_after = Some(FULL_RETRY_AFTER_SECS);
+                err
+            }
+            BufferError::DiskFull => {
+                let mut err = ApiError::new(
+                    StatusCode::INSUFFICIENT_STORAGE,
+                    "disk_full",
+                    "the disk holding the buffer is full; nothing was written",
+                );
+                err.retry_after = Some(FULL_RETRY_AFTER_SECS);
+                err
+            }
+            BufferError::Closed => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "shutting_down",
+                "the agent is shutting down",
+            ),
+            other => {
+                tracing::error!(message = "buffer error in request", error = %other);
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "buffer_error",
+                    "the buffer could not store the records; nothing was written",
+                )
+            }
+        }
+    }
+}
+
+fn body_error(rejection: BytesRejection) -> ApiError {
+    let status = rejection.status();
+    if status == StatusCode::PAYLOAD_TOO_LARGE {
+        ApiError::new(
+            status,
+            "request_too_large",
+            "the request body exceeds ingest.max_request_bytes",
+        )
+    } else {
+        ApiError::new(status, "unreadable_body", rejection.body_text())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Json,
+    Ndjson,
+}
+
+fn content_format(headers: &HeaderMap) -> Result<Format, ApiError> {
+    let ct = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let mime = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
+    match mime.as_str() {
+        "application/json" => Ok(Format::Json),
+        "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(Format::Ndjson),
+        _ => Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "Content-Type {ct:?} is not supported; send application/json (one record or an array) or application/x-ndjson"
+            ),
+        )),
+    }
+}
+
+/// Parses and validates a whole request; returns records only if all are valid.
+fn parse_records(body: &[u8], format: Format, limits: &Limits) -> Result<Vec<Record>, ApiError> {
+    let text = std::str::from_utf8(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "malformed_json",
+            format!("the body is not UTF-8: {e}"),
+        )
+    })?;
+    // Each element is first taken as raw JSON so that one malformed record is
+    // reported against its index rather than failing the parse opaquely.
+    let elements: Vec<Result<&RawValue, String>> = match format {
+        Format::Json => {
+            let trimmed = text.trim_start();
+            if trimmed.starts_with('[') {
+                serde_json::from_str::<Vec<&RawValue>>(text)
+                    .map_err(|e| malformed(&e))?
+                    .into_iter()
+                    .map(Ok)
+                    .collect()
+            } else {
+                vec![Ok(
+                    serde_json::from_str::<&RawValue>(text).map_err(|e| malformed(&e))?
+                )]
+            }
+        }
+        Format::Ndjson => text
+            .split('\n')
+            .enumerate()
+            .filter(|(_, line)| !line.trim().is_empty())
+            .map(|(n, line)| {
+                serde_json::from_str::<&RawValue>(line.trim_end_matches('\r'))
+                    .map_err(|e| format!("line {}: invalid JSON: {e}", n + 1))
+            })
+            .collect(),
+    };
+    if elements.is_empty() {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "no_records",
+            "the request holds no records",
+        ));
+    }
+    let total = elements.len();
+    let mut errors = Vec::new();
+    let mut records = Vec::with_capacity(total);
+    for (i, element) in elements.into_iter().enumerate() {
+        let i = i as i64;
+        let raw = match element {
+            Ok(raw) => raw,
+            Err(reason) => {
+                errors.push(FieldError::new(i, "record", reason));
+                continue;
+            }
+        };
+        if !raw.get().starts_with('{') {
+            errors.push(FieldError::new(i, "record", "must be a JSON object"));
+            continue;
+        }
+        match serde_json::from_str::<IncomingRecord>(raw.get()) {
+            Ok(incoming) => {
+                if let Some(r) = record::validate_incoming(i, &incoming, limits, &mut errors) {
+                    records.push(r);
+                }
+            }
+            Err(e) => errors.push(FieldError::new(i, "record", e.to_string())),
+        }
+    }
+    if errors.is_empty() {
+        Ok(records)
+    } else {
+        Err(ApiError::invalid(errors, total))
+    }
+}
+
+fn malformed(e: &serde_json::Error) -> ApiError {
+    ApiError::new(
+        StatusCode::BAD_REQUEST,
+        "malformed_json",
+        format!("the body is not valid JSON: {e}"),
+    )
+}
+
+#[derive(Debug, Serialize)]
+pub struct Accepted {
+    /// Records newly buffered.
+    pub accepted: usize,
+    /// Records whose id was already known, so not buffered again.
+    pub duplicates: usize,
+    /// Sequence range of the newly buffered records.
+    pub first_seq: Option<i64>,
+    pub last_seq: Option<i64>,
+    /// The id of every record in request order (assigned when absent).
+    pub ids: Vec<String>,
+}
+
+async fn post_records(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Accepted>, ApiError> {
+    let format = content_format(&headers)?;
+    let body = body.map_err(body_error)?;
+    let limits = state.limits;
+    let records = tokio::task::spawn_blocking(move || parse_records(&body, format, &limits))
+        .await
+        .map_err(|_| {
+            ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "parser failed",
+            )
+        })??;
+    let appended = state.buffer.append(records).await?;
+    let new_seqs = appended
+        .seqs
+        .iter()
+        .zip(&appended.new)
+        .filter(|(_, new)| **new)
+        .map(|(s, _)| *s);
+    let first_seq = new_seqs.clone().min();
+    let last_seq = new_seqs.max();
+    let accepted = appended.new.iter().filter(|n| **n).count();
+    Ok(Json(Accepted {
+        accepted,
+        duplicates: appended.new.len() - accepted,
+        first_seq,
+        last_seq,
+        ids: appended.ids,
+    }))
+}
+
+#[derive(Debug, Serialize)]
+pub struct RecordInfo {
+    pub id: String,
+    pub seq: i64,
+    pub state: RecordState,
+}
+
+/// Idempotent ingest of one record under a producer-chosen id: the same id
+/// twice is buffered once.
+async fn put_record(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, ApiError> {
+    if let Err(reason) = record::validate_id(&id) {
+        return Err(ApiError::invalid(vec![FieldError::new(0, "id", reason)], 1));
+    }
+    if content_format(&headers)? != Format::Json {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "PUT takes one record as application/json",
+        ));
+    }
+    let body = body.map_err(body_error)?;
+    let mut records = parse_records(&body, Format::Json, &state.limits)?;
+    if records.len() != 1 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "one_record_expected",
+            "PUT takes exactly one record",
+        ));
+    }
+    let mut rec = records.remove(0);
+    match &rec.id {
+        Some(body_id) if *body_id != id => {
+            return Err(ApiError::invalid(
+                vec![FieldError::new(0, "id", "must match the id in the URL")],
+                1,
+            ));
+        }
+        _ => rec.id = Some(id.clone()),
+    }
+    let appended = state.buffer.append(vec![rec]).await?;
+    let new = appended.new[0];
+    let seq = appended.seqs[0];
+    let status = if new {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    let info = if new {
+        RecordInfo {
+            id,
+            seq,
+            state: RecordState::Buffered,
+        }
+    } else {
+        lookup(&state, id.clone()).await?.unwrap_or(RecordInfo {
+            id,
+            seq,
+            state: RecordState::Delivered,
+        })
+    };
+    Ok((status, Json(info)).into_response())
+}
+
+async fn lookup(state: &AppState, id: String) -> Result<Option<RecordInfo>, ApiError> {
+    let buffer = state.buffer.clone();
+    let found = tokio::task::spawn_blocking({
+        let id = id.clone();
+        move || buffer.lookup(&id)
+    })
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "lookup failed",
+        )
+    })??;
+    Ok(found.map(|(seq, state)| RecordInfo { id, seq, state }))
+}
+
+async fn get_record(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<RecordInfo>, ApiError> {
+    lookup(&state, id.clone()).await?.map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!(
+                "no record with id {id:?}: never buffered, evicted by drop-oldest, or delivered longer ago than the dedup window"
+            ),
+        )
+    })
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    let stats = state.buffer.stats();
+    if stats.bytes < state.buffer.capacity_bytes() {
+        Json(serde_json::json!({"status": "ready"})).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "buffer_full",
+            "the buffer is at capacity",
+        )
+        .into_response()
+    }
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub epoch: String,
+    pub buffer: BufferStatus,
+    pub dead_letters: crate::buffer::DeadLetterSummary,
+    pub delivery: crate::forwarder::LinkStatus,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BufferStatus {
+    pub records: u64,
+    pub bytes: u64,
+    pub capacity_bytes: u64,
+    pub oldest_age_secs: Option<u64>,
+    pub dropped_total: u64,
+    pub delivered_total: u64,
+}
+
+async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
+    let buffer = state.buffer.clone();
+    let (oldest, dead) = tokio::task::spawn_blocking(move || {
+        Ok::<_, BufferError>((buffer.oldest_received_us()?, buffer.dead_letter_summary()?))
+    })
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "status failed",
+        )
+    })??;
+    let stats = state.buffer.stats();
+    let now = record::unix_micros(time::OffsetDateTime::now_utc());
+    Ok(Json(Status {
+        epoch: state.buffer.epoch().to_string(),
+        buffer: BufferStatus {
+            records: stats.records,
+            bytes: stats.bytes,
+            capacity_bytes: state.buffer.capacity_bytes(),
+            oldest_age_secs: oldest.map(|us| (now.saturating_sub(us).max(0) / 1_000_000) as u64),
+            dropped_total: stats.dropped_total,
+            delivered_total: stats.delivered_total,
+        },
+        dead_letters: dead,
+        delivery: state.link.snapshot(),
+    }))
+}
