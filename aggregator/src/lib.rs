@@ -1,1 +1,104 @@
+//! The DCS aggregator: accepts batches from edge agents over mutual TLS and
+//! writes each record to PostgreSQL exactly once.
+//!
+//! Design constraints:
+//! - **Identity comes from the certificate only.** The tenant and agent a batch
+//!   is stored under are read from the verified client certificate; nothing in
+//!   the request can name another agent.
+//! - **Exactly once.** A record's key is (agent, epoch, seq). Agents resend
+//!   until they get a 200, so every write is `INSERT ... ON CONFLICT DO NOTHING`
+//!   on that key, and 200 is sent only after the transaction committed.
+//! - **Never a false 2xx, never an endless retry.** A database that is down
+//!   answers 503 with `Retry-After` (the agent keeps the batch and retries); a
+//!   batch that can never be stored answers 4xx (the agent dead-letters it).
+//! - **Bounded work per request.** Compressed size, decompressed size, record
+//!   count, payload size and body read time are all capped before anything
+//!   touches the database.
+//!
+//! # Layout
+//! - [`config`]: TOML + `DCS_AGG_*` environment, validated.
+//! - `server`: the TLS accept loop and graceful shutdown.
+//! - `http`: routes, request checks and the error-to-status mapping.
+//! - `store`: the PostgreSQL write path (COPY into staging, then insert).
 
+pub mod config;
+mod http;
+mod server;
+mod store;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use sqlx::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio::net::TcpListener;
+
+pub use config::{Config, DatabaseConfig};
+pub use dcs_shared::config::ConfigError;
+
+/// Shown in `pg_stat_activity`, so a DBA can tell whose connections these are.
+const APPLICATION_NAME: &str = "dcs-aggregator";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// Every failure of the aggregator outside a single request (requests answer
+/// with an HTTP status instead, see the `http` module).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    /// Loading the PEM files or building the rustls configuration.
+    #[error("TLS setup: {0}")]
+    Tls(#[source] dcs_shared::Error),
+    #[error("read database URL from {}: {source}", path.display())]
+    UrlFile {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    /// The URL itself is unusable. The URL is not repeated: it may hold a password.
+    #[error("database.url is not a valid PostgreSQL URL: {0}")]
+    DatabaseUrl(#[source] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+}
+
+/// Creates the connection pool. Connections are opened on first use, so an
+/// aggregator started while PostgreSQL is down comes up, answers 503 until the
+/// database is back, and `/ready` says so; run [`migrate`] first to fail fast
+/// instead.
+pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, Error> {
+    let url = config.resolve_url()?;
+    let options = PgConnectOptions::from_str(&url)
+        .map_err(Error::DatabaseUrl)?
+        .application_name(APPLICATION_NAME);
+    Ok(PgPoolOptions::new()
+        .max_connections(config.max_connections)
+        .acquire_timeout(config.acquire_timeout)
+        .connect_lazy_with(options))
+}
+
+/// Applies the migrations in `migrations/` that this database has not seen.
+pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
+    MIGRATOR.run(pool).await?;
+    Ok(())
+}
+
+/// Serves agents on `listener` until `shutdown` completes, then stops
+/// accepting and lets requests in flight finish (bounded, see `server`).
+///
+/// `pool` may come from [`connect`] or anywhere else; the schema must be
+/// migrated.
+pub async fn serve(
+    listener: TcpListener,
+    config: Config,
+    pool: PgPool,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
+    config.validate()?;
+    let tls = dcs_shared::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)
+        .map_err(Error::Tls)?;
+    let app = http::router(http::AppState::new(&config, pool));
+    server::run(listener, tls, app, &config.limits, shutdown).await;
+    Ok(())
+}

@@ -117,7 +117,11 @@ pub fn load<T: DeserializeOwned>(
             .find(|(path, _)| key == **path || key.starts_with(&format!("{path}.")))
             .map(|(_, var)| format!(" (set by {var})"))
             .unwrap_or_default();
-        let key = if key == "." { "(top level)".into() } else { key };
+        let key = if key == "." {
+            "(top level)".into()
+        } else {
+            key
+        };
         ConfigError::one(format!("{key}{origin}"), e.into_inner().to_string())
     })
 }
@@ -164,9 +168,7 @@ pub struct ByteSize(pub u64);
 impl ByteSize {
     pub fn parse(s: &str) -> Result<ByteSize, String> {
         let s = s.trim();
-        let split = s
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(s.len());
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
         let (num, unit) = s.split_at(split);
         let n: u64 = num
             .parse()

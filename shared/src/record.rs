@@ -380,19 +380,18 @@ mod tests {
 
     #[test]
     fn id_and_ts_are_kept_when_given() {
-        let rec = check(
-            r#"{"stream":"s","payload":{},"id":"order-42","ts":"1970-01-01T00:00:01.5Z"}"#,
-        )
-        .unwrap()
-        .unwrap();
+        let rec =
+            check(r#"{"stream":"s","payload":{},"id":"order-42","ts":"1970-01-01T00:00:01.5Z"}"#)
+                .unwrap()
+                .unwrap();
         assert_eq!(rec.id.as_deref(), Some("order-42"));
         assert_eq!(rec.ts_us, Some(1_500_000));
     }
 
     #[test]
     fn every_bad_field_is_reported_at_once() {
-        let errs = check(r#"{"stream":"Bad Name","payload":[1],"id":"","ts":"yesterday"}"#)
-            .unwrap_err();
+        let errs =
+            check(r#"{"stream":"Bad Name","payload":[1],"id":"","ts":"yesterday"}"#).unwrap_err();
         assert_eq!(fields(errs), ["stream", "payload", "id", "ts"]);
     }
 
@@ -452,8 +451,7 @@ mod tests {
     #[test]
     fn unknown_fields_are_a_parse_error() {
         assert!(
-            serde_json::from_str::<IncomingRecord>(r#"{"stream":"s","payload":{},"x":1}"#)
-                .is_err()
+            serde_json::from_str::<IncomingRecord>(r#"{"stream":"s","payload":{},"x":1}"#).is_err()
         );
     }
 }

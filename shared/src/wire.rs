@@ -228,7 +228,10 @@ mod tests {
         assert_eq!(batch.v, 1);
         assert_eq!(batch.backlog.unwrap().records, 2);
         assert_eq!(batch.records.len(), 2);
-        assert_eq!(batch.records[0].payload.get(), r#"{"x":"quote\" and \\ backslash"}"#);
+        assert_eq!(
+            batch.records[0].payload.get(),
+            r#"{"x":"quote\" and \\ backslash"}"#
+        );
         assert_eq!(batch.records[1].id, "ü\"");
         assert_eq!(batch.records[1].ts, -1);
     }

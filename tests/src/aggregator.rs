@@ -1,0 +1,151 @@
+//! An in-process aggregator on 127.0.0.1 and a free port, plus HTTP clients
+//! that talk to it the way an agent does (mutual TLS, gzip bodies).
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use dcs_aggregator::Config;
+use dcs_aggregator::config::{DatabaseConfig, TlsConfig};
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::pki::{AgentCert, Pki};
+
+/// Bounds every test request so a hung server fails the test instead of
+/// hanging it.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub struct RunningAggregator {
+    pub addr: SocketAddr,
+    /// `https://localhost:PORT`, matching the server certificate's DNS name.
+    pub url: String,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<Result<(), dcs_aggregator::Error>>>,
+}
+
+impl RunningAggregator {
+    /// `url` + `path`.
+    pub fn endpoint(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+
+    /// Signals shutdown and waits for `serve` to return; panics if it failed.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await
+                .expect("aggregator task panicked")
+                .expect("aggregator serve failed");
+        }
+    }
+}
+
+impl Drop for RunningAggregator {
+    fn drop(&mut self) {
+        // A test that panicked never called stop(): still stop accepting.
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// The configuration [`start_aggregator`] uses: the Pki's server certificate,
+/// the database at `db_url`, small pool, default limits, text logs.
+pub fn test_config(pki: &Pki, db_url: &str) -> Config {
+    let mut config = Config {
+        tls: TlsConfig {
+            ca: pki.ca.clone(),
+            cert: pki.server_cert.clone(),
+            key: pki.server_key.clone(),
+        },
+        database: DatabaseConfig::with_url(db_url),
+        ..Config::default()
+    };
+    config.listen.address = "127.0.0.1:0".parse().expect("address");
+    config.database.max_connections = 4;
+    config.database.migrate_on_start = false;
+    config
+}
+
+/// Starts an aggregator for `pki` writing to `db_url` (already migrated).
+pub async fn start_aggregator(pki: &Pki, db_url: &str) -> RunningAggregator {
+    start_aggregator_with(pki, db_url, |_| {}).await
+}
+
+/// Like [`start_aggregator`], after `adjust` has changed the configuration
+/// (smaller limits, shorter timeouts).
+pub async fn start_aggregator_with(
+    pki: &Pki,
+    db_url: &str,
+    adjust: impl FnOnce(&mut Config),
+) -> RunningAggregator {
+    dcs_shared::tls::install_crypto_provider();
+    let mut config = test_config(pki, db_url);
+    adjust(&mut config);
+    let listener = tokio::net::TcpListener::bind(config.listen.address)
+        .await
+        .expect("bind aggregator listener");
+    let addr = listener.local_addr().expect("local addr");
+    let pool = dcs_aggregator::connect(&config.database)
+        .await
+        .expect("aggregator pool");
+    let (tx, rx) = oneshot::channel::<()>();
+    // A dropped sender (test over) also means "stop".
+    let shutdown = async move {
+        let _ = rx.await;
+    };
+    let task = tokio::spawn(dcs_aggregator::serve(listener, config, pool, shutdown));
+    RunningAggregator {
+        addr,
+        url: format!("https://localhost:{}", addr.port()),
+        shutdown: Some(tx),
+        task: Some(task),
+    }
+}
+
+/// A client presenting `cert` and trusting only its CA, as an agent does.
+pub fn agent_client(cert: &AgentCert) -> reqwest::Client {
+    dcs_shared::tls::install_crypto_provider();
+    let tls =
+        dcs_shared::tls::client_config(&cert.ca, &cert.cert, &cert.key).expect("agent TLS config");
+    build_client(tls)
+}
+
+/// A client that trusts `ca` but presents no certificate at all.
+pub fn client_without_certificate(ca: &Path) -> reqwest::Client {
+    dcs_shared::tls::install_crypto_provider();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in dcs_shared::tls::load_certs(ca).expect("CA certificate") {
+        roots.add(cert).expect("add CA");
+    }
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .expect("TLS 1.3")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    build_client(tls)
+}
+
+fn build_client(tls: rustls::ClientConfig) -> reqwest::Client {
+    reqwest::Client::builder()
+        .tls_backend_preconfigured(tls)
+        .timeout(CLIENT_TIMEOUT)
+        .build()
+        .expect("reqwest client")
+}
+
+/// Gzip-compresses `bytes` (a JSON document, usually) as an agent would.
+pub fn gzip_json(bytes: &[u8]) -> Vec<u8> {
+    let mut gz = GzEncoder::new(Vec::new(), Compression::fast());
+    gz.write_all(bytes).expect("gzip to memory");
+    gz.finish().expect("gzip to memory")
+}

@@ -1,0 +1,551 @@
+//! The aggregator's configuration: a TOML file, then `DCS_AGG_*` environment
+//! overrides (`DCS_AGG_DATABASE__URL`, `DCS_AGG_LIMITS__MAX_RECORDS_PER_BATCH`),
+//! then [`Config::validate`], which names every bad key at once.
+//!
+//! Design constraints:
+//! - Unknown keys are errors in every section: a misspelt limit silently falling
+//!   back to its default is how an outage starts.
+//! - Required values (`tls.*`, the database URL) are checked by `validate`
+//!   rather than by serde, so one run reports all of them under their full key
+//!   names (`tls.ca`), not only the first one serde trips over.
+//! - The database URL usually holds a password, so it can come from a file
+//!   (`database.url_file`) or the environment, and `Debug` never prints it.
+//! - Every field is public and every section has a `Default`, so tests and
+//!   embedders build a `Config` in code without a file.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dcs_shared::config::{ByteSize, ConfigError, Issue, Issues};
+use dcs_shared::telemetry::LogFormat;
+use serde::Deserialize;
+
+use crate::Error;
+
+/// Prefix of the environment variables that override the file.
+pub const ENV_PREFIX: &str = "DCS_AGG_";
+
+/// Agents reach the aggregator on all interfaces; 8443 is the conventional
+/// unprivileged HTTPS port, so the process needs no capability to bind it.
+pub const DEFAULT_LISTEN_ADDRESS: &str = "0.0.0.0:8443";
+/// Each batch holds one connection for one transaction; 16 keeps several
+/// aggregator replicas well inside PostgreSQL's default `max_connections`
+/// (100) while letting one replica write 16 batches in parallel.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 16;
+/// Short on purpose: when the database is gone, agents should hear 503 within
+/// seconds and back off, instead of holding requests until their own timeout.
+pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
+/// An agent's batch cap is far below this; 16 MiB of gzip is several hundred
+/// MiB of JSON in the worst case, so the decompressed cap below is what binds.
+pub const DEFAULT_MAX_COMPRESSED_BYTES: ByteSize = ByteSize(16 << 20);
+/// Bounds the memory a single batch (or a gzip bomb) can claim while it is
+/// parsed; 128 MiB fits 100 000 records of about 1 KiB with room to spare.
+pub const DEFAULT_MAX_DECOMPRESSED_BYTES: ByteSize = ByteSize(128 << 20);
+/// Keeps one transaction (and the time a batch holds its row locks) bounded;
+/// COPY writes 100 000 rows in well under a second.
+pub const DEFAULT_MAX_RECORDS_PER_BATCH: usize = 100_000;
+/// The agent applies the same default; records are events, not files.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: ByteSize =
+    ByteSize(dcs_shared::record::DEFAULT_MAX_PAYLOAD_BYTES as u64);
+/// A TLS 1.3 handshake takes one round trip; 10 s tolerates a slow satellite or
+/// cellular link and still frees a slot held by a silent peer quickly. Also
+/// bounds how long an HTTP/1 client may take to send its request headers.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time to receive a whole request body: 16 MiB at roughly 2 Mbit/s. A client
+/// trickling bytes slower than that (slowloris) is cut off with 408.
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// What a 503 tells the agent to wait: long enough for a PostgreSQL restart or
+/// failover to make progress, short enough that the backlog drains promptly.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
+/// Operators raise it with `RUST_LOG` when they need more.
+pub const DEFAULT_LOG_LEVEL: &str = "info";
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub listen: ListenConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub database: DatabaseConfig,
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenConfig {
+    /// The agents' mutual-TLS listener.
+    pub address: SocketAddr,
+}
+
+impl Default for ListenConfig {
+    fn default() -> Self {
+        ListenConfig {
+            address: DEFAULT_LISTEN_ADDRESS
+                .parse()
+                .expect("valid default address"),
+        }
+    }
+}
+
+/// PEM files. All three are required; an empty path means "not set".
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// The CA that issued the agents' client certificates.
+    pub ca: PathBuf,
+    /// The aggregator's server certificate (chain).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// `postgres://user:password@host:port/db`. Exactly one of `url` and
+    /// `url_file` must be set.
+    pub url: Option<String>,
+    /// A file holding the URL, so the password stays out of the config file.
+    pub url_file: Option<PathBuf>,
+    pub max_connections: u32,
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub acquire_timeout: Duration,
+    /// Run pending migrations when `serve` starts.
+    pub migrate_on_start: bool,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: None,
+            url_file: None,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            acquire_timeout: DEFAULT_ACQUIRE_TIMEOUT,
+            migrate_on_start: true,
+        }
+    }
+}
+
+impl DatabaseConfig {
+    /// A configuration for `url` with every other key at its default.
+    pub fn with_url(url: impl Into<String>) -> Self {
+        DatabaseConfig {
+            url: Some(url.into()),
+            ..DatabaseConfig::default()
+        }
+    }
+
+    /// The URL, read from `url_file` when that is the one set.
+    pub fn resolve_url(&self) -> Result<String, Error> {
+        match (&self.url, &self.url_file) {
+            (Some(url), _) => Ok(url.clone()),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path).map_err(|source| Error::UrlFile {
+                    path: path.clone(),
+                    source,
+                })?;
+                Ok(text.trim().to_owned())
+            }
+            (None, None) => Err(Error::Config(ConfigError {
+                issues: vec![Issue {
+                    key: "database.url".into(),
+                    reason: "is required (or database.url_file)".into(),
+                }],
+            })),
+        }
+    }
+}
+
+impl fmt::Debug for DatabaseConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DatabaseConfig")
+            .field("url", &self.url.as_ref().map(|_| "<redacted>"))
+            .field("url_file", &self.url_file)
+            .field("max_connections", &self.max_connections)
+            .field("acquire_timeout", &self.acquire_timeout)
+            .field("migrate_on_start", &self.migrate_on_start)
+            .finish()
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LimitsConfig {
+    pub max_compressed_bytes: ByteSize,
+    pub max_decompressed_bytes: ByteSize,
+    pub max_records_per_batch: usize,
+    pub max_payload_bytes: ByteSize,
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub handshake_timeout: Duration,
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub request_timeout: Duration,
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub retry_after: Duration,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_compressed_bytes: DEFAULT_MAX_COMPRESSED_BYTES,
+            max_decompressed_bytes: DEFAULT_MAX_DECOMPRESSED_BYTES,
+            max_records_per_batch: DEFAULT_MAX_RECORDS_PER_BATCH,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            retry_after: DEFAULT_RETRY_AFTER,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            format: LogFormat::Json,
+            level: DEFAULT_LOG_LEVEL.into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads `file` (if any), applies `DCS_AGG_*` variables from `env` and
+    /// validates the result. Pass `std::env::vars()`; tests pass a list.
+    pub fn load(
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Config, ConfigError> {
+        let config: Config = dcs_shared::config::load(file, ENV_PREFIX, env)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every key without touching the file system.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut issues = Issues::default();
+        for (key, path) in [
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
+            issues.check(!path.as_os_str().is_empty(), key, "is required");
+        }
+
+        let db = &self.database;
+        issues.check(
+            db.url.is_some() || db.url_file.is_some(),
+            "database.url",
+            "is required (or database.url_file, a file holding the URL)",
+        );
+        issues.check(
+            !(db.url.is_some() && db.url_file.is_some()),
+            "database.url_file",
+            "set either database.url or database.url_file, not both",
+        );
+        if let Some(url) = &db.url {
+            issues.check(
+                url.starts_with("postgres://") || url.starts_with("postgresql://"),
+                "database.url",
+                "must start with postgres:// or postgresql://",
+            );
+        }
+        issues.check(
+            db.max_connections >= 1,
+            "database.max_connections",
+            "must be at least 1",
+        );
+        issues.check(
+            !db.acquire_timeout.is_zero(),
+            "database.acquire_timeout",
+            "must be greater than zero",
+        );
+
+        let l = &self.limits;
+        issues.check(
+            l.max_compressed_bytes.0 > 0,
+            "limits.max_compressed_bytes",
+            "must be greater than zero",
+        );
+        issues.check(
+            l.max_decompressed_bytes >= l.max_compressed_bytes,
+            "limits.max_decompressed_bytes",
+            format!(
+                "must be at least limits.max_compressed_bytes ({})",
+                l.max_compressed_bytes
+            ),
+        );
+        issues.check(
+            l.max_records_per_batch >= 1,
+            "limits.max_records_per_batch",
+            "must be at least 1",
+        );
+        issues.check(
+            l.max_payload_bytes.0 >= 2,
+            "limits.max_payload_bytes",
+            "must be at least 2 (the size of {})",
+        );
+        issues.check(
+            l.max_payload_bytes <= l.max_decompressed_bytes,
+            "limits.max_payload_bytes",
+            "must not exceed limits.max_decompressed_bytes",
+        );
+        for (key, value) in [
+            ("limits.handshake_timeout", l.handshake_timeout),
+            ("limits.request_timeout", l.request_timeout),
+            ("limits.retry_after", l.retry_after),
+        ] {
+            issues.check(!value.is_zero(), key, "must be greater than zero");
+        }
+        issues.check(
+            !self.log.level.trim().is_empty(),
+            "log.level",
+            "must not be empty (e.g. \"info\" or \"dcs_aggregator=debug,info\")",
+        );
+        issues.into_result()
+    }
+
+    /// Opens what the configuration points at: the PEM files and the URL file.
+    /// `check-config` runs this after [`Config::validate`] so a wrong path is
+    /// reported before a deployment, not at start-up.
+    pub fn check_files(&self) -> Result<(), ConfigError> {
+        let mut issues = Issues::default();
+        if let Err(error) =
+            dcs_shared::tls::server_config(&self.tls.ca, &self.tls.cert, &self.tls.key)
+        {
+            issues.check(false, "tls", error.to_string());
+        }
+        if self.database.url.is_none()
+            && let Some(path) = &self.database.url_file
+        {
+            match std::fs::read_to_string(path) {
+                Ok(text) => issues.check(
+                    !text.trim().is_empty(),
+                    "database.url_file",
+                    format!("{} is empty", path.display()),
+                ),
+                Err(error) => issues.check(
+                    false,
+                    "database.url_file",
+                    format!("cannot read {}: {error}", path.display()),
+                ),
+            }
+        }
+        issues.into_result()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_str(toml: &str) -> Result<Config, ConfigError> {
+        load_with_env(toml, &[])
+    }
+
+    fn load_with_env(toml: &str, env: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("aggregator.toml");
+        std::fs::write(&path, toml).unwrap();
+        Config::load(
+            Some(&path),
+            env.iter().map(|(k, v)| (k.to_string(), v.to_string())),
+        )
+    }
+
+    fn keys(error: &ConfigError) -> Vec<&str> {
+        error.issues.iter().map(|i| i.key.as_str()).collect()
+    }
+
+    const MINIMAL: &str = r#"
+        [tls]
+        ca = "/etc/dcs/ca.pem"
+        cert = "/etc/dcs/server.pem"
+        key = "/etc/dcs/server-key.pem"
+        [database]
+        url = "postgres://dcs@db/dcs"
+    "#;
+
+    #[test]
+    fn a_minimal_config_gets_the_documented_defaults() {
+        let config = load_str(MINIMAL).unwrap();
+        assert_eq!(config.listen.address, "0.0.0.0:8443".parse().unwrap());
+        assert_eq!(config.database.max_connections, 16);
+        assert_eq!(config.database.acquire_timeout, Duration::from_secs(3));
+        assert!(config.database.migrate_on_start);
+        assert_eq!(config.limits.max_compressed_bytes, ByteSize(16 << 20));
+        assert_eq!(config.limits.max_decompressed_bytes, ByteSize(128 << 20));
+        assert_eq!(config.limits.max_records_per_batch, 100_000);
+        assert_eq!(config.limits.max_payload_bytes, ByteSize(64 << 10));
+        assert_eq!(config.limits.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(config.limits.request_timeout, Duration::from_secs(60));
+        assert_eq!(config.limits.retry_after, Duration::from_secs(5));
+        assert_eq!(config.log.format, LogFormat::Json);
+        assert_eq!(config.log.level, "info");
+    }
+
+    #[test]
+    fn every_key_can_be_set() {
+        let config = load_str(
+            r#"
+            [listen]
+            address = "127.0.0.1:9443"
+            [tls]
+            ca = "ca.pem"
+            cert = "server.pem"
+            key = "server-key.pem"
+            [database]
+            url_file = "/run/secrets/db-url"
+            max_connections = 4
+            acquire_timeout = "500ms"
+            migrate_on_start = false
+            [limits]
+            max_compressed_bytes = "1MiB"
+            max_decompressed_bytes = "8MiB"
+            max_records_per_batch = 10
+            max_payload_bytes = 1024
+            handshake_timeout = "2s"
+            request_timeout = "30s"
+            retry_after = "1m"
+            [log]
+            format = "text"
+            level = "debug"
+        "#,
+        )
+        .unwrap();
+        assert_eq!(config.listen.address.port(), 9443);
+        assert_eq!(
+            config.database.url_file.as_deref(),
+            Some(Path::new("/run/secrets/db-url"))
+        );
+        assert!(!config.database.migrate_on_start);
+        assert_eq!(config.database.acquire_timeout, Duration::from_millis(500));
+        assert_eq!(config.limits.max_decompressed_bytes, ByteSize(8 << 20));
+        assert_eq!(config.limits.max_payload_bytes, ByteSize(1024));
+        assert_eq!(config.limits.retry_after, Duration::from_secs(60));
+        assert_eq!(config.log.format, LogFormat::Text);
+    }
+
+    #[test]
+    fn a_misspelt_key_is_refused_by_name() {
+        let err =
+            load_str(&format!("{MINIMAL}\n[limits]\nmax_record_per_batch = 5\n")).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("max_record_per_batch"), "{text}");
+        assert!(text.contains("limits"), "{text}");
+    }
+
+    #[test]
+    fn a_misspelt_section_is_refused_by_name() {
+        let err = load_str(&format!("{MINIMAL}\n[limit]\nretry_after = \"1s\"\n")).unwrap_err();
+        assert!(err.to_string().contains("limit"), "{err}");
+    }
+
+    #[test]
+    fn missing_tls_ca_is_named() {
+        let err = load_str(
+            r#"
+            [tls]
+            cert = "server.pem"
+            key = "server-key.pem"
+            [database]
+            url = "postgres://dcs@db/dcs"
+        "#,
+        )
+        .unwrap_err();
+        assert_eq!(keys(&err), ["tls.ca"]);
+    }
+
+    #[test]
+    fn an_empty_file_reports_every_required_key_at_once() {
+        let err = load_str("").unwrap_err();
+        assert_eq!(
+            keys(&err),
+            ["tls.ca", "tls.cert", "tls.key", "database.url"]
+        );
+    }
+
+    #[test]
+    fn inconsistent_limits_are_named() {
+        let err = load_str(&format!(
+            "{MINIMAL}\n[limits]\nmax_compressed_bytes = \"32MiB\"\nmax_decompressed_bytes = \"16MiB\"\nmax_records_per_batch = 0\nrequest_timeout = \"0s\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            keys(&err),
+            [
+                "limits.max_decompressed_bytes",
+                "limits.max_records_per_batch",
+                "limits.request_timeout"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_duration_names_its_key() {
+        let err = load_str(&format!("{MINIMAL}\n[limits]\nretry_after = \"soon\"\n")).unwrap_err();
+        assert!(err.to_string().contains("limits.retry_after"), "{err}");
+    }
+
+    #[test]
+    fn url_and_url_file_are_exclusive() {
+        let err = load_str(&format!("{MINIMAL}\nurl_file = \"/x\"\n")).unwrap_err();
+        assert_eq!(keys(&err), ["database.url_file"]);
+    }
+
+    #[test]
+    fn the_environment_overrides_the_file() {
+        let config = load_with_env(
+            MINIMAL,
+            &[
+                ("DCS_AGG_DATABASE__URL", "postgres://other@db2/dcs"),
+                ("DCS_AGG_LIMITS__MAX_RECORDS_PER_BATCH", "7"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            config.database.url.as_deref(),
+            Some("postgres://other@db2/dcs")
+        );
+        assert_eq!(config.limits.max_records_per_batch, 7);
+    }
+
+    #[test]
+    fn the_url_can_come_from_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db-url");
+        std::fs::write(&path, "postgres://dcs:secret@db/dcs\n").unwrap();
+        let db = DatabaseConfig {
+            url_file: Some(path),
+            ..DatabaseConfig::default()
+        };
+        assert_eq!(db.resolve_url().unwrap(), "postgres://dcs:secret@db/dcs");
+    }
+
+    #[test]
+    fn debug_output_hides_the_database_url() {
+        let db = DatabaseConfig::with_url("postgres://dcs:hunter2@db/dcs");
+        let text = format!("{db:?}");
+        assert!(!text.contains("hunter2"), "{text}");
+    }
+
+    #[test]
+    fn check_files_names_unreadable_paths() {
+        let mut config = load_str(MINIMAL).unwrap();
+        config.database.url = None;
+        config.database.url_file = Some("/nonexistent/db-url".into());
+        let err = config.check_files().unwrap_err();
+        assert_eq!(keys(&err), ["tls", "database.url_file"]);
+        assert!(err.to_string().contains("/etc/dcs/ca.pem"), "{err}");
+    }
+}

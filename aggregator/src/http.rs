@@ -1,0 +1,633 @@
+//! Routes of the agents' listener and the mapping of every failure to a status.
+//!
+//! Design constraints:
+//! - The status tells the agent what to do with the batch: 2xx = stored (only
+//!   after commit), 503 + `Retry-After` = keep it and retry, other 4xx = it can
+//!   never be stored (dead-letter it), 5xx = our bug (retry with backoff).
+//! - Cheap checks first: headers, then the body under a size cap and a time
+//!   limit, then decompression and validation on a blocking thread, and only
+//!   then a database connection.
+//! - The database write runs in its own task, so an agent that disconnects
+//!   mid-request cannot cancel a transaction (or a COPY) half-way.
+//! - Every error body is a [`dcs_shared::wire::ErrorBody`]; database details
+//!   are logged, never sent.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use axum::extract::{Extension, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use bytes::Bytes;
+use dcs_shared::identity::AgentIdentity;
+use dcs_shared::record::{self, FieldError};
+use dcs_shared::wire::{self, BatchAck, ErrorBody};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use sqlx::PgPool;
+use tokio::sync::Semaphore;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, LimitsConfig};
+use crate::store::{self, CopyRows, Failure, PreparedBatch};
+
+/// `/ready` must answer before a load balancer's probe gives up (typically
+/// 3–5 s), whatever the pool's acquire timeout is.
+const READY_TIMEOUT: Duration = Duration::from_secs(2);
+/// Enough to tell a producer what is wrong with its records; a batch of
+/// 100 000 bad records would otherwise produce a reply of several MiB.
+const MAX_ERROR_DETAILS: usize = 100;
+
+/// Shared by every request.
+#[derive(Clone)]
+pub(crate) struct AppState(Arc<Inner>);
+
+struct Inner {
+    pool: PgPool,
+    limits: LimitsConfig,
+    /// Bounds the batches being read, decompressed or written at once: each
+    /// may hold up to max_compressed + max_decompressed bytes of memory, and
+    /// more of them than there are database connections would only queue.
+    in_flight: Semaphore,
+}
+
+impl AppState {
+    pub(crate) fn new(config: &Config, pool: PgPool) -> Self {
+        AppState(Arc::new(Inner {
+            pool,
+            limits: config.limits,
+            in_flight: Semaphore::new(config.database.max_connections as usize),
+        }))
+    }
+}
+
+pub(crate) fn router(state: AppState) -> Router {
+    Router::new()
+        .route(wire::BATCHES_PATH, post(post_batch))
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .fallback(|| async { Error::NotFound })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .with_state(state)
+}
+
+/// Served instead of [`router`] on a connection whose verified certificate
+/// carries no usable `dcs://` identity: the chain is ours, so the peer is told
+/// why, but it may not do anything.
+pub(crate) fn forbidden_router(reason: String) -> Router {
+    let reason: Arc<str> = reason.into();
+    Router::new().fallback(move || {
+        let reason = reason.clone();
+        async move { Error::BadIdentity(reason) }
+    })
+}
+
+/// Why a request failed; each variant is one status and one `error` code.
+#[derive(Debug)]
+pub(crate) enum Error {
+    BadIdentity(Arc<str>),
+    UnsupportedEncoding(String),
+    UnsupportedMediaType(String),
+    BatchTooLarge(String),
+    RequestTimeout,
+    BodyRead(String),
+    Malformed(String),
+    UnsupportedVersion(u32),
+    InvalidRecords {
+        total: usize,
+        details: Vec<FieldError>,
+    },
+    RejectedByDatabase(String),
+    DatabaseUnavailable {
+        retry_after: Duration,
+    },
+    Overloaded {
+        retry_after: Duration,
+    },
+    NotReady {
+        retry_after: Duration,
+    },
+    NotFound,
+    MethodNotAllowed,
+    Internal,
+}
+
+impl Error {
+    fn status_code_message(&self) -> (StatusCode, &'static str, String) {
+        use StatusCode as S;
+        match self {
+            Error::BadIdentity(reason) => (
+                S::FORBIDDEN,
+                "bad_identity",
+                format!("the client certificate carries no valid dcs:// identity: {reason}"),
+            ),
+            Error::UnsupportedEncoding(m) => {
+                (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding", m.clone())
+            }
+            Error::UnsupportedMediaType(m) => (
+                S::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                m.clone(),
+            ),
+            Error::BatchTooLarge(m) => (S::PAYLOAD_TOO_LARGE, "batch_too_large", m.clone()),
+            Error::RequestTimeout => (
+                S::REQUEST_TIMEOUT,
+                "request_timeout",
+                "the request body was not received in time".into(),
+            ),
+            Error::BodyRead(m) => (S::BAD_REQUEST, "body_read_failed", m.clone()),
+            Error::Malformed(m) => (S::BAD_REQUEST, "malformed_batch", m.clone()),
+            Error::UnsupportedVersion(v) => (
+                S::BAD_REQUEST,
+                "unsupported_version",
+                format!(
+                    "batch format version {v} is not supported; this aggregator speaks version {}",
+                    wire::FORMAT_VERSION
+                ),
+            ),
+            Error::InvalidRecords { total, details } => (
+                S::UNPROCESSABLE_ENTITY,
+                "invalid_records",
+                if *total > details.len() {
+                    format!(
+                        "{total} problems in the batch's records, the first {} listed; nothing was written",
+                        details.len()
+                    )
+                } else {
+                    format!("{total} problems in the batch's records; nothing was written")
+                },
+            ),
+            Error::RejectedByDatabase(m) => (
+                S::UNPROCESSABLE_ENTITY,
+                "rejected_by_database",
+                format!("PostgreSQL refused the batch's data ({m}); nothing was written"),
+            ),
+            Error::DatabaseUnavailable { .. } => (
+                S::SERVICE_UNAVAILABLE,
+                "database_unavailable",
+                "the database is unavailable; nothing was written, retry later".into(),
+            ),
+            Error::Overloaded { .. } => (
+                S::SERVICE_UNAVAILABLE,
+                "overloaded",
+                "too many batches in progress; nothing was written, retry later".into(),
+            ),
+            Error::NotReady { .. } => (
+                S::SERVICE_UNAVAILABLE,
+                "not_ready",
+                "the database does not answer".into(),
+            ),
+            Error::NotFound => (S::NOT_FOUND, "not_found", "no such route".into()),
+            Error::MethodNotAllowed => (
+                S::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "method not allowed on this route".into(),
+            ),
+            Error::Internal => (
+                S::INTERNAL_SERVER_ERROR,
+                "internal",
+                "internal error; nothing was written".into(),
+            ),
+        }
+    }
+
+    fn retry_after(&self) -> Option<Duration> {
+        match self {
+            Error::DatabaseUnavailable { retry_after }
+            | Error::Overloaded { retry_after }
+            | Error::NotReady { retry_after } => Some(*retry_after),
+            _ => None,
+        }
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let (status, code, message) = self.status_code_message();
+        let retry_after = self.retry_after();
+        let body = match self {
+            Error::InvalidRecords { details, .. } => {
+                ErrorBody::new(code, message).with_details(details)
+            }
+            _ => ErrorBody::new(code, message),
+        };
+        let mut response = (status, Json(body)).into_response();
+        if let Some(after) = retry_after {
+            // Retry-After takes whole seconds; never tell a client "0".
+            let secs = after.as_secs().max(1);
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok" }))
+}
+
+async fn ready(State(app): State<AppState>) -> Result<Json<serde_json::Value>, Error> {
+    let probe = sqlx::query("SELECT 1").execute(&app.0.pool);
+    match tokio::time::timeout(READY_TIMEOUT, probe).await {
+        Ok(Ok(_)) => Ok(Json(serde_json::json!({ "status": "ready" }))),
+        Ok(Err(error)) => {
+            debug!(message = "readiness probe failed", %error);
+            Err(Error::NotReady {
+                retry_after: app.0.limits.retry_after,
+            })
+        }
+        Err(_) => {
+            debug!(message = "readiness probe timed out");
+            Err(Error::NotReady {
+                retry_after: app.0.limits.retry_after,
+            })
+        }
+    }
+}
+
+async fn post_batch(
+    State(app): State<AppState>,
+    Extension(agent): Extension<AgentIdentity>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<BatchAck>, Error> {
+    let started = Instant::now();
+    let limits = app.0.limits;
+    check_headers(&headers, &limits).inspect_err(|e| log_refusal(e, &agent))?;
+
+    // Waiting for a slot counts against the request timeout as well: a client
+    // is owed an answer within it either way.
+    let permit = tokio::time::timeout(limits.request_timeout, app.0.in_flight.acquire())
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .ok_or(Error::Overloaded {
+            retry_after: limits.retry_after,
+        })
+        .inspect_err(|e| log_refusal(e, &agent))?;
+
+    let compressed = read_body(body, &limits)
+        .await
+        .inspect_err(|e| log_refusal(e, &agent))?;
+    let prepared = tokio::task::spawn_blocking(move || prepare(&compressed, &limits))
+        .await
+        .map_err(|error| {
+            error!(message = "batch preparation panicked", %error, agent = %agent);
+            Error::Internal
+        })?
+        .inspect_err(|e| log_refusal(e, &agent))?;
+
+    if prepared.records == 0 {
+        return Ok(Json(BatchAck {
+            accepted: 0,
+            duplicates: 0,
+        }));
+    }
+
+    let pool = app.0.pool.clone();
+    let writer = agent.clone();
+    let records = prepared.records;
+    // Spawned, not awaited in place: if the agent disconnects this handler is
+    // dropped, but the transaction still runs to commit or rollback.
+    let written =
+        tokio::spawn(async move { store::write_batch(&pool, &writer, &prepared).await }).await;
+    drop(permit);
+
+    match written {
+        Ok(Ok(ack)) => {
+            debug!(
+                message = "batch written",
+                agent = %agent,
+                records,
+                accepted = ack.accepted,
+                duplicates = ack.duplicates,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+            );
+            Ok(Json(ack))
+        }
+        Ok(Err(db_error)) => Err(match store::classify(&db_error) {
+            Failure::Unavailable => {
+                warn!(message = "database unavailable, batch refused with 503", error = %db_error, agent = %agent);
+                Error::DatabaseUnavailable {
+                    retry_after: limits.retry_after,
+                }
+            }
+            Failure::Rejected(reason) => {
+                warn!(message = "database rejected the batch's data", error = %db_error, agent = %agent);
+                Error::RejectedByDatabase(reason)
+            }
+            Failure::Internal => {
+                error!(message = "batch write failed", error = %db_error, agent = %agent);
+                Error::Internal
+            }
+        }),
+        Err(join_error) => {
+            error!(message = "batch write task failed", error = %join_error, agent = %agent);
+            Err(Error::Internal)
+        }
+    }
+}
+
+fn log_refusal(error: &Error, agent: &AgentIdentity) {
+    let (status, code, message) = error.status_code_message();
+    info!(message = "batch refused", status = status.as_u16(), code, reason = %message, agent = %agent);
+}
+
+fn check_headers(headers: &HeaderMap, limits: &LimitsConfig) -> Result<(), Error> {
+    let encoding = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("").trim().to_ascii_lowercase());
+    if encoding.as_deref() != Some("gzip") {
+        return Err(Error::UnsupportedEncoding(format!(
+            "batches must be sent with Content-Encoding: gzip (got {})",
+            encoding.as_deref().unwrap_or("none")
+        )));
+    }
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return Err(Error::UnsupportedMediaType(format!(
+            "batches must be sent with Content-Type: application/json (got {content_type:?})"
+        )));
+    }
+    // Refuse a declared oversize body before reading any of it.
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(length) = declared
+        && length > limits.max_compressed_bytes.0
+    {
+        return Err(too_large_compressed(limits));
+    }
+    Ok(())
+}
+
+fn too_large_compressed(limits: &LimitsConfig) -> Error {
+    Error::BatchTooLarge(format!(
+        "the compressed batch exceeds {}",
+        limits.max_compressed_bytes
+    ))
+}
+
+async fn read_body(body: Body, limits: &LimitsConfig) -> Result<Bytes, Error> {
+    let limited = Limited::new(body, limits.max_compressed_bytes.as_usize());
+    match tokio::time::timeout(limits.request_timeout, limited.collect()).await {
+        Err(_) => Err(Error::RequestTimeout),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(too_large_compressed(limits))
+        }
+        Ok(Err(error)) => Err(Error::BodyRead(format!(
+            "could not read the request body: {error}"
+        ))),
+    }
+}
+
+/// Decompresses, parses and validates a batch and encodes it for COPY. CPU-bound
+/// (up to max_decompressed_bytes of JSON): run it on a blocking thread.
+fn prepare(compressed: &[u8], limits: &LimitsConfig) -> Result<PreparedBatch, Error> {
+    let json = wire::gunzip_limited(compressed, limits.max_decompressed_bytes.as_usize())
+        .map_err(wire_error)?;
+    let batch = wire::parse_batch(&json).map_err(wire_error)?;
+    if batch.records.len() > limits.max_records_per_batch {
+        return Err(Error::BatchTooLarge(format!(
+            "the batch holds {} records, more than the limit of {}",
+            batch.records.len(),
+            limits.max_records_per_batch
+        )));
+    }
+
+    let record_limits = record::Limits {
+        max_payload_bytes: limits.max_payload_bytes.as_usize(),
+    };
+    let mut problems = Vec::new();
+    for r in &batch.records {
+        if r.seq < 1 {
+            problems.push(FieldError::new(r.seq, "seq", "must be at least 1"));
+        }
+        if let Err(reason) = record::validate_id(&r.id) {
+            problems.push(FieldError::new(r.seq, "id", reason));
+        }
+        if let Err(reason) = record::validate_stream(&r.stream) {
+            problems.push(FieldError::new(r.seq, "stream", reason));
+        }
+        if let Err(reason) = record::validate_payload(r.payload.get(), &record_limits) {
+            problems.push(FieldError::new(r.seq, "payload", reason));
+        }
+    }
+    if !problems.is_empty() {
+        let total = problems.len();
+        problems.truncate(MAX_ERROR_DETAILS);
+        return Err(Error::InvalidRecords {
+            total,
+            details: problems,
+        });
+    }
+
+    // Escaping grows the text a little; the JSON length is a close upper bound
+    // of the unescaped rows.
+    let mut copy_rows = CopyRows::with_capacity(json.len() + json.len() / 16);
+    for r in &batch.records {
+        copy_rows.push(r.seq, &r.id, &r.stream, r.ts, r.payload.get());
+    }
+    Ok(PreparedBatch {
+        epoch: batch.epoch,
+        backlog: batch.backlog,
+        records: batch.records.len() as u64,
+        copy_rows,
+    })
+}
+
+fn wire_error(error: dcs_shared::Error) -> Error {
+    match error {
+        dcs_shared::Error::BatchTooLarge { limit } => {
+            Error::BatchTooLarge(format!("the batch exceeds {limit} bytes once decompressed"))
+        }
+        dcs_shared::Error::MalformedBatch(m) => Error::Malformed(m),
+        dcs_shared::Error::UnsupportedVersion(v) => Error::UnsupportedVersion(v),
+        other => Error::Malformed(other.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dcs_shared::config::ByteSize;
+    use dcs_shared::wire::OutRecord;
+    use uuid::Uuid;
+
+    fn limits() -> LimitsConfig {
+        LimitsConfig::default()
+    }
+
+    fn rec<'a>(seq: i64, stream: &'a str, payload: &'a str) -> OutRecord<'a> {
+        OutRecord {
+            seq,
+            id: "id-1",
+            stream,
+            ts_us: 1_700_000_000_000_000,
+            payload,
+        }
+    }
+
+    #[test]
+    fn a_valid_batch_is_prepared_with_one_row_per_record() {
+        let body = wire::encode_batch(
+            Uuid::nil(),
+            None,
+            [rec(1, "a", "{}"), rec(2, "b", r#"{"x":1}"#)],
+            1,
+        );
+        let prepared = prepare(&body, &limits()).unwrap();
+        assert_eq!(prepared.records, 2);
+        assert_eq!(prepared.epoch, Uuid::nil());
+    }
+
+    #[test]
+    fn every_bad_record_is_reported_by_seq_and_field() {
+        let body = wire::encode_batch(
+            Uuid::nil(),
+            None,
+            [rec(1, "ok", "{}"), rec(0, "Bad Stream", "[1]")],
+            1,
+        );
+        let Err(Error::InvalidRecords { total, details }) = prepare(&body, &limits()) else {
+            panic!("expected invalid records");
+        };
+        assert_eq!(total, 3);
+        let fields: Vec<_> = details
+            .iter()
+            .map(|d| (d.index, d.field.as_str()))
+            .collect();
+        assert_eq!(fields, [(0, "seq"), (0, "stream"), (0, "payload")]);
+    }
+
+    #[test]
+    fn too_many_records_is_too_large() {
+        let body = wire::encode_batch(Uuid::nil(), None, (1..=3).map(|i| rec(i, "s", "{}")), 1);
+        let small = LimitsConfig {
+            max_records_per_batch: 2,
+            ..limits()
+        };
+        assert!(matches!(
+            prepare(&body, &small),
+            Err(Error::BatchTooLarge(_))
+        ));
+    }
+
+    #[test]
+    fn an_oversize_payload_is_named() {
+        let body = wire::encode_batch(Uuid::nil(), None, [rec(5, "s", r#"{"k":"0123456789"}"#)], 1);
+        let small = LimitsConfig {
+            max_payload_bytes: ByteSize(8),
+            ..limits()
+        };
+        let Err(Error::InvalidRecords { details, .. }) = prepare(&body, &small) else {
+            panic!("expected invalid records");
+        };
+        assert_eq!(
+            (details[0].index, details[0].field.as_str()),
+            (5, "payload")
+        );
+    }
+
+    #[test]
+    fn error_details_are_capped() {
+        let body = wire::encode_batch(Uuid::nil(), None, (1..=500).map(|i| rec(i, "BAD", "{}")), 1);
+        let Err(error @ Error::InvalidRecords { .. }) = prepare(&body, &limits()) else {
+            panic!("expected invalid records");
+        };
+        let (_, _, message) = error.status_code_message();
+        assert!(message.starts_with("500 problems"), "{message}");
+        let Error::InvalidRecords { details, .. } = error else {
+            unreachable!()
+        };
+        assert_eq!(details.len(), MAX_ERROR_DETAILS);
+    }
+
+    #[test]
+    fn headers_are_checked_before_the_body() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        assert!(matches!(
+            check_headers(&h, &limits()),
+            Err(Error::UnsupportedEncoding(_))
+        ));
+        h.insert(header::CONTENT_ENCODING, HeaderValue::from_static("GZIP"));
+        assert!(check_headers(&h, &limits()).is_ok());
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json; charset=utf-8"),
+        );
+        assert!(check_headers(&h, &limits()).is_ok());
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        assert!(matches!(
+            check_headers(&h, &limits()),
+            Err(Error::UnsupportedMediaType(_))
+        ));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(header::CONTENT_LENGTH, HeaderValue::from(17u64 << 20));
+        assert!(matches!(
+            check_headers(&h, &limits()),
+            Err(Error::BatchTooLarge(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_body_past_the_cap_is_too_large_even_without_content_length() {
+        let small = LimitsConfig {
+            max_compressed_bytes: ByteSize(10),
+            ..limits()
+        };
+        let body = Body::from(vec![0u8; 11]);
+        assert!(matches!(
+            read_body(body, &small).await,
+            Err(Error::BatchTooLarge(_))
+        ));
+        let body = Body::from(vec![0u8; 10]);
+        assert_eq!(read_body(body, &small).await.unwrap().len(), 10);
+    }
+
+    #[tokio::test]
+    async fn a_certificate_without_identity_gets_403_on_every_route() {
+        use tower::ServiceExt as _;
+        for path in ["/health", wire::BATCHES_PATH, "/anything"] {
+            let response = forbidden_router("no dcs:// URI SAN".into())
+                .oneshot(axum::http::Request::get(path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            let body: ErrorBody = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(body.error, "bad_identity");
+            assert!(
+                body.message.contains("no dcs:// URI SAN"),
+                "{}",
+                body.message
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_is_whole_seconds_and_never_zero() {
+        let response = Error::DatabaseUnavailable {
+            retry_after: Duration::from_millis(300),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+    }
+}

@@ -1,0 +1,180 @@
+//! The agents' listener: TCP accept, TLS handshake, HTTP/1.1 or HTTP/2.
+//!
+//! Design constraints:
+//! - Mutual TLS is enforced in the handshake (rustls verifies the client chain
+//!   against our CA), so a peer without a valid certificate never reaches HTTP.
+//! - The agent's identity is read once per connection from the verified leaf
+//!   and attached to every request on it; nothing in a request can change it.
+//! - Nothing a peer does can stall the accept loop or panic the process: every
+//!   connection runs in its own task, the handshake has a deadline, and
+//!   handshake failures are logged with the peer address and forgotten.
+//! - Shutdown stops accepting at once, lets requests in flight finish (their
+//!   batches commit), and cuts what is left after a bounded grace period.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use dcs_shared::identity::AgentIdentity;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tower::ServiceExt;
+use tracing::{debug, info, warn};
+
+use crate::config::LimitsConfig;
+use crate::http;
+
+/// How long shutdown waits for requests in flight. Long enough for a batch
+/// that is being written to commit; a request cut after it is retried by its
+/// agent, which is safe because writes are idempotent.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Pause after a failed accept (e.g. out of file descriptors), so the loop
+/// does not spin while the condition lasts.
+const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
+/// HTTP/2 pings on an idle connection find agents that vanished without a
+/// FIN (a cut link), so their connection tasks do not linger for hours.
+const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
+
+pub(crate) async fn run(
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    app: Router,
+    limits: &LimitsConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) {
+    let acceptor = TlsAcceptor::from(tls);
+    let builder = Arc::new(http_builder(limits));
+    let handshake_timeout = limits.handshake_timeout;
+    let graceful = GracefulShutdown::new();
+    let mut connections = JoinSet::new();
+    if let Ok(addr) = listener.local_addr() {
+        info!(message = "listening for agents", %addr);
+    }
+
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            () = &mut shutdown => break,
+            // Reap finished connection tasks so the set does not grow forever.
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    connections.spawn(connection(
+                        tcp,
+                        peer,
+                        acceptor.clone(),
+                        app.clone(),
+                        builder.clone(),
+                        graceful.watcher(),
+                        handshake_timeout,
+                    ));
+                }
+                Err(error) => {
+                    warn!(message = "accept failed", %error);
+                    tokio::time::sleep(ACCEPT_ERROR_BACKOFF).await;
+                }
+            },
+        }
+    }
+
+    drop(listener);
+    info!(message = "shutting down: no new connections, finishing requests in flight");
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        warn!(
+            message = "requests still in flight after the grace period; closing their connections",
+            grace_secs = SHUTDOWN_GRACE.as_secs(),
+        );
+    }
+    // Connections still open here are cut; batch writes run in their own
+    // tasks and still commit or roll back.
+    connections.shutdown().await;
+    info!(message = "listener stopped");
+}
+
+fn http_builder(limits: &LimitsConfig) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        // A client gets as long to send its request headers as it got for the
+        // handshake; the body is bounded separately by request_timeout.
+        .header_read_timeout(limits.handshake_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(H2_KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(limits.handshake_timeout);
+    builder
+}
+
+async fn connection(
+    tcp: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    app: Router,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    watcher: Watcher,
+    handshake_timeout: Duration,
+) {
+    let _ = tcp.set_nodelay(true);
+    let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => {
+            // InvalidData carries a TLS-level refusal (no, expired or foreign
+            // certificate): worth an operator's attention. Anything else is a
+            // peer that merely hung up (port scans, TCP health checks).
+            if error.kind() == std::io::ErrorKind::InvalidData {
+                info!(message = "TLS handshake refused", %peer, %error);
+            } else {
+                debug!(message = "TLS handshake failed", %peer, %error);
+            }
+            return;
+        }
+        Err(_) => {
+            info!(message = "TLS handshake timed out", %peer, timeout_secs = handshake_timeout.as_secs());
+            return;
+        }
+    };
+
+    let leaf = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first());
+    let identity = match leaf {
+        Some(der) => AgentIdentity::from_certificate_der(der).map_err(|e| e.to_string()),
+        // Unreachable with a verifier that requires a certificate; refuse anyway.
+        None => Err("no client certificate".to_owned()),
+    };
+    let service = match identity {
+        Ok(agent) => {
+            debug!(message = "agent connected", %peer, agent = %agent);
+            app.map_request(move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(agent.clone());
+                request
+            })
+            .boxed_clone()
+        }
+        Err(reason) => {
+            info!(message = "verified certificate without a usable identity; refusing its requests", %peer, %reason);
+            ServiceExt::<hyper::Request<Incoming>>::boxed_clone(http::forbidden_router(reason))
+        }
+    };
+
+    let io = TokioIo::new(stream);
+    let conn = builder.serve_connection(io, TowerToHyperService::new(service));
+    if let Err(error) = watcher.watch(conn).await {
+        debug!(message = "connection ended with an error", %peer, %error);
+    }
+}

@@ -1,0 +1,327 @@
+//! The PostgreSQL write path.
+//!
+//! Design constraints:
+//! - One batch is one transaction: the tenant and agent upserts and every
+//!   record commit together or not at all, and the agent hears 200 only after
+//!   the commit.
+//! - Records go in with `COPY` (one round trip for the whole batch) into a
+//!   per-connection temporary staging table, then
+//!   `INSERT ... SELECT ... ON CONFLICT DO NOTHING` into `records`, because
+//!   COPY itself cannot skip the duplicates that redelivery produces.
+//! - A `PgCopyIn` is always finished or aborted, never dropped: a dropped COPY
+//!   leaves the connection in a state where later queries return errors or
+//!   wrong results. Callers run [`write_batch`] in its own task so a client
+//!   disconnect cannot cancel it half-way, and a connection whose protocol
+//!   state is in doubt after an error is closed rather than returned to the pool.
+//! - Errors are classified here, where SQLSTATEs are understood: transient
+//!   (retry later), rejected data (never retry), or a bug.
+
+use std::borrow::Cow;
+use std::io::Write as _;
+
+use dcs_shared::identity::AgentIdentity;
+use dcs_shared::wire::{Backlog, BatchAck};
+use sqlx::{Connection as _, PgConnection, PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+/// `client_min_messages` is raised for this transaction only, so the NOTICE
+/// "relation already exists, skipping" is not logged for every batch.
+const CREATE_STAGING: &str = "SET LOCAL client_min_messages = warning; \
+    CREATE TEMP TABLE IF NOT EXISTS dcs_staging \
+    (seq int8, record_id text, stream text, ts_us int8, payload jsonb) \
+    ON COMMIT DELETE ROWS";
+
+const COPY_STAGING: &str = "COPY dcs_staging (seq, record_id, stream, ts_us, payload) FROM STDIN";
+
+const UPSERT_TENANT: &str = "INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING";
+
+/// Backlog fields the batch does not carry keep their previous values.
+const UPSERT_AGENT: &str = "\
+    INSERT INTO agents AS a (tenant_id, name, last_batch_at, last_epoch, \
+        backlog_records, backlog_bytes, backlog_oldest_age_secs, dropped_total) \
+    VALUES ($1, $2, now(), $3, $4, $5, $6, $7) \
+    ON CONFLICT (tenant_id, name) DO UPDATE SET \
+        last_seen = now(), \
+        last_batch_at = now(), \
+        last_epoch = EXCLUDED.last_epoch, \
+        backlog_records = COALESCE(EXCLUDED.backlog_records, a.backlog_records), \
+        backlog_bytes = COALESCE(EXCLUDED.backlog_bytes, a.backlog_bytes), \
+        backlog_oldest_age_secs = \
+            COALESCE(EXCLUDED.backlog_oldest_age_secs, a.backlog_oldest_age_secs), \
+        dropped_total = COALESCE(EXCLUDED.dropped_total, a.dropped_total) \
+    RETURNING id";
+
+const INSERT_RECORDS: &str = "\
+    INSERT INTO records \
+        (agent_id, epoch, seq, tenant_id, record_id, stream, ts, received_at, payload) \
+    SELECT $1, $2, seq, $3, record_id, stream, \
+        'epoch'::timestamptz + ts_us * interval '1 microsecond', now(), payload \
+    FROM dcs_staging \
+    ON CONFLICT DO NOTHING";
+
+/// A validated batch, its records already encoded as COPY text rows, so the
+/// CPU work happens off the async threads and before a connection is taken.
+#[derive(Debug)]
+pub(crate) struct PreparedBatch {
+    pub epoch: Uuid,
+    pub backlog: Option<Backlog>,
+    pub records: u64,
+    pub copy_rows: CopyRows,
+}
+
+/// Rows in PostgreSQL's COPY text format for
+/// `dcs_staging (seq, record_id, stream, ts_us, payload)`.
+#[derive(Debug, Default)]
+pub(crate) struct CopyRows(Vec<u8>);
+
+impl CopyRows {
+    pub fn with_capacity(bytes: usize) -> Self {
+        CopyRows(Vec::with_capacity(bytes))
+    }
+
+    pub fn push(&mut self, seq: i64, record_id: &str, stream: &str, ts_us: i64, payload: &str) {
+        let buf = &mut self.0;
+        // Writing to a Vec cannot fail.
+        let _ = write!(buf, "{seq}\t");
+        push_text(buf, record_id);
+        buf.push(b'\t');
+        push_text(buf, stream);
+        let _ = write!(buf, "\t{ts_us}\t");
+        push_text(buf, payload);
+        buf.push(b'\n');
+    }
+
+    #[cfg(test)]
+    fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// Appends `s` as one COPY text field. Backslash is the escape character and
+/// tab/newline/carriage return are delimiters, so exactly those four bytes are
+/// escaped; NUL cannot occur (the validators refuse it) and multi-byte UTF-8
+/// never contains these bytes, so scanning bytes is correct.
+fn push_text(buf: &mut Vec<u8>, s: &str) {
+    let bytes = s.as_bytes();
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped: &[u8] = match b {
+            b'\\' => b"\\\\",
+            b'\n' => b"\\n",
+            b'\r' => b"\\r",
+            b'\t' => b"\\t",
+            _ => continue,
+        };
+        buf.extend_from_slice(&bytes[start..i]);
+        buf.extend_from_slice(escaped);
+        start = i + 1;
+    }
+    buf.extend_from_slice(&bytes[start..]);
+}
+
+/// What a failed write means for the agent.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The database cannot take the batch now; the same batch may succeed later.
+    Unavailable,
+    /// PostgreSQL refused the data itself (SQLSTATE class 22); retrying the
+    /// same batch would fail the same way forever.
+    Rejected(String),
+    /// Anything else: a bug or a schema mismatch.
+    Internal,
+}
+
+pub(crate) fn classify(error: &sqlx::Error) -> Failure {
+    match error {
+        sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => Failure::Unavailable,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or(Cow::Borrowed(""));
+            classify_sqlstate(&code, db.message())
+        }
+        _ => Failure::Internal,
+    }
+}
+
+fn classify_sqlstate(code: &str, message: &str) -> Failure {
+    match code {
+        // Data exception: the batch's content, e.g. a timestamp out of range.
+        c if c.starts_with("22") => Failure::Rejected(message.to_owned()),
+        // Connection exception; insufficient resources (too many connections,
+        // disk full); system I/O error.
+        c if c.starts_with("08") || c.starts_with("53") || c.starts_with("58") => {
+            Failure::Unavailable
+        }
+        // Serialization failure and deadlock: the retry will go through.
+        "40001" | "40P01"
+        // Statement timeout or cancel; administrator, crash or startup shutdown.
+        | "57014" | "57P01" | "57P02" | "57P03"
+        // Read-only transaction: we are talking to a standby after a failover.
+        | "25006" => Failure::Unavailable,
+        _ => Failure::Internal,
+    }
+}
+
+/// Writes one batch in one transaction and reports how many records were new.
+pub(crate) async fn write_batch(
+    pool: &PgPool,
+    agent: &AgentIdentity,
+    batch: &PreparedBatch,
+) -> Result<BatchAck, sqlx::Error> {
+    let mut conn = pool.acquire().await?;
+    let result = write_in_transaction(&mut conn, agent, batch).await;
+    if let Err(error) = &result
+        && !matches!(error, sqlx::Error::Database(_))
+    {
+        // An I/O or protocol error may have struck mid-COPY or mid-message;
+        // the next batch must not inherit this connection.
+        conn.close_on_drop();
+    }
+    result
+}
+
+async fn write_in_transaction(
+    conn: &mut PgConnection,
+    agent: &AgentIdentity,
+    batch: &PreparedBatch,
+) -> Result<BatchAck, sqlx::Error> {
+    let mut tx = conn.begin().await?;
+    match write_steps(&mut tx, agent, batch).await {
+        Ok(accepted) => {
+            tx.commit().await?;
+            Ok(BatchAck {
+                accepted,
+                duplicates: batch.records.saturating_sub(accepted),
+            })
+        }
+        Err(error) => {
+            // After a database error the connection is in a clean (aborted)
+            // transaction; roll back now rather than on the next checkout.
+            if matches!(error, sqlx::Error::Database(_))
+                && let Err(rollback) = tx.rollback().await
+            {
+                tracing::warn!(message = "rollback failed", error = %rollback, agent = %agent);
+            }
+            Err(error)
+        }
+    }
+}
+
+async fn write_steps(
+    tx: &mut Transaction<'_, Postgres>,
+    agent: &AgentIdentity,
+    batch: &PreparedBatch,
+) -> Result<u64, sqlx::Error> {
+    sqlx::query(UPSERT_TENANT)
+        .bind(&agent.tenant)
+        .execute(&mut **tx)
+        .await?;
+    let backlog = batch.backlog.as_ref();
+    let agent_id: i64 = sqlx::query_scalar(UPSERT_AGENT)
+        .bind(&agent.tenant)
+        .bind(&agent.agent)
+        .bind(batch.epoch)
+        .bind(backlog.map(|b| clamp(b.records)))
+        .bind(backlog.map(|b| clamp(b.bytes)))
+        .bind(backlog.map(|b| clamp(b.oldest_age_secs)))
+        .bind(backlog.map(|b| clamp(b.dropped_total)))
+        .fetch_one(&mut **tx)
+        .await?;
+    sqlx::raw_sql(CREATE_STAGING).execute(&mut **tx).await?;
+    copy_into_staging(tx, &batch.copy_rows).await?;
+    let inserted = sqlx::query(INSERT_RECORDS)
+        .bind(agent_id)
+        .bind(batch.epoch)
+        .bind(&agent.tenant)
+        .execute(&mut **tx)
+        .await?;
+    Ok(inserted.rows_affected())
+}
+
+async fn copy_into_staging(
+    tx: &mut Transaction<'_, Postgres>,
+    rows: &CopyRows,
+) -> Result<u64, sqlx::Error> {
+    let mut copy = tx.copy_in_raw(COPY_STAGING).await?;
+    match copy.send(rows.0.as_slice()).await {
+        // Bad data is reported only here, by finish(), which also consumes the
+        // server's final message and leaves the connection ready either way.
+        Ok(_) => copy.finish().await,
+        Err(error) => {
+            if let Err(abort) = copy.abort("dcs-aggregator: sending COPY data failed").await {
+                tracing::debug!(message = "COPY abort failed", error = %abort);
+            }
+            Err(error)
+        }
+    }
+}
+
+/// Backlog counters are u64 on the wire and int8 in the database; a value past
+/// i64::MAX is absurd and is stored as the maximum rather than refused.
+fn clamp(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn copy_rows_escape_exactly_the_four_special_bytes() {
+        let mut rows = CopyRows::default();
+        rows.push(
+            7,
+            "id\twith\ttabs",
+            "s.t",
+            -5,
+            "{\"a\":\"x\\\"y\\\\z\",\n\r\"b\":\"ü\"}",
+        );
+        assert_eq!(
+            std::str::from_utf8(rows.as_bytes()).unwrap(),
+            "7\tid\\twith\\ttabs\ts.t\t-5\t{\"a\":\"x\\\\\"y\\\\\\\\z\",\\n\\r\"b\":\"ü\"}\n"
+        );
+    }
+
+    #[test]
+    fn a_field_that_is_only_special_bytes_is_fully_escaped() {
+        let mut buf = Vec::new();
+        push_text(&mut buf, "\\\n");
+        assert_eq!(buf, b"\\\\\\n");
+        buf.clear();
+        push_text(&mut buf, "");
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn data_exceptions_are_permanent_and_outages_are_transient() {
+        assert_eq!(
+            classify_sqlstate("22008", "timestamp out of range"),
+            Failure::Rejected("timestamp out of range".into())
+        );
+        assert_eq!(
+            classify_sqlstate("22P02", "bad json"),
+            Failure::Rejected("bad json".into())
+        );
+        for code in [
+            "08006", "53300", "57P01", "57P03", "40001", "40P01", "25006",
+        ] {
+            assert_eq!(classify_sqlstate(code, ""), Failure::Unavailable, "{code}");
+        }
+        assert_eq!(
+            classify_sqlstate("42P01", "no such table"),
+            Failure::Internal
+        );
+        assert_eq!(classify(&sqlx::Error::PoolTimedOut), Failure::Unavailable);
+        assert_eq!(classify(&sqlx::Error::RowNotFound), Failure::Internal);
+    }
+
+    #[test]
+    fn huge_backlog_counters_are_clamped() {
+        assert_eq!(clamp(5), 5);
+        assert_eq!(clamp(u64::MAX), i64::MAX);
+    }
+}

@@ -1,0 +1,709 @@
+//! The aggregator's HTTP API against a real PostgreSQL database, over real
+//! mutual TLS on 127.0.0.1.
+
+use std::io::Write as _;
+
+use dcs_shared::wire::{self, Backlog, BatchAck, ErrorBody, OutRecord};
+use dcs_tests::aggregator::{
+    RunningAggregator, agent_client, client_without_certificate, gzip_json, start_aggregator,
+    start_aggregator_with,
+};
+use dcs_tests::pg::TestDb;
+use dcs_tests::pki::Pki;
+use reqwest::StatusCode;
+use serde_json::Value;
+use uuid::Uuid;
+
+/// A record the test owns, lent to the encoder as an [`OutRecord`].
+#[derive(Debug, Clone)]
+struct Rec {
+    seq: i64,
+    id: String,
+    stream: String,
+    ts_us: i64,
+    payload: String,
+}
+
+impl Rec {
+    fn new(seq: i64, payload: &str) -> Rec {
+        Rec {
+            seq,
+            id: format!("id-{seq}"),
+            stream: "plant.sensors".into(),
+            ts_us: 1_700_000_000_000_000 + seq * 1_000_123,
+            payload: payload.into(),
+        }
+    }
+
+    fn out(&self) -> OutRecord<'_> {
+        OutRecord {
+            seq: self.seq,
+            id: &self.id,
+            stream: &self.stream,
+            ts_us: self.ts_us,
+            payload: &self.payload,
+        }
+    }
+}
+
+fn simple(seqs: impl IntoIterator<Item = i64>) -> Vec<Rec> {
+    seqs.into_iter()
+        .map(|seq| Rec::new(seq, &format!(r#"{{"n":{seq}}}"#)))
+        .collect()
+}
+
+fn batch(epoch: Uuid, records: &[Rec]) -> Vec<u8> {
+    wire::encode_batch(epoch, None, records.iter().map(Rec::out), 1)
+}
+
+async fn post(
+    client: &reqwest::Client,
+    agg: &RunningAggregator,
+    body: Vec<u8>,
+) -> reqwest::Response {
+    client
+        .post(agg.endpoint(wire::BATCHES_PATH))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(body)
+        .send()
+        .await
+        .expect("request reaches the aggregator")
+}
+
+async fn expect_ack(response: reqwest::Response) -> BatchAck {
+    let status = response.status();
+    let body = response.bytes().await.expect("body");
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    serde_json::from_slice(&body).expect("BatchAck JSON")
+}
+
+async fn expect_error(response: reqwest::Response, status: StatusCode, code: &str) -> ErrorBody {
+    let actual = response.status();
+    let body = response.bytes().await.expect("body");
+    assert_eq!(actual, status, "{}", String::from_utf8_lossy(&body));
+    let error: ErrorBody = serde_json::from_slice(&body)
+        .unwrap_or_else(|e| panic!("ErrorBody JSON ({e}): {}", String::from_utf8_lossy(&body)));
+    assert_eq!(error.error, code, "{error:?}");
+    error
+}
+
+fn ack(accepted: u64, duplicates: u64) -> BatchAck {
+    BatchAck {
+        accepted,
+        duplicates,
+    }
+}
+
+/// (seq, record_id, stream, ts_us, payload) of every stored record of an agent.
+async fn stored(db: &TestDb, tenant: &str, agent: &str) -> Vec<(i64, String, String, i64, Value)> {
+    let rows: Vec<(i64, String, String, i64, String)> = sqlx::query_as(
+        "SELECT r.seq, r.record_id, r.stream, \
+                (extract(epoch FROM r.ts) * 1000000)::int8, r.payload::text \
+         FROM records r JOIN agents a ON a.id = r.agent_id \
+         WHERE a.tenant_id = $1 AND a.name = $2 AND r.tenant_id = $1 \
+         ORDER BY r.epoch, r.seq",
+    )
+    .bind(tenant)
+    .bind(agent)
+    .fetch_all(&db.pool)
+    .await
+    .expect("query records");
+    rows.into_iter()
+        .map(|(seq, id, stream, ts, payload)| {
+            (
+                seq,
+                id,
+                stream,
+                ts,
+                serde_json::from_str(&payload).expect("jsonb is JSON"),
+            )
+        })
+        .collect()
+}
+
+fn expected(records: &[Rec]) -> Vec<(i64, String, String, i64, Value)> {
+    records
+        .iter()
+        .map(|r| {
+            (
+                r.seq,
+                r.id.clone(),
+                r.stream.clone(),
+                r.ts_us,
+                serde_json::from_str(&r.payload).expect("test payload is JSON"),
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_is_written_as_rows_equal_to_its_records_under_the_certificates_agent() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    // Payloads with everything the COPY text format must escape or keep.
+    let records = vec![
+        Rec::new(1, r#"{"temp":21.5,"unit":"C"}"#),
+        Rec::new(
+            2,
+            r#"{"path":"C:\\data\\new","tab":"a\tb","nl":"x\ny","q":"\"quoted\""}"#,
+        ),
+        Rec::new(
+            3,
+            "{\n\t\"spaced\" : [1, 2500.25, -0.001, true, null],\r\n \"nested\": {\"ü\": \"日本\"}\n}",
+        ),
+        Rec {
+            id: "producer\\id with spaces".into(),
+            stream: "a-b_c.d".into(),
+            ts_us: -1_234_567,
+            ..Rec::new(4, r#"{"emoji":"\ud83d\ude00","big":12345678901234567890}"#)
+        },
+    ];
+    let epoch = Uuid::now_v7();
+    let backlog = Backlog {
+        records: 10,
+        bytes: 2048,
+        oldest_age_secs: 7,
+        dropped_total: 1,
+    };
+    let body = wire::encode_batch(epoch, Some(&backlog), records.iter().map(Rec::out), 6);
+
+    let response = post(&client, &agg, body).await;
+    assert_eq!(expect_ack(response).await, ack(4, 0));
+
+    assert_eq!(stored(&db, "acme", "edge-01").await, expected(&records));
+    let tenants: Vec<String> = sqlx::query_scalar("SELECT id FROM tenants")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(tenants, ["acme"]);
+    let agent: (String, String, String, i64, i64, i64, i64, bool) = sqlx::query_as(
+        "SELECT tenant_id, name, last_epoch::text, backlog_records, backlog_bytes, \
+                backlog_oldest_age_secs, dropped_total, last_batch_at IS NOT NULL \
+         FROM agents",
+    )
+    .fetch_one(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        agent,
+        (
+            "acme".into(),
+            "edge-01".into(),
+            epoch.to_string(),
+            10,
+            2048,
+            7,
+            1,
+            true
+        )
+    );
+    let epochs: Vec<(String, String)> =
+        sqlx::query_as("SELECT DISTINCT epoch::text, tenant_id FROM records")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(epochs, [(epoch.to_string(), "acme".to_string())]);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_batch_posted_twice_is_stored_once_and_reported_as_duplicates() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+    let epoch = Uuid::now_v7();
+    let records = simple(1..=5);
+
+    assert_eq!(
+        expect_ack(post(&client, &agg, batch(epoch, &records)).await).await,
+        ack(5, 0)
+    );
+    assert_eq!(
+        expect_ack(post(&client, &agg, batch(epoch, &records)).await).await,
+        ack(0, 5)
+    );
+    assert_eq!(db.count("records").await, 5);
+
+    // Records 4..=8 overlap 4 and 5 only.
+    let overlapping = simple(4..=8);
+    assert_eq!(
+        expect_ack(post(&client, &agg, batch(epoch, &overlapping)).await).await,
+        ack(3, 2)
+    );
+    assert_eq!(db.count("records").await, 8);
+    let seqs: Vec<i64> = stored(&db, "acme", "edge-01")
+        .await
+        .into_iter()
+        .map(|r| r.0)
+        .collect();
+    assert_eq!(seqs, (1..=8).collect::<Vec<_>>());
+
+    // A new epoch (a new buffer file) starts its own sequence.
+    assert_eq!(
+        expect_ack(post(&client, &agg, batch(Uuid::now_v7(), &records)).await).await,
+        ack(5, 0)
+    );
+    assert_eq!(db.count("records").await, 13);
+    assert_eq!(db.count("agents").await, 1);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn a_client_without_a_certificate_is_refused_in_the_handshake() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = client_without_certificate(&pki.ca);
+
+    let result = client
+        .post(agg.endpoint(wire::BATCHES_PATH))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(batch(Uuid::now_v7(), &simple(1..=1)))
+        .send()
+        .await;
+    assert!(
+        result.is_err(),
+        "served without a client certificate: {result:?}"
+    );
+    let health = client.get(agg.endpoint("/health")).send().await;
+    assert!(
+        health.is_err(),
+        "health served without a client certificate"
+    );
+    assert_eq!(db.count("records").await, 0);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused_in_the_handshake() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.other_ca_agent("acme", "edge-01"));
+
+    let result = client
+        .post(agg.endpoint(wire::BATCHES_PATH))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(batch(Uuid::now_v7(), &simple(1..=1)))
+        .send()
+        .await;
+    assert!(
+        result.is_err(),
+        "served a certificate from another CA: {result:?}"
+    );
+    assert_eq!(db.count("records").await, 0);
+    assert_eq!(db.count("agents").await, 0);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn an_expired_certificate_is_refused_in_the_handshake() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.expired_agent("acme", "edge-01"));
+
+    let result = client
+        .post(agg.endpoint(wire::BATCHES_PATH))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(batch(Uuid::now_v7(), &simple(1..=1)))
+        .send()
+        .await;
+    assert!(result.is_err(), "served an expired certificate: {result:?}");
+    assert_eq!(db.count("records").await, 0);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn two_agents_of_one_tenant_sending_the_same_epoch_and_seq_are_both_stored() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let first = agent_client(&pki.agent("acme", "edge-01"));
+    let second = agent_client(&pki.agent("acme", "edge-02"));
+    let epoch = Uuid::now_v7();
+    let records = simple(1..=3);
+
+    assert_eq!(
+        expect_ack(post(&first, &agg, batch(epoch, &records)).await).await,
+        ack(3, 0)
+    );
+    assert_eq!(
+        expect_ack(post(&second, &agg, batch(epoch, &records)).await).await,
+        ack(3, 0)
+    );
+
+    assert_eq!(stored(&db, "acme", "edge-01").await, expected(&records));
+    assert_eq!(stored(&db, "acme", "edge-02").await, expected(&records));
+    assert_eq!(db.count("records").await, 6);
+    assert_eq!(db.count("agents").await, 2);
+    assert_eq!(db.count("tenants").await, 1);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn health_and_ready_answer_an_authenticated_agent() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    let health = client.get(agg.endpoint("/health")).send().await.unwrap();
+    assert_eq!(health.status(), StatusCode::OK);
+    let body: Value = serde_json::from_slice(&health.bytes().await.unwrap()).unwrap();
+    assert_eq!(body, serde_json::json!({"status": "ok"}));
+
+    let ready = client.get(agg.endpoint("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+
+    let missing = client.get(agg.endpoint("/nope")).send().await.unwrap();
+    expect_error(missing, StatusCode::NOT_FOUND, "not_found").await;
+    let wrong_method = client
+        .get(agg.endpoint(wire::BATCHES_PATH))
+        .send()
+        .await
+        .unwrap();
+    expect_error(
+        wrong_method,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+    )
+    .await;
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn a_gzip_bomb_is_refused_with_413_and_the_server_still_answers() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    // 200 MB of zeros: about 200 KB compressed, far past the 128 MiB cap.
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    let zeros = vec![0u8; 1 << 20];
+    for _ in 0..200 {
+        gz.write_all(&zeros).unwrap();
+    }
+    let bomb = gz.finish().unwrap();
+    assert!(bomb.len() < 1 << 20, "bomb is {} bytes", bomb.len());
+
+    let response = post(&client, &agg, bomb).await;
+    expect_error(response, StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large").await;
+
+    let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=2))).await;
+    assert_eq!(expect_ack(response).await, ack(2, 0));
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn a_compressed_body_over_the_limit_is_refused_with_413() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator_with(&pki, &db.url, |config| {
+        config.limits.max_compressed_bytes = dcs_shared::config::ByteSize(64 << 10);
+    })
+    .await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    // Incompressible payloads, so the gzip body really exceeds 64 KiB.
+    let records: Vec<Rec> = (1..=100)
+        .map(|seq| {
+            let noise: String = (0..1500).map(|_| fastrand::alphanumeric()).collect();
+            Rec::new(seq, &format!(r#"{{"noise":"{noise}"}}"#))
+        })
+        .collect();
+    let body = batch(Uuid::now_v7(), &records);
+    assert!(body.len() > 64 << 10, "body is only {} bytes", body.len());
+
+    let response = post(&client, &agg, body).await;
+    expect_error(response, StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large").await;
+    assert_eq!(db.count("records").await, 0);
+
+    let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=2))).await;
+    assert_eq!(expect_ack(response).await, ack(2, 0));
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn more_records_than_the_batch_limit_is_refused_with_413() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator_with(&pki, &db.url, |config| {
+        config.limits.max_records_per_batch = 10;
+    })
+    .await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=11))).await;
+    expect_error(response, StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large").await;
+    let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=10))).await;
+    assert_eq!(expect_ack(response).await, ack(10, 0));
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_is_not_gzip_is_refused_with_400() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    let response = post(&client, &agg, br#"{"v":1,"records":[]}"#.to_vec()).await;
+    expect_error(response, StatusCode::BAD_REQUEST, "malformed_batch").await;
+
+    // Gzip, but not a batch.
+    let response = post(&client, &agg, gzip_json(br#"{"v":1,"records":"#)).await;
+    expect_error(response, StatusCode::BAD_REQUEST, "malformed_batch").await;
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_without_content_encoding_gzip_is_refused_with_415() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    let response = client
+        .post(agg.endpoint(wire::BATCHES_PATH))
+        .header("content-type", "application/json")
+        .body(batch(Uuid::now_v7(), &simple(1..=1)))
+        .send()
+        .await
+        .unwrap();
+    expect_error(
+        response,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_encoding",
+    )
+    .await;
+
+    let response = client
+        .post(agg.endpoint(wire::BATCHES_PATH))
+        .header("content-type", "text/plain")
+        .header("content-encoding", "gzip")
+        .body(batch(Uuid::now_v7(), &simple(1..=1)))
+        .send()
+        .await
+        .unwrap();
+    expect_error(
+        response,
+        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+        "unsupported_media_type",
+    )
+    .await;
+    assert_eq!(db.count("records").await, 0);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn an_invalid_record_is_refused_with_422_naming_its_seq_and_field_and_nothing_is_written() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    let mut records = simple(1..=3);
+    records[1].stream = "Bad Stream".into();
+    let response = post(&client, &agg, batch(Uuid::now_v7(), &records)).await;
+    let error = expect_error(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_records",
+    )
+    .await;
+    assert_eq!(error.details.len(), 1, "{error:?}");
+    assert_eq!(error.details[0].index, 2);
+    assert_eq!(error.details[0].field, "stream");
+
+    assert_eq!(db.count("records").await, 0);
+    assert_eq!(db.count("agents").await, 0);
+    assert_eq!(db.count("tenants").await, 0);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn a_seq_below_one_and_a_non_object_payload_are_named() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    let records = vec![Rec::new(0, "{}"), Rec::new(5, "[1,2]")];
+    let response = post(&client, &agg, batch(Uuid::now_v7(), &records)).await;
+    let error = expect_error(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_records",
+    )
+    .await;
+    let named: Vec<(i64, &str)> = error
+        .details
+        .iter()
+        .map(|d| (d.index, d.field.as_str()))
+        .collect();
+    assert_eq!(named, [(0, "seq"), (5, "payload")]);
+    assert_eq!(db.count("records").await, 0);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn an_unknown_format_version_is_refused_with_400() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    let body = gzip_json(
+        br#"{"v":2,"epoch":"018f0000-0000-7000-8000-000000000000","records":[],"future":true}"#,
+    );
+    let response = post(&client, &agg, body).await;
+    let error = expect_error(response, StatusCode::BAD_REQUEST, "unsupported_version").await;
+    assert!(error.message.contains('2'), "{error:?}");
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn an_empty_batch_is_acknowledged_without_writing() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    let response = post(&client, &agg, batch(Uuid::now_v7(), &[])).await;
+    assert_eq!(expect_ack(response).await, ack(0, 0));
+    assert_eq!(db.count("records").await, 0);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn data_postgres_refuses_is_a_permanent_422_and_nothing_is_written() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    // Valid for the validator, but about 146 000 years before the Unix epoch
+    // is outside timestamptz's range (4713 BC onwards).
+    let mut records = simple(1..=3);
+    records[2].ts_us = i64::MIN / 2;
+    let response = post(&client, &agg, batch(Uuid::now_v7(), &records)).await;
+    let error = expect_error(
+        response,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "rejected_by_database",
+    )
+    .await;
+    assert!(error.message.contains("out of range"), "{error:?}");
+    assert_eq!(db.count("records").await, 0);
+    assert_eq!(db.count("agents").await, 0);
+
+    // The connection that saw the error is fine for the next batch.
+    for _ in 0..5 {
+        let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=2))).await;
+        assert_eq!(expect_ack(response).await, ack(2, 0));
+    }
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_database_answers_503_with_retry_after_never_2xx() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    // Port 1 on loopback: connection refused, like a PostgreSQL that is down.
+    let agg = start_aggregator_with(&pki, "postgres://postgres@127.0.0.1:1/none", |config| {
+        config.database.acquire_timeout = std::time::Duration::from_millis(500);
+        config.limits.retry_after = std::time::Duration::from_secs(7);
+    })
+    .await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+
+    let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=2))).await;
+    assert_eq!(
+        response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap()),
+        Some("7")
+    );
+    expect_error(
+        response,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "database_unavailable",
+    )
+    .await;
+
+    let ready = client.get(agg.endpoint("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(ready.headers().contains_key("retry-after"));
+    assert_eq!(db.count("records").await, 0);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_batches_from_many_agents_are_all_stored() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let mut tasks = Vec::new();
+    for a in 0..6 {
+        let client = agent_client(&pki.agent("acme", &format!("edge-{a}")));
+        let url = agg.endpoint(wire::BATCHES_PATH);
+        tasks.push(tokio::spawn(async move {
+            let epoch = Uuid::now_v7();
+            let mut accepted = 0;
+            for chunk in 0..5 {
+                let records = simple(chunk * 200 + 1..=chunk * 200 + 200);
+                // Every batch twice: the second send must be all duplicates.
+                for _ in 0..2 {
+                    let response = client
+                        .post(&url)
+                        .header("content-type", "application/json")
+                        .header("content-encoding", "gzip")
+                        .body(batch(epoch, &records))
+                        .send()
+                        .await
+                        .unwrap();
+                    accepted += expect_ack(response).await.accepted;
+                }
+            }
+            accepted
+        }));
+    }
+    for task in tasks {
+        assert_eq!(task.await.unwrap(), 1000);
+    }
+    assert_eq!(db.count("records").await, 6000);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn after_shutdown_the_aggregator_accepts_no_connections() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+    let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=1))).await;
+    assert_eq!(expect_ack(response).await, ack(1, 0));
+
+    let url = agg.endpoint("/health");
+    // Returns only once serve() has returned: the open HTTP/2 connection above
+    // was closed gracefully, not left to the grace period.
+    tokio::time::timeout(std::time::Duration::from_secs(10), agg.stop())
+        .await
+        .expect("shutdown within 10 s");
+    let fresh = agent_client(&pki.agent("acme", "edge-01"));
+    assert!(
+        fresh.get(&url).send().await.is_err(),
+        "served after shutdown"
+    );
+}
