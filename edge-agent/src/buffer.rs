@@ -574,6 +574,17 @@ struct Delta {
     appended: bool,
 }
 
+impl Delta {
+    fn merge(&mut self, other: &Delta) {
+        self.records += other.records;
+        self.bytes += other.bytes;
+        self.dropped += other.dropped;
+        self.dead += other.dead;
+        self.delivered += other.delivered;
+        self.appended |= other.appended;
+    }
+}
+
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Command>) {
         while let Some(first) = rx.blocking_recv() {
@@ -737,8 +748,9 @@ fn now_us() -> i64 {
     dcs_shared::record::unix_micros(time::OffsetDateTime::now_utc())
 }
 
-/// Appends one request's records inside the group transaction. A request that
-/// cannot fit is refused before anything of it is written, so it is all or nothing.
+/// Appends one request's records inside the group transaction, under a
+/// savepoint: a request is written whole or not at all, whatever else the
+/// group holds.
 fn append(
     tx: &rusqlite::Transaction<'_>,
     opts: &BufferOptions,
@@ -748,17 +760,75 @@ fn append(
     delta: &mut Delta,
     records: Vec<Record>,
 ) -> Result<Appended, BufferError> {
-    // Agent-assigned ids are UUIDv7: unique and time-ordered.
-    const UUID_LEN: usize = 36;
+    tx.execute_batch("SAVEPOINT append").map_err(classify)?;
+    let start_seq = *next_seq;
+    let mut local = Delta::default();
+    match append_inner(
+        tx, opts, shared, claims, next_seq, &mut local, delta, records,
+    ) {
+        Ok(out) => {
+            tx.execute_batch("RELEASE append").map_err(classify)?;
+            delta.merge(&local);
+            Ok(out)
+        }
+        Err(e) => {
+            *next_seq = start_seq;
+            let _ = tx.execute_batch("ROLLBACK TO append; RELEASE append");
+            Err(e)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn append_inner(
+    tx: &rusqlite::Transaction<'_>,
+    opts: &BufferOptions,
+    shared: &Shared,
+    claims: Option<&mut Claims>,
+    next_seq: &mut i64,
+    local: &mut Delta,
+    group: &Delta,
+    records: Vec<Record>,
+) -> Result<Appended, BufferError> {
+    // First find which records are new: a retried request whose records are
+    // already buffered must not be refused for lack of room they already have.
+    let mut find_id = tx.prepare_cached("SELECT seq FROM ids WHERE id = ?1")?;
+    let mut known: Vec<Option<i64>> = Vec::with_capacity(records.len());
+    let mut first_in_request: std::collections::HashMap<String, usize> = Default::default();
+    let mut same_as: Vec<Option<usize>> = Vec::with_capacity(records.len());
+    let mut ids = Vec::with_capacity(records.len());
+    for (i, r) in records.iter().enumerate() {
+        match &r.id {
+            Some(id) => {
+                known.push(
+                    find_id
+                        .query_row([id], |row| row.get::<_, i64>(0))
+                        .optional()?,
+                );
+                same_as.push(first_in_request.get(id).copied());
+                first_in_request.entry(id.clone()).or_insert(i);
+                ids.push(id.clone());
+            }
+            None => {
+                // Agent-assigned ids are UUIDv7: unique and time-ordered.
+                known.push(None);
+                same_as.push(None);
+                ids.push(Uuid::now_v7().to_string());
+            }
+        }
+    }
+    let is_new = |i: usize| known[i].is_none() && same_as[i].is_none();
     let needed: u64 = records
         .iter()
-        .map(|r| record_size(r, r.id.as_ref().map_or(UUID_LEN, String::len)))
+        .enumerate()
+        .filter(|(i, _)| is_new(*i))
+        .map(|(i, r)| record_size(r, ids[i].len()))
         .sum();
     let used = {
         let s = shared.stats.lock().expect("stats lock");
-        (s.bytes as i64 + delta.bytes).max(0) as u64
+        (s.bytes as i64 + group.bytes).max(0) as u64
     };
-    if used + needed > opts.capacity_bytes {
+    if needed > 0 && used + needed > opts.capacity_bytes {
         let full = BufferError::Full {
             used,
             capacity: opts.capacity_bytes,
@@ -771,7 +841,7 @@ fn append(
                     return Err(full);
                 }
                 let claimed = claims.map_or(i64::MAX, |c| c.claimed);
-                let freed = evict_oldest(tx, claimed, used + needed - opts.capacity_bytes, delta)?;
+                let freed = evict_oldest(tx, claimed, used + needed - opts.capacity_bytes, local)?;
                 if used - freed + needed > opts.capacity_bytes {
                     return Err(full);
                 }
@@ -779,61 +849,48 @@ fn append(
         }
     }
 
-    let savepoint_seq = *next_seq;
-    let result = (|| -> rusqlite::Result<Appended> {
-        let mut find_id = tx.prepare_cached("SELECT seq FROM ids WHERE id = ?1")?;
-        let mut insert_id = tx.prepare_cached("INSERT INTO ids (seq, id) VALUES (?1, ?2)")?;
-        let mut insert = tx.prepare_cached(
-            "INSERT INTO records (seq, id, stream, ts_us, received_us, size, payload)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        )?;
-        let received_us = now_us();
-        let mut out = Appended {
-            ids: Vec::with_capacity(records.len()),
-            seqs: Vec::with_capacity(records.len()),
-            new: Vec::with_capacity(records.len()),
-        };
-        for r in records {
-            let (id, producer_id) = match r.id.clone() {
-                Some(id) => (id, true),
-                None => (Uuid::now_v7().to_string(), false),
-            };
-            if producer_id
-                && let Some(seq) = find_id
-                    .query_row([&id], |row| row.get::<_, i64>(0))
-                    .optional()?
-            {
-                out.ids.push(id);
-                out.seqs.push(seq);
-                out.new.push(false);
-                continue;
-            }
-            let seq = *next_seq;
-            *next_seq += 1;
-            let size = record_size(&r, id.len());
-            insert_id.execute(params![seq, id])?;
-            insert.execute(params![
+    let mut insert_id = tx.prepare_cached("INSERT INTO ids (seq, id) VALUES (?1, ?2)")?;
+    let mut insert = tx.prepare_cached(
+        "INSERT INTO records (seq, id, stream, ts_us, received_us, size, payload)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    let received_us = now_us();
+    let mut seqs = Vec::with_capacity(records.len());
+    let mut new = Vec::with_capacity(records.len());
+    for (i, r) in records.into_iter().enumerate() {
+        if let Some(seq) = known[i] {
+            seqs.push(seq);
+            new.push(false);
+            continue;
+        }
+        if let Some(first) = same_as[i] {
+            seqs.push(seqs[first]);
+            new.push(false);
+            continue;
+        }
+        let seq = *next_seq;
+        *next_seq += 1;
+        let size = record_size(&r, ids[i].len());
+        // Assigned ids are indexed too, so GET /v1/records/{id} finds them.
+        insert_id.execute(params![seq, ids[i]]).map_err(classify)?;
+        insert
+            .execute(params![
                 seq,
-                id,
+                ids[i],
                 r.stream,
                 r.ts_us.unwrap_or(received_us),
                 received_us,
                 size as i64,
                 r.payload
-            ])?;
-            delta.records += 1;
-            delta.bytes += size as i64;
-            delta.appended = true;
-            out.ids.push(id);
-            out.seqs.push(seq);
-            out.new.push(true);
-        }
-        Ok(out)
-    })();
-    result.map_err(|e| {
-        *next_seq = savepoint_seq;
-        classify(e)
-    })
+            ])
+            .map_err(classify)?;
+        local.records += 1;
+        local.bytes += size as i64;
+        local.appended = true;
+        seqs.push(seq);
+        new.push(true);
+    }
+    Ok(Appended { ids, seqs, new })
 }
 
 /// Evicts the oldest records above `claimed` until `want` bytes are free;
@@ -1107,5 +1164,36 @@ mod tests {
         let x = Buffer::open(opts(a.path(), 1 << 30, Overflow::Reject)).unwrap();
         let y = Buffer::open(opts(c.path(), 1 << 30, Overflow::Reject)).unwrap();
         assert_ne!(x.epoch(), y.epoch());
+    }
+
+    #[tokio::test]
+    async fn a_retry_of_buffered_records_is_not_refused_for_room_it_already_has() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(opts(dir.path(), 1000, Overflow::Reject)).unwrap();
+        let recs: Vec<Record> = (0..10).map(|i| rec(Some(&format!("k{i}")), "{}")).collect();
+        b.append(recs.clone()).await.unwrap();
+        assert!(matches!(
+            b.append(many(10)).await,
+            Err(BufferError::Full { .. })
+        ));
+        let again = b.append(recs).await.unwrap();
+        assert!(again.new.iter().all(|n| !n));
+    }
+
+    #[tokio::test]
+    async fn an_id_repeated_within_one_request_is_buffered_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(opts(dir.path(), 1 << 30, Overflow::Reject)).unwrap();
+        let a = b
+            .append(vec![
+                rec(Some("x"), "{}"),
+                rec(Some("x"), "{}"),
+                rec(None, "{}"),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(a.new, [true, false, true]);
+        assert_eq!(a.seqs, [1, 1, 2]);
+        assert_eq!(b.stats().records, 2);
     }
 }
