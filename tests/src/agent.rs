@@ -2,8 +2,7 @@
 //! process that a test may SIGKILL and restart on the same buffer file.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use dcs_edge::Config;
@@ -12,6 +11,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::pki::AgentCert;
+use crate::process::Service;
 
 /// An agent configuration for tests: the given certificate and aggregator,
 /// a buffer at `buffer`, short linger and retry cap so tests run fast.
@@ -88,88 +88,69 @@ pub async fn start_agent(config: Config) -> RunningAgent {
     }
 }
 
-/// Path of a workspace binary (`dcs-edge`, `dcs-aggregator`) built beside the
-/// test executable. `cargo build --workspace --bins` builds them; the test
-/// command in the README does that first.
-pub fn binary(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target profile dir");
-    let path = dir.join(name);
-    assert!(
-        path.is_file(),
-        "{} not found: run `cargo build --workspace --bins` before the tests",
-        path.display()
-    );
-    path
-}
-
-/// A free port on 127.0.0.1 (bound and released; a tiny race is acceptable in tests).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
-}
+pub use crate::process::{binary, free_port};
 
 /// A `dcs-edge run` process configured entirely through `DCS_EDGE_*` variables.
 pub struct AgentProcess {
-    pub port: u16,
+    pub service: Service,
     pub url: String,
-    env: Vec<(String, String)>,
-    child: Option<Child>,
-    log: PathBuf,
+}
+
+/// The `DCS_EDGE_*` environment that reproduces `config` (listen address aside).
+fn agent_env(config: &Config, port: u16) -> Vec<(String, String)> {
+    let a = &config.aggregator;
+    let ms = |d: Duration| format!("\"{}ms\"", d.as_millis());
+    let kebab = |v: &dyn std::fmt::Debug| {
+        let s = format!("{v:?}");
+        let mut out = String::new();
+        for (i, c) in s.chars().enumerate() {
+            if c.is_uppercase() && i > 0 {
+                out.push('-');
+            }
+            out.push(c.to_ascii_lowercase());
+        }
+        out
+    };
+    let mut env = vec![
+        ("LISTEN__ADDRESS", format!("127.0.0.1:{port}")),
+        ("BUFFER__PATH", config.buffer.path.display().to_string()),
+        ("BUFFER__CAPACITY", config.buffer.capacity.0.to_string()),
+        ("BUFFER__OVERFLOW", kebab(&config.buffer.overflow)),
+        ("BUFFER__DURABILITY", kebab(&config.buffer.durability)),
+        ("AGGREGATOR__URL", a.url.clone()),
+        ("AGGREGATOR__CA", a.ca.display().to_string()),
+        ("AGGREGATOR__CERT", a.cert.display().to_string()),
+        ("AGGREGATOR__KEY", a.key.display().to_string()),
+        ("AGGREGATOR__REQUEST_TIMEOUT", ms(a.request_timeout)),
+        ("AGGREGATOR__CONNECT_TIMEOUT", ms(a.connect_timeout)),
+        ("BATCH__MAX_RECORDS", config.batch.max_records.to_string()),
+        (
+            "BATCH__MAX_IN_FLIGHT",
+            config.batch.max_in_flight.to_string(),
+        ),
+        ("BATCH__LINGER", ms(config.batch.linger)),
+        ("RETRY__INITIAL", ms(config.retry.initial)),
+        ("RETRY__MAX", ms(config.retry.max)),
+        ("RETRY__SHUTDOWN_GRACE", ms(config.retry.shutdown_grace)),
+        ("LOG__FORMAT", "json".into()),
+        ("LOG__LEVEL", config.log.level.clone()),
+    ];
+    if let Some(proxy) = &a.proxy {
+        env.push(("AGGREGATOR__PROXY", proxy.clone()));
+    }
+    env.into_iter()
+        .map(|(k, v)| (format!("{}{k}", dcs_edge::config::ENV_PREFIX), v))
+        .collect()
 }
 
 impl AgentProcess {
-    /// Starts the process and waits until `/health` answers.
+    /// Starts `dcs-edge` with `config` on a free port; waits until `/health` answers.
     pub async fn spawn(config: &Config, log: &Path) -> AgentProcess {
         let port = free_port();
-        let a = &config.aggregator;
-        let mut env = vec![
-            ("DCS_EDGE_LISTEN__ADDRESS", format!("127.0.0.1:{port}")),
-            (
-                "DCS_EDGE_BUFFER__PATH",
-                config.buffer.path.display().to_string(),
-            ),
-            (
-                "DCS_EDGE_BUFFER__CAPACITY",
-                config.buffer.capacity.0.to_string(),
-            ),
-            ("DCS_EDGE_AGGREGATOR__URL", a.url.clone()),
-            ("DCS_EDGE_AGGREGATOR__CA", a.ca.display().to_string()),
-            ("DCS_EDGE_AGGREGATOR__CERT", a.cert.display().to_string()),
-            ("DCS_EDGE_AGGREGATOR__KEY", a.key.display().to_string()),
-            (
-                "DCS_EDGE_BATCH__MAX_RECORDS",
-                config.batch.max_records.to_string(),
-            ),
-            (
-                "DCS_EDGE_BATCH__LINGER",
-                format!("\"{}ms\"", config.batch.linger.as_millis()),
-            ),
-            (
-                "DCS_EDGE_RETRY__INITIAL",
-                format!("\"{}ms\"", config.retry.initial.as_millis()),
-            ),
-            (
-                "DCS_EDGE_RETRY__MAX",
-                format!("\"{}ms\"", config.retry.max.as_millis()),
-            ),
-            ("DCS_EDGE_LOG__FORMAT", "json".into()),
-        ];
-        if let Some(proxy) = &a.proxy {
-            env.push(("DCS_EDGE_AGGREGATOR__PROXY", proxy.clone()));
-        }
+        let service = Service::new("dcs-edge", &["run"], agent_env(config, port), port, log);
         let mut p = AgentProcess {
-            port,
+            service,
             url: format!("http://127.0.0.1:{port}"),
-            env: env.into_iter().map(|(k, v)| (k.to_owned(), v)).collect(),
-            child: None,
-            log: log.to_owned(),
         };
         p.start().await;
         p
@@ -177,74 +158,30 @@ impl AgentProcess {
 
     /// (Re)starts the process on the same port and buffer file.
     pub async fn start(&mut self) {
-        assert!(self.child.is_none(), "agent process already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("agent log file");
-        let child = Command::new(binary("dcs-edge"))
-            .arg("run")
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .env_remove("HTTPS_PROXY")
-            .env_remove("https_proxy")
-            .env_remove("ALL_PROXY")
-            .env_remove("all_proxy")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn dcs-edge");
-        self.child = Some(child);
+        self.service.start().await;
         let health = format!("{}/health", self.url);
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if client
+        let ok = wait_until(Duration::from_secs(20), || async {
+            client
                 .get(&health)
                 .send()
                 .await
                 .is_ok_and(|r| r.status().is_success())
-            {
-                return;
-            }
-            if let Some(status) = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                panic!(
-                    "dcs-edge exited with {status} at start; log: {}",
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "dcs-edge did not become healthy");
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        })
+        .await;
+        assert!(
+            ok,
+            "dcs-edge not healthy; log:\n{}",
+            self.service.log_tail()
+        );
     }
 
-    /// SIGKILL: no shutdown code runs, exactly like a crash or an OOM kill.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.service.kill();
     }
 
-    /// SIGTERM and wait for a clean exit; returns whether it exited successfully.
     pub fn terminate(&mut self) -> bool {
-        let Some(mut child) = self.child.take() else {
-            return true;
-        };
-        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        child.wait().map(|s| s.success()).unwrap_or(false)
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        self.kill();
+        self.service.terminate()
     }
 }
 

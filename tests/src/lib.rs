@@ -10,5 +10,8 @@
 
 pub mod agent;
 pub mod aggregator;
+pub mod chaos;
+pub mod faultproxy;
 pub mod pg;
 pub mod pki;
+pub mod process;
