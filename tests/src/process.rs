@@ -42,6 +42,8 @@ pub struct Service {
     env: Vec<(String, String)>,
     log: PathBuf,
     child: Option<Child>,
+    /// A command the binary runs under, e.g. `ip netns exec NS`.
+    prefix: Vec<String>,
     pub starts: u32,
 }
 
@@ -60,8 +62,15 @@ impl Service {
             env,
             log: log.to_owned(),
             child: None,
+            prefix: Vec::new(),
             starts: 0,
         }
+    }
+
+    /// Runs the binary under `prefix` (e.g. `["ip", "netns", "exec", "ns1"]`).
+    pub fn with_prefix(mut self, prefix: &[&str]) -> Service {
+        self.prefix = prefix.iter().map(|s| s.to_string()).collect();
+        self
     }
 
     /// Starts the process and waits until its port accepts connections.
@@ -72,7 +81,15 @@ impl Service {
             .append(true)
             .open(&self.log)
             .expect("log file");
-        let child = Command::new(&self.binary)
+        let mut command = match self.prefix.split_first() {
+            Some((program, rest)) => {
+                let mut c = Command::new(program);
+                c.args(rest).arg(&self.binary);
+                c
+            }
+            None => Command::new(&self.binary),
+        };
+        let child = command
             .args(&self.args)
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .env_remove("HTTPS_PROXY")
