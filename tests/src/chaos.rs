@@ -197,15 +197,7 @@ impl World {
 
     /// The agent's `/v1/status`, or `Null` while it is down.
     pub async fn agent_status(&self) -> Value {
-        let client = reqwest::Client::new();
-        match client
-            .get(format!("{}/v1/status", self.agent.url))
-            .send()
-            .await
-        {
-            Ok(r) => r.json().await.unwrap_or(Value::Null),
-            Err(_) => Value::Null,
-        }
+        agent_status(&self.agent.url).await
     }
 
     /// Runs `plan.producers` producers against the agent until `plan.duration`
@@ -238,47 +230,65 @@ impl World {
     /// Waits for every acknowledged record to arrive (bounded), then compares
     /// PostgreSQL with the ledger.
     pub async fn check(&self, scenario: &str, ledger: &Ledger) -> Report {
-        let acked: HashSet<String> = ledger.acked.lock().expect("ledger").clone();
         let pool = PgPool::connect(&self.cluster.url())
             .await
             .expect("connect for check");
-        let deadline = Instant::now() + DRAIN_TIMEOUT;
-        loop {
-            let present: i64 = sqlx::query_scalar(
-                "SELECT count(DISTINCT record_id) FROM records WHERE stream = $1",
-            )
-            .bind(STREAM)
-            .fetch_one(&pool)
-            .await
-            .unwrap_or(0);
-            let drained = self.agent_status().await["buffer"]["records"] == 0;
-            if (present as usize >= acked.len() && drained) || Instant::now() > deadline {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(250)).await;
-        }
-        let rows: Vec<(String, i64)> = sqlx::query_as(
-            "SELECT record_id, count(*) FROM records WHERE stream = $1 GROUP BY record_id",
-        )
-        .bind(STREAM)
-        .fetch_all(&pool)
-        .await
-        .expect("read records");
+        let report = verify(&pool, &self.agent.url, scenario, ledger).await;
         pool.close().await;
-        let counts: HashMap<String, i64> = rows.into_iter().collect();
-        let refused = ledger.refused.lock().expect("ledger");
-        let unknown = ledger.unknown.lock().expect("ledger");
-        Report {
-            scenario: scenario.to_owned(),
-            acked: acked.len(),
-            in_pg: counts.values().sum::<i64>() as usize,
-            missing: acked.iter().filter(|id| !counts.contains_key(*id)).count(),
-            duplicated: counts.values().filter(|c| **c > 1).count(),
-            refused: refused.len(),
-            refused_present: refused.iter().filter(|id| counts.contains_key(*id)).count(),
-            unknown: unknown.len(),
-            notes: Vec::new(),
+        report
+    }
+}
+
+/// The agent's `/v1/status`, or `Null` while it is down.
+pub async fn agent_status(agent_url: &str) -> Value {
+    match reqwest::Client::new()
+        .get(format!("{agent_url}/v1/status"))
+        .send()
+        .await
+    {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
+    }
+}
+
+/// Waits (bounded) until every acknowledged record is in `pool` and the
+/// agent's buffer is empty, then compares PostgreSQL with the ledger.
+pub async fn verify(pool: &PgPool, agent_url: &str, scenario: &str, ledger: &Ledger) -> Report {
+    let acked: HashSet<String> = ledger.acked.lock().expect("ledger").clone();
+    let deadline = Instant::now() + DRAIN_TIMEOUT;
+    loop {
+        let present: i64 =
+            sqlx::query_scalar("SELECT count(DISTINCT record_id) FROM records WHERE stream = $1")
+                .bind(STREAM)
+                .fetch_one(pool)
+                .await
+                .unwrap_or(0);
+        let drained = agent_status(agent_url).await["buffer"]["records"] == 0;
+        if (present as usize >= acked.len() && drained) || Instant::now() > deadline {
+            break;
         }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT record_id, count(*) FROM records WHERE stream = $1 GROUP BY record_id",
+    )
+    .bind(STREAM)
+    .fetch_all(pool)
+    .await
+    .expect("read records");
+    let counts: HashMap<String, i64> = rows.into_iter().collect();
+    let refused = ledger.refused.lock().expect("ledger");
+    let unknown = ledger.unknown.lock().expect("ledger");
+    Report {
+        scenario: scenario.to_owned(),
+        acked: acked.len(),
+        in_pg: counts.values().sum::<i64>() as usize,
+        missing: acked.iter().filter(|id| !counts.contains_key(*id)).count(),
+        duplicated: counts.values().filter(|c| **c > 1).count(),
+        refused: refused.len(),
+        refused_present: refused.iter().filter(|id| counts.contains_key(*id)).count(),
+        unknown: unknown.len(),
+        notes: Vec::new(),
     }
 }
 
@@ -286,7 +296,13 @@ impl World {
 /// without a definitive answer (the agent died mid-request) is retried with
 /// the same ids, which the agent deduplicates, so every id ends acknowledged
 /// or refused.
-async fn produce(url: String, producer: usize, plan: Plan, until: Instant, ledger: Arc<Ledger>) {
+pub async fn produce(
+    url: String,
+    producer: usize,
+    plan: Plan,
+    until: Instant,
+    ledger: Arc<Ledger>,
+) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -671,8 +687,64 @@ pub async fn clock_jump(plan: Plan) -> Report {
     report
 }
 
+/// Scenario 7: an overloaded aggregator (behind a gate that answers 429, then
+/// 503, with `Retry-After`) refuses most batches; the agent waits as told
+/// and loses nothing.
+pub async fn overload(plan: Plan) -> Report {
+    use crate::gate::{Gate, Overload};
+    const RETRY_AFTER_SECS: u64 = 1;
+    let pki = Pki::new();
+    let db = crate::pg::TestDb::new().await;
+    let aggregator = crate::aggregator::start_aggregator(&pki, &db.url).await;
+    let cert = pki.agent("acme", "overload-1");
+    let gate = Gate::start(&pki, &cert, &aggregator.url).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = agent::test_config(&cert, &gate.url(), &dir.path().join("buffer.db"));
+    // One batch at a time, so the gate's log is the agent's retry timeline.
+    config.batch.max_in_flight = 1;
+    config.retry.max = Duration::from_secs(5);
+    let agent = agent::start_agent(config).await;
+    let ledger = Arc::new(Ledger::default());
+    let until = Instant::now() + plan.duration;
+    let producers: Vec<_> = (0..plan.producers)
+        .map(|p| tokio::spawn(produce(agent.url.clone(), p, plan, until, ledger.clone())))
+        .collect();
+    for status in [429, 503] {
+        gate.overload(Some(Overload {
+            status,
+            retry_after_secs: RETRY_AFTER_SECS,
+            pass_every: 3,
+        }));
+        tokio::time::sleep(plan.duration / 3).await;
+    }
+    gate.overload(None);
+    for p in producers {
+        p.await.expect("producer");
+    }
+    let mut report = verify(&db.pool, &agent.url, "overload", &ledger).await;
+    let seen = gate.seen();
+    let refusals = seen
+        .iter()
+        .filter(|s| s.status == 429 || s.status == 503)
+        .count();
+    let too_soon = seen
+        .windows(2)
+        .filter(|w| {
+            (w[0].status == 429 || w[0].status == 503)
+                && w[1].at.duration_since(w[0].at) < Duration::from_millis(RETRY_AFTER_SECS * 900)
+        })
+        .count();
+    report.note("refusals", refusals);
+    report.note("retried_too_soon", too_soon);
+    assert!(refusals > 0, "the gate never refused: {report}");
+    assert_eq!(too_soon, 0, "the agent ignored Retry-After: {report}");
+    agent.stop().await;
+    aggregator.stop().await;
+    report
+}
+
 /// Every scenario by name, for `dcs-chaos`.
-pub const SCENARIOS: [&str; 9] = [
+pub const SCENARIOS: [&str; 10] = [
     "agent-kill",
     "aggregator-kill",
     "postgres-restart",
@@ -681,6 +753,7 @@ pub const SCENARIOS: [&str; 9] = [
     "drop-oldest",
     "long-outage",
     "clock-jump",
+    "overload",
     "all",
 ];
 
@@ -697,6 +770,7 @@ pub async fn run_named(name: &str, duration: Duration, records: usize) -> Vec<Re
         "drop-oldest" => vec![drop_oldest(plan).await],
         "long-outage" => vec![long_outage(records).await],
         "clock-jump" => vec![clock_jump(plan).await],
+        "overload" => vec![overload(plan).await],
         "all" => {
             let mut all = Vec::new();
             for n in &SCENARIOS[..SCENARIOS.len() - 1] {

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod aggregator;
 pub mod chaos;
 pub mod faultproxy;
+pub mod gate;
 pub mod pg;
 pub mod pki;
 pub mod process;

@@ -58,3 +58,10 @@ async fn a_long_outage_backlog_drains_in_sequence_order_with_bounded_memory() {
 async fn timestamps_from_a_jumped_clock_neither_reorder_nor_drop_records() {
     chaos::clock_jump(Plan::short()).await.assert_ok();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_aggregator_answering_429_and_503_is_waited_for_as_told() {
+    chaos::overload(Plan::with_duration(Duration::from_secs(15)))
+        .await
+        .assert_ok();
+}
