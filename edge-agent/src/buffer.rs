@@ -86,6 +86,10 @@ pub struct BufferOptions {
     pub durability: Durability,
     /// How many recent sequence numbers' producer ids are remembered after delivery.
     pub dedup_window: i64,
+    /// New records are refused while the buffer's filesystem has less free
+    /// space than this, so that acks and dead-letter moves (which need WAL
+    /// space to delete) can always proceed and a full disk drains itself.
+    pub min_free_disk: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,7 +100,7 @@ pub enum BufferError {
         capacity: u64,
         needed: u64,
     },
-    #[error("the disk holding the buffer is full")]
+    #[error("the disk holding the buffer is full (or below buffer.min_free_disk)")]
     DiskFull,
     #[error("buffer database {path}: {source}")]
     Open {
@@ -740,6 +744,14 @@ fn clone_err(e: &BufferError) -> BufferError {
     }
 }
 
+/// Free bytes available to us on the filesystem holding `path`; `None` when
+/// unknown (then only SQLite's own full-disk error stops appends).
+fn free_disk(path: &Path) -> Option<u64> {
+    let dir = path.parent().filter(|d| !d.as_os_str().is_empty())?;
+    let st = nix::sys::statvfs::statvfs(dir).ok()?;
+    Some(st.blocks_available() as u64 * st.fragment_size() as u64)
+}
+
 fn record_size(r: &Record, id_len: usize) -> u64 {
     (r.payload.len() + r.stream.len() + id_len) as u64 + RECORD_OVERHEAD_BYTES
 }
@@ -824,6 +836,21 @@ fn append_inner(
         .filter(|(i, _)| is_new(*i))
         .map(|(i, r)| record_size(r, ids[i].len()))
         .sum();
+    if needed > 0
+        && let Some(free) = free_disk(&opts.path)
+        && free < opts.min_free_disk + needed
+    {
+        // Pages freed by delivered records are reused before the file grows,
+        // so they count as free: a drained buffer accepts records again.
+        let reusable: i64 = tx.query_row(
+            "SELECT freelist_count * page_size FROM pragma_freelist_count(), pragma_page_size()",
+            [],
+            |r| r.get(0),
+        )?;
+        if free + (reusable.max(0) as u64) < opts.min_free_disk + needed {
+            return Err(BufferError::DiskFull);
+        }
+    }
     let used = {
         let s = shared.stats.lock().expect("stats lock");
         (s.bytes as i64 + group.bytes).max(0) as u64
@@ -1011,6 +1038,7 @@ mod tests {
             overflow,
             durability: Durability::ProcessCrash,
             dedup_window: 1_000_000,
+            min_free_disk: 0,
         }
     }
 

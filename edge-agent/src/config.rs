@@ -22,6 +22,9 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8780";
 pub const DEFAULT_BUFFER_PATH: &str = "/var/lib/dcs-edge/buffer.db";
 /// 1 GiB holds several million typical records: days of a busy site's output.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
+/// Room for deleting several full batches (WAL frames) even when producers
+/// have filled the disk: without it a full disk could never drain.
+pub const DEFAULT_MIN_FREE_DISK: u64 = 64 << 20;
 /// Enough producer ids to cover any retry a producer would sensibly make.
 pub const DEFAULT_DEDUP_WINDOW: i64 = 1_000_000;
 pub const DEFAULT_MAX_REQUEST_BYTES: u64 = 16 << 20;
@@ -82,6 +85,10 @@ pub struct BufferConfig {
     pub durability: Durability,
     #[serde(default = "default_dedup_window")]
     pub dedup_window: i64,
+    /// Refuse new records (507) while the filesystem has less free space than
+    /// this, keeping room for the deletes that drain the buffer.
+    #[serde(default = "default_min_free_disk")]
+    pub min_free_disk: ByteSize,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,6 +172,9 @@ fn default_durability() -> Durability {
 fn default_dedup_window() -> i64 {
     DEFAULT_DEDUP_WINDOW
 }
+fn default_min_free_disk() -> ByteSize {
+    ByteSize(DEFAULT_MIN_FREE_DISK)
+}
 fn default_max_request_bytes() -> ByteSize {
     ByteSize(DEFAULT_MAX_REQUEST_BYTES)
 }
@@ -220,6 +230,7 @@ impl Default for BufferConfig {
             overflow: default_overflow(),
             durability: default_durability(),
             dedup_window: default_dedup_window(),
+            min_free_disk: default_min_free_disk(),
         }
     }
 }
@@ -391,6 +402,7 @@ impl Config {
             overflow: self.buffer.overflow,
             durability: self.buffer.durability,
             dedup_window: self.buffer.dedup_window,
+            min_free_disk: self.buffer.min_free_disk.0,
         }
     }
 }

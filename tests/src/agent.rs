@@ -117,6 +117,10 @@ fn agent_env(config: &Config, port: u16) -> Vec<(String, String)> {
         ("BUFFER__CAPACITY", config.buffer.capacity.0.to_string()),
         ("BUFFER__OVERFLOW", kebab(&config.buffer.overflow)),
         ("BUFFER__DURABILITY", kebab(&config.buffer.durability)),
+        (
+            "BUFFER__MIN_FREE_DISK",
+            config.buffer.min_free_disk.0.to_string(),
+        ),
         ("AGGREGATOR__URL", a.url.clone()),
         ("AGGREGATOR__CA", a.ca.display().to_string()),
         ("AGGREGATOR__CERT", a.cert.display().to_string()),

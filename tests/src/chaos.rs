@@ -477,6 +477,78 @@ pub async fn buffer_full(plan: Plan) -> Report {
     report
 }
 
+/// A small tmpfs for a buffer that must run out of disk; unmounted on drop.
+pub struct SmallDisk {
+    pub dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `size` (e.g. "6m"); `Err` with the reason when this
+    /// process may not mount (not root, or no tmpfs).
+    pub fn mount(size: &str) -> Result<SmallDisk, String> {
+        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).trim().to_owned());
+        }
+        Ok(SmallDisk { dir })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// Scenario 6c: the buffer's filesystem fills up for real (SQLite reports a
+/// full disk): producers get 507, nothing acknowledged is lost, and ingest
+/// works again once delivery frees pages. `None` when tmpfs cannot be mounted.
+pub async fn disk_full(plan: Plan) -> Option<Report> {
+    let disk = match SmallDisk::mount("16m") {
+        Ok(d) => d,
+        Err(reason) => {
+            eprintln!("SKIP disk-full on a small filesystem: cannot mount tmpfs: {reason}");
+            return None;
+        }
+    };
+    let path = disk.dir.path().join("buffer.db");
+    let mut world = World::new(|c| {
+        c.buffer.path = path;
+        c.buffer.capacity = dcs_shared::config::ByteSize(1 << 30);
+        c.buffer.min_free_disk = dcs_shared::config::ByteSize(3 << 20);
+    })
+    .await;
+    world.proxy.set(Fault::Refuse);
+    let ledger = world
+        .run(plan, async |w, until| {
+            tokio::time::sleep(until.saturating_duration_since(Instant::now()) / 2).await;
+            w.proxy.set(Fault::Pass);
+        })
+        .await;
+    let mut report = world.check("disk-full", &ledger).await;
+    assert!(report.refused > 0, "the disk never filled: {report}");
+    let after = reqwest::Client::new()
+        .post(format!("{}/v1/records", world.agent.url))
+        .header("content-type", "application/x-ndjson")
+        .body(agent::ndjson("after-full", "after", 0..100))
+        .send()
+        .await
+        .expect("push after recovery");
+    report.note("ingest_after_recovery", after.status().as_u16());
+    assert_eq!(after.status(), 200, "ingest did not recover: {report}");
+    drop(world);
+    drop(disk);
+    Some(report)
+}
+
 /// Scenario 6b: `drop-oldest`: the buffer evicts, and the number of evicted
 /// records the agent reports equals exactly the acknowledged records missing.
 pub async fn drop_oldest(plan: Plan) -> Report {
@@ -744,12 +816,13 @@ pub async fn overload(plan: Plan) -> Report {
 }
 
 /// Every scenario by name, for `dcs-chaos`.
-pub const SCENARIOS: [&str; 10] = [
+pub const SCENARIOS: [&str; 11] = [
     "agent-kill",
     "aggregator-kill",
     "postgres-restart",
     "partition",
     "buffer-full",
+    "disk-full",
     "drop-oldest",
     "long-outage",
     "clock-jump",
@@ -767,6 +840,7 @@ pub async fn run_named(name: &str, duration: Duration, records: usize) -> Vec<Re
         "postgres-restart" => vec![postgres_restart(plan).await],
         "partition" => vec![partition(plan).await],
         "buffer-full" => vec![buffer_full(plan).await],
+        "disk-full" => disk_full(plan).await.into_iter().collect(),
         "drop-oldest" => vec![drop_oldest(plan).await],
         "long-outage" => vec![long_outage(records).await],
         "clock-jump" => vec![clock_jump(plan).await],
