@@ -13,6 +13,7 @@ pub mod aggregator;
 pub mod chaos;
 pub mod faultproxy;
 pub mod gate;
+pub mod netns;
 pub mod pg;
 pub mod pki;
 pub mod process;

@@ -1,6 +1,7 @@
 //! Workspace binaries run as real processes, so tests can SIGKILL them and
 //! start them again on the same port, files and database.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -44,6 +45,8 @@ pub struct Service {
     child: Option<Child>,
     /// A command the binary runs under, e.g. `ip netns exec NS`.
     prefix: Vec<String>,
+    /// Where [`Service::start`] waits for a listener; `127.0.0.1:port` when `None`.
+    ready: Option<SocketAddr>,
     pub starts: u32,
 }
 
@@ -63,6 +66,7 @@ impl Service {
             log: log.to_owned(),
             child: None,
             prefix: Vec::new(),
+            ready: None,
             starts: 0,
         }
     }
@@ -73,7 +77,16 @@ impl Service {
         self
     }
 
-    /// Starts the process and waits until its port accepts connections.
+    /// Makes [`Service::start`] wait until `addr` accepts connections instead
+    /// of `127.0.0.1:port` (a service inside a network namespace is reached
+    /// at an address of that namespace).
+    pub fn with_ready_addr(mut self, addr: SocketAddr) -> Service {
+        self.ready = Some(addr);
+        self
+    }
+
+    /// Starts the process and waits until its port (or the address given to
+    /// [`Service::with_ready_addr`]) accepts connections.
     pub async fn start(&mut self) {
         assert!(self.child.is_none(), "already running");
         let log = std::fs::OpenOptions::new()
@@ -103,12 +116,12 @@ impl Service {
             .unwrap_or_else(|e| panic!("spawn {}: {e}", self.binary.display()));
         self.child = Some(child);
         self.starts += 1;
+        let ready = self
+            .ready
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], self.port)));
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if tokio::net::TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .is_ok()
-            {
+            if tokio::net::TcpStream::connect(ready).await.is_ok() {
                 return;
             }
             if let Some(status) = self
@@ -124,9 +137,8 @@ impl Service {
             }
             assert!(
                 Instant::now() < deadline,
-                "{} did not listen on port {} within 30 s; log:\n{}",
+                "{} did not listen on {ready} within 30 s; log:\n{}",
                 self.binary.display(),
-                self.port,
                 self.log_tail()
             );
             tokio::time::sleep(Duration::from_millis(25)).await;
