@@ -816,11 +816,12 @@ pub async fn overload(plan: Plan) -> Report {
 }
 
 /// Every scenario by name, for `dcs-chaos`.
-pub const SCENARIOS: [&str; 11] = [
+pub const SCENARIOS: [&str; 12] = [
     "agent-kill",
     "aggregator-kill",
     "postgres-restart",
     "partition",
+    "netns-partition",
     "buffer-full",
     "disk-full",
     "drop-oldest",
@@ -839,6 +840,16 @@ pub async fn run_named(name: &str, duration: Duration, records: usize) -> Vec<Re
         "aggregator-kill" => vec![aggregator_kill(plan, kills).await],
         "postgres-restart" => vec![postgres_restart(plan).await],
         "partition" => vec![partition(plan).await],
+        "netns-partition" => {
+            let phase = (duration / 4).max(Duration::from_secs(5));
+            match crate::netns::netns_partition(plan, phase, phase).await {
+                Ok(report) => vec![report],
+                Err(reason) => {
+                    eprintln!("SKIP netns-partition: {reason}");
+                    Vec::new()
+                }
+            }
+        }
         "buffer-full" => vec![buffer_full(plan).await],
         "disk-full" => disk_full(plan).await.into_iter().collect(),
         "drop-oldest" => vec![drop_oldest(plan).await],
