@@ -68,6 +68,8 @@ pub struct Config {
     #[serde(default)]
     pub listen: ListenConfig,
     #[serde(default)]
+    pub admin: AdminConfig,
+    #[serde(default)]
     pub tls: TlsConfig,
     #[serde(default)]
     pub database: DatabaseConfig,
@@ -75,6 +77,31 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub log: LogConfig,
+}
+
+/// The operators' plain-HTTP listener: `/metrics`, `/health`, `/ready`.
+/// Separate from the agents' listener because scrapers and load-balancer
+/// probes hold no agent certificate. Loopback by default: expose it only to
+/// the monitoring network.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    pub address: SocketAddr,
+}
+
+/// The environment variable that names the configuration file.
+pub const ENV_CONFIG_FILE: &str = "DCS_AGG_CONFIG";
+
+pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:9464";
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            address: DEFAULT_ADMIN_ADDRESS
+                .parse()
+                .expect("valid default address"),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -226,6 +253,8 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config, ConfigError> {
+        // `DCS_AGG_CONFIG` names the file (`--config`), it is not a key.
+        let env = env.into_iter().filter(|(k, _)| k != ENV_CONFIG_FILE);
         let config: Config = dcs_shared::config::load(file, ENV_PREFIX, env)?;
         config.validate()?;
         Ok(config)
@@ -375,6 +404,14 @@ mod tests {
         [database]
         url = "postgres://dcs@db/dcs"
     "#;
+
+    #[test]
+    fn the_config_file_variable_is_not_taken_for_a_key() {
+        let err = Config::load(None, vec![("DCS_AGG_CONFIG".to_string(), "x.toml".to_string())])
+            .unwrap_err()
+            .to_string();
+        assert!(!err.contains("unknown field"), "{err}");
+    }
 
     #[test]
     fn a_minimal_config_gets_the_documented_defaults() {

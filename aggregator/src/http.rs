@@ -70,7 +70,64 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(axum::middleware::from_fn(time_requests))
         .with_state(state)
+}
+
+/// The plain-HTTP admin listener for operators and scrapers, which hold no
+/// agent certificate: metrics, liveness and readiness. Never batches.
+pub(crate) fn admin_router(
+    state: AppState,
+    metrics: dcs_shared::metrics::PrometheusHandle,
+) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        dcs_shared::metrics::render(&metrics),
+                    )
+                }
+            }),
+        )
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .fallback(|| async { Error::NotFound })
+        .with_state(state)
+}
+
+async fn time_requests(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    metrics::histogram!(
+        "dcs_aggregator_http_request_duration_seconds",
+        "route" => route,
+        "status" => response.status().as_u16().to_string()
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The outcome label of a batch request, from its result.
+fn batch_outcome(result: &Result<Json<BatchAck>, Error>) -> &'static str {
+    match result {
+        Ok(_) => "accepted",
+        Err(e) => match e.status_code_message().0 {
+            StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::SERVICE_UNAVAILABLE => "unavailable",
+            StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => "unauthorized",
+            s if s.is_client_error() => "rejected",
+            _ => "error",
+        },
+    }
 }
 
 /// Served instead of [`router`] on a connection whose verified certificate
@@ -249,6 +306,43 @@ async fn ready(State(app): State<AppState>) -> Result<Json<serde_json::Value>, E
 }
 
 async fn post_batch(
+    state: State<AppState>,
+    agent: Extension<AgentIdentity>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<BatchAck>, Error> {
+    let result = handle_batch(state, agent, headers, body).await;
+    metrics::counter!("dcs_aggregator_batches_total", "outcome" => batch_outcome(&result))
+        .increment(1);
+    if let Ok(Json(ack)) = &result {
+        metrics::counter!("dcs_aggregator_records_ingested_total").increment(ack.accepted);
+        metrics::counter!("dcs_aggregator_records_duplicate_total").increment(ack.duplicates);
+    }
+    result
+}
+
+/// What the center knows of an agent: when it was last heard from and the
+/// backlog it reported, so a site with a trickle of delivery is still visible.
+fn record_agent_gauges(agent: &AgentIdentity, backlog: Option<&wire::Backlog>) {
+    let labels = [
+        ("tenant", agent.tenant.clone()),
+        ("agent", agent.agent.clone()),
+    ];
+    metrics::gauge!("dcs_aggregator_agent_last_seen_timestamp_seconds", &labels).set(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64()),
+    );
+    if let Some(b) = backlog {
+        metrics::gauge!("dcs_aggregator_agent_backlog_records", &labels).set(b.records as f64);
+        metrics::gauge!("dcs_aggregator_agent_backlog_bytes", &labels).set(b.bytes as f64);
+        metrics::gauge!("dcs_aggregator_agent_backlog_oldest_age_seconds", &labels)
+            .set(b.oldest_age_secs as f64);
+        metrics::gauge!("dcs_aggregator_agent_dropped_total", &labels).set(b.dropped_total as f64);
+    }
+}
+
+async fn handle_batch(
     State(app): State<AppState>,
     Extension(agent): Extension<AgentIdentity>,
     headers: HeaderMap,
@@ -280,6 +374,7 @@ async fn post_batch(
         })?
         .inspect_err(|e| log_refusal(e, &agent))?;
 
+    record_agent_gauges(&agent, prepared.backlog.as_ref());
     if prepared.records == 0 {
         return Ok(Json(BatchAck {
             accepted: 0,
@@ -292,8 +387,11 @@ async fn post_batch(
     let records = prepared.records;
     // Spawned, not awaited in place: if the agent disconnects this handler is
     // dropped, but the transaction still runs to commit or rollback.
+    let write_started = Instant::now();
     let written =
         tokio::spawn(async move { store::write_batch(&pool, &writer, &prepared).await }).await;
+    metrics::histogram!("dcs_aggregator_db_write_duration_seconds")
+        .record(write_started.elapsed().as_secs_f64());
     drop(permit);
 
     match written {

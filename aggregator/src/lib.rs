@@ -61,6 +61,11 @@ pub enum Error {
     DatabaseUrl(#[source] sqlx::Error),
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("bind admin listener on {address}: {source}")]
+    AdminBind {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Creates the connection pool. Connections are opened on first use, so an
@@ -98,7 +103,33 @@ pub async fn serve(
     config.validate()?;
     let tls = dcs_shared::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)
         .map_err(Error::Tls)?;
-    let app = http::router(http::AppState::new(&config, pool));
-    server::run(listener, tls, app, &config.limits, shutdown).await;
+    let state = http::AppState::new(&config, pool);
+    let admin = tokio::net::TcpListener::bind(config.admin.address)
+        .await
+        .map_err(|source| Error::AdminBind {
+            address: config.admin.address,
+            source,
+        })?;
+    if let Ok(address) = admin.local_addr() {
+        tracing::info!(message = "admin listener (metrics, health) on plain HTTP", %address);
+    }
+    // One shutdown signal for both listeners.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop.send(true);
+    });
+    let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let admin_app = http::admin_router(state.clone(), dcs_shared::metrics::install());
+    let admin_task = tokio::spawn(
+        axum::serve(admin, admin_app)
+            .with_graceful_shutdown(wait(stopped.clone()))
+            .into_future(),
+    );
+    let app = http::router(state);
+    server::run(listener, tls, app, &config.limits, wait(stopped)).await;
+    let _ = admin_task.await;
     Ok(())
 }

@@ -32,7 +32,7 @@ enum Command {
 #[derive(clap::Args)]
 struct ConfigArg {
     /// TOML configuration; `DCS_AGG_SECTION__KEY` variables override it.
-    #[arg(long, short, env = "DCS_AGG_CONFIG")]
+    #[arg(long, short, env = dcs_aggregator::config::ENV_CONFIG_FILE)]
     config: Option<PathBuf>,
 }
 

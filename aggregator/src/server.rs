@@ -131,6 +131,8 @@ async fn connection(
     let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
+            metrics::counter!("dcs_aggregator_tls_handshake_failures_total", "reason" => handshake_failure_reason(&error))
+                .increment(1);
             // InvalidData carries a TLS-level refusal (no, expired or foreign
             // certificate): worth an operator's attention. Anything else is a
             // peer that merely hung up (port scans, TCP health checks).
@@ -142,6 +144,8 @@ async fn connection(
             return;
         }
         Err(_) => {
+            metrics::counter!("dcs_aggregator_tls_handshake_failures_total", "reason" => "timeout")
+                .increment(1);
             info!(message = "TLS handshake timed out", %peer, timeout_secs = handshake_timeout.as_secs());
             return;
         }
@@ -174,7 +178,30 @@ async fn connection(
 
     let io = TokioIo::new(stream);
     let conn = builder.serve_connection(io, TowerToHyperService::new(service));
+    let open = metrics::gauge!("dcs_aggregator_connections_open");
+    open.increment(1.0);
     if let Err(error) = watcher.watch(conn).await {
         debug!(message = "connection ended with an error", %peer, %error);
+    }
+    open.decrement(1.0);
+}
+
+/// A bounded label for why a handshake failed, from rustls's error text.
+fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
+    let text = error.to_string().to_ascii_lowercase();
+    if text.contains("expired") {
+        "expired"
+    } else if text.contains("unknownissuer")
+        || text.contains("unknown issuer")
+        || text.contains("unknownca")
+    {
+        "unknown_ca"
+    } else if text.contains("certificaterequired")
+        || text.contains("no certificate")
+        || text.contains("peer sent no certificates")
+    {
+        "no_certificate"
+    } else {
+        "other"
     }
 }

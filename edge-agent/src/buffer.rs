@@ -659,7 +659,11 @@ impl Writer {
             if self.next_seq / PRUNE_EVERY != start_seq / PRUNE_EVERY {
                 prune_ids(&tx, self.next_seq - self.opts.dedup_window)?;
             }
-            tx.commit().map_err(classify)
+            let started = std::time::Instant::now();
+            let committed = tx.commit().map_err(classify);
+            metrics::histogram!("dcs_agent_sqlite_commit_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
+            committed
         })();
         drop(claims);
         match &result {

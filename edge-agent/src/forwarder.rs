@@ -106,6 +106,12 @@ impl Link {
     }
 
     fn success(&self) {
+        metrics::gauge!("dcs_agent_link_up").set(1.0);
+        metrics::gauge!("dcs_agent_last_delivery_timestamp_seconds").set(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64()),
+        );
         let mut s = self.0.lock().expect("link lock");
         s.link = LinkState::Up;
         s.last_success = Some(now_rfc3339());
@@ -113,8 +119,10 @@ impl Link {
     }
 
     fn failure(&self, reason: &str, link_down: bool) {
+        metrics::counter!("dcs_agent_delivery_retries_total").increment(1);
         let mut s = self.0.lock().expect("link lock");
         if link_down {
+            metrics::gauge!("dcs_agent_link_up").set(0.0);
             s.link = LinkState::Down;
         }
         s.last_error = Some(reason.to_owned());
@@ -143,6 +151,18 @@ enum Outcome {
     Unauthorized(String),
     TooLarge(String),
     Permanent(String),
+}
+
+impl Outcome {
+    fn label(&self) -> &'static str {
+        match self {
+            Outcome::Delivered(_) => "delivered",
+            Outcome::Retry { .. } => "retry",
+            Outcome::Unauthorized(_) => "unauthorized",
+            Outcome::TooLarge(_) => "too_large",
+            Outcome::Permanent(_) => "rejected",
+        }
+    }
 }
 
 struct Inner {
@@ -340,13 +360,22 @@ impl Inner {
             let (body, batch) = body;
             let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
             loop {
+                let started = std::time::Instant::now();
                 let outcome = tokio::select! {
                     _ = stop.wait_for(|s| *s) => return,
                     o = self.post(body.clone()) => o,
                 };
+                metrics::histogram!("dcs_agent_batch_send_duration_seconds")
+                    .record(started.elapsed().as_secs_f64());
+                metrics::counter!("dcs_agent_batches_sent_total", "outcome" => outcome.label())
+                    .increment(1);
                 let delay = match outcome {
                     Outcome::Delivered(ack) => {
                         self.link.success();
+                        metrics::counter!("dcs_agent_sent_raw_bytes_total")
+                            .increment(batch.iter().map(|r| r.payload.len() as u64).sum());
+                        metrics::counter!("dcs_agent_sent_compressed_bytes_total")
+                            .increment(body.len() as u64);
                         tracing::debug!(
                             message = "batch delivered",
                             first_seq = first,

@@ -9,11 +9,14 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use dcs_shared::metrics::LabelCap;
+use dcs_shared::metrics::PrometheusHandle;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -26,12 +29,17 @@ use crate::forwarder::Link;
 /// Seconds a producer is told to wait when the buffer is full.
 const FULL_RETRY_AFTER_SECS: u64 = 5;
 
+/// Streams seen as metric labels; producers choose stream names, so the
+/// label is capped to keep the series count bounded.
+static STREAM_LABELS: LabelCap = LabelCap::new(100);
+
 #[derive(Clone)]
 pub struct AppState {
     pub buffer: Buffer,
     pub link: Arc<Link>,
     pub limits: Limits,
     pub max_request_bytes: usize,
+    pub metrics: PrometheusHandle,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -40,10 +48,42 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/records", post(post_records))
         .route("/v1/records/{id}", get(get_record).put(put_record))
         .route("/v1/status", get(status))
+        .route("/metrics", get(metrics))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn(count_requests))
         .with_state(state)
+}
+
+async fn count_requests(request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str())
+        .to_owned();
+    let response = next.run(request).await;
+    metrics::counter!(
+        "dcs_agent_requests_total",
+        "route" => route,
+        "status" => response.status().as_u16().to_string()
+    )
+    .increment(1);
+    response
+}
+
+/// Counts records per stream and result (`accepted`, `duplicate`, `rejected`).
+fn count_records<'a>(streams: impl Iterator<Item = (&'a str, &'static str)>) {
+    let mut counts: std::collections::HashMap<(String, &'static str), u64> = Default::default();
+    for (stream, result) in streams {
+        *counts
+            .entry((STREAM_LABELS.label(stream), result))
+            .or_default() += 1;
+    }
+    for ((stream, result), n) in counts {
+        metrics::counter!("dcs_agent_records_received_total", "stream" => stream, "result" => result)
+            .increment(n);
+    }
 }
 
 /// An error response: a status and the shared JSON error body.
@@ -242,6 +282,7 @@ fn parse_records(body: &[u8], format: Format, limits: &Limits) -> Result<Vec<Rec
     if errors.is_empty() {
         Ok(records)
     } else {
+        count_records(std::iter::repeat_n(("invalid", "rejected"), total));
         Err(ApiError::invalid(errors, total))
     }
 }
@@ -284,7 +325,20 @@ async fn post_records(
                 "parser failed",
             )
         })??;
-    let appended = state.buffer.append(records).await?;
+    let streams: Vec<String> = records.iter().map(|r| r.stream.clone()).collect();
+    let appended = match state.buffer.append(records).await {
+        Ok(a) => a,
+        Err(e) => {
+            count_records(streams.iter().map(|s| (s.as_str(), "rejected")));
+            return Err(e.into());
+        }
+    };
+    count_records(
+        streams
+            .iter()
+            .zip(&appended.new)
+            .map(|(s, new)| (s.as_str(), if *new { "accepted" } else { "duplicate" })),
+    );
     let new_seqs = appended
         .seqs
         .iter()
@@ -401,6 +455,36 @@ async fn get_record(
             ),
         )
     })
+}
+
+/// Prometheus exposition; buffer gauges are read from the buffer at scrape time
+/// so they are exact, survive restarts and can never go negative.
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let buffer = state.buffer.clone();
+    let (oldest, dead) = tokio::task::spawn_blocking(move || {
+        Ok::<_, BufferError>((buffer.oldest_received_us()?, buffer.dead_letter_summary()?))
+    })
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "metrics failed",
+        )
+    })??;
+    let stats = state.buffer.stats();
+    let now = record::unix_micros(time::OffsetDateTime::now_utc());
+    metrics::gauge!("dcs_agent_buffer_records").set(stats.records as f64);
+    metrics::gauge!("dcs_agent_buffer_bytes").set(stats.bytes as f64);
+    metrics::gauge!("dcs_agent_buffer_capacity_bytes").set(state.buffer.capacity_bytes() as f64);
+    metrics::gauge!("dcs_agent_buffer_oldest_age_seconds")
+        .set(oldest.map_or(0.0, |us| (now.saturating_sub(us).max(0) as f64) / 1e6));
+    metrics::counter!("dcs_agent_records_dropped_total", "reason" => "drop_oldest")
+        .absolute(stats.dropped_total);
+    metrics::counter!("dcs_agent_records_delivered_total").absolute(stats.delivered_total);
+    metrics::gauge!("dcs_agent_dead_letter_records").set(dead.records as f64);
+    let body = dcs_shared::metrics::render(&state.metrics);
+    Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body).into_response())
 }
 
 async fn health() -> Json<serde_json::Value> {

@@ -71,6 +71,7 @@ pub async fn run(
             max_payload_bytes: config.ingest.max_payload_bytes.as_usize(),
         },
         max_request_bytes: config.ingest.max_request_bytes.as_usize(),
+        metrics: dcs_shared::metrics::install(),
     });
     tracing::info!(
         message = "ingest API listening",

@@ -10,6 +10,7 @@
 //! - [`tls`]: loading PEM files and building the rustls configurations.
 //! - [`config`]: TOML file plus `DCS_*` environment overrides into typed config.
 //! - [`telemetry`]: structured JSON logs.
+//! - [`metrics`]: the Prometheus recorder and process metrics.
 //! - [`shutdown`]: one future for SIGINT/SIGTERM.
 //!
 //! **Architecture invariant:** this crate does no I/O on its own beyond reading the
@@ -18,6 +19,7 @@
 pub mod config;
 mod error;
 pub mod identity;
+pub mod metrics;
 pub mod record;
 pub mod shutdown;
 pub mod telemetry;

@@ -69,6 +69,8 @@ pub fn test_config(pki: &Pki, db_url: &str) -> Config {
         ..Config::default()
     };
     config.listen.address = "127.0.0.1:0".parse().expect("address");
+    // Many aggregators share a test process: their admin ports must not clash.
+    config.admin.address = "127.0.0.1:0".parse().expect("address");
     config.database.max_connections = 4;
     config.database.migrate_on_start = false;
     config

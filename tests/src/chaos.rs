@@ -152,6 +152,7 @@ impl World {
         let agg_port = free_port();
         let env = [
             ("LISTEN__ADDRESS", format!("127.0.0.1:{agg_port}")),
+            ("ADMIN__ADDRESS", "127.0.0.1:0".into()),
             ("TLS__CA", pki.ca.display().to_string()),
             ("TLS__CERT", pki.server_cert.display().to_string()),
             ("TLS__KEY", pki.server_key.display().to_string()),

@@ -430,6 +430,7 @@ impl NetWorld {
         let agg_port = free_port();
         let env = [
             ("LISTEN__ADDRESS", format!("0.0.0.0:{agg_port}")),
+            ("ADMIN__ADDRESS", "127.0.0.1:0".into()),
             ("TLS__CA", pki.ca.display().to_string()),
             (
                 "TLS__CERT",

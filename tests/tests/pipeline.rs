@@ -150,6 +150,26 @@ async fn records_pushed_as_one_an_array_and_ndjson_arrive_exactly_once_in_order(
         .unwrap();
     assert_eq!(st["buffer"]["delivered_total"], 10);
     assert_eq!(st["delivery"]["link"], "up");
+
+    let metrics = http
+        .get(agent.endpoint("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "dcs_agent_buffer_records 0",
+        "dcs_agent_records_delivered_total 10",
+        "dcs_agent_link_up 1",
+        r#"dcs_agent_records_received_total{stream="app.logs",result="accepted"} 4"#,
+    ] {
+        assert!(
+            metrics.contains(series),
+            "{series} missing from:\n{metrics}"
+        );
+    }
     agent.stop().await;
 }
 
