@@ -1,0 +1,133 @@
+#!/usr/bin/env bash
+# The test command, for developers and CI alike:
+#
+#   scripts/test.sh [--quick]
+#
+# 1. PostgreSQL 15 on 127.0.0.1:5432 (scripts/ensure-postgres.sh)
+# 2. tinyproxy, for the HTTP CONNECT proxy test (installed with apt if missing)
+# 3. cargo fmt --check and cargo clippy -D warnings (skipped with --quick)
+# 4. cargo build --workspace --bins (the tests run the real binaries)
+# 5. dcs-edge / dcs-aggregator check-config on config/examples/*.toml
+# 6. cargo test --workspace
+#
+# Exits non-zero as soon as a step fails.
+set -Eeuo pipefail
+
+DCS_SCRIPT_NAME="test"
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+usage() {
+    cat <<'EOF'
+Usage: scripts/test.sh [--quick]
+
+  --quick     skip cargo fmt and cargo clippy
+  -h, --help  this text
+EOF
+}
+
+QUICK=0
+while (($#)); do
+    case "$1" in
+    --quick) QUICK=1 ;;
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    *)
+        usage >&2
+        die "unknown argument: $1"
+        ;;
+    esac
+    shift
+done
+
+export RUST_BACKTRACE=1
+
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+[[ "$TARGET_DIR" == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
+BIN_DIR="$TARGET_DIR/debug"
+
+SCRATCH=$(mktemp -d)
+trap 'rm -rf "$SCRATCH"' EXIT
+
+CURRENT_STEP=
+STARTED=$SECONDS
+step() {
+    CURRENT_STEP=$1
+    section "$1"
+}
+trap 'printf "\n%s: FAILED in step: %s\n" "$DCS_SCRIPT_NAME" "$CURRENT_STEP" >&2' ERR
+
+ensure_tinyproxy() {
+    if command -v tinyproxy >/dev/null 2>&1; then
+        say "tinyproxy is installed: $(command -v tinyproxy)"
+        return 0
+    fi
+    apt_install tinyproxy
+    command -v tinyproxy >/dev/null 2>&1 || die "tinyproxy was installed but is not on PATH"
+    # The tests start their own tinyproxy on a free port; the package's
+    # system-wide service is not needed. (Under Docker-style policies apt does
+    # not start it in the first place.)
+    if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+        say "disabling the tinyproxy system service the package enabled (the tests run their own)"
+        as_root systemctl disable --now tinyproxy >/dev/null 2>&1 ||
+            warn "could not disable the tinyproxy service"
+    fi
+}
+
+# dcs-certs makes throw-away certificates; the examples are then checked with
+# only their certificate paths overridden from the environment.
+check_example_configs() {
+    local pki="$SCRATCH/pki"
+    "$BIN_DIR/dcs-certs" init --out "$pki/ca" >/dev/null
+    "$BIN_DIR/dcs-certs" server --ca "$pki/ca" --dns aggregator.example.com --out "$pki/server" >/dev/null
+    "$BIN_DIR/dcs-certs" agent --ca "$pki/ca" --tenant example --agent edge-01 --out "$pki/agent" >/dev/null
+
+    say "dcs-edge check-config --config config/examples/edge.toml"
+    env DCS_EDGE_AGGREGATOR__CA="$pki/agent/ca.pem" \
+        DCS_EDGE_AGGREGATOR__CERT="$pki/agent/agent.pem" \
+        DCS_EDGE_AGGREGATOR__KEY="$pki/agent/agent-key.pem" \
+        "$BIN_DIR/dcs-edge" check-config --config config/examples/edge.toml
+
+    say "dcs-aggregator check-config --config config/examples/aggregator.toml"
+    env DCS_AGG_TLS__CA="$pki/ca/ca.pem" \
+        DCS_AGG_TLS__CERT="$pki/server/server.pem" \
+        DCS_AGG_TLS__KEY="$pki/server/server-key.pem" \
+        "$BIN_DIR/dcs-aggregator" check-config --config config/examples/aggregator.toml
+}
+
+step "PostgreSQL"
+bash "$ROOT/scripts/ensure-postgres.sh"
+
+step "tinyproxy (for tests/tests/proxy.rs)"
+ensure_tinyproxy
+
+if ((QUICK)); then
+    section "cargo fmt / cargo clippy: skipped (--quick)"
+else
+    step "cargo fmt --all -- --check"
+    cargo fmt --all -- --check
+
+    step "cargo clippy --workspace --all-targets -- -D warnings"
+    cargo clippy --workspace --all-targets -- -D warnings
+fi
+
+step "cargo build --workspace --bins"
+cargo build --workspace --bins
+
+step "Example configs (config/examples)"
+check_example_configs
+
+step "cargo test --workspace"
+# NO_PROXY would let the agent bypass the proxy the proxy test configures.
+# It only matters when a proxy is set, and the tests need none.
+if [[ -z "${HTTPS_PROXY:-}${https_proxy:-}${HTTP_PROXY:-}${http_proxy:-}${ALL_PROXY:-}${all_proxy:-}" ]]; then
+    unset NO_PROXY no_proxy
+fi
+cargo test --workspace --no-fail-fast
+
+section "All steps passed in $((SECONDS - STARTED))s"
