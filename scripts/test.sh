@@ -122,6 +122,9 @@ cargo build --workspace --bins
 step "Example configs (config/examples)"
 check_example_configs
 
+step "Prometheus config, alert rules and their unit tests (promtool)"
+bash "$ROOT/scripts/check-observability.sh"
+
 step "cargo test --workspace"
 # NO_PROXY would let the agent bypass the proxy the proxy test configures.
 # It only matters when a proxy is set, and the tests need none.

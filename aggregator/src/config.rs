@@ -407,9 +407,12 @@ mod tests {
 
     #[test]
     fn the_config_file_variable_is_not_taken_for_a_key() {
-        let err = Config::load(None, vec![("DCS_AGG_CONFIG".to_string(), "x.toml".to_string())])
-            .unwrap_err()
-            .to_string();
+        let err = Config::load(
+            None,
+            vec![("DCS_AGG_CONFIG".to_string(), "x.toml".to_string())],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(!err.contains("unknown field"), "{err}");
     }
 

@@ -95,8 +95,54 @@ pub(crate) fn admin_router(
         )
         .route("/health", get(health))
         .route("/ready", get(ready))
+        .route("/agents", get(agents))
         .fallback(|| async { Error::NotFound })
         .with_state(state)
+}
+
+/// An agent as the center knows it, with the backlog it last reported.
+#[derive(Debug, serde::Serialize, sqlx::FromRow)]
+struct AgentView {
+    tenant: String,
+    agent: String,
+    first_seen: String,
+    last_seen: String,
+    last_batch_at: Option<String>,
+    last_epoch: Option<String>,
+    /// `up` when heard from within the last five minutes.
+    link: String,
+    backlog_records: Option<i64>,
+    backlog_bytes: Option<i64>,
+    backlog_oldest_age_secs: Option<i64>,
+    dropped_total: Option<i64>,
+}
+
+/// How long an agent may be silent before the center calls its link down;
+/// agents retry at most every `retry.max` (30 s by default), so five minutes of
+/// silence is a real outage, not a pause.
+const LINK_DOWN_AFTER_SECS: i64 = 300;
+
+async fn agents(State(app): State<AppState>) -> Result<Json<Vec<AgentView>>, Error> {
+    let rows = sqlx::query_as::<_, AgentView>(
+        "SELECT tenant_id AS tenant, name AS agent,
+                to_char(first_seen AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS first_seen,
+                to_char(last_seen AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS last_seen,
+                to_char(last_batch_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS last_batch_at,
+                last_epoch::text AS last_epoch,
+                CASE WHEN last_seen > now() - make_interval(secs => $1) THEN 'up' ELSE 'down' END AS link,
+                backlog_records, backlog_bytes, backlog_oldest_age_secs, dropped_total
+         FROM agents ORDER BY tenant_id, name",
+    )
+    .bind(LINK_DOWN_AFTER_SECS as f64)
+    .fetch_all(&app.0.pool)
+    .await
+    .map_err(|error| {
+        warn!(message = "list agents", %error);
+        Error::DatabaseUnavailable {
+            retry_after: app.0.limits.retry_after,
+        }
+    })?;
+    Ok(Json(rows))
 }
 
 async fn time_requests(request: axum::extract::Request, next: axum::middleware::Next) -> Response {

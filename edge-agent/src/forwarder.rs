@@ -312,8 +312,11 @@ impl Inner {
         }
     }
 
-    fn backlog(&self) -> Backlog {
+    /// The backlog behind `batch`: what stays buffered once it is delivered,
+    /// so the center's view returns to zero when the last batch lands.
+    fn backlog(&self, batch: &[Buffered]) -> Backlog {
         let stats = self.buffer.stats();
+        let in_batch: u64 = batch.iter().map(|r| r.size).sum();
         let oldest_age_secs = self
             .buffer
             .oldest_received_us()
@@ -322,8 +325,8 @@ impl Inner {
             .map(|us| (now_us().saturating_sub(us).max(0) / 1_000_000) as u64)
             .unwrap_or(0);
         Backlog {
-            records: stats.records,
-            bytes: stats.bytes,
+            records: stats.records.saturating_sub(batch.len() as u64),
+            bytes: stats.bytes.saturating_sub(in_batch),
             oldest_age_secs,
             dropped_total: stats.dropped_total,
         }
@@ -339,7 +342,7 @@ impl Inner {
         });
         Bytes::from(wire::encode_batch(
             self.buffer.epoch(),
-            Some(&self.backlog()),
+            Some(&self.backlog(batch)),
             records,
             self.compression_level,
         ))

@@ -348,3 +348,83 @@ async fn a_postgres_outage_is_503_with_retry_after_and_everything_arrives_after_
     agent.stop().await;
     aggregator.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_listener_shows_each_agent_and_the_backlog_it_reported() {
+    let pki = Pki::new();
+    let db = TestDb::new().await;
+    let admin_port = agent::free_port();
+    let aggregator = start_aggregator_with(&pki, &db.url, |c| {
+        c.admin.address = format!("127.0.0.1:{admin_port}").parse().unwrap();
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = start_agent(agent::test_config(
+        &pki.agent("acme", "edge-7"),
+        &aggregator.url,
+        &dir.path().join("b.db"),
+    ))
+    .await;
+    let http = reqwest::Client::new();
+    let r = push(
+        &http,
+        &agent.url,
+        "application/x-ndjson",
+        agent::ndjson("s", "a", 0..50),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(wait_for_rows(&db.pool, 50).await, 50);
+
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    let agents: Value = http
+        .get(format!("{admin}/agents"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let me = agents
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent"] == "edge-7")
+        .expect("agent listed");
+    assert_eq!(me["tenant"], "acme");
+    assert_eq!(me["link"], "up");
+    // The backlog reported with the last batch excludes that batch itself.
+    assert_eq!(me["backlog_records"], 0);
+    assert!(me["last_epoch"].as_str().unwrap().len() == 36);
+
+    let metrics = http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("dcs_aggregator_records_ingested_total"),
+        "{metrics}"
+    );
+    assert_eq!(
+        http.get(format!("{admin}/health"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    assert_eq!(
+        http.get(format!("{admin}/ready"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    agent.stop().await;
+    aggregator.stop().await;
+}
