@@ -168,6 +168,7 @@ fn batch_outcome(result: &Result<Json<BatchAck>, Error>) -> &'static str {
         Ok(_) => "accepted",
         Err(e) => match e.status_code_message().0 {
             StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::CONFLICT => "conflict",
             StatusCode::SERVICE_UNAVAILABLE => "unavailable",
             StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => "unauthorized",
             s if s.is_client_error() => "rejected",
@@ -203,6 +204,10 @@ pub(crate) enum Error {
         details: Vec<FieldError>,
     },
     RejectedByDatabase(String),
+    /// Records reuse a stored `(agent, epoch, seq)` with different content.
+    ContentConflict {
+        records: u64,
+    },
     DatabaseUnavailable {
         retry_after: Duration,
     },
@@ -266,6 +271,13 @@ impl Error {
                 S::UNPROCESSABLE_ENTITY,
                 "rejected_by_database",
                 format!("PostgreSQL refused the batch's data ({m}); nothing was written"),
+            ),
+            Error::ContentConflict { records } => (
+                S::CONFLICT,
+                "content_conflict",
+                format!(
+                    "{records} records reuse an (agent, epoch, seq) already stored with different content; nothing was written"
+                ),
             ),
             Error::DatabaseUnavailable { .. } => (
                 S::SERVICE_UNAVAILABLE,
@@ -430,6 +442,7 @@ async fn handle_batch(
 
     let pool = app.0.pool.clone();
     let writer = agent.clone();
+    let epoch = prepared.epoch;
     let records = prepared.records;
     // Spawned, not awaited in place: if the agent disconnects this handler is
     // dropped, but the transaction still runs to commit or rollback.
@@ -441,7 +454,20 @@ async fn handle_batch(
     drop(permit);
 
     match written {
-        Ok(Ok(ack)) => {
+        Ok(Ok(store::Written::Conflict {
+            records: conflicting,
+        })) => {
+            warn!(
+                message = "batch reuses stored (agent, epoch, seq) keys with other content; refused",
+                agent = %agent,
+                epoch = %epoch,
+                conflicting,
+            );
+            Err(Error::ContentConflict {
+                records: conflicting,
+            })
+        }
+        Ok(Ok(store::Written::Stored(ack))) => {
             debug!(
                 message = "batch written",
                 agent = %agent,

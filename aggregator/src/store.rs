@@ -15,6 +15,11 @@
 //!   state is in doubt after an error is closed rather than returned to the pool.
 //! - Errors are classified here, where SQLSTATEs are understood: transient
 //!   (retry later), rejected data (never retry), or a bug.
+//! - Every row stores a hash of its content. When a batch holds duplicates,
+//!   their hashes are compared with the stored rows: the same key with other
+//!   content (a reused epoch, a redelivery bug) refuses the whole batch rather
+//!   than silently keeping one version. Batches without duplicates, the normal
+//!   case, skip the comparison.
 
 use std::borrow::Cow;
 use std::io::Write as _;
@@ -28,10 +33,11 @@ use uuid::Uuid;
 /// "relation already exists, skipping" is not logged for every batch.
 const CREATE_STAGING: &str = "SET LOCAL client_min_messages = warning; \
     CREATE TEMP TABLE IF NOT EXISTS dcs_staging \
-    (seq int8, record_id text, stream text, ts_us int8, payload jsonb) \
+    (seq int8, record_id text, stream text, ts_us int8, payload jsonb, content_hash int8) \
     ON COMMIT DELETE ROWS";
 
-const COPY_STAGING: &str = "COPY dcs_staging (seq, record_id, stream, ts_us, payload) FROM STDIN";
+const COPY_STAGING: &str =
+    "COPY dcs_staging (seq, record_id, stream, ts_us, payload, content_hash) FROM STDIN";
 
 const UPSERT_TENANT: &str = "INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING";
 
@@ -53,11 +59,28 @@ const UPSERT_AGENT: &str = "\
 
 const INSERT_RECORDS: &str = "\
     INSERT INTO records \
-        (agent_id, epoch, seq, tenant_id, record_id, stream, ts, received_at, payload) \
+        (agent_id, epoch, seq, tenant_id, record_id, stream, ts, received_at, payload, \
+         content_hash) \
     SELECT $1, $2, seq, $3, record_id, stream, \
-        'epoch'::timestamptz + ts_us * interval '1 microsecond', now(), payload \
+        'epoch'::timestamptz + ts_us * interval '1 microsecond', now(), payload, content_hash \
     FROM dcs_staging \
     ON CONFLICT DO NOTHING";
+
+/// Staged records whose key is already stored with other content. Rows from
+/// before content hashes existed (NULL) are not compared.
+const COUNT_CONFLICTS: &str = "\
+    SELECT count(*) FROM dcs_staging s \
+    JOIN records r ON r.agent_id = $1 AND r.epoch = $2 AND r.seq = s.seq \
+    WHERE r.content_hash IS NOT NULL AND r.content_hash <> s.content_hash";
+
+/// What a write did.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Written {
+    /// Committed.
+    Stored(BatchAck),
+    /// Rolled back: this many records reuse a stored key with other content.
+    Conflict { records: u64 },
+}
 
 /// A validated batch, its records already encoded as COPY text rows, so the
 /// CPU work happens off the async threads and before a connection is taken.
@@ -80,6 +103,7 @@ impl CopyRows {
     }
 
     pub fn push(&mut self, seq: i64, record_id: &str, stream: &str, ts_us: i64, payload: &str) {
+        let hash = content_hash(record_id, stream, ts_us, payload);
         let buf = &mut self.0;
         // Writing to a Vec cannot fail.
         let _ = write!(buf, "{seq}\t");
@@ -88,13 +112,27 @@ impl CopyRows {
         push_text(buf, stream);
         let _ = write!(buf, "\t{ts_us}\t");
         push_text(buf, payload);
-        buf.push(b'\n');
+        let _ = writeln!(buf, "\t{hash}");
     }
 
     #[cfg(test)]
     fn as_bytes(&self) -> &[u8] {
         &self.0
     }
+}
+
+/// A stable 64-bit hash (XXH3) of what a record says. Fields are separated by
+/// NUL, which none of them can contain, so different records cannot collide
+/// by shifting bytes between fields. Stored in PostgreSQL: never change it.
+pub(crate) fn content_hash(record_id: &str, stream: &str, ts_us: i64, payload: &str) -> i64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(record_id.as_bytes());
+    h.update(&[0]);
+    h.update(stream.as_bytes());
+    h.update(&[0]);
+    h.update(&ts_us.to_le_bytes());
+    h.update(payload.as_bytes());
+    h.digest() as i64
 }
 
 /// Appends `s` as one COPY text field. Backslash is the escape character and
@@ -171,7 +209,7 @@ pub(crate) async fn write_batch(
     pool: &PgPool,
     agent: &AgentIdentity,
     batch: &PreparedBatch,
-) -> Result<BatchAck, sqlx::Error> {
+) -> Result<Written, sqlx::Error> {
     let mut conn = pool.acquire().await?;
     let result = write_in_transaction(&mut conn, agent, batch).await;
     if let Err(error) = &result
@@ -188,15 +226,19 @@ async fn write_in_transaction(
     conn: &mut PgConnection,
     agent: &AgentIdentity,
     batch: &PreparedBatch,
-) -> Result<BatchAck, sqlx::Error> {
+) -> Result<Written, sqlx::Error> {
     let mut tx = conn.begin().await?;
     match write_steps(&mut tx, agent, batch).await {
-        Ok(accepted) => {
+        Ok((_, conflicts)) if conflicts > 0 => {
+            tx.rollback().await?;
+            Ok(Written::Conflict { records: conflicts })
+        }
+        Ok((accepted, _)) => {
             tx.commit().await?;
-            Ok(BatchAck {
+            Ok(Written::Stored(BatchAck {
                 accepted,
                 duplicates: batch.records.saturating_sub(accepted),
-            })
+            }))
         }
         Err(error) => {
             // After a database error the connection is in a clean (aborted)
@@ -211,11 +253,12 @@ async fn write_in_transaction(
     }
 }
 
+/// Returns (records inserted, records conflicting with stored content).
 async fn write_steps(
     tx: &mut Transaction<'_, Postgres>,
     agent: &AgentIdentity,
     batch: &PreparedBatch,
-) -> Result<u64, sqlx::Error> {
+) -> Result<(u64, u64), sqlx::Error> {
     sqlx::query(UPSERT_TENANT)
         .bind(&agent.tenant)
         .execute(&mut **tx)
@@ -239,7 +282,16 @@ async fn write_steps(
         .bind(&agent.tenant)
         .execute(&mut **tx)
         .await?;
-    Ok(inserted.rows_affected())
+    let inserted = inserted.rows_affected();
+    if inserted == batch.records {
+        return Ok((inserted, 0));
+    }
+    let conflicts: i64 = sqlx::query_scalar(COUNT_CONFLICTS)
+        .bind(agent_id)
+        .bind(batch.epoch)
+        .fetch_one(&mut **tx)
+        .await?;
+    Ok((inserted, conflicts.max(0) as u64))
 }
 
 async fn copy_into_staging(
@@ -324,4 +376,22 @@ mod tests {
         assert_eq!(clamp(5), 5);
         assert_eq!(clamp(u64::MAX), i64::MAX);
     }
+
+    #[test]
+    fn the_content_hash_is_stable_and_covers_every_field() {
+        let h = content_hash("id-1", "s", 5, r#"{"a":1}"#);
+        // Stored in PostgreSQL: a new value here breaks every stored row.
+        assert_eq!(h, PINNED_HASH);
+        assert_ne!(h, content_hash("id-2", "s", 5, r#"{"a":1}"#));
+        assert_ne!(h, content_hash("id-1", "t", 5, r#"{"a":1}"#));
+        assert_ne!(h, content_hash("id-1", "s", 6, r#"{"a":1}"#));
+        assert_ne!(h, content_hash("id-1", "s", 5, r#"{"a":2}"#));
+        // Bytes cannot slide between fields.
+        assert_ne!(
+            content_hash("ab", "c", 0, "{}"),
+            content_hash("a", "bc", 0, "{}")
+        );
+    }
+
+    const PINNED_HASH: i64 = 7_326_308_207_649_593_802;
 }

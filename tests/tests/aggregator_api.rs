@@ -254,6 +254,52 @@ async fn the_same_batch_posted_twice_is_stored_once_and_reported_as_duplicates()
 }
 
 #[tokio::test]
+async fn a_stored_key_redelivered_with_other_content_is_refused_with_409_and_nothing_is_written() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+    let epoch = Uuid::now_v7();
+    assert_eq!(
+        expect_ack(post(&client, &agg, batch(epoch, &simple(1..=3))).await).await,
+        ack(3, 0)
+    );
+    // Seq 2 comes back with another payload (a reused epoch, a redelivery
+    // bug), alongside a new seq 4: the whole batch is refused.
+    let mut altered = simple(2..=4);
+    altered[0].payload = r#"{"n":"changed"}"#.into();
+    let error = expect_error(
+        post(&client, &agg, batch(epoch, &altered)).await,
+        StatusCode::CONFLICT,
+        "content_conflict",
+    )
+    .await;
+    assert!(error.message.contains("1 records"), "{error:?}");
+    assert_eq!(db.count("records").await, 3, "seq 4 was not written either");
+    let stored_payload: String =
+        sqlx::query_scalar("SELECT payload::text FROM records WHERE seq = 2")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(stored_payload, r#"{"n": 2}"#);
+    // Two different records under one seq in a single batch conflict too.
+    let mut twice = simple([10, 10]);
+    twice[1].payload = r#"{"n":"other"}"#.into();
+    expect_error(
+        post(&client, &agg, batch(epoch, &twice)).await,
+        StatusCode::CONFLICT,
+        "content_conflict",
+    )
+    .await;
+    // An identical redelivery is still a plain duplicate.
+    assert_eq!(
+        expect_ack(post(&client, &agg, batch(epoch, &simple(1..=3))).await).await,
+        ack(0, 3)
+    );
+    agg.stop().await;
+}
+
+#[tokio::test]
 async fn a_client_without_a_certificate_is_refused_in_the_handshake() {
     let db = TestDb::new().await;
     let pki = Pki::new();
