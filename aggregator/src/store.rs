@@ -332,9 +332,17 @@ mod tests {
             -5,
             "{\"a\":\"x\\\"y\\\\z\",\n\r\"b\":\"ü\"}",
         );
+        let hash = content_hash(
+            "id\twith\ttabs",
+            "s.t",
+            -5,
+            "{\"a\":\"x\\\"y\\\\z\",\n\r\"b\":\"ü\"}",
+        );
         assert_eq!(
             std::str::from_utf8(rows.as_bytes()).unwrap(),
-            "7\tid\\twith\\ttabs\ts.t\t-5\t{\"a\":\"x\\\\\"y\\\\\\\\z\",\\n\\r\"b\":\"ü\"}\n"
+            format!(
+                "7\tid\\twith\\ttabs\ts.t\t-5\t{{\"a\":\"x\\\\\"y\\\\\\\\z\",\\n\\r\"b\":\"ü\"}}\t{hash}\n"
+            )
         );
     }
 
