@@ -77,9 +77,17 @@ pub async fn start_agent(config: Config) -> RunningAgent {
         .expect("bind agent listener");
     let addr = listener.local_addr().expect("local addr");
     let (tx, rx) = oneshot::channel::<()>();
-    let task = tokio::spawn(dcs_edge::run(config, listener, async move {
-        let _ = rx.await;
-    }));
+    let task = tokio::spawn(async move {
+        let result = dcs_edge::run(config, listener, async move {
+            let _ = rx.await;
+        })
+        .await;
+        // Seen at once, not only when a test calls stop().
+        if let Err(error) = &result {
+            eprintln!("in-process agent stopped with an error: {error}");
+        }
+        result
+    });
     RunningAgent {
         addr,
         url: format!("http://{addr}"),

@@ -22,7 +22,8 @@ use tokio::task::JoinHandle;
 use crate::aggregator::agent_client;
 use crate::pki::{AgentCert, Pki};
 
-/// Which requests the gate refuses.
+/// Which requests the gate refuses. (Named for its first use; it also
+/// produces permanent refusals: any status works.)
 #[derive(Debug, Clone, Copy)]
 pub struct Overload {
     /// Status to answer with (429 or 503).
@@ -43,6 +44,8 @@ pub struct Gate {
     pub addr: SocketAddr,
     pub seen: Arc<Mutex<Vec<Seen>>>,
     policy: Arc<Mutex<Option<Overload>>>,
+    /// Bodies larger than this get 413, as a proxy with a body limit answers.
+    max_body: Arc<Mutex<Option<usize>>>,
     task: JoinHandle<()>,
 }
 
@@ -58,12 +61,14 @@ impl Gate {
         let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
         let policy: Arc<Mutex<Option<Overload>>> = Arc::new(Mutex::new(None));
+        let max_body: Arc<Mutex<Option<usize>>> = Arc::new(Mutex::new(None));
         let counter = Arc::new(AtomicU64::new(0));
         let client = agent_client(agent);
         let upstream = format!("{upstream}{}", dcs_shared::wire::BATCHES_PATH);
         let task = tokio::spawn({
             let seen = seen.clone();
             let policy = policy.clone();
+            let max_body = max_body.clone();
             async move {
                 loop {
                     let Ok((tcp, _)) = listener.accept().await else {
@@ -77,6 +82,7 @@ impl Gate {
                         client.clone(),
                         upstream.clone(),
                     );
+                    let max_body = max_body.clone();
                     tokio::spawn(async move {
                         let Ok(tls) = acceptor.accept(tcp).await else {
                             return;
@@ -89,6 +95,7 @@ impl Gate {
                                 client.clone(),
                                 upstream.clone(),
                             );
+                            let max_body = *max_body.lock().expect("max body");
                             async move {
                                 let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
                                 let at = Instant::now();
@@ -103,7 +110,7 @@ impl Gate {
                                             br#"{"error":"overloaded","message":"try later"}"#,
                                         )))
                                         .expect("response"),
-                                    None => forward(&client, &upstream, req).await,
+                                    None => forward(&client, &upstream, req, max_body).await,
                                 };
                                 seen.lock().expect("seen").push(Seen {
                                     at,
@@ -123,6 +130,7 @@ impl Gate {
             addr,
             seen,
             policy,
+            max_body,
             task,
         }
     }
@@ -134,6 +142,11 @@ impl Gate {
 
     pub fn overload(&self, o: Option<Overload>) {
         *self.policy.lock().expect("policy") = o;
+    }
+
+    /// Refuse bodies over `limit` bytes with 413 (None: no limit).
+    pub fn max_body(&self, limit: Option<usize>) {
+        *self.max_body.lock().expect("max body") = limit;
     }
 
     pub fn seen(&self) -> Vec<Seen> {
@@ -151,12 +164,22 @@ async fn forward(
     client: &reqwest::Client,
     upstream: &str,
     req: Request<Incoming>,
+    max_body: Option<usize>,
 ) -> Response<Full<Bytes>> {
     let headers = req.headers().clone();
     let body = match req.into_body().collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return bad_gateway(),
     };
+    if max_body.is_some_and(|limit| body.len() > limit) {
+        return Response::builder()
+            .status(StatusCode::PAYLOAD_TOO_LARGE)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from_static(
+                br#"{"error":"batch_too_large","message":"body over the gate's limit"}"#,
+            )))
+            .expect("response");
+    }
     let mut out = client.post(upstream).body(body);
     for name in ["content-type", "content-encoding"] {
         if let Some(v) = headers.get(name) {

@@ -1,0 +1,167 @@
+//! What the agent's forwarder does with each kind of refusal, driven by a
+//! gate in front of a real aggregator: permanent refusals go to dead letters
+//! with the reason, 413 splits the batch, 401/403 keep the data and retry.
+
+use std::time::Duration;
+
+use dcs_tests::agent::{self, RunningAgent, push, start_agent, wait_until};
+use dcs_tests::aggregator::{RunningAggregator, start_aggregator};
+use dcs_tests::gate::{Gate, Overload};
+use dcs_tests::pg::TestDb;
+use dcs_tests::pki::Pki;
+use serde_json::Value;
+
+struct Rig {
+    // Holds the certificate files the agent loads at start.
+    _pki: Pki,
+    db: TestDb,
+    _aggregator: RunningAggregator,
+    gate: Gate,
+    agent: RunningAgent,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+async fn rig(adjust: impl FnOnce(&mut dcs_edge::Config)) -> Rig {
+    let pki = Pki::new();
+    let db = TestDb::new().await;
+    let aggregator = start_aggregator(&pki, &db.url).await;
+    let cert = pki.agent("acme", "fwd-1");
+    let gate = Gate::start(&pki, &cert, &aggregator.url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = agent::test_config(&cert, &gate.url(), &dir.path().join("b.db"));
+    adjust(&mut config);
+    let agent = start_agent(config).await;
+    Rig {
+        _pki: pki,
+        db,
+        _aggregator: aggregator,
+        gate,
+        agent,
+        http: reqwest::Client::new(),
+        _dir: dir,
+    }
+}
+
+impl Rig {
+    async fn status(&self) -> Value {
+        self.http
+            .get(self.agent.endpoint("/v1/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
+    async fn rows(&self) -> i64 {
+        sqlx::query_scalar("SELECT count(*) FROM records")
+            .fetch_one(&self.db.pool)
+            .await
+            .unwrap()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_refusal_moves_the_batch_to_dead_letters_with_the_reason() {
+    let r = rig(|_| {}).await;
+    r.gate.overload(Some(Overload {
+        status: 422,
+        retry_after_secs: 0,
+        pass_every: 0,
+    }));
+    let pushed = push(
+        &r.http,
+        &r.agent.url,
+        "application/x-ndjson",
+        agent::ndjson("s", "d", 0..20),
+    )
+    .await;
+    assert_eq!(pushed.status(), 200);
+    assert!(
+        wait_until(Duration::from_secs(20), || async {
+            r.status().await["dead_letters"]["records"] == 20
+        })
+        .await,
+        "{}",
+        r.status().await
+    );
+    let st = r.status().await;
+    assert_eq!(st["buffer"]["records"], 0, "dead letters leave the buffer");
+    let reason = st["dead_letters"]["last_reason"].as_str().unwrap();
+    assert!(reason.contains("422"), "{reason}");
+    let got: Value = r
+        .http
+        .get(r.agent.endpoint("/v1/records/d-3"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["state"], "dead_letter");
+    // Later records are not held up by the dead batch.
+    r.gate.overload(None);
+    push(
+        &r.http,
+        &r.agent.url,
+        "application/x-ndjson",
+        agent::ndjson("s", "ok", 0..10),
+    )
+    .await;
+    assert!(wait_until(Duration::from_secs(20), || async { r.rows().await == 10 }).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_413_splits_the_batch_until_it_fits_and_everything_arrives() {
+    let r = rig(|c| c.batch.linger = Duration::from_millis(300)).await;
+    // About 40 records fit under the gate's limit; the agent batches 1000.
+    r.gate.max_body(Some(2_000));
+    push(
+        &r.http,
+        &r.agent.url,
+        "application/x-ndjson",
+        agent::ndjson("s", "big", 0..1000),
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(60), || async { r.rows().await == 1000 }).await,
+        "rows: {} status: {}",
+        r.rows().await,
+        r.status().await
+    );
+    let st = r.status().await;
+    assert_eq!(st["dead_letters"]["records"], 0);
+    let refused = r.gate.seen().iter().filter(|s| s.status == 413).count();
+    assert!(refused > 0, "the gate never refused a batch");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_403_keeps_the_data_and_delivery_resumes_when_the_agent_is_let_back_in() {
+    let r = rig(|c| c.retry.max = Duration::from_millis(300)).await;
+    r.gate.overload(Some(Overload {
+        status: 403,
+        retry_after_secs: 0,
+        pass_every: 0,
+    }));
+    push(
+        &r.http,
+        &r.agent.url,
+        "application/x-ndjson",
+        agent::ndjson("s", "k", 0..50),
+    )
+    .await;
+    assert!(
+        wait_until(Duration::from_secs(10), || async {
+            r.gate.seen().iter().filter(|s| s.status == 403).count() >= 3
+        })
+        .await
+    );
+    let st = r.status().await;
+    assert_eq!(st["buffer"]["records"], 50, "refused batches stay buffered");
+    assert_eq!(st["dead_letters"]["records"], 0, "a 403 is not permanent");
+    assert_eq!(st["delivery"]["link"], "down");
+    r.gate.overload(None);
+    assert!(wait_until(Duration::from_secs(20), || async { r.rows().await == 50 }).await);
+}
