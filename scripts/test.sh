@@ -125,6 +125,9 @@ check_example_configs
 step "Prometheus config, alert rules and their unit tests (promtool)"
 bash "$ROOT/scripts/check-observability.sh"
 
+step "Fuzz targets (briefly, when cargo-fuzz and nightly are present; the corpus replays in cargo test)"
+bash "$ROOT/scripts/fuzz.sh" 20
+
 step "cargo test --workspace"
 # NO_PROXY would let the agent bypass the proxy the proxy test configures.
 # It only matters when a proxy is set, and the tests need none.

@@ -25,6 +25,16 @@ pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 64 * 1024;
 /// PostgreSQL's `numeric` (which backs jsonb numbers) refuses very large exponents;
 /// we refuse them first so a batch never fails inside the database.
 const MAX_NUMBER_EXPONENT: u32 = 1000;
+/// Digits `numeric` keeps after the decimal point (`NUMERIC_DSCALE_MAX`); one
+/// more and PostgreSQL answers "value overflows numeric format".
+const NUMERIC_MAX_SCALE: i64 = 16383;
+/// Digits `numeric` holds before the decimal point (weight 32767 in base 10000).
+const NUMERIC_MAX_INTEGER_DIGITS: i64 = 131_072;
+/// Deepest nesting of objects and arrays in a payload. PostgreSQL parses jsonb
+/// recursively and refuses deep documents with "stack depth limit exceeded"
+/// (about 10 000 levels at the default `max_stack_depth`, about 500 at its
+/// 100kB minimum) — an error no retry can cure. No real event nests this deep.
+pub const MAX_NESTING_DEPTH: usize = 256;
 
 /// Limits a validator enforces; both tiers load them from their configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -243,8 +253,8 @@ pub fn format_ts(us: i64) -> String {
 /// Checks a payload given as JSON text that is already known to be well-formed
 /// JSON: it must be an object within the size limit, and hold nothing that
 /// PostgreSQL's jsonb would refuse (NUL characters, unpaired surrogates, numbers
-/// with huge exponents). Refusing those here is what keeps a poison record out
-/// of the buffer.
+/// `numeric` cannot hold, nesting deeper than [`MAX_NESTING_DEPTH`]). Refusing
+/// those here is what keeps a poison record out of the buffer.
 pub fn validate_payload(json: &str, limits: &Limits) -> Result<(), String> {
     if !json.starts_with('{') {
         return Err("must be a JSON object".into());
@@ -264,6 +274,7 @@ fn scan_for_jsonb_hazards(b: &[u8]) -> Result<(), String> {
     let mut in_string = false;
     // A high surrogate escape must be followed directly by a low one.
     let mut pending_high = false;
+    let mut depth = 0usize;
     while i < b.len() {
         let c = b[i];
         if in_string {
@@ -313,32 +324,17 @@ fn scan_for_jsonb_hazards(b: &[u8]) -> Result<(), String> {
         } else {
             match c {
                 b'"' => in_string = true,
-                b'e' | b'E' => {
-                    // Outside strings an 'e' can only be a number's exponent
-                    // (true/false/null contain 'e' but are followed by letters).
-                    let prev_is_digit = i > 0 && b[i - 1].is_ascii_digit();
-                    if prev_is_digit {
-                        let mut j = i + 1;
-                        if matches!(b.get(j), Some(b'+' | b'-')) {
-                            j += 1;
-                        }
-                        let start = j;
-                        while j < b.len() && b[j].is_ascii_digit() {
-                            j += 1;
-                        }
-                        let digits = &b[start..j];
-                        let exp: u32 = std::str::from_utf8(digits)
-                            .ok()
-                            .and_then(|d| d.parse().ok())
-                            .unwrap_or(u32::MAX);
-                        if exp > MAX_NUMBER_EXPONENT {
-                            return Err(format!(
-                                "contains a number whose exponent exceeds {MAX_NUMBER_EXPONENT}"
-                            ));
-                        }
-                        i = j;
-                        continue;
+                b'{' | b'[' => {
+                    depth += 1;
+                    if depth > MAX_NESTING_DEPTH {
+                        return Err(format!("nests deeper than {MAX_NESTING_DEPTH} levels"));
                     }
+                }
+                b'}' | b']' => depth = depth.saturating_sub(1),
+                // Outside strings a '-' or a digit can only start a number.
+                b'-' | b'0'..=b'9' => {
+                    i = check_number(b, i)?;
+                    continue;
                 }
                 _ => {}
             }
@@ -346,6 +342,64 @@ fn scan_for_jsonb_hazards(b: &[u8]) -> Result<(), String> {
         i += 1;
     }
     Ok(())
+}
+
+/// Checks the number (`-? int frac? exp?`, well-formed) that starts at `start`
+/// against what `numeric` can hold; returns the index just past it.
+fn check_number(b: &[u8], start: usize) -> Result<usize, String> {
+    let digits_end = |mut j: usize| {
+        while j < b.len() && b[j].is_ascii_digit() {
+            j += 1;
+        }
+        j
+    };
+    let int_start = if b[start] == b'-' { start + 1 } else { start };
+    let mut end = digits_end(int_start);
+    // JSON has no leading zeros, so only a lone "0" has no significant digit.
+    let int_digits = match &b[int_start..end] {
+        b"0" => 0,
+        digits => digits.len() as i64,
+    };
+    let mut frac_digits = 0;
+    if b.get(end) == Some(&b'.') {
+        let frac_end = digits_end(end + 1);
+        frac_digits = (frac_end - end - 1) as i64;
+        end = frac_end;
+    }
+    let mut exponent = 0i64;
+    if matches!(b.get(end), Some(b'e' | b'E')) {
+        let mut j = end + 1;
+        let negative = b.get(j) == Some(&b'-');
+        if matches!(b.get(j), Some(b'+' | b'-')) {
+            j += 1;
+        }
+        end = digits_end(j);
+        let magnitude: u32 = std::str::from_utf8(&b[j..end])
+            .ok()
+            .and_then(|d| d.parse().ok())
+            .unwrap_or(u32::MAX);
+        if magnitude > MAX_NUMBER_EXPONENT {
+            return Err(format!(
+                "contains a number whose exponent exceeds {MAX_NUMBER_EXPONENT}"
+            ));
+        }
+        exponent = if negative {
+            -i64::from(magnitude)
+        } else {
+            i64::from(magnitude)
+        };
+    }
+    if frac_digits - exponent > NUMERIC_MAX_SCALE {
+        return Err(format!(
+            "contains a number with more than {NUMERIC_MAX_SCALE} digits after the decimal point"
+        ));
+    }
+    if int_digits > 0 && int_digits + exponent > NUMERIC_MAX_INTEGER_DIGITS {
+        return Err(format!(
+            "contains a number with more than {NUMERIC_MAX_INTEGER_DIGITS} digits before the decimal point"
+        ));
+    }
+    Ok(end)
 }
 
 #[cfg(test)]
@@ -439,6 +493,51 @@ mod tests {
         assert!(validate_payload(r#"{"a":1e100000}"#, &l).is_err());
         assert!(validate_payload(r#"{"a":"\ud83d\ude00","b":1.5e-300,"t":true}"#, &l).is_ok());
         assert!(validate_payload(r#"{"e":"1e99999"}"#, &l).is_ok());
+    }
+
+    #[test]
+    fn payloads_nested_deeper_than_postgres_parses_are_refused() {
+        let l = Limits::default();
+        let nested = |depth: usize| {
+            // The payload object itself is the first level.
+            format!(
+                "{{\"a\":{}1{}}}",
+                "[".repeat(depth - 1),
+                "]".repeat(depth - 1)
+            )
+        };
+        assert!(validate_payload(&nested(MAX_NESTING_DEPTH), &l).is_ok());
+        let err = validate_payload(&nested(MAX_NESTING_DEPTH + 1), &l).unwrap_err();
+        assert!(err.contains("nests deeper"), "{err}");
+        assert!(validate_payload(&nested(20_000), &l).is_err());
+        // Brackets inside strings are text, not nesting.
+        let text = format!("{{\"a\":\"{}\"}}", "[{".repeat(1000));
+        assert!(validate_payload(&text, &l).is_ok());
+    }
+
+    #[test]
+    fn numbers_numeric_cannot_hold_are_refused_at_its_exact_limits() {
+        // The limits of PostgreSQL 15's numeric, checked against the server.
+        let l = Limits::default();
+        let num =
+            |n: String| validate_payload(&format!("{{\"n\":{n},\"t\":[true,false,null]}}"), &l);
+        let zeros = |n: usize| "0".repeat(n);
+        assert!(num(format!("0.{}1", zeros(16382))).is_ok());
+        assert!(num(format!("0.{}1", zeros(16383))).is_err());
+        assert!(num(format!("1.{}", zeros(16384))).is_err());
+        assert!(num(format!("-0.{}1e1", zeros(16383))).is_ok());
+        assert!(num(format!("0.{}1e-1", zeros(16382))).is_err());
+        let big = Limits {
+            max_payload_bytes: 1 << 20,
+        };
+        let int = |n: String| validate_payload(&format!("{{\"n\":{n}}}"), &big);
+        assert!(int(format!("1{}", zeros(131_071))).is_ok());
+        assert!(int(format!("-1{}", zeros(131_072))).is_err());
+        assert!(int(format!("1{}e1", zeros(131_071))).is_err());
+        assert!(num("1e1000".into()).is_ok());
+        assert!(num("1E-1000".into()).is_ok());
+        assert!(num("1e+1001".into()).is_err());
+        assert!(num("-0".into()).is_ok());
     }
 
     #[test]

@@ -129,7 +129,9 @@ fn write_batch_json<'a>(
 /// stops at the limit, so a gzip bomb costs at most `limit` bytes of memory.
 pub fn gunzip_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, Error> {
     let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
-    let mut decoder = GzDecoder::new(body).take(limit as u64 + 1);
+    // One byte past the limit tells "too large" from "exactly the limit";
+    // saturating, so a limit of usize::MAX means no limit rather than 0.
+    let mut decoder = GzDecoder::new(body).take((limit as u64).saturating_add(1));
     decoder
         .read_to_end(&mut out)
         .map_err(|e| Error::MalformedBatch(format!("gzip: {e}")))?;
@@ -254,6 +256,12 @@ mod tests {
             gunzip_limited(&bomb, 1000),
             Err(Error::BatchTooLarge { limit: 1000 })
         ));
+    }
+
+    #[test]
+    fn the_largest_limit_means_no_limit() {
+        let json = gunzip_limited(&sample(), usize::MAX).unwrap();
+        assert!(parse_batch(&json).is_ok());
     }
 
     #[test]
