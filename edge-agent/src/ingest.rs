@@ -457,28 +457,48 @@ async fn get_record(
     })
 }
 
-/// Prometheus exposition; buffer gauges are read from the buffer at scrape time
-/// so they are exact, survive restarts and can never go negative.
-async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let buffer = state.buffer.clone();
+/// What `/metrics` and `/v1/status` report of the buffer.
+struct BufferView {
+    stats: crate::buffer::Stats,
+    /// Age of the oldest buffered record; `None` when the buffer is empty.
+    age_secs: Option<f64>,
+    dead: crate::buffer::DeadLetterSummary,
+}
+
+/// Reads the parts of the buffer's state that need a query, off the async threads.
+async fn buffer_view(buffer: &Buffer) -> Result<BufferView, ApiError> {
+    let reader = buffer.clone();
     let (oldest, dead) = tokio::task::spawn_blocking(move || {
-        Ok::<_, BufferError>((buffer.oldest_received_us()?, buffer.dead_letter_summary()?))
+        Ok::<_, BufferError>((reader.oldest_received_us()?, reader.dead_letter_summary()?))
     })
     .await
     .map_err(|_| {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
-            "metrics failed",
+            "read buffer state",
         )
     })??;
-    let stats = state.buffer.stats();
     let now = record::unix_micros(time::OffsetDateTime::now_utc());
+    Ok(BufferView {
+        stats: buffer.stats(),
+        age_secs: oldest.map(|us| now.saturating_sub(us).max(0) as f64 / 1e6),
+        dead,
+    })
+}
+
+/// Prometheus exposition; buffer gauges are read from the buffer at scrape time
+/// so they are exact, survive restarts and can never go negative.
+async fn metrics(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let BufferView {
+        stats,
+        age_secs,
+        dead,
+    } = buffer_view(&state.buffer).await?;
     metrics::gauge!("dcs_agent_buffer_records").set(stats.records as f64);
     metrics::gauge!("dcs_agent_buffer_bytes").set(stats.bytes as f64);
     metrics::gauge!("dcs_agent_buffer_capacity_bytes").set(state.buffer.capacity_bytes() as f64);
-    metrics::gauge!("dcs_agent_buffer_oldest_age_seconds")
-        .set(oldest.map_or(0.0, |us| (now.saturating_sub(us).max(0) as f64) / 1e6));
+    metrics::gauge!("dcs_agent_buffer_oldest_age_seconds").set(age_secs.unwrap_or(0.0));
     metrics::counter!("dcs_agent_records_dropped_total", "reason" => "drop_oldest")
         .absolute(stats.dropped_total);
     metrics::counter!("dcs_agent_records_delivered_total").absolute(stats.delivered_total);
@@ -524,27 +544,18 @@ pub struct BufferStatus {
 }
 
 async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
-    let buffer = state.buffer.clone();
-    let (oldest, dead) = tokio::task::spawn_blocking(move || {
-        Ok::<_, BufferError>((buffer.oldest_received_us()?, buffer.dead_letter_summary()?))
-    })
-    .await
-    .map_err(|_| {
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "status failed",
-        )
-    })??;
-    let stats = state.buffer.stats();
-    let now = record::unix_micros(time::OffsetDateTime::now_utc());
+    let BufferView {
+        stats,
+        age_secs,
+        dead,
+    } = buffer_view(&state.buffer).await?;
     Ok(Json(Status {
         epoch: state.buffer.epoch().to_string(),
         buffer: BufferStatus {
             records: stats.records,
             bytes: stats.bytes,
             capacity_bytes: state.buffer.capacity_bytes(),
-            oldest_age_secs: oldest.map(|us| (now.saturating_sub(us).max(0) / 1_000_000) as u64),
+            oldest_age_secs: age_secs.map(|s| s as u64),
             dropped_total: stats.dropped_total,
             delivered_total: stats.delivered_total,
         },
