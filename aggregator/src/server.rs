@@ -161,18 +161,30 @@ async fn connection(
         // Unreachable with a verifier that requires a certificate; refuse anyway.
         None => Err("no client certificate".to_owned()),
     };
+    // Set by the first request. Until then nothing bounds the wait: hyper-util
+    // reads until it can tell HTTP/1 from the HTTP/2 preface with no deadline,
+    // and HTTP/2 has no handshake timeout, so a peer that stalls there would
+    // hold its connection forever.
+    let first_request = Arc::new(tokio::sync::Notify::new());
+    let seen = first_request.clone();
+    let mark = move |request: hyper::Request<Incoming>| {
+        seen.notify_one();
+        request
+    };
     let service = match identity {
         Ok(agent) => {
             debug!(message = "agent connected", %peer, agent = %agent);
             app.map_request(move |mut request: hyper::Request<Incoming>| {
                 request.extensions_mut().insert(agent.clone());
-                request
+                mark(request)
             })
             .boxed_clone()
         }
         Err(reason) => {
             info!(message = "verified certificate without a usable identity; refusing its requests", %peer, %reason);
-            ServiceExt::<hyper::Request<Incoming>>::boxed_clone(http::forbidden_router(reason))
+            ServiceExt::<hyper::Request<Incoming>>::boxed_clone(
+                http::forbidden_router(reason).map_request(mark),
+            )
         }
     };
 
@@ -180,7 +192,22 @@ async fn connection(
     let conn = builder.serve_connection(io, TowerToHyperService::new(service));
     let open = metrics::gauge!("dcs_aggregator_connections_open");
     open.increment(1.0);
-    if let Err(error) = watcher.watch(conn).await {
+    let served = watcher.watch(conn);
+    tokio::pin!(served);
+    let outcome = tokio::select! {
+        result = &mut served => Some(result),
+        () = first_request.notified() => None,
+        () = tokio::time::sleep(handshake_timeout) => {
+            info!(message = "no request within the handshake timeout after TLS; closing", %peer);
+            open.decrement(1.0);
+            return;
+        }
+    };
+    let result = match outcome {
+        Some(result) => result,
+        None => served.await,
+    };
+    if let Err(error) = result {
         debug!(message = "connection ended with an error", %peer, %error);
     }
     open.decrement(1.0);

@@ -821,16 +821,11 @@ async fn headers_trickled_one_byte_per_second_are_cut_off_after_the_handshake_ti
     a.assert_unharmed("after the slow headers").await;
 }
 
-/// Known issue, reported with this suite and not yet fixed: hyper-util's
-/// `auto::Builder` first reads until it can tell HTTP/1 from the HTTP/2
-/// preface ("PRI * HTTP/2.0…"), and that read has no deadline. A client with
-/// a valid certificate that sends "P" (or any prefix of the preface) and then
-/// nothing holds its connection forever; neither `limits.handshake_timeout`
-/// nor the HTTP/1 header timeout applies yet. (A client that sends the whole
-/// HTTP/2 preface and then nothing is not closed within the handshake timeout
-/// either; HTTP/2 has no handshake deadline here.)
+/// hyper-util's `auto::Builder` reads until it can tell HTTP/1 from the
+/// HTTP/2 preface ("PRI * HTTP/2.0…") with no deadline of its own; the
+/// aggregator closes any connection that has not made its first request
+/// within the handshake timeout after TLS.
 #[tokio::test]
-#[ignore = "known issue: HTTP version detection in hyper-util's auto builder has no deadline"]
 async fn a_client_that_stops_inside_the_http2_preface_is_closed_after_the_handshake_timeout() {
     const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
     let a = Aggregator::start(|c| c.limits.handshake_timeout = HANDSHAKE_TIMEOUT).await;
