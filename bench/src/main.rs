@@ -1,0 +1,1715 @@
+//! `dcs-bench`: one-machine performance benchmark of the whole DCS pipeline.
+//!
+//! ```text
+//! cargo build --release --workspace --bins
+//! cargo run --release -p dcs-bench -- [--records N] [--record-bytes B] [--out FILE.json] [--skip STEP,...]
+//! ```
+//!
+//! Steps (names for `--skip`): `copy` (PostgreSQL COPY, the physical limit),
+//! `ingest` (agent acking to disk, both durabilities; `power-loss` skips only
+//! that one), `e2e` (agent + aggregator + PostgreSQL), `drain` (backlog drain),
+//! `latency` (batch ack latency at half the e2e rate), `wire` (compressed bytes
+//! per record). Every service is a real release process from target/release;
+//! PostgreSQL is the shared server (`DCS_TEST_PG_URL`), one fresh database per
+//! step. See docs/PERFORMANCE.md for what the figures mean.
+
+mod records;
+mod sweep;
+mod sys;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail, ensure};
+use bytes::Bytes;
+use clap::Parser;
+use serde::Serialize;
+use sqlx::{Connection as _, PgPool};
+
+use dcs_shared::wire::{self, Backlog, OutRecord};
+use dcs_tests::pg::TestDb;
+use dcs_tests::pki::{AgentCert, Pki};
+use dcs_tests::process::{Service, binary, free_port};
+
+use records::Generator;
+use sys::{Machine, MachineCpu, ProcSnapshot};
+
+const STEPS: &[&str] = &[
+    "copy",
+    "ingest",
+    "power-loss",
+    "e2e",
+    "drain",
+    "latency",
+    "wire",
+];
+/// Records per batch in the wire-size step (the agent's default batch size).
+const WIRE_BATCH: usize = dcs_edge::config::DEFAULT_BATCH_MAX_RECORDS;
+/// Records per pre-encoded batch in the latency step.
+const LATENCY_BATCH: usize = 1_000;
+/// Requests sent (unmeasured) before the latency measurement starts.
+const LATENCY_WARMUP: usize = 3;
+/// Approximate length of the paced latency run.
+const LATENCY_SECS: f64 = 20.0;
+/// COPY data is sent in chunks of about this size.
+const COPY_CHUNK: usize = 1 << 20;
+/// Data sets up to this many raw bytes are generated once, before any timing;
+/// larger ones are generated while they are sent.
+const CACHE_LIMIT: u64 = 256 << 20;
+/// Poll interval for "all rows committed".
+const POLL: Duration = Duration::from_millis(100);
+/// 50 MB (decimal), the drain RSS target.
+const RSS_TARGET_MB: f64 = 50.0;
+
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "dcs-bench",
+    about = "DCS one-machine performance benchmark",
+    args_override_self = true
+)]
+struct Args {
+    /// Records per step.
+    #[arg(long, default_value_t = 200_000)]
+    records: u64,
+    /// Approximate size of one record's JSON line.
+    #[arg(long, default_value_t = 200)]
+    record_bytes: usize,
+    /// Also write the results as JSON here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Steps to leave out: copy, ingest, power-loss, e2e, drain, latency, wire.
+    #[arg(long, value_delimiter = ',')]
+    skip: Vec<String>,
+    /// Concurrent producer connections to the agent.
+    #[arg(long, default_value_t = 4)]
+    clients: usize,
+    /// Records per producer request (NDJSON).
+    #[arg(long, default_value_t = 1_000)]
+    request_records: u64,
+    /// Agent knob batch.max_in_flight (DCS_EDGE_BATCH__MAX_IN_FLIGHT).
+    #[arg(long)]
+    max_in_flight: Option<usize>,
+    /// Agent knob batch.compression_level, 0-9 (also used by the wire step).
+    #[arg(long)]
+    compression_level: Option<u32>,
+    /// Agent knob batch.max_records.
+    #[arg(long)]
+    max_records: Option<usize>,
+    /// Agent knob batch.linger in milliseconds.
+    #[arg(long)]
+    linger_ms: Option<u64>,
+    /// Aggregator knob database.max_connections.
+    #[arg(long)]
+    agg_max_connections: Option<u32>,
+    /// PostgreSQL synchronous_commit for the step's database (on, off, local...).
+    #[arg(long)]
+    pg_synchronous_commit: Option<String>,
+    /// Aggregator log level (debug logs every batch with its server-side time).
+    #[arg(long)]
+    agg_log_level: Option<String>,
+    /// Which PostgreSQL: `shared` (the server at DCS_TEST_PG_URL, default),
+    /// `private` (a fresh cluster of our own, stock settings) or `tuned` (a
+    /// fresh cluster with the settings of docs/PERFORMANCE.md).
+    #[arg(long, default_value = "shared", value_parser = ["shared", "private", "tuned"])]
+    pg_cluster: String,
+    /// Paced rate (records/s) for the latency step instead of half the e2e rate.
+    #[arg(long)]
+    ack_rate: Option<f64>,
+    /// A name for this run, kept in the JSON (e.g. "max_in_flight=4").
+    #[arg(long)]
+    label: Option<String>,
+    /// Instead of the steps: measure e2e (and ack latency) under each tuning
+    /// knob setting, `--sweep-repeats` times each, interleaved, and print medians.
+    #[arg(long)]
+    sweep: bool,
+    /// Repeats per setting in `--sweep`.
+    #[arg(long, default_value_t = 3)]
+    sweep_repeats: usize,
+    /// Profile the e2e step: `perf record -a -g` (whole machine, so PostgreSQL
+    /// is included) into DIR/e2e.perf.data; needs `perf` (Debian: linux-perf).
+    #[arg(long)]
+    perf_dir: Option<PathBuf>,
+}
+
+impl Args {
+    fn runs(&self, step: &str) -> bool {
+        !self.skip.iter().any(|s| s == step)
+    }
+
+    fn compression_level(&self) -> u32 {
+        self.compression_level
+            .unwrap_or(dcs_edge::config::DEFAULT_COMPRESSION_LEVEL)
+    }
+}
+
+// ---------------------------------------------------------------- results
+
+#[derive(Debug, Clone, Default, Serialize)]
+struct Usage {
+    wall_s: f64,
+    agent_cpu_s: Option<f64>,
+    aggregator_cpu_s: Option<f64>,
+    postgres_cpu_s: f64,
+    bench_cpu_s: f64,
+    machine_busy_pct: f64,
+    /// Kernel threads (writeback, journal): mostly caused by our own writes.
+    kernel_cpu_s: f64,
+    /// Machine CPU seconds used by none of the agent, aggregator, PostgreSQL,
+    /// the bench or kernel threads: other people's work on a shared machine.
+    other_cpu_s: f64,
+    other_processes: Vec<String>,
+}
+
+impl Usage {
+    fn noisy(&self, cores: usize) -> bool {
+        self.wall_s > 0.0 && self.other_cpu_s / (self.wall_s * cores as f64) > 0.10
+    }
+}
+
+struct Meter {
+    t0: Instant,
+    agent: Option<(u32, f64)>,
+    aggregator: Option<(u32, f64)>,
+    pg0: f64,
+    bench0: f64,
+    machine0: MachineCpu,
+    procs0: ProcSnapshot,
+}
+
+impl Meter {
+    fn start(agent: Option<u32>, aggregator: Option<u32>) -> Meter {
+        let at = |pid: Option<u32>| pid.map(|p| (p, sys::cpu_secs(p).unwrap_or(0.0)));
+        Meter {
+            agent: at(agent),
+            aggregator: at(aggregator),
+            pg0: sys::postgres_cpu_secs(),
+            bench0: sys::own_cpu_secs(),
+            machine0: MachineCpu::now(),
+            procs0: ProcSnapshot::take(),
+            t0: Instant::now(),
+        }
+    }
+
+    /// Also counts a process that started after [`Meter::start`] (from 0).
+    fn add_aggregator(&mut self, pid: u32) {
+        self.aggregator = Some((pid, 0.0));
+    }
+
+    fn stop(&self) -> Usage {
+        let wall_s = self.t0.elapsed().as_secs_f64();
+        let machine = MachineCpu::now();
+        let delta =
+            |p: Option<(u32, f64)>| p.map(|(pid, c0)| sys::cpu_secs(pid).unwrap_or(c0) - c0);
+        let agent = delta(self.agent);
+        let aggregator = delta(self.aggregator);
+        let pg = sys::postgres_cpu_secs() - self.pg0;
+        let bench = sys::own_cpu_secs() - self.bench0;
+        let busy_pct = machine.busy_pct_since(&self.machine0);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        let busy_s = busy_pct / 100.0 * wall_s * cores;
+        let later = ProcSnapshot::take();
+        let kernel = self.procs0.kernel_secs_since(&later);
+        let ours = agent.unwrap_or(0.0) + aggregator.unwrap_or(0.0) + pg + bench + kernel;
+        let mut pids = vec![std::process::id()];
+        pids.extend(self.agent.map(|p| p.0));
+        pids.extend(self.aggregator.map(|p| p.0));
+        Usage {
+            wall_s,
+            agent_cpu_s: agent,
+            aggregator_cpu_s: aggregator,
+            postgres_cpu_s: pg,
+            bench_cpu_s: bench,
+            machine_busy_pct: busy_pct,
+            kernel_cpu_s: kernel,
+            other_cpu_s: (busy_s - ours).max(0.0),
+            other_processes: self.procs0.others_since(&later, &pids, 0.5),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct CopyResult {
+    records: u64,
+    secs: f64,
+    records_per_s: f64,
+    mib_per_s: f64,
+    usage: Usage,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct IngestResult {
+    durability: String,
+    records: u64,
+    secs: f64,
+    records_per_s: f64,
+    request_p50_ms: f64,
+    request_p99_ms: f64,
+    agent_peak_rss_mb: Option<f64>,
+    usage: Usage,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct E2eResult {
+    records: u64,
+    /// First send until the last row was seen committed.
+    secs: f64,
+    /// First send until the agent acknowledged the last request.
+    ingest_secs: f64,
+    records_per_s: f64,
+    ratio_to_copy: Option<f64>,
+    agent_peak_rss_mb: Option<f64>,
+    aggregator_peak_rss_mb: Option<f64>,
+    usage: Usage,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct DrainResult {
+    records: u64,
+    /// Aggregator listening until the last row was seen committed.
+    secs: f64,
+    records_per_s: f64,
+    /// VmHWM reset when the aggregator starts, read after the drain.
+    agent_peak_rss_mb: Option<f64>,
+    /// VmHWM over the agent's whole life (buffering included).
+    agent_peak_rss_mb_lifetime: Option<f64>,
+    fill_secs: f64,
+    /// Process start until the aggregator accepted connections (not in `secs`).
+    aggregator_start_secs: f64,
+    usage: Usage,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct LatencyResult {
+    target_records_per_s: f64,
+    batch_records: usize,
+    batches: usize,
+    p50_ms: f64,
+    p90_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    mean_ms: f64,
+    errors: usize,
+    /// Each measured batch's latency in send order, for spotting periodic stalls.
+    series_ms: Vec<f64>,
+    usage: Usage,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct LevelResult {
+    level: u32,
+    records: u64,
+    wire_bytes_per_record: f64,
+    ratio_to_raw: f64,
+    /// `wire::encode_batch` throughput, raw JSON MiB per second of one core.
+    encode_mib_per_s: f64,
+    /// The same JSON rendered into memory first and gzipped in one write:
+    /// what encode_batch could reach (see docs/PERFORMANCE.md).
+    one_shot_mib_per_s: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct WireResult {
+    records: u64,
+    batch_records: usize,
+    level: u32,
+    raw_bytes_per_record: f64,
+    wire_bytes_per_record: f64,
+    ratio_to_raw: f64,
+    /// Other levels over (up to) the first 200,000 records, for the knob.
+    levels: Vec<LevelResult>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Target {
+    name: String,
+    value: String,
+    target: String,
+    pass: Option<bool>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct RunConfig {
+    records: u64,
+    record_bytes: usize,
+    raw_bytes_per_record: f64,
+    clients: usize,
+    request_records: u64,
+    agent_max_in_flight: usize,
+    agent_compression_level: u32,
+    agent_max_records: usize,
+    agent_linger_ms: u64,
+    aggregator_max_connections: Option<u32>,
+    pg_synchronous_commit: Option<String>,
+    skip: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct Results {
+    label: Option<String>,
+    started_unix: u64,
+    machine: Machine,
+    config: RunConfig,
+    copy: Option<CopyResult>,
+    ingest: Vec<IngestResult>,
+    e2e: Option<E2eResult>,
+    drain: Option<DrainResult>,
+    latency: Option<LatencyResult>,
+    wire: Option<WireResult>,
+    dcs_edge_binary_bytes: u64,
+    dcs_aggregator_binary_bytes: u64,
+    /// After `strip` (the release profile keeps line tables), when strip exists.
+    dcs_edge_stripped_bytes: Option<u64>,
+    dcs_aggregator_stripped_bytes: Option<u64>,
+    targets: Vec<Target>,
+    noisy_steps: Vec<String>,
+}
+
+// ---------------------------------------------------------------- data
+
+/// The NDJSON request bodies of the data set: generated once up front when
+/// small enough, else on demand.
+#[derive(Clone)]
+struct Bodies {
+    generator: Generator,
+    records: u64,
+    per_request: u64,
+    cache: Option<Arc<Vec<Bytes>>>,
+}
+
+impl Bodies {
+    fn new(generator: Generator, records: u64, per_request: u64) -> (Bodies, f64) {
+        let mut b = Bodies {
+            generator,
+            records,
+            per_request,
+            cache: None,
+        };
+        // Raw size from a sample, to decide whether to cache.
+        let sample = records.min(1000);
+        let raw: u64 = (0..sample)
+            .map(|i| generator.record(i).line.len() as u64)
+            .sum();
+        let raw_per_record = raw as f64 / sample.max(1) as f64;
+        if (raw_per_record * records as f64) as u64 <= CACHE_LIMIT {
+            b.cache = Some(Arc::new((0..b.count()).map(|k| b.generate(k)).collect()));
+        }
+        (b, raw_per_record)
+    }
+
+    fn count(&self) -> u64 {
+        self.records.div_ceil(self.per_request)
+    }
+
+    fn generate(&self, k: u64) -> Bytes {
+        let start = k * self.per_request;
+        let end = (start + self.per_request).min(self.records);
+        Bytes::from(self.generator.ndjson(start, end).0)
+    }
+
+    fn get(&self, k: u64) -> Bytes {
+        match &self.cache {
+            Some(c) => c[k as usize].clone(),
+            None => self.generate(k),
+        }
+    }
+}
+
+fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(120))
+        .build()
+        .expect("HTTP client")
+}
+
+struct PushStats {
+    secs: f64,
+    latencies_ms: Vec<f64>,
+}
+
+/// Sends every body to the agent from `clients` concurrent connections;
+/// fails on any non-2xx answer.
+async fn push_all(agent_url: &str, bodies: &Bodies, clients: usize) -> anyhow::Result<PushStats> {
+    let next = Arc::new(AtomicU64::new(0));
+    let url = format!("{agent_url}/v1/records");
+    let t0 = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients.max(1) {
+        let (next, url, bodies) = (next.clone(), url.clone(), bodies.clone());
+        tasks.spawn(async move {
+            let client = http_client();
+            let mut latencies = Vec::new();
+            loop {
+                let k = next.fetch_add(1, Ordering::Relaxed);
+                if k >= bodies.count() {
+                    return anyhow::Ok(latencies);
+                }
+                let body = bodies.get(k);
+                let sent = Instant::now();
+                let response = client
+                    .post(&url)
+                    .header("content-type", "application/x-ndjson")
+                    .body(body)
+                    .send()
+                    .await
+                    .with_context(|| format!("POST request {k} to the agent"))?;
+                let status = response.status();
+                if !status.is_success() {
+                    let text = response.text().await.unwrap_or_default();
+                    bail!("agent answered {status} to request {k}: {text}");
+                }
+                latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
+            }
+        });
+    }
+    let mut latencies_ms = Vec::new();
+    while let Some(done) = tasks.join_next().await {
+        latencies_ms.extend(done.context("producer task")??);
+    }
+    Ok(PushStats {
+        secs: t0.elapsed().as_secs_f64(),
+        latencies_ms,
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(f64::total_cmp);
+    v
+}
+
+fn kib_to_mb(kib: Option<u64>) -> Option<f64> {
+    kib.map(|k| k as f64 * 1024.0 / 1e6)
+}
+
+// ---------------------------------------------------------------- services
+
+/// Everything the services of one run share: certificates and a scratch dir.
+struct World {
+    args: Args,
+    /// Admin URL of the PostgreSQL server the steps create databases on.
+    pg_admin: String,
+    pki: Pki,
+    dir: tempfile::TempDir,
+    bodies: Bodies,
+    generator: Generator,
+}
+
+impl World {
+    fn agent_service(&self, name: &str, aggregator_port: u16, durability: &str) -> Service {
+        let a = &self.args;
+        let cert: AgentCert = self.pki.agent("bench", name);
+        let port = free_port();
+        // Room for the whole data set whatever N is (1 GiB at least, the default).
+        let capacity = (a.records * (a.record_bytes as u64 + 200) * 2).max(1 << 30);
+        let mut env: Vec<(&str, String)> = vec![
+            ("LISTEN__ADDRESS", format!("127.0.0.1:{port}")),
+            (
+                "BUFFER__PATH",
+                self.dir
+                    .path()
+                    .join(format!("{name}.db"))
+                    .display()
+                    .to_string(),
+            ),
+            ("BUFFER__CAPACITY", capacity.to_string()),
+            ("BUFFER__DURABILITY", durability.to_owned()),
+            (
+                "AGGREGATOR__URL",
+                format!("https://localhost:{aggregator_port}"),
+            ),
+            ("AGGREGATOR__CA", cert.ca.display().to_string()),
+            ("AGGREGATOR__CERT", cert.cert.display().to_string()),
+            ("AGGREGATOR__KEY", cert.key.display().to_string()),
+            // A healed link is noticed within half a second (default: up to 30 s),
+            // so the drain step measures draining, not the backoff.
+            ("RETRY__INITIAL", "50ms".into()),
+            ("RETRY__MAX", "500ms".into()),
+            ("LOG__FORMAT", "json".into()),
+        ];
+        if let Some(v) = a.max_in_flight {
+            env.push(("BATCH__MAX_IN_FLIGHT", v.to_string()));
+        }
+        if let Some(v) = a.compression_level {
+            env.push(("BATCH__COMPRESSION_LEVEL", v.to_string()));
+        }
+        if let Some(v) = a.max_records {
+            env.push(("BATCH__MAX_RECORDS", v.to_string()));
+        }
+        if let Some(v) = a.linger_ms {
+            env.push(("BATCH__LINGER", format!("{v}ms")));
+        }
+        let env = env
+            .into_iter()
+            .map(|(k, v)| (format!("{}{k}", dcs_edge::config::ENV_PREFIX), v))
+            .collect();
+        Service::new(
+            "dcs-edge",
+            &["run"],
+            env,
+            port,
+            &self.dir.path().join(format!("{name}.log")),
+        )
+    }
+
+    fn aggregator_service(&self, name: &str, port: u16, db_url: &str) -> Service {
+        let mut env: Vec<(&str, String)> = vec![
+            ("LISTEN__ADDRESS", format!("127.0.0.1:{port}")),
+            ("TLS__CA", self.pki.ca.display().to_string()),
+            ("TLS__CERT", self.pki.server_cert.display().to_string()),
+            ("TLS__KEY", self.pki.server_key.display().to_string()),
+            ("DATABASE__URL", db_url.to_owned()),
+            ("DATABASE__MIGRATE_ON_START", "false".into()),
+            ("LOG__FORMAT", "json".into()),
+        ];
+        if let Some(v) = self.args.agg_max_connections {
+            env.push(("DATABASE__MAX_CONNECTIONS", v.to_string()));
+        }
+        if let Some(v) = &self.args.agg_log_level {
+            env.push(("LOG__LEVEL", v.clone()));
+        }
+        let env = env
+            .into_iter()
+            .map(|(k, v)| (format!("DCS_AGG_{k}"), v))
+            .collect();
+        Service::new(
+            "dcs-aggregator",
+            &["serve"],
+            env,
+            port,
+            &self.dir.path().join(format!("{name}.log")),
+        )
+    }
+
+    /// A fresh, migrated database, with the `--pg-synchronous-commit` knob.
+    async fn database(&self) -> anyhow::Result<TestDb> {
+        let db = TestDb::on_server(&self.pg_admin)
+            .await
+            .context("create a fresh database")?;
+        if let Some(mode) = &self.args.pg_synchronous_commit {
+            ensure!(
+                mode.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'),
+                "bad --pg-synchronous-commit {mode:?}"
+            );
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "ALTER DATABASE \"{}\" SET synchronous_commit = {mode}",
+                db.name()
+            )))
+            .execute(&db.pool)
+            .await?;
+            // New connections (the aggregator's) get it; the bench's own pooled
+            // connections keep the old value, which only matters for COPY, and
+            // that step sets it on its connection itself.
+        }
+        Ok(db)
+    }
+}
+
+impl World {
+    /// Deletes an agent's buffer files (a 10M-record run would otherwise keep
+    /// several GB of them until the end).
+    fn remove_buffer(&self, name: &str) {
+        for suffix in ["db", "db-wal", "db-shm"] {
+            let _ = std::fs::remove_file(self.dir.path().join(format!("{name}.{suffix}")));
+        }
+    }
+}
+
+async fn start_agent(service: &mut Service) -> anyhow::Result<String> {
+    service.start().await;
+    let url = format!("http://127.0.0.1:{}", service.port);
+    let client = http_client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if client
+            .get(format!("{url}/health"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status().is_success())
+        {
+            return Ok(url);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "dcs-edge not healthy after 30 s; log:\n{}",
+                service.log_tail()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits until all `n` records of the (single) agent are committed in
+/// `records`; returns when the query that first saw them all was issued,
+/// which bounds the commit time from above (within one poll interval).
+async fn wait_for_rows(pool: &PgPool, n: u64, timeout: Duration) -> anyhow::Result<Instant> {
+    // The highest committed seq, through the primary key (agent_id, epoch, seq).
+    const MAX_SEQ: &str = "SELECT coalesce(max(r.seq), 0) FROM agents a, LATERAL \
+        (SELECT seq FROM records WHERE agent_id = a.id AND epoch = a.last_epoch \
+         ORDER BY seq DESC LIMIT 1) r";
+    let deadline = Instant::now() + timeout;
+    loop {
+        let asked = Instant::now();
+        let max: i64 = sqlx::query_scalar(MAX_SEQ).fetch_one(pool).await?;
+        if max as u64 >= n {
+            let count: i64 = sqlx::query_scalar("SELECT count(*) FROM records")
+                .fetch_one(pool)
+                .await?;
+            if count as u64 >= n {
+                ensure!(count as u64 == n, "{count} rows in records, expected {n}");
+                return Ok(asked);
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("only up to seq {max} of {n} arrived within {timeout:?}");
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+fn delivery_timeout(n: u64) -> Duration {
+    // Generous: 60 s plus 2 ms per record (a floor of 500 records/s).
+    Duration::from_secs(60) + Duration::from_micros(n * 2_000)
+}
+
+// ---------------------------------------------------------------- steps
+
+/// 2. COPY into `records` (same table and indexes as production).
+async fn step_copy(w: &World) -> anyhow::Result<CopyResult> {
+    let db = w.database().await?;
+    let n = w.args.records;
+    let generator = w.generator;
+    let epoch = uuid::Uuid::new_v4();
+    let cache = w.bodies.cache.is_some();
+    // A producer thread renders COPY text in ~1 MiB chunks; for a small data set
+    // it runs to completion before the clock starts.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Vec<u8>>(if cache { 1 << 16 } else { 4 });
+    let producer = std::thread::spawn(move || {
+        let mut buf = Vec::with_capacity(COPY_CHUNK + 4096);
+        for i in 0..n {
+            let r = generator.record(i);
+            use std::io::Write as _;
+            let _ = write!(buf, "1\t{epoch}\t{}\tbench\t", i + 1);
+            copy_text(&mut buf, &r.id);
+            buf.push(b'\t');
+            copy_text(&mut buf, r.stream);
+            buf.push(b'\t');
+            buf.extend_from_slice(dcs_shared::record::format_ts(r.ts_us).as_bytes());
+            buf.push(b'\t');
+            copy_text(&mut buf, &r.payload);
+            buf.push(b'\n');
+            if buf.len() >= COPY_CHUNK {
+                let full = std::mem::replace(&mut buf, Vec::with_capacity(COPY_CHUNK + 4096));
+                if tx.blocking_send(full).is_err() {
+                    return;
+                }
+            }
+        }
+        if !buf.is_empty() {
+            let _ = tx.blocking_send(buf);
+        }
+    });
+    if cache {
+        // Wait until everything is rendered (the channel holds it all).
+        while !producer.is_finished() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut conn = db.pool.acquire().await?;
+    if let Some(mode) = &w.args.pg_synchronous_commit {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "SET synchronous_commit = {mode}"
+        )))
+        .execute(&mut *conn)
+        .await?;
+    }
+    let meter = Meter::start(None, None);
+    let t0 = Instant::now();
+    let mut copy = conn
+        .copy_in_raw(
+            "COPY records (agent_id, epoch, seq, tenant_id, record_id, stream, ts, payload) \
+             FROM STDIN",
+        )
+        .await?;
+    let mut bytes = 0u64;
+    let mut send_error = None;
+    while let Some(chunk) = rx.recv().await {
+        bytes += chunk.len() as u64;
+        if let Err(e) = copy.send(chunk).await {
+            send_error = Some(e);
+            break;
+        }
+    }
+    let rows = match send_error {
+        None => copy.finish().await?,
+        Some(e) => {
+            let _ = copy.abort("dcs-bench: send failed").await;
+            return Err(e.into());
+        }
+    };
+    let secs = t0.elapsed().as_secs_f64();
+    let usage = meter.stop();
+    let _ = producer.join();
+    ensure!(rows == n, "COPY wrote {rows} rows, expected {n}");
+    drop(conn);
+    drop(db);
+    Ok(CopyResult {
+        records: n,
+        secs,
+        records_per_s: n as f64 / secs,
+        mib_per_s: bytes as f64 / secs / (1 << 20) as f64,
+        usage,
+    })
+}
+
+/// One COPY text field: backslash, tab, newline and carriage return escaped.
+fn copy_text(buf: &mut Vec<u8>, s: &str) {
+    for &b in s.as_bytes() {
+        match b {
+            b'\\' => buf.extend_from_slice(b"\\\\"),
+            b'\n' => buf.extend_from_slice(b"\\n"),
+            b'\r' => buf.extend_from_slice(b"\\r"),
+            b'\t' => buf.extend_from_slice(b"\\t"),
+            _ => buf.push(b),
+        }
+    }
+}
+
+/// 3. Edge ingest with the aggregator unreachable: only acking to disk.
+async fn step_ingest(w: &World, durability: &str) -> anyhow::Result<IngestResult> {
+    // Nothing listens on this port: the forwarder fails fast and backs off.
+    let dead_port = free_port();
+    let mut agent = w.agent_service(&format!("ingest-{durability}"), dead_port, durability);
+    let url = start_agent(&mut agent).await?;
+    let pid = agent.pid().context("agent pid")?;
+    let meter = Meter::start(Some(pid), None);
+    let pushed = push_all(&url, &w.bodies, w.args.clients).await?;
+    let usage = meter.stop();
+    let peak = kib_to_mb(sys::peak_rss_kib(pid));
+    agent.kill();
+    w.remove_buffer(&format!("ingest-{durability}"));
+    let lat = sorted(pushed.latencies_ms);
+    Ok(IngestResult {
+        durability: durability.to_owned(),
+        records: w.args.records,
+        secs: pushed.secs,
+        records_per_s: w.args.records as f64 / pushed.secs,
+        request_p50_ms: percentile(&lat, 50.0),
+        request_p99_ms: percentile(&lat, 99.0),
+        agent_peak_rss_mb: peak,
+        usage,
+    })
+}
+
+/// 4. End to end: producers → agent → aggregator → PostgreSQL.
+async fn step_e2e(w: &World, copy_rate: Option<f64>) -> anyhow::Result<E2eResult> {
+    let db = w.database().await?;
+    let agg_port = free_port();
+    let mut aggregator = w.aggregator_service("e2e-aggregator", agg_port, &db.url);
+    aggregator.start().await;
+    let mut agent = w.agent_service("e2e-agent", agg_port, "process-crash");
+    let url = start_agent(&mut agent).await?;
+    let (agent_pid, agg_pid) = (
+        agent.pid().context("agent pid")?,
+        aggregator.pid().context("aggregator pid")?,
+    );
+    let n = w.args.records;
+    progress(&format!(
+        "e2e: agent pid {agent_pid}, aggregator pid {agg_pid}"
+    ));
+    let perf = match &w.args.perf_dir {
+        Some(dir) => Some(start_perf(dir, "e2e")?),
+        None => None,
+    };
+    let meter = Meter::start(Some(agent_pid), Some(agg_pid));
+    let t0 = Instant::now();
+    let pool = db.pool.clone();
+    let waiter = tokio::spawn(async move { wait_for_rows(&pool, n, delivery_timeout(n)).await });
+    let pushed = push_all(&url, &w.bodies, w.args.clients).await;
+    let committed = waiter.await.context("waiter")?;
+    let usage = meter.stop();
+    if let Some(perf) = perf {
+        stop_perf(perf);
+    }
+    let (pushed, committed) = match (pushed, committed) {
+        (Ok(p), Ok(c)) => (p, c),
+        (Err(e), _) | (_, Err(e)) => {
+            bail!(
+                "{e:#}\nagent log:\n{}\naggregator log:\n{}",
+                agent.log_tail(),
+                aggregator.log_tail()
+            )
+        }
+    };
+    let secs = committed.duration_since(t0).as_secs_f64();
+    let result = E2eResult {
+        records: n,
+        secs,
+        ingest_secs: pushed.secs,
+        records_per_s: n as f64 / secs,
+        ratio_to_copy: copy_rate.map(|c| n as f64 / secs / c),
+        agent_peak_rss_mb: kib_to_mb(sys::peak_rss_kib(agent_pid)),
+        aggregator_peak_rss_mb: kib_to_mb(sys::peak_rss_kib(agg_pid)),
+        usage,
+    };
+    agent.kill();
+    aggregator.kill();
+    w.remove_buffer("e2e-agent");
+    drop(db);
+    Ok(result)
+}
+
+/// Starts `perf record` on the whole machine, writing DIR/NAME.perf.data.
+fn start_perf(dir: &Path, name: &str) -> anyhow::Result<std::process::Child> {
+    std::fs::create_dir_all(dir)?;
+    let out = dir.join(format!("{name}.perf.data"));
+    let child = std::process::Command::new("perf")
+        .args(["record", "-e", "cpu-clock", "-F", "499", "-a", "-g", "-o"])
+        .arg(&out)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("start perf (apt-get install linux-perf)")?;
+    // perf needs a moment before it samples.
+    std::thread::sleep(Duration::from_millis(500));
+    progress(&format!("perf recording to {}", out.display()));
+    Ok(child)
+}
+
+/// SIGINT makes perf write its file and exit.
+fn stop_perf(mut perf: std::process::Child) {
+    let _ = std::process::Command::new("kill")
+        .args(["-INT", &perf.id().to_string()])
+        .status();
+    let _ = perf.wait();
+}
+
+/// Step 5, backlog drain: all records buffered while the aggregator is down, then
+/// the time to deliver them once it is up.
+async fn step_drain(w: &World) -> anyhow::Result<DrainResult> {
+    let db = w.database().await?;
+    let agg_port = free_port();
+    let mut agent = w.agent_service("drain-agent", agg_port, "process-crash");
+    let url = start_agent(&mut agent).await?;
+    let agent_pid = agent.pid().context("agent pid")?;
+    let pushed = push_all(&url, &w.bodies, w.args.clients).await?;
+    let lifetime_before = sys::peak_rss_kib(agent_pid);
+    let reset = sys::reset_peak_rss(agent_pid);
+    let n = w.args.records;
+    let mut aggregator = w.aggregator_service("drain-aggregator", agg_port, &db.url);
+    let mut meter = Meter::start(Some(agent_pid), None);
+    let spawned = Instant::now();
+    aggregator.start().await;
+    // From here the aggregator accepts connections; the agent notices at its
+    // next retry (retry.max is 500 ms here).
+    let t0 = Instant::now();
+    meter.add_aggregator(aggregator.pid().context("aggregator pid")?);
+    let committed = match wait_for_rows(&db.pool, n, delivery_timeout(n)).await {
+        Ok(c) => c,
+        Err(e) => bail!(
+            "{e:#}\nagent log:\n{}\naggregator log:\n{}",
+            agent.log_tail(),
+            aggregator.log_tail()
+        ),
+    };
+    let usage = meter.stop();
+    let secs = committed.duration_since(t0).as_secs_f64();
+    let drain_peak = sys::peak_rss_kib(agent_pid);
+    let result = DrainResult {
+        records: n,
+        secs,
+        records_per_s: n as f64 / secs,
+        agent_peak_rss_mb: if reset { kib_to_mb(drain_peak) } else { None },
+        agent_peak_rss_mb_lifetime: kib_to_mb(lifetime_before.max(drain_peak)),
+        fill_secs: pushed.secs,
+        aggregator_start_secs: t0.duration_since(spawned).as_secs_f64(),
+        usage,
+    };
+    agent.kill();
+    aggregator.kill();
+    w.remove_buffer("drain-agent");
+    drop(db);
+    Ok(result)
+}
+
+/// 6. Batch ack latency at a paced rate, straight to the aggregator over mTLS.
+async fn step_latency(w: &World, rate: f64) -> anyhow::Result<LatencyResult> {
+    let db = w.database().await?;
+    let port = free_port();
+    let mut aggregator = w.aggregator_service("latency-aggregator", port, &db.url);
+    aggregator.start().await;
+    let client = dcs_tests::aggregator::agent_client(&w.pki.agent("bench", "latency-1"));
+    let url = format!("https://localhost:{port}{}", wire::BATCHES_PATH);
+
+    let batches_per_s = rate / LATENCY_BATCH as f64;
+    let available = (w.args.records as usize / LATENCY_BATCH).max(1);
+    let measured = ((batches_per_s * LATENCY_SECS).ceil() as usize)
+        .max(30)
+        .min(available.saturating_sub(LATENCY_WARMUP).max(1));
+    let total = measured + LATENCY_WARMUP;
+    let (generator, level) = (w.generator, w.args.compression_level());
+    let epoch = uuid::Uuid::new_v4();
+    let bodies: Vec<Bytes> = tokio::task::spawn_blocking(move || {
+        (0..total)
+            .map(|k| {
+                let recs: Vec<_> = (k * LATENCY_BATCH..(k + 1) * LATENCY_BATCH)
+                    .map(|i| (i as i64 + 1, generator.record(i as u64)))
+                    .collect();
+                Bytes::from(encode(epoch, &recs, level))
+            })
+            .collect()
+    })
+    .await?;
+    let post = |body: Bytes| {
+        client
+            .post(&url)
+            .header("content-type", "application/json")
+            .header("content-encoding", "gzip")
+            .body(body)
+            .send()
+    };
+    for body in &bodies[..LATENCY_WARMUP] {
+        let r = post(body.clone()).await?;
+        ensure!(r.status().is_success(), "warm-up batch: {}", r.status());
+    }
+    let interval = Duration::from_secs_f64(1.0 / batches_per_s);
+    let meter = Meter::start(None, aggregator.pid());
+    let t0 = tokio::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for (k, body) in bodies[LATENCY_WARMUP..].iter().enumerate() {
+        let scheduled = t0 + interval * k as u32;
+        tokio::time::sleep_until(scheduled).await;
+        let request = post(body.clone());
+        // Open loop: latency counts from the scheduled send time, so a slow
+        // answer cannot hide the queueing it causes behind it.
+        tasks.spawn(async move {
+            let ok = match request.await {
+                Ok(r) => r.status().is_success(),
+                Err(_) => false,
+            };
+            (k, ok, scheduled.elapsed().as_secs_f64() * 1000.0)
+        });
+    }
+    let mut latencies = Vec::with_capacity(measured);
+    let mut series = vec![f64::NAN; measured];
+    let mut errors = 0;
+    while let Some(done) = tasks.join_next().await {
+        let (k, ok, ms) = done?;
+        if ok {
+            latencies.push(ms);
+            series[k] = ms;
+        } else {
+            errors += 1;
+        }
+    }
+    if let Some(dir) = &w.args.perf_dir {
+        // With --perf-dir, keep the aggregator log (server-side times at debug).
+        let _ = std::fs::create_dir_all(dir);
+        let _ = std::fs::copy(
+            w.dir.path().join("latency-aggregator.log"),
+            dir.join("latency-aggregator.log"),
+        );
+    }
+    let usage = meter.stop();
+    aggregator.kill();
+    drop(db);
+    let mean = latencies.iter().sum::<f64>() / latencies.len().max(1) as f64;
+    let lat = sorted(latencies);
+    Ok(LatencyResult {
+        target_records_per_s: rate,
+        batch_records: LATENCY_BATCH,
+        batches: measured,
+        p50_ms: percentile(&lat, 50.0),
+        p90_ms: percentile(&lat, 90.0),
+        p99_ms: percentile(&lat, 99.0),
+        max_ms: lat.last().copied().unwrap_or(f64::NAN),
+        mean_ms: mean,
+        errors,
+        series_ms: series,
+        usage,
+    })
+}
+
+fn encode(epoch: uuid::Uuid, recs: &[(i64, records::Rec)], level: u32) -> Vec<u8> {
+    let backlog = Backlog::default();
+    wire::encode_batch(
+        epoch,
+        Some(&backlog),
+        recs.iter().map(|(seq, r)| OutRecord {
+            seq: *seq,
+            id: &r.id,
+            stream: r.stream,
+            ts_us: r.ts_us,
+            payload: &r.payload,
+        }),
+        level,
+    )
+}
+
+/// The wire format's JSON (as `wire::encode_batch` writes it) rendered into a
+/// Vec first, then gzipped with one `write_all`: the reference for how fast
+/// encoding is when the compressor is not fed a few bytes at a time.
+fn encode_one_shot(epoch: uuid::Uuid, recs: &[(i64, records::Rec)], level: u32) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut json = Vec::with_capacity(recs.len() * 256);
+    let _ = write!(
+        json,
+        r#"{{"v":{},"epoch":"{epoch}","backlog":"#,
+        wire::FORMAT_VERSION
+    );
+    let _ = serde_json::to_writer(&mut json, &Backlog::default());
+    json.extend_from_slice(br#","records":["#);
+    for (i, (seq, r)) in recs.iter().enumerate() {
+        if i > 0 {
+            json.push(b',');
+        }
+        let _ = write!(json, r#"{{"seq":{seq},"id":"#);
+        let _ = serde_json::to_writer(&mut json, &r.id);
+        json.extend_from_slice(br#","stream":"#);
+        let _ = serde_json::to_writer(&mut json, r.stream);
+        let _ = write!(json, r#","ts":{},"payload":"#, r.ts_us);
+        json.extend_from_slice(r.payload.as_bytes());
+        json.push(b'}');
+    }
+    json.extend_from_slice(b"]}");
+    let mut gz = flate2::write::GzEncoder::new(
+        Vec::with_capacity(json.len() / 4),
+        flate2::Compression::new(level),
+    );
+    let _ = gz.write_all(&json);
+    gz.finish().unwrap_or_default()
+}
+
+/// 7. Compressed bytes on the wire per record vs the raw JSON the producer sent.
+fn step_wire(generator: Generator, n: u64, level: u32) -> WireResult {
+    let epoch = uuid::Uuid::new_v4();
+    let measure = |n: u64, level: u32| -> (u64, u64, f64, f64) {
+        let (mut raw, mut wire) = (0u64, 0u64);
+        let (mut encode_secs, mut one_shot_secs) = (0.0, 0.0);
+        let mut start = 0u64;
+        while start < n {
+            let end = (start + WIRE_BATCH as u64).min(n);
+            let recs: Vec<_> = (start..end)
+                .map(|i| (i as i64 + 1, generator.record(i)))
+                .collect();
+            raw += recs.iter().map(|(_, r)| r.line.len() as u64).sum::<u64>();
+            let t = Instant::now();
+            let body = encode(epoch, &recs, level);
+            encode_secs += t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            std::hint::black_box(encode_one_shot(epoch, &recs, level));
+            one_shot_secs += t.elapsed().as_secs_f64();
+            wire += body.len() as u64;
+            start = end;
+        }
+        (raw, wire, encode_secs, one_shot_secs)
+    };
+    let (raw, wire_bytes, _, _) = measure(n, level);
+    let sample = n.min(200_000);
+    let levels = [0u32, 1, 2, 3, 6, 9]
+        .into_iter()
+        .map(|l| {
+            let (raw, wire_bytes, secs, one_shot_secs) = measure(sample, l);
+            LevelResult {
+                level: l,
+                records: sample,
+                wire_bytes_per_record: wire_bytes as f64 / sample as f64,
+                ratio_to_raw: wire_bytes as f64 / raw as f64,
+                // Input rate: the raw JSON the encoder consumed per second.
+                encode_mib_per_s: raw as f64 / secs / (1 << 20) as f64,
+                one_shot_mib_per_s: raw as f64 / one_shot_secs / (1 << 20) as f64,
+            }
+        })
+        .collect();
+    WireResult {
+        records: n,
+        batch_records: WIRE_BATCH,
+        level,
+        raw_bytes_per_record: raw as f64 / n as f64,
+        wire_bytes_per_record: wire_bytes as f64 / n as f64,
+        ratio_to_raw: wire_bytes as f64 / raw as f64,
+        levels,
+    }
+}
+
+// ---------------------------------------------------------------- report
+
+fn fmt_rate(r: f64) -> String {
+    format!("{:.0} rec/s", r)
+}
+
+fn verdict(pass: Option<bool>) -> &'static str {
+    match pass {
+        Some(true) => "PASS",
+        Some(false) => "MISS",
+        None => "n/a",
+    }
+}
+
+fn targets(r: &Results) -> Vec<Target> {
+    let mut t = Vec::new();
+    let copy = r.copy.as_ref().map(|c| c.records_per_s);
+    let e2e = r.e2e.as_ref().map(|e| e.records_per_s);
+    let ingest_pc = r
+        .ingest
+        .iter()
+        .find(|i| i.durability == "process-crash")
+        .map(|i| i.records_per_s);
+    t.push(Target {
+        name: "end to end >= 0.5 x COPY".into(),
+        value: match (e2e, copy) {
+            (Some(e), Some(c)) => format!("{:.2} x COPY", e / c),
+            _ => "not measured".into(),
+        },
+        target: ">= 0.50 x".into(),
+        pass: e2e.zip(copy).map(|(e, c)| e >= 0.5 * c),
+    });
+    t.push(Target {
+        name: "edge ingest (process-crash) >= 2 x end to end".into(),
+        value: match (ingest_pc, e2e) {
+            (Some(i), Some(e)) => format!("{:.2} x e2e", i / e),
+            _ => "not measured".into(),
+        },
+        target: ">= 2.00 x".into(),
+        pass: ingest_pc.zip(e2e).map(|(i, e)| i >= 2.0 * e),
+    });
+    let drain = r.drain.as_ref();
+    t.push(Target {
+        name: "drain rate >= end-to-end rate".into(),
+        value: match (drain, e2e) {
+            (Some(d), Some(e)) => format!("{:.2} x e2e", d.records_per_s / e),
+            _ => "not measured".into(),
+        },
+        target: ">= 1.00 x".into(),
+        pass: drain.zip(e2e).map(|(d, e)| d.records_per_s >= e),
+    });
+    let rss = drain.and_then(|d| d.agent_peak_rss_mb);
+    t.push(Target {
+        name: "agent peak RSS while draining <= 50 MB".into(),
+        value: rss.map_or("not measured".into(), |m| format!("{m:.1} MB")),
+        target: "<= 50 MB".into(),
+        pass: rss.map(|m| m <= RSS_TARGET_MB),
+    });
+    let wire = r.wire.as_ref();
+    t.push(Target {
+        name: "wire bytes <= 0.2 x raw JSON".into(),
+        value: wire.map_or("not measured".into(), |w| {
+            format!("{:.3} x raw", w.ratio_to_raw)
+        }),
+        target: "<= 0.200 x".into(),
+        pass: wire.map(|w| w.ratio_to_raw <= 0.2),
+    });
+    let lat = r.latency.as_ref();
+    t.push(Target {
+        name: "p99 batch ack at half load <= 50 ms".into(),
+        value: lat.map_or("not measured".into(), |l| format!("{:.1} ms", l.p99_ms)),
+        target: "<= 50 ms".into(),
+        pass: lat.map(|l| l.errors == 0 && l.p99_ms <= 50.0),
+    });
+    t
+}
+
+fn opt(v: Option<f64>, unit: &str) -> String {
+    v.map_or("-".into(), |v| format!("{v:.1}{unit}"))
+}
+
+fn print_usage_line(u: &Usage) {
+    println!(
+        "      cpu: agent {} aggregator {} postgres {:.1}s bench {:.1}s kernel {:.1}s | machine busy {:.0}% | other {:.1}s{}",
+        opt(u.agent_cpu_s, "s"),
+        opt(u.aggregator_cpu_s, "s"),
+        u.postgres_cpu_s,
+        u.bench_cpu_s,
+        u.kernel_cpu_s,
+        u.machine_busy_pct,
+        u.other_cpu_s,
+        if u.other_processes.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", u.other_processes.join(", "))
+        }
+    );
+}
+
+fn print_report(r: &Results) {
+    println!();
+    println!(
+        "== Results ({} records of ~{} bytes) ==",
+        r.config.records, r.config.record_bytes
+    );
+    println!(
+        "{:<46} {:>16} {:>10} {:>10}",
+        "measurement", "value", "secs", "vs"
+    );
+    let line = |name: &str, value: String, secs: f64, vs: String| {
+        println!("{name:<46} {value:>16} {secs:>10.2} {vs:>10}");
+    };
+    if let Some(c) = &r.copy {
+        line(
+            "COPY into records (physical limit)",
+            fmt_rate(c.records_per_s),
+            c.secs,
+            format!("{:.0} MiB/s", c.mib_per_s),
+        );
+        print_usage_line(&c.usage);
+    }
+    for i in &r.ingest {
+        line(
+            &format!("edge ingest, durability {}", i.durability),
+            fmt_rate(i.records_per_s),
+            i.secs,
+            format!("p99 {:.0}ms", i.request_p99_ms),
+        );
+        print_usage_line(&i.usage);
+    }
+    if let Some(e) = &r.e2e {
+        line(
+            "end to end (first send -> last row committed)",
+            fmt_rate(e.records_per_s),
+            e.secs,
+            e.ratio_to_copy
+                .map_or("-".into(), |x| format!("{x:.2}xCOPY")),
+        );
+        println!(
+            "      agent peak RSS {} MB, aggregator peak RSS {} MB, agent acked all after {:.2}s",
+            opt(e.agent_peak_rss_mb, ""),
+            opt(e.aggregator_peak_rss_mb, ""),
+            e.ingest_secs
+        );
+        print_usage_line(&e.usage);
+    }
+    if let Some(d) = &r.drain {
+        line(
+            "backlog drain (aggregator up -> last row)",
+            fmt_rate(d.records_per_s),
+            d.secs,
+            format!("{} MB", opt(d.agent_peak_rss_mb, "")),
+        );
+        println!(
+            "      agent peak RSS while draining {} MB (lifetime {} MB); buffering took {:.2}s",
+            opt(d.agent_peak_rss_mb, ""),
+            opt(d.agent_peak_rss_mb_lifetime, ""),
+            d.fill_secs
+        );
+        print_usage_line(&d.usage);
+    }
+    if let Some(l) = &r.latency {
+        println!(
+            "{:<46} {:>16} {:>10} {:>10}",
+            format!("batch ack latency at {:.0} rec/s", l.target_records_per_s),
+            format!("p50 {:.1} ms", l.p50_ms),
+            format!("p99 {:.1}", l.p99_ms),
+            format!("max {:.0}", l.max_ms)
+        );
+        println!(
+            "      {} batches of {}, p90 {:.1} ms, mean {:.1} ms, errors {}",
+            l.batches, l.batch_records, l.p90_ms, l.mean_ms, l.errors
+        );
+        print_usage_line(&l.usage);
+    }
+    if let Some(w) = &r.wire {
+        println!(
+            "{:<46} {:>16} {:>10} {:>10}",
+            format!(
+                "wire bytes/record (gzip {}, batches of {})",
+                w.level, w.batch_records
+            ),
+            format!("{:.1} B", w.wire_bytes_per_record),
+            format!("{:.1} raw", w.raw_bytes_per_record),
+            format!("{:.3}x", w.ratio_to_raw)
+        );
+        for l in &w.levels {
+            println!(
+                "      level {}: {:.1} B/record ({:.3} x raw), encode_batch {:.0} MiB/s of JSON (render-then-gzip {:.0} MiB/s)",
+                l.level,
+                l.wire_bytes_per_record,
+                l.ratio_to_raw,
+                l.encode_mib_per_s,
+                l.one_shot_mib_per_s
+            );
+        }
+    }
+    let mb = |b: Option<u64>| b.map_or("-".into(), |b| format!("{:.1}", b as f64 / 1e6));
+    println!(
+        "binary sizes: dcs-edge {} MB ({} stripped), dcs-aggregator {} MB ({} stripped)",
+        mb(Some(r.dcs_edge_binary_bytes)),
+        mb(r.dcs_edge_stripped_bytes),
+        mb(Some(r.dcs_aggregator_binary_bytes)),
+        mb(r.dcs_aggregator_stripped_bytes)
+    );
+    println!();
+    println!("== Targets ==");
+    for t in &r.targets {
+        println!(
+            "{:<48} {:>18} {:>12}  {}",
+            t.name,
+            t.value,
+            t.target,
+            verdict(t.pass)
+        );
+    }
+    if !r.noisy_steps.is_empty() {
+        println!();
+        println!(
+            "NOTE: other processes used more than 10% of the machine during: {} (figures are noisy)",
+            r.noisy_steps.join(", ")
+        );
+    }
+}
+
+// ---------------------------------------------------------------- main
+
+/// Ctrl-C: exit 130 without a backtrace, after the run was dropped.
+#[derive(Debug)]
+struct Interrupted;
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("interrupted")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    for s in &args.skip {
+        ensure!(
+            STEPS.contains(&s.as_str()),
+            "unknown step {s:?} in --skip; steps: {}",
+            STEPS.join(", ")
+        );
+    }
+    ensure!(args.records > 0, "--records must be positive");
+    ensure!(
+        args.request_records > 0,
+        "--request-records must be positive"
+    );
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(async {
+            // Ctrl-C drops the run: its services are killed and its databases
+            // dropped by their Drop impls instead of being left behind.
+            tokio::select! {
+                result = run(args) => result,
+                _ = tokio::signal::ctrl_c() => Err(Interrupted.into()),
+            }
+        })
+        .inspect_err(|e| {
+            if e.is::<Interrupted>() {
+                eprintln!("dcs-bench: interrupted; services stopped, databases dropped");
+                std::process::exit(130);
+            }
+        })
+}
+
+fn progress(msg: &str) {
+    eprintln!(
+        "[dcs-bench {:>7.1}s] {msg}",
+        START.get_or_init(Instant::now).elapsed().as_secs_f64()
+    );
+}
+
+static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    progress("starting");
+    dcs_shared::tls::install_crypto_provider();
+    let edge_bin = binary("dcs-edge");
+    let agg_bin = binary("dcs-aggregator");
+
+    // Kept until the end: dropping it stops and deletes a private cluster.
+    let (cluster, pg_admin) = match args.pg_cluster.as_str() {
+        "shared" => (None, dcs_tests::pg::admin_url()),
+        mode => {
+            let c = start_cluster(mode == "tuned").await?;
+            let url = c.url();
+            (Some(c), url)
+        }
+    };
+    let pg_version = {
+        let url = pg_admin.clone();
+        let mut conn = sqlx::PgConnection::connect(&url)
+            .await
+            .with_context(|| format!("connect to PostgreSQL at {url} (set DCS_TEST_PG_URL)"))?;
+        let v: String = sqlx::query_scalar("SELECT version()")
+            .fetch_one(&mut conn)
+            .await?;
+        let _ = conn.close().await;
+        v
+    };
+    let machine = Machine::probe(pg_version);
+    println!("== Machine ==");
+    println!(
+        "cores {} ({}), memory {} MiB, kernel {}, load avg (1m) at start {:.2}",
+        machine.cores,
+        machine.cpu_model,
+        machine.memory_mib,
+        machine.kernel,
+        machine.load_avg_1m_at_start
+    );
+    println!("{} ({} server)", machine.postgres, args.pg_cluster);
+    if args.pg_cluster != "shared" {
+        let mut conn = sqlx::PgConnection::connect(&pg_admin).await?;
+        let rows: Vec<(String, String)> = sqlx::query_as(
+            "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY($1) ORDER BY name",
+        )
+        .bind(TUNED_SETTINGS.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>())
+        .fetch_all(&mut conn)
+        .await?;
+        let _ = conn.close().await;
+        println!(
+            "settings: {}",
+            rows.iter()
+                .map(|(n, v)| format!("{n}={v}"))
+                .collect::<Vec<_>>()
+                .join(" ")
+        );
+    }
+
+    let generator = Generator::new(args.record_bytes);
+    progress("generating records");
+    let t = Instant::now();
+    let (bodies, raw_per_record) = Bodies::new(generator, args.records, args.request_records);
+    progress(&format!(
+        "{} records, {:.1} raw bytes each, {} requests of {}{} in {:.2}s",
+        args.records,
+        raw_per_record,
+        bodies.count(),
+        args.request_records,
+        if bodies.cache.is_some() {
+            " (cached)"
+        } else {
+            " (streamed)"
+        },
+        t.elapsed().as_secs_f64()
+    ));
+    let config = RunConfig {
+        records: args.records,
+        record_bytes: args.record_bytes,
+        raw_bytes_per_record: raw_per_record,
+        clients: args.clients,
+        request_records: args.request_records,
+        agent_max_in_flight: args
+            .max_in_flight
+            .unwrap_or(dcs_edge::config::DEFAULT_MAX_IN_FLIGHT),
+        agent_compression_level: args.compression_level(),
+        agent_max_records: args
+            .max_records
+            .unwrap_or(dcs_edge::config::DEFAULT_BATCH_MAX_RECORDS),
+        agent_linger_ms: args
+            .linger_ms
+            .unwrap_or(dcs_edge::config::DEFAULT_LINGER.as_millis() as u64),
+        aggregator_max_connections: args.agg_max_connections,
+        pg_synchronous_commit: args.pg_synchronous_commit.clone(),
+        skip: args.skip.clone(),
+    };
+    println!(
+        "== Config == records {} (~{:.0} B raw JSON each), {} clients x {} records/request, agent max_in_flight {} compression {} max_records {} linger {}ms, aggregator max_connections {}, synchronous_commit {}",
+        config.records,
+        config.raw_bytes_per_record,
+        config.clients,
+        config.request_records,
+        config.agent_max_in_flight,
+        config.agent_compression_level,
+        config.agent_max_records,
+        config.agent_linger_ms,
+        config
+            .aggregator_max_connections
+            .map_or("default".into(), |c| c.to_string()),
+        config.pg_synchronous_commit.as_deref().unwrap_or("default")
+    );
+
+    if args.sweep {
+        let sweep = sweep::run(&args, &pg_admin, &bodies, generator).await?;
+        if let Some(out) = &args.out {
+            let doc = serde_json::json!({ "machine": machine, "config": config, "sweep": sweep });
+            write_json(out, &doc)?;
+            println!("\nwrote {}", out.display());
+        }
+        return Ok(());
+    }
+    let world = World {
+        pg_admin: pg_admin.clone(),
+        pki: Pki::new(),
+        dir: tempfile::Builder::new().prefix("dcs-bench-").tempdir()?,
+        bodies,
+        generator,
+        args: args.clone(),
+    };
+    let mut results = Results {
+        label: args.label.clone(),
+        started_unix: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs()),
+        machine,
+        config,
+        copy: None,
+        ingest: Vec::new(),
+        e2e: None,
+        drain: None,
+        latency: None,
+        wire: None,
+        dcs_edge_binary_bytes: std::fs::metadata(&edge_bin).map_or(0, |m| m.len()),
+        dcs_aggregator_binary_bytes: std::fs::metadata(&agg_bin).map_or(0, |m| m.len()),
+        dcs_edge_stripped_bytes: stripped_size(&edge_bin, world.dir.path()),
+        dcs_aggregator_stripped_bytes: stripped_size(&agg_bin, world.dir.path()),
+        targets: Vec::new(),
+        noisy_steps: Vec::new(),
+    };
+    let cores = results.machine.cores;
+    let mut noisy = BTreeSet::new();
+
+    if args.runs("copy") {
+        progress("COPY into records");
+        let c = step_copy(&world).await.context("step copy")?;
+        progress(&format!("COPY: {:.0} rec/s", c.records_per_s));
+        if c.usage.noisy(cores) {
+            noisy.insert("copy".to_owned());
+        }
+        results.copy = Some(c);
+    }
+    if args.runs("ingest") {
+        for durability in ["process-crash", "power-loss"] {
+            if durability == "power-loss" && !args.runs("power-loss") {
+                continue;
+            }
+            progress(&format!("edge ingest at {durability}"));
+            let i = step_ingest(&world, durability)
+                .await
+                .with_context(|| format!("step ingest ({durability})"))?;
+            progress(&format!(
+                "ingest {durability}: {:.0} rec/s",
+                i.records_per_s
+            ));
+            if i.usage.noisy(cores) {
+                noisy.insert(format!("ingest {durability}"));
+            }
+            results.ingest.push(i);
+        }
+    }
+    if args.runs("e2e") {
+        progress("end to end");
+        let copy_rate = results.copy.as_ref().map(|c| c.records_per_s);
+        let e = step_e2e(&world, copy_rate).await.context("step e2e")?;
+        progress(&format!("e2e: {:.0} rec/s", e.records_per_s));
+        if e.usage.noisy(cores) {
+            noisy.insert("e2e".to_owned());
+        }
+        results.e2e = Some(e);
+    }
+    if args.runs("drain") {
+        progress("backlog drain");
+        let d = step_drain(&world).await.context("step drain")?;
+        progress(&format!("drain: {:.0} rec/s", d.records_per_s));
+        if d.usage.noisy(cores) {
+            noisy.insert("drain".to_owned());
+        }
+        results.drain = Some(d);
+    }
+    if args.runs("latency") {
+        let rate = match (args.ack_rate, &results.e2e) {
+            (Some(r), _) => r,
+            (None, Some(e)) => e.records_per_s / 2.0,
+            (None, None) => {
+                progress("latency: no e2e rate measured and no --ack-rate; using 5000 rec/s");
+                5_000.0
+            }
+        };
+        progress(&format!("batch ack latency at {rate:.0} rec/s"));
+        let l = step_latency(&world, rate).await.context("step latency")?;
+        progress(&format!(
+            "latency: p50 {:.1} ms p99 {:.1} ms",
+            l.p50_ms, l.p99_ms
+        ));
+        if l.usage.noisy(cores) {
+            noisy.insert("latency".to_owned());
+        }
+        results.latency = Some(l);
+    }
+    if args.runs("wire") {
+        progress("wire bytes");
+        let (g, n, level) = (world.generator, args.records, args.compression_level());
+        results.wire = Some(tokio::task::spawn_blocking(move || step_wire(g, n, level)).await?);
+    }
+    results.targets = targets(&results);
+    results.noisy_steps = noisy.into_iter().collect();
+    print_report(&results);
+    if let Some(out) = &args.out {
+        write_json(out, &results)?;
+        println!("\nwrote {}", out.display());
+    }
+    drop(cluster);
+    Ok(())
+}
+
+/// PostgreSQL settings for a write-heavy collector on this machine size
+/// (24 GiB, 2 cores); see docs/PERFORMANCE.md, "PostgreSQL settings".
+const TUNED_SETTINGS: &[(&str, &str)] = &[
+    ("shared_buffers", "2GB"),
+    ("max_wal_size", "8GB"),
+    ("min_wal_size", "1GB"),
+    ("checkpoint_timeout", "15min"),
+    ("wal_buffers", "64MB"),
+    ("wal_compression", "lz4"),
+];
+
+/// A fresh cluster of our own (initdb, port of its own), optionally tuned.
+async fn start_cluster(tuned: bool) -> anyhow::Result<dcs_tests::pg::PgCluster> {
+    progress(&format!(
+        "starting a private PostgreSQL cluster ({})",
+        if tuned { "tuned" } else { "stock settings" }
+    ));
+    let cluster = dcs_tests::pg::PgCluster::try_start().await?;
+    if tuned {
+        let mut conn = sqlx::PgConnection::connect(&cluster.url()).await?;
+        for (name, value) in TUNED_SETTINGS {
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "ALTER SYSTEM SET {name} = '{value}'"
+            )))
+            .execute(&mut conn)
+            .await?;
+        }
+        let _ = conn.close().await;
+        cluster.stop("fast").await;
+        cluster.start_again().await;
+    }
+    Ok(cluster)
+}
+
+/// Size of `bin` after `strip`, written to a scratch file in `dir`.
+fn stripped_size(bin: &Path, dir: &Path) -> Option<u64> {
+    let out = dir.join("stripped");
+    let ok = std::process::Command::new("strip")
+        .arg("-o")
+        .arg(&out)
+        .arg(bin)
+        .status()
+        .ok()?
+        .success();
+    let size = ok
+        .then(|| std::fs::metadata(&out).ok().map(|m| m.len()))
+        .flatten();
+    let _ = std::fs::remove_file(&out);
+    size
+}
+
+fn write_json(out: &Path, results: &impl Serialize) -> anyhow::Result<()> {
+    if let Some(dir) = out.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(out, serde_json::to_string_pretty(results)? + "\n")
+        .with_context(|| format!("write {}", out.display()))
+}

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The performance benchmark on this machine (see docs/PERFORMANCE.md):
+#
+#   scripts/bench.sh [dcs-bench flags...]
+#
+# Builds every binary in release mode (dcs-bench runs the dcs-edge and
+# dcs-aggregator processes it finds beside itself in target/release), makes
+# sure PostgreSQL answers on 127.0.0.1:5432, then runs dcs-bench with the
+# default data set (200,000 records of ~200 bytes), printing a table and
+# writing the results to target/bench.json. Extra arguments go to dcs-bench,
+# e.g.
+#
+#   scripts/bench.sh --records 10000000 --out target/bench-10m.json
+#   scripts/bench.sh --skip copy,ingest,drain,latency,wire --max-in-flight 4
+#
+# A later --out wins over the default one. DCS_TEST_PG_URL points the bench
+# at another server (it creates and drops one database per step there).
+set -euo pipefail
+
+DCS_SCRIPT_NAME=bench
+# shellcheck source=scripts/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+[[ "$TARGET_DIR" == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
+
+command -v cargo >/dev/null 2>&1 || die "cargo not found"
+
+if [[ -z "${DCS_TEST_PG_URL:-}" ]]; then
+    section "PostgreSQL"
+    bash "$ROOT/scripts/ensure-postgres.sh"
+fi
+
+section "build (release)"
+cargo build --release --workspace --bins
+
+section "benchmark"
+say "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
+exec "$TARGET_DIR/release/dcs-bench" --out "$TARGET_DIR/bench.json" "$@"
