@@ -1400,11 +1400,14 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?
         .block_on(async {
-            // Ctrl-C drops the run: its services are killed and its databases
-            // dropped by their Drop impls instead of being left behind.
+            // Ctrl-C or SIGTERM drops the run: its services are killed and its
+            // databases dropped by their Drop impls instead of being left behind.
+            let mut term =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
             tokio::select! {
                 result = run(args) => result,
                 _ = tokio::signal::ctrl_c() => Err(Interrupted.into()),
+                _ = term.recv() => Err(Interrupted.into()),
             }
         })
         .inspect_err(|e| {
