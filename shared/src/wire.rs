@@ -91,9 +91,14 @@ pub fn encode_batch<'a>(
     records: impl IntoIterator<Item = OutRecord<'a>>,
     level: u32,
 ) -> Vec<u8> {
-    let mut gz = GzEncoder::new(Vec::new(), Compression::new(level));
+    // The JSON is built in memory and compressed in one write: flate2 clears
+    // its output buffer on every write, and a write per field made that the
+    // agent's largest CPU cost (see docs/PERFORMANCE.md).
+    let mut json = Vec::with_capacity(64 * 1024);
     // Writing into a Vec cannot fail, hence the expects below.
-    write_batch_json(&mut gz, epoch, backlog, records).expect("write to memory");
+    write_batch_json(&mut json, epoch, backlog, records).expect("write to memory");
+    let mut gz = GzEncoder::new(Vec::with_capacity(json.len() / 4), Compression::new(level));
+    gz.write_all(&json).expect("compress in memory");
     gz.finish().expect("finish gzip in memory")
 }
 
