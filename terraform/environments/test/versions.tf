@@ -1,0 +1,26 @@
+terraform {
+  required_version = ">= 1.10"
+
+  required_providers {
+    aws = {
+      source  = "hashicorp/aws"
+      version = "~> 6.0"
+    }
+    hyperv = {
+      source  = "taliesins/hyperv"
+      version = "~> 1.2"
+    }
+    archive = {
+      source  = "hashicorp/archive"
+      version = "~> 2.4"
+    }
+  }
+
+  # State in S3, encrypted, locked with an S3 lock file (no DynamoDB table).
+  # Bucket, key and region come from backend.hcl:
+  #   terraform init -backend-config=backend.hcl
+  backend "s3" {
+    encrypt      = true
+    use_lockfile = true
+  }
+}
