@@ -151,3 +151,12 @@ pub fn gzip_json(bytes: &[u8]) -> Vec<u8> {
     gz.write_all(bytes).expect("gzip to memory");
     gz.finish().expect("gzip to memory")
 }
+
+/// `url` with its user replaced by `role` (no password: the test server
+/// trusts loopback connections).
+pub fn with_user(url: &str, role: &str) -> String {
+    let start = url.find("://").map_or(0, |i| i + 3);
+    let rest = &url[start..];
+    let host = rest.find('@').map_or(rest, |at| &rest[at + 1..]);
+    format!("{}{role}@{host}", &url[..start])
+}
