@@ -77,6 +77,75 @@ pub struct Config {
     pub limits: LimitsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub platform: PlatformConfig,
+    #[serde(default)]
+    pub revocation: RevocationConfig,
+}
+
+/// The platform API listener (`/api/v1/...`): HTTPS with a server certificate
+/// only, callers authenticate with bearer tokens. Off by default, so an
+/// upgrade does not open a new port nobody asked for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PlatformConfig {
+    pub enabled: bool,
+    pub address: SocketAddr,
+    /// Server certificate and key; empty means the agents' `tls.cert`/`tls.key`.
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// Next to the agents' 8443, so firewall rules for DCS stay one range.
+pub const DEFAULT_PLATFORM_ADDRESS: &str = "0.0.0.0:8444";
+
+impl Default for PlatformConfig {
+    fn default() -> Self {
+        PlatformConfig {
+            enabled: false,
+            address: DEFAULT_PLATFORM_ADDRESS
+                .parse()
+                .expect("valid default address"),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+        }
+    }
+}
+
+impl PlatformConfig {
+    /// The certificate and key the listener serves: its own, or the agents'.
+    pub fn cert_and_key<'a>(&'a self, tls: &'a TlsConfig) -> (&'a Path, &'a Path) {
+        if self.cert.as_os_str().is_empty() {
+            (&tls.cert, &tls.key)
+        } else {
+            (&self.cert, &self.key)
+        }
+    }
+}
+
+/// How fast a revocation reaches the agents' listener.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RevocationConfig {
+    /// How often each aggregator re-reads the deny list (revoked agents and
+    /// serials, disabled tenants). A revocation made on another replica, or
+    /// with the CLI, takes effect within this interval.
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub refresh_interval: Duration,
+}
+
+/// A revoked agent may get a few more batches through within this window;
+/// one small query every 2 s per replica costs the database nothing.
+pub const DEFAULT_REVOCATION_REFRESH: Duration = Duration::from_secs(2);
+/// Beyond a minute "revoke" stops meaning "now" to an operator.
+pub const MAX_REVOCATION_REFRESH: Duration = Duration::from_secs(60);
+
+impl Default for RevocationConfig {
+    fn default() -> Self {
+        RevocationConfig {
+            refresh_interval: DEFAULT_REVOCATION_REFRESH,
+        }
+    }
 }
 
 /// The operators' plain-HTTP listener: `/metrics`, `/health`, `/ready`.
@@ -336,6 +405,33 @@ impl Config {
         ] {
             issues.check(!value.is_zero(), key, "must be greater than zero");
         }
+        let p = &self.platform;
+        if p.enabled {
+            for (other, address) in [
+                ("listen.address", self.listen.address),
+                ("admin.address", self.admin.address),
+            ] {
+                issues.check(
+                    p.address.port() == 0 || p.address != address,
+                    "platform.address",
+                    format!("must differ from {other}"),
+                );
+            }
+        }
+        issues.check(
+            p.cert.as_os_str().is_empty() == p.key.as_os_str().is_empty(),
+            "platform.key",
+            "set platform.cert and platform.key together, or neither (to use tls.cert and tls.key)",
+        );
+        let refresh = self.revocation.refresh_interval;
+        issues.check(
+            !refresh.is_zero() && refresh <= MAX_REVOCATION_REFRESH,
+            "revocation.refresh_interval",
+            format!(
+                "must be greater than zero and at most {}s",
+                MAX_REVOCATION_REFRESH.as_secs()
+            ),
+        );
         issues.check(
             !self.log.level.trim().is_empty(),
             "log.level",
@@ -353,6 +449,12 @@ impl Config {
             dcs_shared::tls::server_config(&self.tls.ca, &self.tls.cert, &self.tls.key)
         {
             issues.check(false, "tls", error.to_string());
+        }
+        if self.platform.enabled {
+            let (cert, key) = self.platform.cert_and_key(&self.tls);
+            if let Err(error) = dcs_shared::tls::server_config_no_client_auth(cert, key) {
+                issues.check(false, "platform", error.to_string());
+            }
         }
         if self.database.url.is_none()
             && let Some(path) = &self.database.url_file
@@ -529,6 +631,32 @@ mod tests {
                 "limits.request_timeout"
             ]
         );
+    }
+
+    #[test]
+    fn the_platform_listener_is_off_by_default_and_validated_when_on() {
+        let config = load_str(MINIMAL).unwrap();
+        assert!(!config.platform.enabled);
+        assert_eq!(config.platform.address.port(), 8444);
+        assert_eq!(config.revocation.refresh_interval, Duration::from_secs(2));
+        let err = load_str(&format!(
+            "{MINIMAL}\n[platform]\nenabled = true\naddress = \"0.0.0.0:8443\"\ncert = \"p.pem\"\n[revocation]\nrefresh_interval = \"0s\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            keys(&err),
+            [
+                "platform.address",
+                "platform.key",
+                "revocation.refresh_interval"
+            ]
+        );
+        let config = load_str(&format!(
+            "{MINIMAL}\n[platform]\nenabled = true\naddress = \"127.0.0.1:9444\"\n"
+        ))
+        .unwrap();
+        let (cert, _) = config.platform.cert_and_key(&config.tls);
+        assert_eq!(cert, Path::new("/etc/dcs/server.pem"));
     }
 
     #[test]

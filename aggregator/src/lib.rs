@@ -20,9 +20,12 @@
 //! - `server`: the TLS accept loop and graceful shutdown.
 //! - `http`: routes, request checks and the error-to-status mapping.
 //! - `store`: the PostgreSQL write path (COPY into staging, then insert).
+//! - [`platform`]: the platform API (`/api/v1`): bearer tokens, RBAC, records,
+//!   agents, tenants, tokens and the audit trail.
 
 pub mod config;
 mod http;
+pub mod platform;
 mod server;
 mod store;
 
@@ -66,6 +69,25 @@ pub enum Error {
         address: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("bind platform API listener on {address}: {source}")]
+    PlatformBind {
+        address: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    /// A database call outside a request (the CLI, maintenance tasks).
+    #[error("database: {0}")]
+    Database(#[from] sqlx::Error),
+    /// An operator's request that cannot be carried out (unknown tenant, ...).
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The sockets [`serve_all`] serves. Listeners left `None` are bound from the
+/// configuration (or not at all: the platform API only when enabled).
+pub struct Listeners {
+    pub agents: TcpListener,
+    pub admin: Option<TcpListener>,
+    pub platform: Option<TcpListener>,
 }
 
 /// Creates the connection pool. Connections are opened on first use, so an
@@ -100,16 +122,53 @@ pub async fn serve(
     pool: PgPool,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let listeners = Listeners {
+        agents: listener,
+        admin: None,
+        platform: None,
+    };
+    serve_all(listeners, config, pool, shutdown).await
+}
+
+/// [`serve`] with every listener chosen by the caller (tests bind port 0).
+pub async fn serve_all(
+    listeners: Listeners,
+    config: Config,
+    pool: PgPool,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), Error> {
     config.validate()?;
     let tls = dcs_shared::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)
         .map_err(Error::Tls)?;
-    let state = http::AppState::new(&config, pool);
-    let admin = tokio::net::TcpListener::bind(config.admin.address)
-        .await
-        .map_err(|source| Error::AdminBind {
-            address: config.admin.address,
-            source,
-        })?;
+    let platform_tls = if config.platform.enabled {
+        let (cert, key) = config.platform.cert_and_key(&config.tls);
+        Some(dcs_shared::tls::server_config_no_client_auth(cert, key).map_err(Error::Tls)?)
+    } else {
+        None
+    };
+    let state = http::AppState::new(&config, pool.clone());
+    let admin = match listeners.admin {
+        Some(admin) => admin,
+        None => tokio::net::TcpListener::bind(config.admin.address)
+            .await
+            .map_err(|source| Error::AdminBind {
+                address: config.admin.address,
+                source,
+            })?,
+    };
+    let platform = match (platform_tls, listeners.platform) {
+        (None, _) => None,
+        (Some(tls), Some(listener)) => Some((tls, listener)),
+        (Some(tls), None) => Some((
+            tls,
+            tokio::net::TcpListener::bind(config.platform.address)
+                .await
+                .map_err(|source| Error::PlatformBind {
+                    address: config.platform.address,
+                    source,
+                })?,
+        )),
+    };
     if let Ok(address) = admin.local_addr() {
         tracing::info!(message = "admin listener (metrics, health) on plain HTTP", %address);
     }
@@ -128,8 +187,27 @@ pub async fn serve(
             .with_graceful_shutdown(wait(stopped.clone()))
             .into_future(),
     );
+    let platform_task = platform.map(|(tls, listener)| {
+        let app = platform::router(platform::PlatformState::new(pool));
+        let limits = config.limits;
+        let stopped = wait(stopped.clone());
+        tokio::spawn(async move {
+            server::run(listener, tls, app, &limits, server::Kind::Platform, stopped).await;
+        })
+    });
     let app = http::router(state);
-    server::run(listener, tls, app, &config.limits, wait(stopped)).await;
+    server::run(
+        listeners.agents,
+        tls,
+        app,
+        &config.limits,
+        server::Kind::Agents,
+        wait(stopped),
+    )
+    .await;
     let _ = admin_task.await;
+    if let Some(task) = platform_task {
+        let _ = task.await;
+    }
     Ok(())
 }

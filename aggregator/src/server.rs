@@ -43,11 +43,34 @@ const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(100);
 /// FIN (a cut link), so their connection tasks do not linger for hours.
 const H2_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
+/// Who connects to a listener, which decides what each request carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// Agents over mutual TLS: every request carries the [`AgentIdentity`]
+    /// read from the verified certificate.
+    Agents,
+    /// The platform API over server TLS: requests carry the [`PeerAddr`] for
+    /// the audit trail and authenticate with a bearer token.
+    Platform,
+}
+
+/// What every connection of one listener shares besides its sockets.
+#[derive(Debug, Clone, Copy)]
+struct Policy {
+    handshake_timeout: Duration,
+    kind: Kind,
+}
+
+/// The TCP peer of a platform API connection.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PeerAddr(pub SocketAddr);
+
 pub(crate) async fn run(
     listener: TcpListener,
     tls: Arc<rustls::ServerConfig>,
     app: Router,
     limits: &LimitsConfig,
+    kind: Kind,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) {
     let acceptor = TlsAcceptor::from(tls);
@@ -56,7 +79,7 @@ pub(crate) async fn run(
     let graceful = GracefulShutdown::new();
     let mut connections = JoinSet::new();
     if let Ok(addr) = listener.local_addr() {
-        info!(message = "listening for agents", %addr);
+        info!(message = "listening", listener = ?kind, %addr);
     }
 
     tokio::pin!(shutdown);
@@ -74,7 +97,7 @@ pub(crate) async fn run(
                         app.clone(),
                         builder.clone(),
                         graceful.watcher(),
-                        handshake_timeout,
+                        Policy { handshake_timeout, kind },
                     ));
                 }
                 Err(error) => {
@@ -125,8 +148,12 @@ async fn connection(
     app: Router,
     builder: Arc<auto::Builder<TokioExecutor>>,
     watcher: Watcher,
-    handshake_timeout: Duration,
+    policy: Policy,
 ) {
+    let Policy {
+        handshake_timeout,
+        kind,
+    } = policy;
     let _ = tcp.set_nodelay(true);
     let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
@@ -172,6 +199,12 @@ async fn connection(
         request
     };
     let service = match identity {
+        _ if kind == Kind::Platform => app
+            .map_request(move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(PeerAddr(peer));
+                mark(request)
+            })
+            .boxed_clone(),
         Ok(agent) => {
             debug!(message = "agent connected", %peer, agent = %agent);
             app.map_request(move |mut request: hyper::Request<Incoming>| {

@@ -152,6 +152,68 @@ pub fn gzip_json(bytes: &[u8]) -> Vec<u8> {
     gz.finish().expect("gzip to memory")
 }
 
+/// An aggregator with the platform API enabled on its own port.
+pub struct RunningPlatform {
+    pub aggregator: RunningAggregator,
+    /// `https://localhost:PORT` of the platform API.
+    pub url: String,
+    /// A client trusting only the test CA, without a client certificate:
+    /// platform callers authenticate with bearer tokens.
+    pub client: reqwest::Client,
+}
+
+impl RunningPlatform {
+    /// `url` + `path`.
+    pub fn endpoint(&self, path: &str) -> String {
+        format!("{}{path}", self.url)
+    }
+}
+
+/// Like [`start_aggregator_with`], with the platform API listening on
+/// 127.0.0.1 and a free port (server TLS with the Pki's server certificate).
+pub async fn start_platform_with(
+    pki: &Pki,
+    db_url: &str,
+    adjust: impl FnOnce(&mut Config),
+) -> RunningPlatform {
+    dcs_shared::tls::install_crypto_provider();
+    let mut config = test_config(pki, db_url);
+    config.platform.enabled = true;
+    config.platform.address = "127.0.0.1:0".parse().expect("address");
+    adjust(&mut config);
+    let agents = tokio::net::TcpListener::bind(config.listen.address)
+        .await
+        .expect("bind aggregator listener");
+    let platform = tokio::net::TcpListener::bind(config.platform.address)
+        .await
+        .expect("bind platform listener");
+    let addr = agents.local_addr().expect("local addr");
+    let platform_port = platform.local_addr().expect("local addr").port();
+    let pool = dcs_aggregator::connect(&config.database)
+        .await
+        .expect("aggregator pool");
+    let (tx, rx) = oneshot::channel::<()>();
+    let shutdown = async move {
+        let _ = rx.await;
+    };
+    let listeners = dcs_aggregator::Listeners {
+        agents,
+        admin: None,
+        platform: Some(platform),
+    };
+    let task = tokio::spawn(dcs_aggregator::serve_all(listeners, config, pool, shutdown));
+    RunningPlatform {
+        aggregator: RunningAggregator {
+            addr,
+            url: format!("https://localhost:{}", addr.port()),
+            shutdown: Some(tx),
+            task: Some(task),
+        },
+        url: format!("https://localhost:{platform_port}"),
+        client: client_without_certificate(&pki.ca),
+    }
+}
+
 /// `url` with its user replaced by `role` (no password: the test server
 /// trusts loopback connections).
 pub fn with_user(url: &str, role: &str) -> String {
