@@ -128,6 +128,9 @@ bash "$ROOT/scripts/check-observability.sh"
 step "Fuzz targets (briefly, when cargo-fuzz and nightly are present; the corpus replays in cargo test)"
 bash "$ROOT/scripts/fuzz.sh" 20
 
+step "Deployment: package install test, systemd unit, Terraform, checkov, compose and workflow schemas, cargo audit"
+bash "$ROOT/scripts/check-deploy.sh"
+
 step "cargo test --workspace"
 # NO_PROXY would let the agent bypass the proxy the proxy test configures.
 # It only matters when a proxy is set, and the tests need none.
