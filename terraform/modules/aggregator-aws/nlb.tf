@@ -51,6 +51,10 @@ resource "aws_lb" "agents" {
   security_groups                  = [aws_security_group.nlb.id]
   enable_cross_zone_load_balancing = true
   enable_deletion_protection       = var.deletion_protection
+  # PrivateLink connections arrive from the load balancer's own addresses,
+  # not from agent_cidrs; the endpoint service's allowed principals and
+  # acceptance gate them instead.
+  enforce_security_group_inbound_rules_on_private_link_traffic = length(var.privatelink_allowed_principals) > 0 ? "off" : "on"
 
   tags = local.tags
 }
