@@ -31,6 +31,8 @@ use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, LimitsConfig};
+use crate::revocation::{Denied, DenyList, Verdict};
+use crate::server::PresentedCertificate;
 use crate::store::{self, CopyRows, Failure, PreparedBatch};
 
 /// `/ready` must answer before a load balancer's probe gives up (typically
@@ -51,14 +53,17 @@ struct Inner {
     /// may hold up to max_compressed + max_decompressed bytes of memory, and
     /// more of them than there are database connections would only queue.
     in_flight: Semaphore,
+    /// Revoked agents and serials, disabled tenants; refreshed in the background.
+    deny: DenyList,
 }
 
 impl AppState {
-    pub(crate) fn new(config: &Config, pool: PgPool) -> Self {
+    pub(crate) fn new(config: &Config, pool: PgPool, deny: DenyList) -> Self {
         AppState(Arc::new(Inner {
             pool,
             limits: config.limits,
             in_flight: Semaphore::new(config.database.max_connections as usize),
+            deny,
         }))
     }
 }
@@ -192,6 +197,8 @@ pub(crate) fn forbidden_router(reason: String) -> Router {
 #[derive(Debug)]
 pub(crate) enum Error {
     BadIdentity(Arc<str>),
+    /// On the deny list: the agent, its certificate's serial, or its tenant.
+    Revoked(Denied),
     UnsupportedEncoding(String),
     UnsupportedMediaType(String),
     BatchTooLarge(String),
@@ -230,6 +237,14 @@ impl Error {
                 S::FORBIDDEN,
                 "bad_identity",
                 format!("the client certificate carries no valid dcs:// identity: {reason}"),
+            ),
+            Error::Revoked(why) => (
+                S::FORBIDDEN,
+                "revoked",
+                format!(
+                    "this agent may not send batches ({}); nothing was written",
+                    why.as_str()
+                ),
             ),
             Error::UnsupportedEncoding(m) => {
                 (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding", m.clone())
@@ -366,10 +381,41 @@ async fn ready(State(app): State<AppState>) -> Result<Json<serde_json::Value>, E
 async fn post_batch(
     state: State<AppState>,
     agent: Extension<AgentIdentity>,
+    presented: Option<Extension<PresentedCertificate>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Json<BatchAck>, Error> {
-    let result = handle_batch(state, agent, headers, body).await;
+    let presented = presented.map(|Extension(p)| p);
+    // First, before a byte of the body is read: a revoked agent gets nothing.
+    match state
+        .0
+        .0
+        .deny
+        .check(&agent, presented.as_ref().map(|p| &*p.cert))
+    {
+        Verdict::Allowed => {}
+        Verdict::Denied(why) => {
+            metrics::counter!("dcs_aggregator_batches_refused_revoked_total", "reason" => why.as_str())
+                .increment(1);
+            metrics::counter!("dcs_aggregator_batches_total", "outcome" => "revoked").increment(1);
+            let error = Error::Revoked(why);
+            log_refusal(&error, &agent);
+            return Err(error);
+        }
+        Verdict::Unknown => {
+            metrics::counter!("dcs_aggregator_batches_total", "outcome" => "unavailable")
+                .increment(1);
+            return Err(Error::DatabaseUnavailable {
+                retry_after: state.0.0.limits.retry_after,
+            });
+        }
+    }
+    let result = handle_batch(state.clone(), agent.clone(), headers, body).await;
+    if result.is_ok()
+        && let Some(presented) = presented
+    {
+        record_certificate(&state.0.0.pool, &agent, &presented).await;
+    }
     metrics::counter!("dcs_aggregator_batches_total", "outcome" => batch_outcome(&result))
         .increment(1);
     if let Ok(Json(ack)) = &result {
@@ -377,6 +423,38 @@ async fn post_batch(
         metrics::counter!("dcs_aggregator_records_duplicate_total").increment(ack.duplicates);
     }
     result
+}
+
+/// Stores the certificate an agent's connection presented on its row, once
+/// per connection and only when it changed, so operators see fingerprints,
+/// serials and expiry without the batch path paying for it on every batch.
+async fn record_certificate(
+    pool: &PgPool,
+    agent: &AgentIdentity,
+    presented: &PresentedCertificate,
+) {
+    use std::sync::atomic::Ordering;
+    if presented.recorded.load(Ordering::Relaxed) {
+        return;
+    }
+    let cert = &presented.cert;
+    let result = sqlx::query(
+        "UPDATE agents SET cert_fingerprint = $3, cert_serial = $4, \
+             cert_not_after = to_timestamp($5) \
+         WHERE tenant_id = $1 AND name = $2 AND cert_fingerprint IS DISTINCT FROM $3",
+    )
+    .bind(&agent.tenant)
+    .bind(&agent.agent)
+    .bind(&cert.fingerprint)
+    .bind(&cert.serial)
+    .bind(cert.not_after as f64)
+    .execute(pool)
+    .await;
+    match result {
+        Ok(_) => presented.recorded.store(true, Ordering::Relaxed),
+        // Retried with the connection's next batch.
+        Err(error) => debug!(message = "record agent certificate", %error, agent = %agent),
+    }
 }
 
 /// What the center knows of an agent: when it was last heard from and the

@@ -20,12 +20,14 @@
 //! - `server`: the TLS accept loop and graceful shutdown.
 //! - `http`: routes, request checks and the error-to-status mapping.
 //! - `store`: the PostgreSQL write path (COPY into staging, then insert).
+//! - [`revocation`]: the in-memory deny list every batch is checked against.
 //! - [`platform`]: the platform API (`/api/v1`): bearer tokens, RBAC, records,
 //!   agents, tenants, tokens and the audit trail.
 
 pub mod config;
 mod http;
 pub mod platform;
+pub mod revocation;
 mod server;
 mod store;
 
@@ -146,7 +148,14 @@ pub async fn serve_all(
     } else {
         None
     };
-    let state = http::AppState::new(&config, pool.clone());
+    let deny = revocation::DenyList::new();
+    // Loaded before the first batch is accepted; if PostgreSQL is down now,
+    // batches get 503 until the refresh task succeeds (fail closed).
+    if let Err(error) = deny.load(&pool).await {
+        tracing::warn!(message = "load deny list; batches wait for the database", %error);
+    }
+    let deny_refresh = deny.spawn_refresh(pool.clone(), config.revocation.refresh_interval);
+    let state = http::AppState::new(&config, pool.clone(), deny.clone());
     let admin = match listeners.admin {
         Some(admin) => admin,
         None => tokio::net::TcpListener::bind(config.admin.address)
@@ -188,7 +197,7 @@ pub async fn serve_all(
             .into_future(),
     );
     let platform_task = platform.map(|(tls, listener)| {
-        let app = platform::router(platform::PlatformState::new(pool));
+        let app = platform::router(platform::PlatformState::new(pool, deny));
         let limits = config.limits;
         let stopped = wait(stopped.clone());
         tokio::spawn(async move {
@@ -209,5 +218,6 @@ pub async fn serve_all(
     if let Some(task) = platform_task {
         let _ = task.await;
     }
+    deny_refresh.abort();
     Ok(())
 }

@@ -31,6 +31,7 @@ use tracing::{debug, info, warn};
 
 use crate::config::LimitsConfig;
 use crate::http;
+use crate::revocation::AgentCertificate;
 
 /// How long shutdown waits for requests in flight. Long enough for a batch
 /// that is being written to commit; a request cut after it is retried by its
@@ -59,6 +60,25 @@ pub(crate) enum Kind {
 struct Policy {
     handshake_timeout: Duration,
     kind: Kind,
+}
+
+/// The certificate an agent's connection presented, attached to each of its
+/// requests for the deny list, and whether the agents table already has it.
+#[derive(Debug, Clone)]
+pub(crate) struct PresentedCertificate {
+    pub cert: Arc<AgentCertificate>,
+    /// Set once a batch on this connection stored the certificate's details,
+    /// so they are written once per connection, not once per batch.
+    pub recorded: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl PresentedCertificate {
+    fn new(cert: AgentCertificate) -> Self {
+        PresentedCertificate {
+            cert: Arc::new(cert),
+            recorded: Arc::default(),
+        }
+    }
 }
 
 /// The TCP peer of a platform API connection.
@@ -188,6 +208,9 @@ async fn connection(
         // Unreachable with a verifier that requires a certificate; refuse anyway.
         None => Err("no client certificate".to_owned()),
     };
+    let presented = leaf
+        .and_then(|der| AgentCertificate::from_der(der))
+        .map(PresentedCertificate::new);
     // Set by the first request. Until then nothing bounds the wait: hyper-util
     // reads until it can tell HTTP/1 from the HTTP/2 preface with no deadline,
     // and HTTP/2 has no handshake timeout, so a peer that stalls there would
@@ -209,6 +232,9 @@ async fn connection(
             debug!(message = "agent connected", %peer, agent = %agent);
             app.map_request(move |mut request: hyper::Request<Incoming>| {
                 request.extensions_mut().insert(agent.clone());
+                if let Some(presented) = &presented {
+                    request.extensions_mut().insert(presented.clone());
+                }
                 mark(request)
             })
             .boxed_clone()

@@ -157,6 +157,8 @@ pub struct RunningPlatform {
     pub aggregator: RunningAggregator,
     /// `https://localhost:PORT` of the platform API.
     pub url: String,
+    /// `http://127.0.0.1:PORT` of the admin listener (`/metrics`).
+    pub admin_url: String,
     /// A client trusting only the test CA, without a client certificate:
     /// platform callers authenticate with bearer tokens.
     pub client: reqwest::Client,
@@ -189,6 +191,10 @@ pub async fn start_platform_with(
         .expect("bind platform listener");
     let addr = agents.local_addr().expect("local addr");
     let platform_port = platform.local_addr().expect("local addr").port();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind admin listener");
+    let admin_addr = admin.local_addr().expect("local addr");
     let pool = dcs_aggregator::connect(&config.database)
         .await
         .expect("aggregator pool");
@@ -198,7 +204,7 @@ pub async fn start_platform_with(
     };
     let listeners = dcs_aggregator::Listeners {
         agents,
-        admin: None,
+        admin: Some(admin),
         platform: Some(platform),
     };
     let task = tokio::spawn(dcs_aggregator::serve_all(listeners, config, pool, shutdown));
@@ -210,6 +216,7 @@ pub async fn start_platform_with(
             task: Some(task),
         },
         url: format!("https://localhost:{platform_port}"),
+        admin_url: format!("http://{admin_addr}"),
         client: client_without_certificate(&pki.ca),
     }
 }

@@ -2,12 +2,13 @@
 //! reported, the certificate it connected with, and whether it is revoked.
 
 use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
 use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
 use super::auth::Principal;
-use super::{ApiError, PlatformState};
+use super::{ApiError, PlatformState, Remote};
 
 /// How long an agent may be silent before its link is called down; agents
 /// retry at most every `retry.max` (30 s by default), so five minutes of
@@ -117,4 +118,232 @@ pub async fn get_one(
     Path(id): Path<i64>,
 ) -> Result<Json<AgentView>, ApiError> {
     Ok(Json(visible_agent(&state.pool, &principal, id).await?))
+}
+
+/// Revokes (or reinstates) agent `tenant/name` and audits it as `actor`.
+/// An agent that never connected is registered revoked, so an operator can
+/// refuse a stolen certificate before it is first used.
+pub async fn set_agent_revoked(
+    pool: &PgPool,
+    tenant: &str,
+    name: &str,
+    revoked: bool,
+    actor: String,
+    remote: Option<String>,
+) -> Result<AgentView, ApiError> {
+    dcs_shared::identity::AgentIdentity::new(tenant, name)
+        .map_err(|e| ApiError::BadRequest(e.to_string()))?;
+    let mut tx = pool.begin().await?;
+    sqlx::query("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING")
+        .bind(tenant)
+        .execute(&mut *tx)
+        .await?;
+    let id: i64 = sqlx::query_scalar(
+        "INSERT INTO agents AS a (tenant_id, name, revoked, revoked_at) \
+         VALUES ($1, $2, $3, CASE WHEN $3 THEN now() END) \
+         ON CONFLICT (tenant_id, name) DO UPDATE SET revoked = $3, \
+             revoked_at = CASE WHEN $3 THEN coalesce(a.revoked_at, now()) END \
+         RETURNING id",
+    )
+    .bind(tenant)
+    .bind(name)
+    .bind(revoked)
+    .fetch_one(&mut *tx)
+    .await?;
+    let action = if revoked {
+        "agent.revoke"
+    } else {
+        "agent.unrevoke"
+    };
+    super::audit::append(
+        &mut *tx,
+        &super::audit::Entry::ok(actor, action, Some(tenant), format!("{tenant}/{name}"))
+            .with_remote(remote)
+            .with_details(serde_json::json!({ "agent_id": id })),
+    )
+    .await?;
+    let view = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{} WHERE a.id = $1",
+        select_agents()
+    )))
+    .bind(id)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(view)
+}
+
+async fn revoke_by_id(
+    state: &PlatformState,
+    principal: &Principal,
+    remote: Option<String>,
+    id: i64,
+    revoked: bool,
+) -> Result<Json<AgentView>, ApiError> {
+    principal.require_admin()?;
+    let agent = visible_agent(&state.pool, principal, id).await?;
+    let view = set_agent_revoked(
+        &state.pool,
+        &agent.tenant,
+        &agent.agent,
+        revoked,
+        principal.actor(),
+        remote,
+    )
+    .await?;
+    state.deny.reload_after_change(&state.pool).await;
+    Ok(Json(view))
+}
+
+/// `POST /api/v1/agents/{id}/revoke`: the agent's next batch is refused.
+pub async fn revoke(
+    State(state): State<PlatformState>,
+    Extension(principal): Extension<Principal>,
+    Extension(Remote(remote)): Extension<Remote>,
+    Path(id): Path<i64>,
+) -> Result<Json<AgentView>, ApiError> {
+    revoke_by_id(&state, &principal, remote, id, true).await
+}
+
+pub async fn unrevoke(
+    State(state): State<PlatformState>,
+    Extension(principal): Extension<Principal>,
+    Extension(Remote(remote)): Extension<Remote>,
+    Path(id): Path<i64>,
+) -> Result<Json<AgentView>, ApiError> {
+    revoke_by_id(&state, &principal, remote, id, false).await
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NewRevokedSerial {
+    /// Hex, with or without `:` separators or a `0x` prefix.
+    pub serial: String,
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+pub struct RevokedSerialView {
+    pub serial: String,
+    pub revoked_at: String,
+    pub revoked_by: String,
+    pub reason: Option<String>,
+}
+
+const SELECT_SERIALS: &str = "SELECT serial, \
+    to_char(revoked_at AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS revoked_at, \
+    revoked_by, reason FROM revoked_serials";
+
+/// Revokes one certificate by serial and audits it as `actor`. Serials are
+/// issued by the one DCS CA, so this is a platform-wide operation.
+pub async fn revoke_serial_as(
+    pool: &PgPool,
+    new: &NewRevokedSerial,
+    actor: String,
+    remote: Option<String>,
+) -> Result<RevokedSerialView, ApiError> {
+    let serial = crate::revocation::normalize_serial(&new.serial)
+        .ok_or_else(|| ApiError::BadRequest("serial must be hexadecimal".into()))?;
+    let mut tx = pool.begin().await?;
+    sqlx::query(
+        "INSERT INTO revoked_serials (serial, revoked_by, reason) VALUES ($1, $2, $3) \
+         ON CONFLICT (serial) DO NOTHING",
+    )
+    .bind(&serial)
+    .bind(&actor)
+    .bind(&new.reason)
+    .execute(&mut *tx)
+    .await?;
+    // The tenant of the agent last seen with it, for the tenant's own trail.
+    let tenant: Option<String> =
+        sqlx::query_scalar("SELECT tenant_id FROM agents WHERE cert_serial = $1 LIMIT 1")
+            .bind(&serial)
+            .fetch_optional(&mut *tx)
+            .await?;
+    super::audit::append(
+        &mut *tx,
+        &super::audit::Entry::ok(
+            actor,
+            "serial.revoke",
+            tenant.as_deref(),
+            format!("serial:{serial}"),
+        )
+        .with_remote(remote)
+        .with_details(serde_json::json!({ "reason": new.reason })),
+    )
+    .await?;
+    let view = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{SELECT_SERIALS} WHERE serial = $1"
+    )))
+    .bind(&serial)
+    .fetch_one(&mut *tx)
+    .await?;
+    tx.commit().await?;
+    Ok(view)
+}
+
+/// Lifts a serial's revocation and audits it as `actor`.
+pub async fn unrevoke_serial_as(
+    pool: &PgPool,
+    serial: &str,
+    actor: String,
+    remote: Option<String>,
+) -> Result<(), ApiError> {
+    let serial = crate::revocation::normalize_serial(serial)
+        .ok_or_else(|| ApiError::BadRequest("serial must be hexadecimal".into()))?;
+    let mut tx = pool.begin().await?;
+    let deleted = sqlx::query("DELETE FROM revoked_serials WHERE serial = $1")
+        .bind(&serial)
+        .execute(&mut *tx)
+        .await?;
+    if deleted.rows_affected() == 0 {
+        return Err(ApiError::NotFound(format!(
+            "serial {serial} is not revoked"
+        )));
+    }
+    super::audit::append(
+        &mut *tx,
+        &super::audit::Entry::ok(actor, "serial.unrevoke", None, format!("serial:{serial}"))
+            .with_remote(remote),
+    )
+    .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+pub async fn revoke_serial(
+    State(state): State<PlatformState>,
+    Extension(principal): Extension<Principal>,
+    Extension(Remote(remote)): Extension<Remote>,
+    Json(new): Json<NewRevokedSerial>,
+) -> Result<(StatusCode, Json<RevokedSerialView>), ApiError> {
+    principal.require_platform_admin()?;
+    let view = revoke_serial_as(&state.pool, &new, principal.actor(), remote).await?;
+    state.deny.reload_after_change(&state.pool).await;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+pub async fn unrevoke_serial(
+    State(state): State<PlatformState>,
+    Extension(principal): Extension<Principal>,
+    Extension(Remote(remote)): Extension<Remote>,
+    Path(serial): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    principal.require_platform_admin()?;
+    unrevoke_serial_as(&state.pool, &serial, principal.actor(), remote).await?;
+    state.deny.reload_after_change(&state.pool).await;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+pub async fn list_serials(
+    State(state): State<PlatformState>,
+    Extension(principal): Extension<Principal>,
+) -> Result<Json<Vec<RevokedSerialView>>, ApiError> {
+    principal.require_platform_admin()?;
+    let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{SELECT_SERIALS} ORDER BY revoked_at, serial"
+    )))
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(rows))
 }

@@ -40,17 +40,20 @@ use base64::Engine as _;
 use dcs_shared::wire::ErrorBody;
 use sqlx::PgPool;
 
+use crate::revocation::DenyList;
 use crate::server::PeerAddr;
 
 /// Shared by every platform request.
 #[derive(Clone)]
 pub struct PlatformState {
     pub(crate) pool: PgPool,
+    /// Refreshed at once after a revocation made here.
+    pub(crate) deny: DenyList,
 }
 
 impl PlatformState {
-    pub fn new(pool: PgPool) -> Self {
-        PlatformState { pool }
+    pub fn new(pool: PgPool, deny: DenyList) -> Self {
+        PlatformState { pool, deny }
     }
 }
 
@@ -60,6 +63,16 @@ pub fn router(state: PlatformState) -> Router {
         .route("/api/v1/records", get(records::list))
         .route("/api/v1/agents", get(agents::list))
         .route("/api/v1/agents/{id}", get(agents::get_one))
+        .route("/api/v1/agents/{id}/revoke", post(agents::revoke))
+        .route("/api/v1/agents/{id}/unrevoke", post(agents::unrevoke))
+        .route(
+            "/api/v1/revoked-serials",
+            get(agents::list_serials).post(agents::revoke_serial),
+        )
+        .route(
+            "/api/v1/revoked-serials/{serial}",
+            axum::routing::delete(agents::unrevoke_serial),
+        )
         .route("/api/v1/tenants", get(tenants::list).post(tenants::create))
         .route("/api/v1/tenants/{id}/disable", post(tenants::disable))
         .route("/api/v1/tenants/{id}/enable", post(tenants::enable))
