@@ -432,8 +432,8 @@ doc = yaml.safe_load((base / "docker-compose.yml").read_text())
 services, volumes = doc["services"], set(doc.get("volumes") or {})
 failures = []
 
-needed = ["postgres", "certs", "migrate", "aggregator-1", "aggregator-2", "aggregator",
-          "edge", "prometheus", "grafana"]
+needed = ["postgres", "certs", "migrate", "db-app-role", "aggregator-1", "aggregator-2",
+          "aggregator", "edge", "prometheus", "grafana"]
 failures += [f"service {s} is missing" for s in needed if s not in services]
 
 for name, svc in services.items():
@@ -470,6 +470,8 @@ for s in ("aggregator-1", "aggregator-2"):
     env = services[s].get("environment", {})
     if str(env.get("DCS_AGG_DATABASE__MIGRATE_ON_START")).lower() != "false":
         failures.append(f"{s} migrates on start (the migrate service does that)")
+    if not str(env.get("DCS_AGG_DATABASE__URL", "")).startswith("postgres://dcs_app:"):
+        failures.append(f"{s} does not connect as the application role dcs_app")
 
 cfg = (base / "haproxy" / "haproxy.cfg").read_text()
 backends = set(re.findall(r"^\s*server\s+\S+\s+([a-z0-9-]+):8443", cfg, re.M))
@@ -512,7 +514,7 @@ PY
         warn "promtool not installed: the stack's Prometheus config was not checked"
     fi
     [[ -f compose/.env.example ]] || die "compose/.env.example is missing"
-    if grep -E '^(POSTGRES_PASSWORD|GRAFANA_ADMIN_PASSWORD)=.+' compose/.env.example; then
+    if grep -E '^[A-Z_]*PASSWORD=.+' compose/.env.example; then
         die "compose/.env.example must not carry passwords"
     fi
 }

@@ -57,3 +57,13 @@ output "database_endpoint" {
   description = "PostgreSQL host:port."
   value       = module.central.database_endpoint
 }
+
+output "database_owner_url_secret_arn" {
+  description = "Put the schema owner's database URL here (migrations only)."
+  value       = module.central.database_owner_url_secret_arn
+}
+
+output "migrate_task_definition_arn" {
+  description = "Run this task once before every deployment: it applies the migrations."
+  value       = module.central.migrate_task_definition_arn
+}

@@ -132,9 +132,13 @@ resource "aws_iam_role_policy_attachment" "execution" {
 
 data "aws_iam_policy_document" "execution_secrets" {
   statement {
-    sid       = "ReadAggregatorSecrets"
-    actions   = ["secretsmanager:GetSecretValue"]
-    resources = [aws_secretsmanager_secret.database_url.arn, aws_secretsmanager_secret.tls.arn]
+    sid     = "ReadAggregatorSecrets"
+    actions = ["secretsmanager:GetSecretValue"]
+    resources = [
+      aws_secretsmanager_secret.database_url.arn,
+      aws_secretsmanager_secret.database_owner_url.arn,
+      aws_secretsmanager_secret.tls.arn,
+    ]
   }
 
   statement {
@@ -229,8 +233,9 @@ resource "aws_ecs_task_definition" "aggregator" {
         { name = "DCS_AGG_TLS__CERT", value = "${local.tls_dir}/server.pem" },
         { name = "DCS_AGG_TLS__KEY", value = "${local.tls_dir}/server-key.pem" },
         { name = "DCS_AGG_DATABASE__MAX_CONNECTIONS", value = tostring(var.aggregator_db_max_connections) },
-        # Migrations are applied by a one-off `migrate` task before a
-        # deployment (docs/OPERATIONS.md, "Upgrades"), not by every replica.
+        # Migrations are applied by the one-off migrate task (below) as the
+        # schema owner before a deployment (docs/OPERATIONS.md, "Upgrades");
+        # the service connects as dcs_app, which may not change the schema.
         { name = "DCS_AGG_DATABASE__MIGRATE_ON_START", value = "false" },
       ]
       secrets = [
@@ -251,6 +256,49 @@ resource "aws_ecs_task_definition" "aggregator" {
           awslogs-group         = aws_cloudwatch_log_group.aggregator.name
           awslogs-region        = local.region
           awslogs-stream-prefix = "aggregator"
+        }
+      }
+    },
+  ])
+
+  tags = local.tags
+}
+
+# `dcs-aggregator migrate` as the schema owner. Run it once before a
+# deployment: aws ecs run-task --task-definition <migrate_task_definition_arn>
+# with the aggregator's subnets and security group (docs/DEPLOYMENT.md).
+resource "aws_ecs_task_definition" "migrate" {
+  family                   = "${var.name}-migrate"
+  requires_compatibilities = ["FARGATE"]
+  network_mode             = "awsvpc"
+  cpu                      = 256
+  memory                   = 512
+  execution_role_arn       = aws_iam_role.execution.arn
+  task_role_arn            = aws_iam_role.task.arn
+
+  runtime_platform {
+    operating_system_family = "LINUX"
+    cpu_architecture        = "X86_64"
+  }
+
+  container_definitions = jsonencode([
+    {
+      name                   = "migrate"
+      image                  = var.aggregator_image
+      essential              = true
+      user                   = "10001:10001"
+      readonlyRootFilesystem = true
+      privileged             = false
+      command                = ["migrate"]
+      secrets = [
+        { name = "DCS_AGG_DATABASE__URL", valueFrom = aws_secretsmanager_secret.database_owner_url.arn },
+      ]
+      logConfiguration = {
+        logDriver = "awslogs"
+        options = {
+          awslogs-group         = aws_cloudwatch_log_group.aggregator.name
+          awslogs-region        = local.region
+          awslogs-stream-prefix = "migrate"
         }
       }
     },

@@ -149,13 +149,27 @@ resource "aws_db_instance" "main" {
 # Terraform creates the secrets but never their values, so no credential or
 # private key is ever in Terraform state. Put the values in after the first
 # apply (docs/DEPLOYMENT.md, "AWS"):
-#   database_url: postgres://dcs:PASSWORD@HOST:5432/dcs?sslmode=require
-#   tls:          {"ca": "<ca.pem>", "cert": "<server.pem>", "key": "<server-key.pem>"}
+#   database_url:       postgres://dcs_app:PASSWORD@HOST:5432/dcs?sslmode=require
+#                       (the application role: INSERT/SELECT, no DDL)
+#   database_owner_url: postgres://dcs_owner:PASSWORD@HOST:5432/dcs?sslmode=require
+#                       (owns the schema; used only by the migrate task)
+#   tls:                {"ca": "<ca.pem>", "cert": "<server.pem>", "key": "<server-key.pem>"}
 
 resource "aws_secretsmanager_secret" "database_url" {
   #checkov:skip=CKV2_AWS_57:The URL holds the password of the application role, which an operator rotates together with the role (docs/OPERATIONS.md); a Lambda rotator for a composed URL is not worth its attack surface here.
   name        = "${var.name}/aggregator/database-url"
-  description = "DCS ${var.name}: the aggregator's PostgreSQL URL (application role, sslmode=require)"
+  description = "DCS ${var.name}: the aggregator's PostgreSQL URL (role dcs_app, sslmode=require)"
+  kms_key_id  = aws_kms_key.main.arn
+
+  recovery_window_in_days = 30
+
+  tags = local.tags
+}
+
+resource "aws_secretsmanager_secret" "database_owner_url" {
+  #checkov:skip=CKV2_AWS_57:The URL holds the password of the schema owner, used only by the one-off migrate task; an operator rotates it with the role (docs/OPERATIONS.md), a Lambda rotator for a composed URL is not worth its attack surface here.
+  name        = "${var.name}/aggregator/database-owner-url"
+  description = "DCS ${var.name}: PostgreSQL URL of the schema owner, for migrations only (sslmode=require)"
   kms_key_id  = aws_kms_key.main.arn
 
   recovery_window_in_days = 30

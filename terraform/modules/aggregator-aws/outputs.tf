@@ -43,13 +43,18 @@ output "ecs_cluster_name" {
   value       = aws_ecs_cluster.main.name
 }
 
-output "aggregator_task_definition_arn" {
-  description = "Task definition; run it once with command [\"migrate\"] before a deployment."
-  value       = aws_ecs_task_definition.aggregator.arn
+output "migrate_task_definition_arn" {
+  description = "One-off task that applies the migrations as the schema owner; run it before every deployment."
+  value       = aws_ecs_task_definition.migrate.arn
+}
+
+output "database_owner_url_secret_arn" {
+  description = "Secret to put the schema owner's database URL in (migrations only)."
+  value       = aws_secretsmanager_secret.database_owner_url.arn
 }
 
 output "aggregator_security_group_id" {
-  description = "Security group of the aggregator tasks (for the one-off migrate task)."
+  description = "Security group of the aggregator tasks; give it to the migrate task too."
   value       = aws_security_group.aggregator.id
 }
 
