@@ -184,6 +184,9 @@ http_ok() { # http_ok URL
 check_package() {
     command -v dpkg >/dev/null 2>&1 || die "dpkg not found: the package test needs a Debian-based machine"
     command -v curl >/dev/null 2>&1 || apt_install curl
+    # The package depends on systemd (its sysusers entry and unit); minimal
+    # container images lack it.
+    dpkg-query -W -f='${Status}' systemd 2>/dev/null | grep -q 'ok installed' || apt_install systemd
     cargo_tool deb cargo-deb
     cargo deb --version
 
