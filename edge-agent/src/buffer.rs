@@ -13,11 +13,22 @@
 //!   `(agent, epoch, seq)` that makes redelivery idempotent at the aggregator.
 //! - Every counter shown to operators is derived from the database at open and
 //!   changed only after a commit, so it is exact across restarts and never negative.
+//! - A row that cannot be read back (damaged on disk, or a sealed payload that
+//!   fails authentication) is moved to `dead_letters` with the reason; it never
+//!   stalls the forwarder. Damage to the file's structure is handled before
+//!   the buffer opens, by [`crate::recovery`].
+//! - With encryption on, payloads are sealed ([`crate::seal`]) before they
+//!   reach SQLite and opened only when read for forwarding; a buffer holding
+//!   payloads sealed with a key that is not configured refuses to open.
 //!
 //! # On-disk schema
 //! - `meta(key, value)`: `epoch`, `schema_version`, `next_seq`, `dropped_total`,
 //!   `dead_letter_total`, `delivered_total`.
-//! - `records(seq PK, id, stream, ts_us, received_us, size, payload)`: buffered.
+//! - `records(seq PK, id, stream, ts_us, received_us, size, payload, key_id)`:
+//!   buffered. `payload` is JSON text, or with `key_id` set a sealed blob.
+//! - `meta.clean_close`: `0` while an agent has the file open, `1` after a
+//!   clean close (WAL checkpointed); [`crate::recovery`] reads it to tell a
+//!   lost write-ahead log from a clean stop.
 //! - `ids(seq PK, id UNIQUE)`: producer ids, kept after delivery for a window of
 //!   `dedup_window` sequence numbers so a retried PUT is not buffered twice.
 //! - `dead_letters(...)`: records the aggregator refused, with the reason.
@@ -46,7 +57,10 @@ use uuid::Uuid;
 
 use dcs_shared::record::Record;
 
-const SCHEMA_VERSION: i64 = 1;
+use crate::seal::{self, Keyring};
+
+/// 2: `key_id` on `records` and `dead_letters`, `meta.clean_close`.
+const SCHEMA_VERSION: i64 = 2;
 /// Stop draining the queue into one transaction past this many records so one
 /// commit never holds the write lock for long and replies keep flowing.
 const GROUP_MAX_RECORDS: usize = 50_000;
@@ -90,6 +104,10 @@ pub struct BufferOptions {
     /// space than this, so that acks and dead-letter moves (which need WAL
     /// space to delete) can always proceed and a full disk drains itself.
     pub min_free_disk: u64,
+    /// Where [`crate::recovery`] moves a damaged buffer file.
+    pub quarantine_dir: PathBuf,
+    /// Seals new payloads when enabled; opens sealed ones.
+    pub keyring: Keyring,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -115,6 +133,16 @@ pub enum BufferError {
     NewerSchema { path: PathBuf, found: i64 },
     #[error("buffer writer has stopped")]
     Closed,
+    #[error("buffer {}: {source}", path.display())]
+    Keys {
+        path: PathBuf,
+        source: crate::seal::SealError,
+    },
+    #[error("buffer {}: cannot move the damaged file aside: {source}", path.display())]
+    Quarantine {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn classify(e: rusqlite::Error) -> BufferError {
@@ -142,6 +170,9 @@ pub struct Appended {
     /// Per record: false when its id was already known (idempotent retry).
     pub new: Vec<bool>,
 }
+
+/// A buffered row that could not be read back: its seq and why.
+type Unreadable = (i64, String);
 
 /// A record read for forwarding.
 #[derive(Debug, Clone)]
@@ -222,6 +253,7 @@ pub struct Buffer {
     epoch: Uuid,
     capacity_bytes: u64,
     path: PathBuf,
+    keyring: Keyring,
     writer: Arc<Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
@@ -242,7 +274,11 @@ impl Buffer {
         }
         let mut conn = Connection::open(&opts.path).map_err(open_err)?;
         configure(&conn, opts.durability).map_err(open_err)?;
-        let (epoch, stats, next_seq) = init_schema(&mut conn, &opts.path)?;
+        let (epoch, stats, next_seq) = init_schema(&mut conn, &opts.path, &opts.keyring)?;
+        // The "open" mark must reach the main file, not just the WAL: it is
+        // how the next start tells a lost WAL from a clean stop.
+        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(open_err)?;
         let reader = Connection::open_with_flags(
             &opts.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
@@ -263,6 +299,7 @@ impl Buffer {
             shared: shared.clone(),
             opts: opts.clone(),
             next_seq,
+            epoch,
         };
         let handle = std::thread::Builder::new()
             .name("dcs-buffer-writer".into())
@@ -278,6 +315,7 @@ impl Buffer {
             epoch,
             capacity_bytes: opts.capacity_bytes,
             path: opts.path,
+            keyring: opts.keyring,
             writer: Arc::new(Mutex::new(Some(handle))),
         })
     }
@@ -354,9 +392,26 @@ impl Buffer {
         // Held across the read: an eviction either committed before it (so
         // the read cannot see evicted rows) or waits until the claim is made.
         let mut claims = self.shared.claims.lock().expect("claims lock");
-        let batch = self.read_after(after, max_records, max_bytes)?;
+        let (batch, unreadable) = self.read_after(after, max_records, max_bytes)?;
         if let Some(last) = batch.last() {
             claims.claimed = claims.claimed.max(last.seq);
+        }
+        drop(claims);
+        for (seq, reason) in unreadable {
+            // Moved out of the way so the rows after it keep flowing; kept in
+            // dead_letters (and counted) for an operator to look at.
+            tracing::error!(message = "buffered record cannot be read back; moved to dead letters", seq, %reason);
+            metrics::counter!("dcs_agent_buffer_unreadable_records_total").increment(1);
+            let (reply, rx) = oneshot::channel();
+            self.tx
+                .blocking_send(Command::DeadLetter {
+                    first: seq,
+                    last: seq,
+                    reason: format!("unreadable in the agent's buffer: {reason}"),
+                    reply,
+                })
+                .map_err(|_| BufferError::Closed)?;
+            rx.blocking_recv().map_err(|_| BufferError::Closed)??;
         }
         Ok(batch)
     }
@@ -371,33 +426,31 @@ impl Buffer {
         after: i64,
         max_records: usize,
         max_bytes: u64,
-    ) -> Result<Vec<Buffered>, BufferError> {
+    ) -> Result<(Vec<Buffered>, Vec<Unreadable>), BufferError> {
         let conn = self.reader.lock().expect("reader lock");
         let mut stmt = conn.prepare_cached(
-            "SELECT seq, id, stream, ts_us, received_us, size, payload FROM records
+            "SELECT seq, id, stream, ts_us, received_us, size, payload, key_id FROM records
              WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )?;
         let mut rows = stmt.query(params![after, max_records as i64])?;
         let mut out = Vec::new();
+        let mut unreadable = Vec::new();
         let mut bytes = 0u64;
         while let Some(row) = rows.next()? {
-            let size: i64 = row.get(5)?;
-            let size = size as u64;
+            let seq: i64 = row.get(0)?;
+            let size = row.get::<_, i64>(5)?.max(0) as u64;
             if !out.is_empty() && bytes + size > max_bytes {
                 break;
             }
-            bytes += size;
-            out.push(Buffered {
-                seq: row.get(0)?,
-                id: row.get(1)?,
-                stream: row.get(2)?,
-                ts_us: row.get(3)?,
-                received_us: row.get(4)?,
-                size,
-                payload: row.get(6)?,
-            });
+            match decode_row(row, &self.keyring, &self.epoch) {
+                Ok(record) => {
+                    bytes += size;
+                    out.push(record);
+                }
+                Err(reason) => unreadable.push((seq, reason)),
+            }
         }
-        Ok(out)
+        Ok((out, unreadable))
     }
 
     /// Microseconds since the Unix epoch when the oldest buffered record arrived.
@@ -471,6 +524,107 @@ impl Buffer {
     }
 }
 
+/// Reads a `records` row selected as `seq, id, stream, ts_us, received_us,
+/// size, payload, key_id`, opening a sealed payload. Any column that does not
+/// read back as what was written (bad UTF-8, wrong type, failed
+/// authentication) makes the row unreadable, with the reason.
+pub(crate) fn decode_row(
+    row: &rusqlite::Row<'_>,
+    keyring: &Keyring,
+    epoch: &Uuid,
+) -> Result<Buffered, String> {
+    let seq: i64 = row.get(0).map_err(|e| e.to_string())?;
+    let text = |i: usize, name: &str| -> Result<String, String> {
+        row.get::<_, String>(i)
+            .map_err(|e| format!("column {name}: {e}"))
+    };
+    let int = |i: usize, name: &str| -> Result<i64, String> {
+        row.get::<_, i64>(i)
+            .map_err(|e| format!("column {name}: {e}"))
+    };
+    let key_id: Option<i64> = row.get(7).map_err(|e| format!("column key_id: {e}"))?;
+    let payload = match key_id {
+        None => text(6, "payload")?,
+        Some(key_id) => {
+            let sealed: Vec<u8> = row.get(6).map_err(|e| format!("column payload: {e}"))?;
+            let plain = keyring
+                .open(key_id, &sealed, &seal::aad(epoch, seq))
+                .map_err(|e| e.to_string())?;
+            String::from_utf8(plain).map_err(|_| "sealed payload is not UTF-8".to_owned())?
+        }
+    };
+    Ok(Buffered {
+        seq,
+        id: text(1, "id")?,
+        stream: text(2, "stream")?,
+        ts_us: int(3, "ts_us")?,
+        received_us: int(4, "received_us")?,
+        size: int(5, "size")?.max(0) as u64,
+        payload,
+    })
+}
+
+/// Key ids of every sealed payload in the file (empty for a new file).
+fn sealed_key_ids(conn: &Connection) -> rusqlite::Result<Vec<i64>> {
+    let has_column = |table: &str| -> rusqlite::Result<bool> {
+        conn.query_row(
+            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'key_id'",
+            [table],
+            |r| r.get::<_, i64>(0),
+        )
+        .map(|n| n > 0)
+    };
+    if !has_column("records")? || !has_column("dead_letters")? {
+        return Ok(Vec::new());
+    }
+    let mut stmt = conn.prepare(
+        "SELECT key_id FROM records WHERE key_id IS NOT NULL
+         UNION SELECT key_id FROM dead_letters WHERE key_id IS NOT NULL",
+    )?;
+    stmt.query_map([], |r| r.get(0))?.collect()
+}
+
+/// Creates (or reopens) a buffer file whose epoch is `epoch`, for salvaged
+/// records that must keep their delivery keys. The caller fills it and calls
+/// [`finish_created`] in the same transaction.
+pub(crate) fn create_with_epoch(
+    path: &Path,
+    epoch: Uuid,
+    keyring: &Keyring,
+) -> Result<Connection, BufferError> {
+    let open_err = |source| BufferError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let mut conn = Connection::open(path).map_err(open_err)?;
+    configure(&conn, Durability::PowerLoss).map_err(open_err)?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID",
+    )?;
+    conn.execute(
+        "INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', ?1)",
+        [epoch.to_string()],
+    )?;
+    init_schema(&mut conn, path, keyring)?;
+    Ok(conn)
+}
+
+/// Sets `next_seq` above every stored sequence and marks the file cleanly
+/// closed; see [`create_with_epoch`].
+pub(crate) fn finish_created(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('next_seq',
+             CAST(max(coalesce((SELECT max(seq) FROM records), 0),
+                      coalesce((SELECT max(seq) FROM dead_letters), 0)) + 1 AS TEXT))",
+        [],
+    )?;
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('clean_close', '1')",
+        [],
+    )?;
+    Ok(())
+}
+
 fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> {
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -488,20 +642,44 @@ fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> 
     Ok(())
 }
 
-fn init_schema(conn: &mut Connection, path: &Path) -> Result<(Uuid, Stats, i64), BufferError> {
+fn init_schema(
+    conn: &mut Connection,
+    path: &Path,
+    keyring: &Keyring,
+) -> Result<(Uuid, Stats, i64), BufferError> {
+    // Before anything is written: a buffer sealed with a key we do not have
+    // must stay exactly as it is until the operator supplies the key.
+    keyring
+        .check_known(&sealed_key_ids(conn)?)
+        .map_err(|source| BufferError::Keys {
+            path: path.to_owned(),
+            source,
+        })?;
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     tx.execute_batch(
         "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
          CREATE TABLE IF NOT EXISTS records (
              seq INTEGER PRIMARY KEY, id TEXT NOT NULL, stream TEXT NOT NULL,
              ts_us INTEGER NOT NULL, received_us INTEGER NOT NULL, size INTEGER NOT NULL,
-             payload TEXT NOT NULL);
+             payload TEXT NOT NULL, key_id INTEGER);
          CREATE TABLE IF NOT EXISTS ids (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE);
          CREATE TABLE IF NOT EXISTS dead_letters (
              seq INTEGER PRIMARY KEY, id TEXT NOT NULL, stream TEXT NOT NULL,
              ts_us INTEGER NOT NULL, received_us INTEGER NOT NULL, size INTEGER NOT NULL,
-             payload TEXT NOT NULL, reason TEXT NOT NULL, failed_us INTEGER NOT NULL);",
+             payload TEXT NOT NULL, reason TEXT NOT NULL, failed_us INTEGER NOT NULL,
+             key_id INTEGER);",
     )?;
+    // Schema 1 files lack key_id; adding a nullable column rewrites nothing.
+    for table in ["records", "dead_letters"] {
+        let has: i64 = tx.query_row(
+            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'key_id'",
+            [table],
+            |r| r.get(0),
+        )?;
+        if has == 0 {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN key_id INTEGER"))?;
+        }
+    }
     let get = |key: &str| -> rusqlite::Result<Option<String>> {
         tx.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()
@@ -529,6 +707,10 @@ fn init_schema(conn: &mut Connection, path: &Path) -> Result<(Uuid, Stats, i64),
     tx.execute(
         "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
         [SCHEMA_VERSION.to_string()],
+    )?;
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('clean_close', '0')",
+        [],
     )?;
     let counter = |key: &str| -> rusqlite::Result<u64> {
         Ok(get(key)?.and_then(|v| v.parse().ok()).unwrap_or(0))
@@ -565,6 +747,7 @@ struct Writer {
     shared: Arc<Shared>,
     opts: BufferOptions,
     next_seq: i64,
+    epoch: Uuid,
 }
 
 /// What a group changed, applied to the in-memory counters only after commit.
@@ -605,8 +788,14 @@ impl Writer {
             }
             self.commit_group(group);
         }
-        // Every sender is gone: a clean shutdown. Fold the WAL back into the
-        // main file so the next start opens quickly.
+        // Every sender is gone: a clean shutdown. Mark it, then fold the WAL
+        // back into the main file so the next start opens quickly.
+        if let Err(error) = self.conn.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('clean_close', '1')",
+            [],
+        ) {
+            tracing::warn!(message = "mark buffer closed", %error);
+        }
         if let Err(error) = self
             .conn
             .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
@@ -631,6 +820,7 @@ impl Writer {
                     Command::Append { records, reply } => {
                         let outcome = append(
                             &tx,
+                            &self.epoch,
                             &self.opts,
                             &self.shared,
                             claims.as_deref_mut(),
@@ -767,8 +957,10 @@ fn now_us() -> i64 {
 /// Appends one request's records inside the group transaction, under a
 /// savepoint: a request is written whole or not at all, whatever else the
 /// group holds.
+#[allow(clippy::too_many_arguments)]
 fn append(
     tx: &rusqlite::Transaction<'_>,
+    epoch: &Uuid,
     opts: &BufferOptions,
     shared: &Shared,
     claims: Option<&mut Claims>,
@@ -780,7 +972,7 @@ fn append(
     let start_seq = *next_seq;
     let mut local = Delta::default();
     match append_inner(
-        tx, opts, shared, claims, next_seq, &mut local, delta, records,
+        tx, epoch, opts, shared, claims, next_seq, &mut local, delta, records,
     ) {
         Ok(out) => {
             tx.execute_batch("RELEASE append").map_err(classify)?;
@@ -798,6 +990,7 @@ fn append(
 #[allow(clippy::too_many_arguments)]
 fn append_inner(
     tx: &rusqlite::Transaction<'_>,
+    epoch: &Uuid,
     opts: &BufferOptions,
     shared: &Shared,
     claims: Option<&mut Claims>,
@@ -882,8 +1075,8 @@ fn append_inner(
 
     let mut insert_id = tx.prepare_cached("INSERT INTO ids (seq, id) VALUES (?1, ?2)")?;
     let mut insert = tx.prepare_cached(
-        "INSERT INTO records (seq, id, stream, ts_us, received_us, size, payload)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        "INSERT INTO records (seq, id, stream, ts_us, received_us, size, payload, key_id)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
     )?;
     let received_us = now_us();
     let mut seqs = Vec::with_capacity(records.len());
@@ -904,6 +1097,13 @@ fn append_inner(
         let size = record_size(&r, ids[i].len());
         // Assigned ids are indexed too, so GET /v1/records/{id} finds them.
         insert_id.execute(params![seq, ids[i]]).map_err(classify)?;
+        let (payload, key_id): (rusqlite::types::Value, Option<i64>) = match opts
+            .keyring
+            .seal(r.payload.as_bytes(), &seal::aad(epoch, seq))
+        {
+            Some((key_id, sealed)) => (sealed.into(), Some(key_id)),
+            None => (r.payload.into(), None),
+        };
         insert
             .execute(params![
                 seq,
@@ -912,7 +1112,8 @@ fn append_inner(
                 r.ts_us.unwrap_or(received_us),
                 received_us,
                 size as i64,
-                r.payload
+                payload,
+                key_id
             ])
             .map_err(classify)?;
         local.records += 1;
@@ -1001,8 +1202,8 @@ fn dead_letter(
 ) -> Result<u64, BufferError> {
     tx.execute(
         "INSERT OR REPLACE INTO dead_letters
-             (seq, id, stream, ts_us, received_us, size, payload, reason, failed_us)
-         SELECT seq, id, stream, ts_us, received_us, size, payload, ?3, ?4
+             (seq, id, stream, ts_us, received_us, size, payload, reason, failed_us, key_id)
+         SELECT seq, id, stream, ts_us, received_us, size, payload, ?3, ?4, key_id
          FROM records WHERE seq BETWEEN ?1 AND ?2",
         params![first, last, reason, now_us()],
     )?;
@@ -1043,6 +1244,8 @@ mod tests {
             durability: Durability::ProcessCrash,
             dedup_window: 1_000_000,
             min_free_disk: 0,
+            quarantine_dir: dir.join("quarantine"),
+            keyring: Keyring::disabled(),
         }
     }
 

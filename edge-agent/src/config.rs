@@ -90,6 +90,39 @@ pub struct BufferConfig {
     /// this, keeping room for the deletes that drain the buffer.
     #[serde(default = "default_min_free_disk")]
     pub min_free_disk: ByteSize,
+    /// Where damaged buffer files are moved (default: `quarantine/` beside
+    /// the buffer); their readable records are salvaged and delivered.
+    #[serde(default)]
+    pub quarantine_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub encryption: EncryptionConfig,
+}
+
+/// Encryption at rest of buffered payloads (AES-256-GCM), off unless a key is
+/// named. The key itself is never in this file: only where to read it.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionConfig {
+    /// A file holding the active key: 32 raw bytes, 64 hex digits or base64.
+    #[serde(default)]
+    pub key_file: Option<PathBuf>,
+    /// Or the name of an environment variable holding it (not a `DCS_EDGE_`
+    /// name: those are configuration overrides).
+    #[serde(default)]
+    pub key_env: Option<String>,
+    /// Keys of earlier rotations, so records they sealed can still be read.
+    #[serde(default)]
+    pub previous_key_files: Vec<PathBuf>,
+}
+
+impl EncryptionConfig {
+    pub fn keyring(&self) -> Result<crate::seal::Keyring, crate::seal::SealError> {
+        crate::seal::Keyring::load(
+            self.key_file.as_deref(),
+            self.key_env.as_deref(),
+            &self.previous_key_files,
+        )
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -232,6 +265,8 @@ impl Default for BufferConfig {
             durability: default_durability(),
             dedup_window: default_dedup_window(),
             min_free_disk: default_min_free_disk(),
+            quarantine_dir: None,
+            encryption: EncryptionConfig::default(),
         }
     }
 }
@@ -325,6 +360,32 @@ impl Config {
             "buffer.dedup_window",
             "must not be negative",
         );
+        let enc = &self.buffer.encryption;
+        issues.check(
+            enc.key_file.is_none() || enc.key_env.is_none(),
+            "buffer.encryption.key_env",
+            "set key_file or key_env, not both",
+        );
+        issues.check(
+            !enc.key_env
+                .as_deref()
+                .is_some_and(|v| v.starts_with("DCS_EDGE_")),
+            "buffer.encryption.key_env",
+            "must not start with DCS_EDGE_ (those variables are configuration overrides)",
+        );
+        issues.check(
+            enc.key_file.is_some() || enc.key_env.is_some() || enc.previous_key_files.is_empty(),
+            "buffer.encryption.previous_key_files",
+            "needs an active key (key_file or key_env) to go with it",
+        );
+        if let Err(error) = enc.keyring() {
+            let key = if enc.key_env.is_some() && enc.key_file.is_none() {
+                "buffer.encryption.key_env"
+            } else {
+                "buffer.encryption.key_file"
+            };
+            issues.check(false, key, error.to_string());
+        }
         issues.check(
             self.ingest.max_payload_bytes.0 >= 2,
             "ingest.max_payload_bytes",
@@ -396,15 +457,30 @@ impl Config {
         issues.into_result()
     }
 
-    pub fn buffer_options(&self) -> BufferOptions {
-        BufferOptions {
+    /// Reads the encryption keys too, hence fallible.
+    pub fn buffer_options(&self) -> Result<BufferOptions, crate::seal::SealError> {
+        Ok(BufferOptions {
             path: self.buffer.path.clone(),
             capacity_bytes: self.buffer.capacity.0,
             overflow: self.buffer.overflow,
             durability: self.buffer.durability,
             dedup_window: self.buffer.dedup_window,
             min_free_disk: self.buffer.min_free_disk.0,
-        }
+            quarantine_dir: self.quarantine_dir(),
+            keyring: self.buffer.encryption.keyring()?,
+        })
+    }
+
+    /// Where damaged buffer files go: `buffer.quarantine_dir`, or
+    /// `quarantine/` beside the buffer file.
+    pub fn quarantine_dir(&self) -> PathBuf {
+        self.buffer.quarantine_dir.clone().unwrap_or_else(|| {
+            self.buffer
+                .path
+                .parent()
+                .unwrap_or(Path::new("."))
+                .join("quarantine")
+        })
     }
 }
 

@@ -40,6 +40,8 @@ pub struct AppState {
     pub limits: Limits,
     pub max_request_bytes: usize,
     pub metrics: PrometheusHandle,
+    /// Damaged buffer files quarantined so far (see `crate::recovery`).
+    pub quarantine: Arc<Vec<crate::recovery::Report>>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -531,6 +533,9 @@ pub struct Status {
     pub buffer: BufferStatus,
     pub dead_letters: crate::buffer::DeadLetterSummary,
     pub delivery: crate::forwarder::LinkStatus,
+    /// One entry per damaged buffer file moved aside, with what it held and
+    /// what was salvaged; empty on a healthy agent.
+    pub quarantine: Vec<crate::recovery::Report>,
 }
 
 #[derive(Debug, Serialize)]
@@ -561,5 +566,6 @@ async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError>
         },
         dead_letters: dead,
         delivery: state.link.snapshot(),
+        quarantine: state.quarantine.as_ref().clone(),
     }))
 }

@@ -7,6 +7,9 @@
 //! - [`buffer`]: the durable SQLite buffer: group commit, acks, dead letters.
 //! - [`ingest`]: the local HTTP API (records, status, health).
 //! - [`forwarder`]: batches, delivery, retries with backoff and jitter.
+//! - [`recovery`]: start-up integrity check, quarantine and salvage.
+//! - [`fsck`]: `dcs-edge buffer check|stats|salvage|export`, offline.
+//! - [`seal`]: encryption at rest of buffered payloads.
 //!
 //! **Architecture invariant:** the only path from a producer to the network
 //! goes through a committed buffer row; the forwarder never sees a record that
@@ -15,7 +18,10 @@
 pub mod buffer;
 pub mod config;
 pub mod forwarder;
+pub mod fsck;
 pub mod ingest;
+pub mod recovery;
+pub mod seal;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -36,6 +42,8 @@ pub enum Error {
     Serve(std::io::Error),
     #[error("{0}")]
     Startup(String),
+    #[error("buffer encryption: {0}")]
+    Keys(#[from] seal::SealError),
 }
 
 /// Runs the agent on `listener` until `shutdown` completes: opens the buffer,
@@ -47,10 +55,19 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let opts = config.buffer_options();
-    let buffer = tokio::task::spawn_blocking(move || buffer::Buffer::open(opts))
-        .await
-        .map_err(|e| Error::Startup(format!("open buffer: {e}")))??;
+    let opts = config.buffer_options()?;
+    let prepared = {
+        let opts = opts.clone();
+        tokio::task::spawn_blocking(move || recovery::prepare(&opts))
+            .await
+            .map_err(|e| Error::Startup(format!("check buffer: {e}")))??
+    };
+    let buffer = {
+        let opts = opts.clone();
+        tokio::task::spawn_blocking(move || buffer::Buffer::open(opts))
+            .await
+            .map_err(|e| Error::Startup(format!("open buffer: {e}")))??
+    };
     let stats = buffer.stats();
     tracing::info!(
         message = "buffer open",
@@ -62,7 +79,23 @@ pub async fn run(
     let link = Arc::new(forwarder::Link::default());
     let forwarder = forwarder::Forwarder::new(&config, buffer.clone(), link.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let forwarding = tokio::spawn(forwarder.run(stop_rx));
+    let forwarding = tokio::spawn(forwarder.run(stop_rx.clone()));
+    let draining: Vec<_> = prepared
+        .recovered
+        .iter()
+        .map(|path| {
+            let opts = buffer::BufferOptions {
+                path: path.clone(),
+                ..opts.clone()
+            };
+            tokio::spawn(drain_recovered(
+                config.clone(),
+                opts,
+                link.clone(),
+                stop_rx.clone(),
+            ))
+        })
+        .collect();
 
     let app = ingest::router(ingest::AppState {
         buffer: buffer.clone(),
@@ -72,6 +105,7 @@ pub async fn run(
         },
         max_request_bytes: config.ingest.max_request_bytes.as_usize(),
         metrics: dcs_shared::metrics::install(),
+        quarantine: Arc::new(prepared.reports),
     });
     tracing::info!(
         message = "ingest API listening",
@@ -83,7 +117,72 @@ pub async fn run(
         .await;
     let _ = stop_tx.send(true);
     let _ = forwarding.await;
+    for task in draining {
+        let _ = task.await;
+    }
     buffer.close().await;
     tracing::info!(message = "agent stopped");
     served.map_err(Error::Serve)
+}
+
+/// Delivers the records salvaged from a damaged buffer (a recovered buffer
+/// file, see [`recovery`]) with their original delivery keys, then deletes the
+/// file. A file that still holds dead letters is kept for inspection.
+async fn drain_recovered(
+    config: Config,
+    opts: buffer::BufferOptions,
+    link: Arc<forwarder::Link>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let path = opts.path.clone();
+    let opened = tokio::task::spawn_blocking(move || buffer::Buffer::open(opts)).await;
+    let buffer = match opened {
+        Ok(Ok(buffer)) => buffer,
+        Ok(Err(error)) => {
+            tracing::error!(message = "cannot open recovered buffer", path = %path.display(), %error);
+            return;
+        }
+        Err(error) => {
+            tracing::error!(message = "cannot open recovered buffer", path = %path.display(), %error);
+            return;
+        }
+    };
+    tracing::info!(
+        message = "delivering salvaged records",
+        path = %path.display(),
+        epoch = %buffer.epoch(),
+        records = buffer.stats().records
+    );
+    let forwarder = match forwarder::Forwarder::new(&config, buffer.clone(), link) {
+        Ok(forwarder) => forwarder,
+        Err(error) => {
+            tracing::error!(message = "cannot deliver recovered buffer", %error);
+            return;
+        }
+    };
+    let (own_stop, own_stop_rx) = tokio::sync::watch::channel(false);
+    let forwarding = tokio::spawn(forwarder.run(own_stop_rx));
+    let delivered = loop {
+        if buffer.stats().records == 0 {
+            break true;
+        }
+        tokio::select! {
+            _ = stop.changed() => break false,
+            _ = tokio::time::sleep(std::time::Duration::from_millis(500)) => {}
+        }
+    };
+    let _ = own_stop.send(true);
+    let _ = forwarding.await;
+    let dead_letters = buffer.dead_letter_summary().map(|d| d.records).unwrap_or(1);
+    buffer.close().await;
+    if delivered && dead_letters == 0 {
+        recovery::remove_buffer_files(&path);
+        tracing::info!(message = "salvaged records delivered; recovered buffer removed", path = %path.display());
+    } else if delivered {
+        tracing::warn!(
+            message = "salvaged records delivered; recovered buffer kept for its dead letters",
+            path = %path.display(),
+            dead_letters
+        );
+    }
 }

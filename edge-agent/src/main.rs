@@ -27,11 +27,78 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Inspect or repair a buffer file offline (safe beside a running agent,
+    /// except `salvage`, which only reads a copy).
+    Buffer {
+        #[command(subcommand)]
+        action: BufferAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum BufferAction {
+    /// Integrity check (SQLite and the agent's own invariants); exit 1 if damaged.
+    Check(BufferArgs),
+    /// Counts by stream and state, oldest and newest, dead letters, key ids (JSON).
+    Stats(BufferArgs),
+    /// Copy every readable record of a damaged file into a recovered buffer
+    /// in DIR; put it in `recovered/` beside the agent's buffer to deliver it.
+    Salvage {
+        #[command(flatten)]
+        args: BufferArgs,
+        #[arg(long, value_name = "DIR")]
+        into: PathBuf,
+    },
+    /// Write every record as NDJSON to stdout (buffered, then dead letters).
+    Export(BufferArgs),
+}
+
+#[derive(clap::Args)]
+struct BufferArgs {
+    /// The buffer file (default: buffer.path of the configuration).
+    #[arg(long)]
+    path: Option<PathBuf>,
+    /// Agent configuration, for buffer.path and the encryption keys.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+}
+
+impl BufferArgs {
+    /// The file and the keys to open it with. Only the `[buffer]` section of
+    /// the configuration is needed, so a config whose other parts do not
+    /// validate on this machine (certificates elsewhere) still works.
+    fn resolve(&self) -> anyhow::Result<(PathBuf, dcs_edge::seal::Keyring)> {
+        let buffer = match &self.config {
+            Some(file) => Some(load_buffer_section(file)?),
+            None => None,
+        };
+        let path = match (&self.path, &buffer) {
+            (Some(path), _) => path.clone(),
+            (None, Some(b)) => b.path.clone(),
+            (None, None) => anyhow::bail!("give --path FILE or --config FILE"),
+        };
+        let keyring = match &buffer {
+            Some(b) => b.encryption.keyring()?,
+            None => dcs_edge::seal::Keyring::disabled(),
+        };
+        Ok((path, keyring))
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let (Command::Run { config } | Command::CheckConfig { config }) = &cli.command;
+    let config = match &cli.command {
+        Command::Run { config } | Command::CheckConfig { config } => config,
+        Command::Buffer { action } => {
+            return match buffer_command(action) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("dcs-edge: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
+    };
     let config = match Config::load(config.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -40,6 +107,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
+        Command::Buffer { .. } => unreachable!("handled above"),
         Command::CheckConfig { .. } => {
             println!("configuration OK");
             ExitCode::SUCCESS
@@ -70,4 +138,64 @@ fn run(config: Config) -> anyhow::Result<()> {
             .await
             .context("run agent")
     })
+}
+
+fn buffer_command(action: &BufferAction) -> anyhow::Result<ExitCode> {
+    use dcs_edge::fsck;
+    match action {
+        BufferAction::Check(args) => {
+            let (path, _) = args.resolve()?;
+            Ok(match fsck::check(&path) {
+                None => {
+                    println!("ok: {}", path.display());
+                    ExitCode::SUCCESS
+                }
+                Some(problem) => {
+                    println!("damaged: {}: {problem}", path.display());
+                    ExitCode::FAILURE
+                }
+            })
+        }
+        BufferAction::Stats(args) => {
+            let (path, _) = args.resolve()?;
+            let stats = fsck::stats(&path)?;
+            println!("{}", serde_json::to_string_pretty(&stats)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        BufferAction::Salvage { args, into } => {
+            let (path, keyring) = args.resolve()?;
+            let report = fsck::salvage(&path, into, &keyring)?;
+            println!("{}", serde_json::to_string_pretty(&report)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        BufferAction::Export(args) => {
+            let (path, keyring) = args.resolve()?;
+            let stdout = std::io::stdout();
+            let mut out = std::io::BufWriter::new(stdout.lock());
+            let (written, skipped) =
+                fsck::export(&path, &keyring, &mut out, &mut std::io::stderr())?;
+            std::io::Write::flush(&mut out)?;
+            eprintln!("exported {written} records, skipped {skipped} unreadable");
+            Ok(if skipped == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+/// The `[buffer]` section of a configuration file (defaults where absent).
+fn load_buffer_section(file: &std::path::Path) -> anyhow::Result<dcs_edge::config::BufferConfig> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("read configuration {}", file.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parse {}", file.display()))?;
+    match table.get("buffer") {
+        Some(section) => section
+            .clone()
+            .try_into()
+            .with_context(|| format!("{}: section [buffer]", file.display())),
+        None => Ok(Default::default()),
+    }
 }

@@ -1,0 +1,667 @@
+//! Start-up integrity check of the buffer file, quarantine and salvage.
+//!
+//! # Design constraints
+//! - A damaged buffer never stops the agent and is never silently discarded:
+//!   it is moved into the quarantine folder (with its WAL), ingest continues
+//!   on a new buffer with a new epoch, and every record that can still be read
+//!   is salvaged and delivered.
+//! - Salvaged records keep their delivery key (epoch, seq). They go into a
+//!   *recovered* buffer file of their own (`recovered/<epoch>.db` beside the
+//!   buffer) that the agent drains and then deletes. Had they been re-buffered
+//!   under new keys, a record delivered just before the damage (its ack lost
+//!   with the WAL, say) would arrive twice; with its old key the aggregator
+//!   recognises it.
+//! - The quarantined files are evidence and stay untouched: salvage reads a
+//!   working copy. A `PENDING` marker is written before the files move and
+//!   removed after the salvage report is written, so a crash in between
+//!   redoes the salvage at the next start instead of forgetting it.
+//! - "Damaged" means: SQLite's `quick_check` fails (bounded in time; a check
+//!   that runs out of time is logged, not treated as damage), or our own
+//!   invariants fail: epoch present, counters non-negative, every sequence
+//!   number below `next_seq`, and a WAL present after an unclean stop (the
+//!   WAL holds the commits since the last checkpoint; without it the file
+//!   is an older state whose sequence numbers may be handed out again).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::buffer::{self, BufferError};
+use crate::seal::Keyring;
+
+/// quick_check reads every page; on a slow disk a multi-GB buffer would hold
+/// up the start for minutes. Past this budget the check is abandoned (and
+/// logged) rather than blocking ingest.
+pub const QUICK_CHECK_BUDGET: Duration = Duration::from_secs(20);
+const PENDING: &str = "PENDING";
+const REPORT: &str = "report.json";
+/// Rows read per query while salvaging.
+const SALVAGE_CHUNK: i64 = 500;
+
+/// What one quarantine found and saved; kept as `report.json` in the
+/// quarantine folder and shown in `/v1/status`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Report {
+    /// The folder (inside the quarantine directory) holding the damaged files.
+    pub folder: String,
+    pub quarantined_at: String,
+    pub reason: String,
+    /// The damaged file's epoch, when it could still be read.
+    pub epoch: Option<Uuid>,
+    /// Records the damaged file held, when it could still count them.
+    pub held: Option<u64>,
+    /// Buffered records copied into the recovered buffer for delivery.
+    pub salvaged: u64,
+    /// Records found but unreadable (damaged rows, unknown keys).
+    pub unreadable: u64,
+    /// Dead letters copied (kept for inspection, not delivered).
+    pub dead_letters_salvaged: u64,
+    /// Recovered buffer file (name inside `recovered/`), if any record was saved.
+    pub recovered_file: Option<String>,
+}
+
+impl Report {
+    /// Records known to be lost: held but neither salvaged nor found unreadable
+    /// are counted as lost too, since they can no longer be found.
+    pub fn lost(&self) -> Option<u64> {
+        self.held.map(|h| h.saturating_sub(self.salvaged))
+    }
+}
+
+/// The state of recovery at start-up.
+#[derive(Debug, Default)]
+pub struct Prepared {
+    /// Every report in the quarantine folder, oldest first.
+    pub reports: Vec<Report>,
+    /// Reports written by this start (also in `reports`).
+    pub new_reports: usize,
+    /// Recovered buffer files waiting to be delivered.
+    pub recovered: Vec<PathBuf>,
+}
+
+/// Where recovered buffers live: `recovered/` beside the buffer file.
+pub fn recovered_dir(buffer_path: &Path) -> PathBuf {
+    buffer_path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .join("recovered")
+}
+
+/// Checks the buffer file, quarantines it if damaged, finishes any pending
+/// salvage and lists what there is to deliver. Blocking.
+pub fn prepare(opts: &buffer::BufferOptions) -> Result<Prepared, BufferError> {
+    if let Some(reason) = diagnose(&opts.path, QUICK_CHECK_BUDGET) {
+        tracing::error!(
+            message = "buffer file is damaged: moving it to quarantine and salvaging its records",
+            path = %opts.path.display(),
+            %reason
+        );
+        quarantine(&opts.path, &opts.quarantine_dir, &reason).map_err(|source| {
+            BufferError::Quarantine {
+                path: opts.path.clone(),
+                source,
+            }
+        })?;
+    }
+    let recovered_dir = recovered_dir(&opts.path);
+    let mut prepared = Prepared::default();
+    for folder in list_dirs(&opts.quarantine_dir) {
+        if folder.join(PENDING).exists() {
+            let report = salvage_folder(&folder, &recovered_dir, &opts.keyring)?;
+            tracing::error!(
+                message = "buffer salvage finished",
+                folder = %folder.display(),
+                reason = %report.reason,
+                held = report.held,
+                salvaged = report.salvaged,
+                unreadable = report.unreadable,
+                lost = report.lost(),
+                dead_letters_salvaged = report.dead_letters_salvaged
+            );
+            metrics::counter!("dcs_agent_buffer_quarantines_total").increment(1);
+            metrics::counter!("dcs_agent_buffer_salvaged_records_total").increment(report.salvaged);
+            metrics::counter!("dcs_agent_buffer_unsalvageable_records_total")
+                .increment(report.lost().unwrap_or(report.unreadable));
+            prepared.new_reports += 1;
+        }
+        if let Some(report) = read_report(&folder) {
+            prepared.reports.push(report);
+        }
+    }
+    prepared
+        .reports
+        .sort_by(|a, b| a.quarantined_at.cmp(&b.quarantined_at));
+    metrics::gauge!("dcs_agent_buffer_quarantined_files").set(prepared.reports.len() as f64);
+    prepared.recovered = list_files(&recovered_dir, ".db");
+    Ok(prepared)
+}
+
+/// Why the file cannot be used as it is; `None` when it is healthy or absent.
+pub fn diagnose(path: &Path, budget: Duration) -> Option<String> {
+    diagnose_with(path, budget, OpenFlags::SQLITE_OPEN_READ_WRITE)
+}
+
+/// [`diagnose`] without writing to the file (a WAL left by a crash is read,
+/// not folded in), for `dcs-edge buffer check`.
+pub fn diagnose_read_only(path: &Path, budget: Duration) -> Option<String> {
+    diagnose_with(path, budget, OpenFlags::SQLITE_OPEN_READ_ONLY)
+}
+
+fn diagnose_with(path: &Path, budget: Duration, mode: OpenFlags) -> Option<String> {
+    if !path.exists() {
+        return None;
+    }
+    let wal_present = wal_of(path).exists();
+    let conn = match Connection::open_with_flags(path, mode | OpenFlags::SQLITE_OPEN_NO_MUTEX) {
+        Ok(conn) => conn,
+        Err(error) => return Some(format!("cannot open: {error}")),
+    };
+    let _ = conn.busy_timeout(Duration::from_secs(5));
+    // Interrupted from a timer thread once the budget is spent.
+    let interrupt = conn.get_interrupt_handle();
+    let (done, finished) = std::sync::mpsc::channel::<()>();
+    let timer = std::thread::spawn(move || {
+        if finished.recv_timeout(budget).is_err() {
+            interrupt.interrupt();
+        }
+    });
+    let checked: rusqlite::Result<Vec<String>> = conn
+        .prepare("PRAGMA quick_check(5)")
+        .and_then(|mut stmt| stmt.query_map([], |r| r.get(0))?.collect());
+    let _ = done.send(());
+    let _ = timer.join();
+    match checked {
+        Ok(rows) if rows == ["ok"] => {}
+        Ok(rows) => return Some(format!("integrity check failed: {}", rows.join("; "))),
+        Err(error)
+            if error.sqlite_error_code() == Some(rusqlite::ErrorCode::OperationInterrupted) =>
+        {
+            tracing::warn!(
+                message = "buffer integrity check did not finish in time; going on without it",
+                path = %path.display(),
+                budget_secs = budget.as_secs()
+            );
+        }
+        Err(error) => return Some(format!("integrity check failed: {error}")),
+    }
+    invariants(&conn, wal_present).err()
+}
+
+/// Our own invariants (see the module doc).
+fn invariants(conn: &Connection, wal_present: bool) -> Result<(), String> {
+    let fail = |e: rusqlite::Error| format!("cannot read the buffer's own tables: {e}");
+    let tables: i64 = conn
+        .query_row(
+            "SELECT count(*) FROM sqlite_master WHERE type = 'table'
+             AND name IN ('meta', 'records', 'ids', 'dead_letters')",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(fail)?;
+    if tables == 0 {
+        return Ok(()); // created but never initialised: nothing to lose
+    }
+    if tables < 4 {
+        return Err(format!(
+            "{} of the buffer's 4 tables are missing",
+            4 - tables
+        ));
+    }
+    let meta = |key: &str| -> Result<Option<String>, String> {
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .map_err(fail)
+    };
+    if meta("epoch")?
+        .and_then(|e| e.parse::<Uuid>().ok())
+        .is_none()
+    {
+        return Err("the buffer's epoch is missing or unreadable".into());
+    }
+    for key in [
+        "next_seq",
+        "dropped_total",
+        "dead_letter_total",
+        "delivered_total",
+    ] {
+        if let Some(value) = meta(key)?
+            && !value.parse::<i64>().is_ok_and(|n| n >= 0)
+        {
+            return Err(format!("counter {key} holds {value:?}"));
+        }
+    }
+    if let Some(next) = meta("next_seq")?.and_then(|v| v.parse::<i64>().ok()) {
+        let max_seq: i64 = conn
+            .query_row(
+                "SELECT max(coalesce((SELECT max(seq) FROM records), 0),
+                            coalesce((SELECT max(seq) FROM ids), 0),
+                            coalesce((SELECT max(seq) FROM dead_letters), 0))",
+                [],
+                |r| r.get(0),
+            )
+            .map_err(fail)?;
+        if max_seq >= next {
+            return Err(format!(
+                "sequence {max_seq} is stored but next_seq is {next}"
+            ));
+        }
+    }
+    if meta("clean_close")?.as_deref() == Some("0") && !wal_present {
+        return Err("the write-ahead log is missing after an unclean stop: \
+                    commits since the last checkpoint are lost"
+            .into());
+    }
+    Ok(())
+}
+
+/// Moves the buffer file and its WAL and shared-memory files into a new
+/// folder of the quarantine directory. The WAL goes first: a WAL left beside
+/// a new buffer would be replayed into it.
+fn quarantine(path: &Path, quarantine_dir: &Path, reason: &str) -> std::io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "buffer.db".into());
+    let stamp = time::OffsetDateTime::now_utc()
+        .format(time::macros::format_description!(
+            "[year][month][day]T[hour][minute][second]Z"
+        ))
+        .unwrap_or_default();
+    let folder = quarantine_dir.join(format!("{name}-{stamp}-{:04x}", fastrand::u16(..)));
+    std::fs::create_dir_all(&folder)?;
+    write_synced(&folder.join(PENDING), reason.as_bytes())?;
+    for suffix in ["-wal", "-shm", ""] {
+        let from = PathBuf::from(format!("{}{suffix}", path.display()));
+        if from.exists() {
+            move_file(&from, &folder.join(format!("{name}{suffix}")))?;
+        }
+    }
+    sync_dir(&folder);
+    if let Some(parent) = path.parent() {
+        sync_dir(parent);
+    }
+    Ok(folder)
+}
+
+/// Salvages the damaged file in `folder` into `recovered_dir`, writes the
+/// report and clears the pending marker.
+fn salvage_folder(
+    folder: &Path,
+    recovered_dir: &Path,
+    keyring: &Keyring,
+) -> Result<Report, BufferError> {
+    let io = |source| BufferError::Quarantine {
+        path: folder.to_owned(),
+        source,
+    };
+    let reason = std::fs::read_to_string(folder.join(PENDING)).unwrap_or_default();
+    let db = list_files(folder, ".db").into_iter().next().or_else(|| {
+        // A file not named *.db: whatever is not a WAL, SHM or our own file.
+        list_files(folder, "").into_iter().find(|p| {
+            let n = p.file_name().unwrap_or_default().to_string_lossy();
+            !n.ends_with("-wal") && !n.ends_with("-shm") && n != PENDING && n != REPORT
+        })
+    });
+    // Salvage reads a copy: opening the original would replay and rewrite
+    // its WAL, and the quarantined files are the evidence.
+    let work = folder.join("work");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).map_err(io)?;
+    let mut report = Report {
+        folder: folder
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        quarantined_at: modified_rfc3339(&folder.join(PENDING)),
+        reason: reason.trim().to_owned(),
+        epoch: None,
+        held: None,
+        salvaged: 0,
+        unreadable: 0,
+        dead_letters_salvaged: 0,
+        recovered_file: None,
+    };
+    if let Some(db) = db {
+        let copy = work.join("buffer.db");
+        std::fs::copy(&db, &copy).map_err(io)?;
+        let wal = wal_of(&db);
+        if wal.exists() {
+            std::fs::copy(&wal, wal_of(&copy)).map_err(io)?;
+        }
+        salvage_file(&copy, recovered_dir, keyring, &mut report)?;
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    let json = serde_json::to_vec_pretty(&report).expect("a report serialises");
+    write_synced(&folder.join(REPORT), &json).map_err(io)?;
+    std::fs::remove_file(folder.join(PENDING)).map_err(io)?;
+    sync_dir(folder);
+    Ok(report)
+}
+
+/// Salvages a copy of `damaged` (and its WAL) into `into`, leaving the file
+/// itself untouched; for `dcs-edge buffer salvage`.
+pub fn salvage_copy(damaged: &Path, into: &Path, keyring: &Keyring) -> Result<Report, BufferError> {
+    let io = |source| BufferError::Quarantine {
+        path: damaged.to_owned(),
+        source,
+    };
+    let work = into.join(format!(".salvage-{:08x}", fastrand::u32(..)));
+    std::fs::create_dir_all(&work).map_err(io)?;
+    let copy = work.join("buffer.db");
+    let copied = std::fs::copy(damaged, &copy).and_then(|_| {
+        let wal = wal_of(damaged);
+        if wal.exists() {
+            std::fs::copy(&wal, wal_of(&copy))?;
+        }
+        Ok(())
+    });
+    let mut report = Report {
+        folder: damaged.display().to_string(),
+        quarantined_at: time::OffsetDateTime::now_utc()
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+        reason: "offline salvage".into(),
+        epoch: None,
+        held: None,
+        salvaged: 0,
+        unreadable: 0,
+        dead_letters_salvaged: 0,
+        recovered_file: None,
+    };
+    let result = copied
+        .map_err(io)
+        .and_then(|()| salvage_file(&copy, into, keyring, &mut report));
+    let _ = std::fs::remove_dir_all(&work);
+    result.map(|()| report)
+}
+
+/// Copies every readable record of `damaged` into `recovered_dir/<epoch>.db`,
+/// filling in the report's counts. `damaged` must be a copy: it is repaired
+/// in place (see [`repair_page_count`]) before it is read.
+fn salvage_file(
+    damaged: &Path,
+    recovered_dir: &Path,
+    keyring: &Keyring,
+    report: &mut Report,
+) -> Result<(), BufferError> {
+    if let Err(error) = repair_page_count(damaged) {
+        tracing::warn!(message = "cannot repair the damaged copy's header", %error);
+    }
+    let Ok(src) = Connection::open(damaged) else {
+        return Ok(());
+    };
+    let _ = src.busy_timeout(Duration::from_secs(5));
+    let epoch: Option<Uuid> = src
+        .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
+            r.get::<_, String>(0)
+        })
+        .ok()
+        .and_then(|e| e.parse().ok());
+    // Without its epoch no salvaged key can be kept: a new one is made, and
+    // a record delivered just before the damage may then arrive twice.
+    let target_epoch = epoch.unwrap_or_else(Uuid::new_v4);
+    report.epoch = epoch;
+    report.held = src
+        .query_row("SELECT count(*) FROM records", [], |r| r.get::<_, i64>(0))
+        .ok()
+        .map(|n| n.max(0) as u64);
+    let has_key_id = src
+        .query_row(
+            "SELECT count(*) FROM pragma_table_info('records') WHERE name = 'key_id'",
+            [],
+            |r| r.get::<_, i64>(0),
+        )
+        .is_ok_and(|n| n > 0);
+    let key_col = if has_key_id { "key_id" } else { "NULL" };
+
+    std::fs::create_dir_all(recovered_dir).map_err(|source| BufferError::Quarantine {
+        path: recovered_dir.to_owned(),
+        source,
+    })?;
+    let target_path = recovered_dir.join(format!("{target_epoch}.db"));
+    let mut dst = buffer::create_with_epoch(&target_path, target_epoch, keyring)?;
+    let tx = dst.transaction()?;
+    let columns = "seq, id, stream, ts_us, received_us, size, payload";
+    let mut found = 0u64;
+    {
+        let mut insert = tx.prepare(&format!(
+            "INSERT OR IGNORE INTO records ({columns}, key_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+        ))?;
+        let select = format!("SELECT {columns}, {key_col} FROM records");
+        scan(&src, &select, &mut |row| {
+            found += 1;
+            match buffer::decode_row(row, keyring, &target_epoch) {
+                Ok(_) => {
+                    let values: Vec<rusqlite::types::Value> =
+                        (0..8).map(|i| row.get(i)).collect::<Result<_, _>>()?;
+                    report.salvaged += insert.execute(rusqlite::params_from_iter(values))? as u64;
+                }
+                Err(_) => report.unreadable += 1,
+            }
+            Ok(())
+        })?;
+    }
+    {
+        let dead_select =
+            format!("SELECT {columns}, {key_col}, reason, failed_us FROM dead_letters");
+        let mut insert = tx.prepare(&format!(
+            "INSERT OR IGNORE INTO dead_letters ({columns}, key_id, reason, failed_us)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+        ))?;
+        scan(&src, &dead_select, &mut |row| {
+            let values: Vec<rusqlite::types::Value> =
+                (0..10).map(|i| row.get(i)).collect::<Result<_, _>>()?;
+            report.dead_letters_salvaged +=
+                insert.execute(rusqlite::params_from_iter(values))? as u64;
+            Ok(())
+        })?;
+    }
+    // The count may be unreadable while rows are not: never report fewer
+    // held than were found.
+    report.held = report.held.map(|h| h.max(found));
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('dead_letter_total', ?1)",
+        [report.dead_letters_salvaged.to_string()],
+    )?;
+    buffer::finish_created(&tx)?;
+    tx.commit()?;
+    drop(dst);
+    if report.salvaged == 0 && report.dead_letters_salvaged == 0 {
+        remove_buffer_files(&target_path);
+    } else {
+        report.recovered_file = target_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+    }
+    Ok(())
+}
+
+/// A truncated file is shorter than the page count in its header, and SQLite
+/// then refuses every query ("malformed"), even on the pages that are all
+/// there. Cutting the copy to whole pages and writing the real count into
+/// the header makes those pages readable again.
+fn repair_page_count(path: &Path) -> std::io::Result<()> {
+    use std::io::{Read as _, Seek as _, SeekFrom, Write as _};
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)?;
+    let mut header = [0u8; 100];
+    if file.read_exact(&mut header).is_err() || !header.starts_with(b"SQLite format 3\0") {
+        return Ok(());
+    }
+    let page = match u16::from_be_bytes([header[16], header[17]]) {
+        1 => 65_536u64,
+        n if n >= 512 && n.is_power_of_two() => u64::from(n),
+        _ => return Ok(()),
+    };
+    let len = file.metadata()?.len();
+    let pages = len / page;
+    let in_header = u64::from(u32::from_be_bytes([
+        header[28], header[29], header[30], header[31],
+    ]));
+    if len % page != 0 {
+        file.set_len(pages * page)?;
+    }
+    if in_header > pages {
+        file.seek(SeekFrom::Start(28))?;
+        file.write_all(&(pages as u32).to_be_bytes())?;
+    }
+    Ok(())
+}
+
+/// Calls `each` for every row of `select` (a `SELECT ... FROM table` whose
+/// first column is `seq`) that SQLite can still read. Reads in sequence order
+/// in chunks; where a chunk fails (a damaged page), it probes the following
+/// sequence numbers one by one, doubling the stride until chunked reads work
+/// again, so one bad page costs only the rows on it.
+fn scan(
+    conn: &Connection,
+    select: &str,
+    each: &mut dyn FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<()>,
+) -> Result<(), BufferError> {
+    let upper: i64 = conn
+        .query_row("SELECT value FROM meta WHERE key = 'next_seq'", [], |r| {
+            r.get::<_, String>(0)
+        })
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .or_else(|| {
+            let table = select.rsplit(' ').next().unwrap_or("records");
+            conn.query_row(&format!("SELECT max(seq) + 1 FROM {table}"), [], |r| {
+                r.get(0)
+            })
+            .ok()
+        })
+        // Neither is readable: probe a bounded range rather than forever.
+        .unwrap_or(1 << 20);
+    let chunk_sql = format!("{select} WHERE seq > ?1 ORDER BY seq LIMIT ?2");
+    let point_sql = format!("{select} WHERE seq = ?1");
+    // Reads a chunk after `cursor`, moving it past every row passed on, so a
+    // failure part-way leaves it at the last good row.
+    let chunk = |cursor: &mut i64,
+                 each: &mut dyn FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<()>|
+     -> rusqlite::Result<bool> {
+        let mut stmt = conn.prepare_cached(&chunk_sql)?;
+        let mut rows = stmt.query(params![*cursor, SALVAGE_CHUNK])?;
+        let mut any = false;
+        while let Some(row) = rows.next()? {
+            let seq: i64 = row.get(0)?;
+            each(row)?;
+            *cursor = seq;
+            any = true;
+        }
+        Ok(any)
+    };
+    let readable_after = |cursor: i64| -> bool {
+        conn.prepare_cached(&chunk_sql)
+            .and_then(|mut stmt| stmt.query(params![cursor, 1])?.next().map(|_| ()))
+            .is_ok()
+    };
+    let mut cursor = 0i64;
+    loop {
+        match chunk(&mut cursor, each) {
+            Ok(true) => {}
+            Ok(false) => return Ok(()),
+            Err(_) => {
+                // A damaged page after `cursor`: probe forward row by row.
+                let mut stride = 1i64;
+                loop {
+                    let end = cursor.saturating_add(stride).min(upper);
+                    for seq in cursor + 1..=end {
+                        if let Ok(mut stmt) = conn.prepare_cached(&point_sql) {
+                            let _ = stmt.query_row([seq], |row| each(row));
+                        }
+                    }
+                    cursor = end;
+                    if cursor >= upper {
+                        return Ok(());
+                    }
+                    if readable_after(cursor) {
+                        break;
+                    }
+                    stride = (stride * 2).min(1 << 16);
+                }
+            }
+        }
+    }
+}
+
+fn read_report(folder: &Path) -> Option<Report> {
+    let bytes = std::fs::read(folder.join(REPORT)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+pub fn wal_of(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}-wal", path.display()))
+}
+
+/// Deletes a buffer file with its WAL and shared-memory files.
+pub fn remove_buffer_files(path: &Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
+
+fn list_dirs(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    out.sort();
+    out
+}
+
+fn list_files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_file() && p.to_string_lossy().ends_with(suffix))
+        .collect();
+    out.sort();
+    out
+}
+
+fn move_file(from: &Path, to: &Path) -> std::io::Result<()> {
+    match std::fs::rename(from, to) {
+        Ok(()) => Ok(()),
+        // Another filesystem: copy, sync, then remove.
+        Err(e) if e.raw_os_error() == Some(nix::libc::EXDEV) => {
+            std::fs::copy(from, to)?;
+            std::fs::File::open(to)?.sync_all()?;
+            std::fs::remove_file(from)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    let mut f = std::fs::File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+fn sync_dir(dir: &Path) {
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+}
+
+fn modified_rfc3339(path: &Path) -> String {
+    let t = std::fs::metadata(path)
+        .and_then(|m| m.modified())
+        .map(time::OffsetDateTime::from)
+        .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
