@@ -1,4 +1,5 @@
-//! `dcs-aggregator`: serve agents, check a configuration, or migrate the schema.
+//! `dcs-aggregator`: serve agents, check a configuration, migrate the schema,
+//! or administer agents, tenants and tokens directly in the database.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -27,12 +28,107 @@ enum Command {
     CheckConfig(ConfigArg),
     /// Apply pending database migrations, then exit.
     Migrate(ConfigArg),
+    /// List, revoke or reinstate agents.
+    Agents {
+        #[command(subcommand)]
+        command: AgentsCommand,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Revoke or reinstate a single certificate by serial number.
+    Serial {
+        #[command(subcommand)]
+        command: SerialCommand,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Create, list, disable or enable tenants.
+    Tenant {
+        #[command(subcommand)]
+        command: TenantCommand,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+    /// Create, list or revoke platform API tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum AgentsCommand {
+    /// Every agent with its last contact, backlog, certificate and state.
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    /// Refuse the agent's batches (within revocation.refresh_interval on
+    /// every aggregator). An agent never seen is registered revoked.
+    Revoke { tenant: String, agent: String },
+    /// Accept the agent's batches again.
+    Unrevoke { tenant: String, agent: String },
+}
+
+#[derive(Subcommand)]
+enum SerialCommand {
+    /// Refuse the certificate with this serial (hex, colons allowed).
+    Revoke {
+        serial: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Unrevoke {
+        serial: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantCommand {
+    Create {
+        id: String,
+        #[arg(long)]
+        display_name: Option<String>,
+    },
+    List,
+    /// Refuse every token and agent of the tenant.
+    Disable {
+        id: String,
+    },
+    Enable {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a new token on stdout. It is shown this once and stored only as
+    /// a hash.
+    Create {
+        #[arg(long)]
+        name: String,
+        /// admin or reader.
+        #[arg(long)]
+        role: String,
+        /// Scope the token to one tenant; without it the token sees all.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Lifetime such as 90d or 12h; without it the token does not expire.
+        #[arg(long)]
+        expires_in: Option<String>,
+    },
+    List,
+    Revoke {
+        id: i64,
+    },
 }
 
 #[derive(clap::Args)]
 struct ConfigArg {
     /// TOML configuration; `DCS_AGG_SECTION__KEY` variables override it.
-    #[arg(long, short, env = dcs_aggregator::config::ENV_CONFIG_FILE)]
+    #[arg(long, short, global = true, env = dcs_aggregator::config::ENV_CONFIG_FILE)]
     config: Option<PathBuf>,
 }
 
@@ -86,6 +182,89 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             tracing::info!(message = "migrations applied");
             Ok(ExitCode::SUCCESS)
         }
+        Command::Agents { command, config } => {
+            admin(config, |pool, actor| async move {
+                use dcs_aggregator::platform::agents;
+                match command {
+                    AgentsCommand::List { tenant } => {
+                        print_json(&agents::list_agents(&pool, tenant.as_deref()).await?)
+                    }
+                    AgentsCommand::Revoke { tenant, agent } => print_json(
+                        &agents::set_agent_revoked(&pool, &tenant, &agent, true, actor, None)
+                            .await?,
+                    ),
+                    AgentsCommand::Unrevoke { tenant, agent } => print_json(
+                        &agents::set_agent_revoked(&pool, &tenant, &agent, false, actor, None)
+                            .await?,
+                    ),
+                }
+            })
+            .await
+        }
+        Command::Serial { command, config } => {
+            admin(config, |pool, actor| async move {
+                use dcs_aggregator::platform::agents;
+                match command {
+                    SerialCommand::Revoke { serial, reason } => {
+                        let new = agents::NewRevokedSerial { serial, reason };
+                        print_json(&agents::revoke_serial_as(&pool, &new, actor, None).await?)
+                    }
+                    SerialCommand::Unrevoke { serial } => {
+                        agents::unrevoke_serial_as(&pool, &serial, actor, None).await?;
+                        Ok(())
+                    }
+                }
+            })
+            .await
+        }
+        Command::Tenant { command, config } => {
+            admin(config, |pool, actor| async move {
+                use dcs_aggregator::platform::tenants;
+                match command {
+                    TenantCommand::Create { id, display_name } => {
+                        let new = tenants::NewTenant { id, display_name };
+                        print_json(&tenants::create_tenant(&pool, &new, actor, None).await?)
+                    }
+                    TenantCommand::List => print_json(&tenants::list_tenants(&pool, None).await?),
+                    TenantCommand::Disable { id } => {
+                        print_json(&tenants::set_disabled(&pool, &id, true, actor, None).await?)
+                    }
+                    TenantCommand::Enable { id } => {
+                        print_json(&tenants::set_disabled(&pool, &id, false, actor, None).await?)
+                    }
+                }
+            })
+            .await
+        }
+        Command::Token { command, config } => {
+            admin(config, |pool, actor| async move {
+                use dcs_aggregator::platform::tokens;
+                match command {
+                    TokenCommand::Create {
+                        name,
+                        role,
+                        tenant,
+                        expires_in,
+                    } => {
+                        let new = tokens::NewToken {
+                            name,
+                            role,
+                            tenant,
+                            expires_in,
+                        };
+                        let created = tokens::create_token(&pool, &new, actor, None).await?;
+                        eprintln!("token {} created; it is shown only now:", created.info.id);
+                        println!("{}", created.token);
+                        Ok(())
+                    }
+                    TokenCommand::List => print_json(&tokens::list_tokens(&pool, None).await?),
+                    TokenCommand::Revoke { id } => {
+                        print_json(&tokens::revoke_token(&pool, id, None, actor, None).await?)
+                    }
+                }
+            })
+            .await
+        }
         Command::Serve(arg) => {
             let config = match Config::load(arg.config.as_deref(), std::env::vars()) {
                 Ok(config) => config,
@@ -111,6 +290,34 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Runs an operator command against the configured database, as
+/// `cli:<login name>` in the audit trail.
+async fn admin<F, Fut>(arg: ConfigArg, command: F) -> anyhow::Result<ExitCode>
+where
+    F: FnOnce(sqlx::PgPool, String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let config = match Config::load(arg.config.as_deref(), std::env::vars()) {
+        Ok(config) => config,
+        Err(error) => return Ok(bad_config(&error)),
+    };
+    let pool = dcs_aggregator::connect(&config.database).await?;
+    let user = std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| "unknown".into());
+    let result = command(pool.clone(), format!("cli:{user}")).await;
+    pool.close().await;
+    result.map(|()| ExitCode::SUCCESS)
+}
+
+fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).context("render JSON")?
+    );
+    Ok(())
 }
 
 fn bad_config(error: &ConfigError) -> ExitCode {

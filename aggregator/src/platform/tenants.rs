@@ -79,19 +79,24 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
+/// Tenant `only` (`None`: every tenant), ordered by id.
+pub async fn list_tenants(pool: &PgPool, only: Option<&str>) -> Result<Vec<TenantView>, ApiError> {
+    let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{SELECT_TENANTS} WHERE ($1::text IS NULL OR id = $1) ORDER BY id"
+    )))
+    .bind(only)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
 pub async fn list(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
 ) -> Result<Json<Vec<TenantView>>, ApiError> {
     principal.require_admin()?;
     let tenant = principal.tenant_scope(None)?;
-    let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{SELECT_TENANTS} WHERE ($1::text IS NULL OR id = $1) ORDER BY id"
-    )))
-    .bind(tenant)
-    .fetch_all(&state.pool)
-    .await?;
-    Ok(Json(rows))
+    Ok(Json(list_tenants(&state.pool, tenant.as_deref()).await?))
 }
 
 /// Disables or re-enables a tenant and audits it as `actor`.

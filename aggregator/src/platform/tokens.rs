@@ -135,19 +135,24 @@ pub async fn create(
     Ok((StatusCode::CREATED, Json(created)))
 }
 
+/// Tokens of tenant `only` (`None`: every token), ordered by id.
+pub async fn list_tokens(pool: &PgPool, only: Option<&str>) -> Result<Vec<TokenView>, ApiError> {
+    let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "{SELECT_TOKENS} WHERE ($1::text IS NULL OR tenant_id = $1) ORDER BY id"
+    )))
+    .bind(only)
+    .fetch_all(pool)
+    .await?;
+    Ok(rows)
+}
+
 pub async fn list(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
 ) -> Result<Json<Vec<TokenView>>, ApiError> {
     principal.require_admin()?;
     let tenant = principal.tenant_scope(None)?;
-    let rows = sqlx::query_as(sqlx::AssertSqlSafe(format!(
-        "{SELECT_TOKENS} WHERE ($1::text IS NULL OR tenant_id = $1) ORDER BY id"
-    )))
-    .bind(tenant)
-    .fetch_all(&state.pool)
-    .await?;
-    Ok(Json(rows))
+    Ok(Json(list_tokens(&state.pool, tenant.as_deref()).await?))
 }
 
 /// Revokes token `id` if `scope` covers it (`None`: any), auditing as `actor`.
