@@ -150,8 +150,22 @@ enum Outcome {
     /// The aggregator does not accept this agent right now.
     Unauthorized(String),
     TooLarge(String),
-    Permanent(String),
+    /// Refused for good. `per_record` when the aggregator blamed some of the
+    /// batch's records (invalid, conflicting or refused by PostgreSQL), so
+    /// the others can still be delivered.
+    Permanent {
+        reason: String,
+        per_record: bool,
+    },
 }
+
+/// Error codes with which the aggregator refuses a batch for what some of
+/// its records hold, not for the batch as a whole.
+const PER_RECORD_ERRORS: [&str; 3] = [
+    "invalid_records",
+    "content_conflict",
+    "rejected_by_database",
+];
 
 impl Outcome {
     fn label(&self) -> &'static str {
@@ -160,7 +174,7 @@ impl Outcome {
             Outcome::Retry { .. } => "retry",
             Outcome::Unauthorized(_) => "unauthorized",
             Outcome::TooLarge(_) => "too_large",
-            Outcome::Permanent(_) => "rejected",
+            Outcome::Permanent { .. } => "rejected",
         }
     }
 }
@@ -390,9 +404,17 @@ impl Inner {
                             .await;
                         break;
                     }
-                    Outcome::TooLarge(reason) if batch.len() > 1 => {
+                    Outcome::TooLarge(reason)
+                    | Outcome::Permanent {
+                        reason,
+                        per_record: true,
+                    } if batch.len() > 1 => {
+                        // Halving until the refused records stand alone costs
+                        // about 2 log2(n) requests per bad record, and keeps
+                        // one bad record from dead-lettering thousands of
+                        // good ones.
                         tracing::warn!(
-                            message = "aggregator refused batch as too large; splitting",
+                            message = "aggregator refused batch; splitting it to isolate the cause",
                             first_seq = first,
                             last_seq = last,
                             %reason
@@ -404,7 +426,7 @@ impl Inner {
                         pending.push(batch);
                         break;
                     }
-                    Outcome::TooLarge(reason) | Outcome::Permanent(reason) => {
+                    Outcome::TooLarge(reason) | Outcome::Permanent { reason, .. } => {
                         tracing::error!(
                             message = "aggregator refused batch permanently; moved to dead letters",
                             first_seq = first,
@@ -508,9 +530,15 @@ impl Inner {
             });
             return Outcome::Delivered(ack);
         }
-        let reason = match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(body) => format!("{status}: {}: {}", body.error, body.message),
-            Err(_) => format!("{status}: {}", text.chars().take(200).collect::<String>()),
+        let (reason, per_record) = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => (
+                format!("{status}: {}: {}", body.error, body.message),
+                PER_RECORD_ERRORS.contains(&body.error.as_str()),
+            ),
+            Err(_) => (
+                format!("{status}: {}", text.chars().take(200).collect::<String>()),
+                false,
+            ),
         };
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Outcome::Unauthorized(reason),
@@ -525,7 +553,7 @@ impl Inner {
                 retry_after,
                 link_down: false,
             },
-            _ => Outcome::Permanent(reason),
+            _ => Outcome::Permanent { reason, per_record },
         }
     }
 }

@@ -165,3 +165,62 @@ async fn a_403_keeps_the_data_and_delivery_resumes_when_the_agent_is_let_back_in
     r.gate.overload(None);
     assert!(wait_until(Duration::from_secs(20), || async { r.rows().await == 50 }).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_that_blames_one_record_dead_letters_only_that_record() {
+    let r = rig(|c| c.batch.linger = Duration::from_millis(200)).await;
+    push(
+        &r.http,
+        &r.agent.url,
+        "application/x-ndjson",
+        agent::ndjson("s", "a", 0..1),
+    )
+    .await;
+    assert!(wait_until(Duration::from_secs(20), || async { r.rows().await == 1 }).await);
+    // Another version of the record the agent will send as seq 6 is already
+    // stored: the aggregator refuses any batch holding seq 6 with 409.
+    sqlx::query(
+        "INSERT INTO records (agent_id, epoch, seq, tenant_id, record_id, stream, ts, payload, content_hash)
+         SELECT agent_id, epoch, 6, tenant_id, 'other', 's', now(), '{}', 42 FROM records LIMIT 1",
+    )
+    .execute(&r.db.pool)
+    .await
+    .unwrap();
+    let pushed = push(
+        &r.http,
+        &r.agent.url,
+        "application/x-ndjson",
+        agent::ndjson("s", "b", 0..20),
+    )
+    .await;
+    assert_eq!(pushed.status(), 200);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            r.status().await["buffer"]["records"] == 0
+        })
+        .await,
+        "{}",
+        r.status().await
+    );
+    let st = r.status().await;
+    assert_eq!(st["dead_letters"]["records"], 1, "{st}");
+    assert!(
+        st["dead_letters"]["last_reason"]
+            .as_str()
+            .unwrap()
+            .contains("content_conflict"),
+        "{st}"
+    );
+    // seq 6 is the fifth record of the second push (seq 2 is b-0).
+    let got: Value = r
+        .http
+        .get(r.agent.endpoint("/v1/records/b-4"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["state"], "dead_letter");
+    assert_eq!(r.rows().await, 1 + 1 + 19, "the 19 others arrived");
+}
