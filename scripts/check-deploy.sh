@@ -186,7 +186,7 @@ check_package() {
     command -v curl >/dev/null 2>&1 || apt_install curl
     # The package depends on systemd (its sysusers entry and unit); minimal
     # container images lack it.
-    dpkg-query -W -f='${Status}' systemd 2>/dev/null | grep -q 'ok installed' || apt_install systemd
+    [[ "$(dpkg-query -W -f='${Status}' systemd 2>/dev/null || true)" == *"ok installed"* ]] || apt_install systemd
     cargo_tool deb cargo-deb
     cargo deb --version
 
@@ -199,7 +199,7 @@ check_package() {
     # The symbols go to dcs-edge-dbgsym; the packaged binary is stripped.
     if file -b /dev/null >/dev/null 2>&1; then
         dpkg-deb --fsys-tarfile "$deb" | tar -xO ./usr/bin/dcs-edge >"$SCRATCH/dcs-edge.bin"
-        file -b "$SCRATCH/dcs-edge.bin" | grep -q ', stripped' || die "the packaged dcs-edge is not stripped"
+        [[ "$(file -b "$SCRATCH/dcs-edge.bin")" == *", stripped"* ]] || die "the packaged dcs-edge is not stripped"
         say "ok: the packaged binary is stripped ($(du -h "$SCRATCH/dcs-edge.bin" | cut -f1))"
     fi
 
@@ -218,7 +218,7 @@ check_package() {
     done
     say "ok: name, Depends, conffiles and files"
 
-    if dpkg-query -W -f='${Status}' "$PKG" 2>/dev/null | grep -q 'ok installed'; then
+    if [[ "$(dpkg-query -W -f='${Status}' "$PKG" 2>/dev/null || true)" == *"ok installed"* ]]; then
         warn "$PKG is already installed on this machine: not touching a real installation; install test skipped"
         return 0
     fi
@@ -310,7 +310,7 @@ check_package() {
         /etc/systemd/system/multi-user.target.wants/dcs-edge.service; do
         [[ ! -e "$f" && ! -L "$f" ]] || die "$f is still there after purge"
     done
-    if dpkg-query -W -f='${Status}' "$PKG" 2>/dev/null | grep -q 'installed'; then
+    if [[ "$(dpkg-query -W -f='${Status}' "$PKG" 2>/dev/null || true)" == *installed* ]]; then
         die "dpkg still lists $PKG"
     fi
     say "ok: purge removed the package, its conffiles and the buffer directory"
@@ -327,7 +327,7 @@ check_terraform() {
     # GitHub workflow; the edge cloud-init module has no provider and is
     # rendered for real below.
     export TF_IN_AUTOMATION=1 CHECKPOINT_DISABLE=1
-    terraform version | head -n 1
+    terraform version | sed -n 1p
     say "terraform fmt -check -recursive terraform"
     terraform fmt -check -recursive -diff terraform
 
@@ -503,7 +503,7 @@ PY
         haproxy=(env "LD_LIBRARY_PATH=$TOOLS/haproxy/usr/lib/x86_64-linux-gnu" "$TOOLS/haproxy/usr/sbin/haproxy")
     fi
     if ((${#haproxy[@]})); then
-        say "haproxy -c -f compose/haproxy/haproxy.cfg ($("${haproxy[@]}" -v | head -n 1 | cut -d' ' -f1-3))"
+        say "haproxy -c -f compose/haproxy/haproxy.cfg ($("${haproxy[@]}" -v | sed -n 1p | cut -d' ' -f1-3))"
         # The replicas' names resolve only inside the compose network; HAProxy
         # says so in warnings and starts anyway (init-addr none).
         "${haproxy[@]}" -c -f compose/haproxy/haproxy.cfg 2>&1 | grep -v 'could not resolve address'
