@@ -283,7 +283,7 @@ check_package() {
     "${ROOT_PREFIX[@]}" "${as_service[@]}" sh -c 'umask 077 && exec "$0" "$@"' \
         /usr/bin/dcs-edge run --config /etc/dcs/edge.toml >"$SCRATCH/agent.log" 2>&1 &
     local agent=$!
-    CLEANUP+=("kill $agent 2>/dev/null")
+    CLEANUP+=("as_root kill $agent 2>/dev/null")
     local i
     for ((i = 0; i < 50; i++)); do
         http_ok "http://127.0.0.1:$port/health" && break
@@ -297,7 +297,8 @@ check_package() {
     curl -fsS -H 'content-type: application/json' \
         -d '{"stream":"package.test","payload":{"ok":true}}' "http://127.0.0.1:$port/v1/records" >/dev/null
     expect_stat /var/lib/dcs-edge/buffer.db dcs-edge:dcs-edge 600
-    kill -TERM "$agent"
+    # as_root: without root, $agent is sudo, which relays the signal.
+    as_root kill -TERM "$agent"
     wait "$agent" || die "the agent did not exit cleanly on SIGTERM: $(tail -n 5 "$SCRATCH/agent.log")"
     say "ok: the agent ran as dcs-edge, buffered a record and stopped on SIGTERM"
     as_root rm -f /etc/dcs/ca.pem /etc/dcs/agent.pem /etc/dcs/agent-key.pem
