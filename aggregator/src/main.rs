@@ -28,6 +28,9 @@ enum Command {
     CheckConfig(ConfigArg),
     /// Apply pending database migrations, then exit.
     Migrate(ConfigArg),
+    /// Print the platform API's OpenAPI document (also served at
+    /// /openapi.json), for validators and client generators.
+    Openapi,
     /// List, revoke or reinstate agents.
     Agents {
         #[command(subcommand)]
@@ -180,6 +183,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let pool = dcs_aggregator::connect(&config.database).await?;
             dcs_aggregator::migrate(&pool).await?;
             tracing::info!(message = "migrations applied");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Openapi => {
+            print_json(&dcs_aggregator::platform::openapi::document())?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Agents { command, config } => {

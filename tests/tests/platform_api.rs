@@ -563,3 +563,33 @@ async fn platform_admins_manage_tenants_and_the_audit_trail_pages_and_filters() 
     );
     p.aggregator.stop().await;
 }
+
+#[tokio::test]
+async fn the_api_describes_itself_without_a_token() {
+    let pki = Pki::new();
+    let db = TestDb::new().await;
+    let p = start(&pki, &db).await;
+    let response = p
+        .client
+        .get(p.endpoint("/openapi.json"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let doc: Value = response.json().await.unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    assert!(doc["paths"]["/api/v1/records"]["get"].is_object());
+
+    let response = p.client.get(p.endpoint("/api/docs")).send().await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+    let page = response.text().await.unwrap();
+    assert!(page.contains("/api/v1/agents/{id}/revoke"));
+    assert!(!page.contains("<script"));
+    p.aggregator.stop().await;
+}

@@ -15,7 +15,7 @@ use super::{ApiError, PlatformState, Remote};
 /// silence is a real outage, not a pause.
 pub const LINK_DOWN_AFTER_SECS: i64 = 300;
 
-#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct AgentView {
     /// Stable numeric id, used in `/api/v1/agents/{id}`.
     pub id: i64,
@@ -65,9 +65,11 @@ pub(crate) fn select_agents() -> String {
     )
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AgentsQuery {
+    /// An unscoped token may name a tenant; a scoped token may name only its own.
     pub tenant: Option<String>,
 }
 
@@ -83,6 +85,9 @@ pub async fn list_agents(pool: &PgPool, tenant: Option<&str>) -> Result<Vec<Agen
     Ok(rows)
 }
 
+/// Every agent the token's scope covers.
+#[utoipa::path(get, path = "/api/v1/agents", tag = "agents", operation_id = "agents_list", params(AgentsQuery),
+    responses((status = 200, description = "OK", body = Vec<AgentView>), (status = 403, description = "another tenant", body = super::openapi::ErrorSchema)))]
 pub async fn list(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
@@ -112,6 +117,9 @@ pub(crate) async fn visible_agent(
     }
 }
 
+/// One agent; another tenant's agent is 404 like a missing one.
+#[utoipa::path(get, path = "/api/v1/agents/{id}", tag = "agents", operation_id = "agents_get_one", params(("id" = i64, Path)),
+    responses((status = 200, description = "OK", body = AgentView), (status = 404, description = "not found, or outside the token's scope", body = super::openapi::ErrorSchema)))]
 pub async fn get_one(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
@@ -195,7 +203,9 @@ async fn revoke_by_id(
     Ok(Json(view))
 }
 
-/// `POST /api/v1/agents/{id}/revoke`: the agent's next batch is refused.
+/// Revoke an agent: its next batch is refused with 403 and nothing it sends is written.
+#[utoipa::path(post, path = "/api/v1/agents/{id}/revoke", tag = "agents", operation_id = "agents_revoke", params(("id" = i64, Path)),
+    responses((status = 200, description = "OK", body = AgentView), (status = 403, description = "not an admin", body = super::openapi::ErrorSchema), (status = 404, description = "not found, or outside the token's scope", body = super::openapi::ErrorSchema)))]
 pub async fn revoke(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
@@ -205,6 +215,9 @@ pub async fn revoke(
     revoke_by_id(&state, &principal, remote, id, true).await
 }
 
+/// Reinstate a revoked agent.
+#[utoipa::path(post, path = "/api/v1/agents/{id}/unrevoke", tag = "agents", operation_id = "agents_unrevoke", params(("id" = i64, Path)),
+    responses((status = 200, description = "OK", body = AgentView), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema), (status = 404, description = "not found, or outside the token's scope", body = super::openapi::ErrorSchema)))]
 pub async fn unrevoke(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
@@ -214,7 +227,7 @@ pub async fn unrevoke(
     revoke_by_id(&state, &principal, remote, id, false).await
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewRevokedSerial {
     /// Hex, with or without `:` separators or a `0x` prefix.
@@ -222,7 +235,7 @@ pub struct NewRevokedSerial {
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct RevokedSerialView {
     pub serial: String,
     pub revoked_at: String,
@@ -311,6 +324,9 @@ pub async fn unrevoke_serial_as(
     Ok(())
 }
 
+/// Revoke one certificate by serial (platform admins).
+#[utoipa::path(post, path = "/api/v1/revoked-serials", tag = "agents", operation_id = "agents_revoke_serial", request_body = NewRevokedSerial,
+    responses((status = 201, description = "created", body = RevokedSerialView), (status = 400, description = "a parameter or body is invalid", body = super::openapi::ErrorSchema), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema)))]
 pub async fn revoke_serial(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
@@ -323,6 +339,9 @@ pub async fn revoke_serial(
     Ok((StatusCode::CREATED, Json(view)))
 }
 
+/// Lift a serial's revocation (platform admins).
+#[utoipa::path(delete, path = "/api/v1/revoked-serials/{serial}", tag = "agents", operation_id = "agents_unrevoke_serial", params(("serial" = String, Path)),
+    responses((status = 204, description = "done, no content"), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema), (status = 404, description = "not found, or outside the token's scope", body = super::openapi::ErrorSchema)))]
 pub async fn unrevoke_serial(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
@@ -335,6 +354,9 @@ pub async fn unrevoke_serial(
     Ok(StatusCode::NO_CONTENT)
 }
 
+/// Every revoked serial (platform admins).
+#[utoipa::path(get, path = "/api/v1/revoked-serials", tag = "agents", operation_id = "agents_list_serials",
+    responses((status = 200, description = "OK", body = Vec<RevokedSerialView>), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema)))]
 pub async fn list_serials(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,

@@ -92,7 +92,8 @@ pub async fn append<'e>(
     Ok(())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct AuditQuery {
     pub action: Option<String>,
@@ -105,7 +106,7 @@ pub struct AuditQuery {
     pub cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditView {
     pub id: i64,
     pub at: String,
@@ -115,10 +116,11 @@ pub struct AuditView {
     pub target: Option<String>,
     pub outcome: String,
     pub remote: Option<String>,
+    #[schema(value_type = Option<Object>)]
     pub details: Option<serde_json::Value>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct AuditPage {
     /// Newest first.
     pub entries: Vec<AuditView>,
@@ -140,7 +142,9 @@ struct AuditRow {
     details: Option<String>,
 }
 
-/// `GET /api/v1/audit`: admins only; a scoped admin sees its tenant's entries.
+/// The audit trail, newest first (admins; a tenant's admin sees its tenant's entries).
+#[utoipa::path(get, path = "/api/v1/audit", tag = "audit", operation_id = "audit_list", params(AuditQuery),
+    responses((status = 200, description = "OK", body = AuditPage), (status = 400, description = "a parameter or body is invalid", body = super::openapi::ErrorSchema), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema)))]
 pub async fn list(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,

@@ -22,10 +22,13 @@
 //! - [`records`]: the keyset-paginated query and the NDJSON export.
 //! - [`agents`]: what the center knows of each agent.
 //! - [`audit`]: appending to and reading the audit trail.
+//! - [`openapi`]: the OpenAPI document (`/openapi.json`) and the offline API
+//!   page (`/api/docs`), both public.
 
 pub mod agents;
 pub mod audit;
 pub mod auth;
+pub mod openapi;
 pub mod records;
 pub mod tenants;
 pub mod tokens;
@@ -83,8 +86,16 @@ pub fn router(state: PlatformState) -> Router {
             state.clone(),
             authenticate,
         ));
+    // The description of the API is public; everything it describes is not.
+    let docs = Router::new()
+        .route("/openapi.json", get(|| async { Json(openapi::document()) }))
+        .route(
+            "/api/docs",
+            get(|| async { axum::response::Html(openapi::html()) }),
+        );
     Router::new()
         .merge(api)
+        .merge(docs)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
         .with_state(state)

@@ -30,7 +30,8 @@ use super::{ApiError, PlatformState};
 const EXPORT_PAGE: i64 = 1000;
 pub const NDJSON: &str = "application/x-ndjson";
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct RecordsQuery {
     /// Required for an unscoped token that wants one tenant; a scoped token's
@@ -47,7 +48,7 @@ pub struct RecordsQuery {
     pub cursor: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecordView {
     pub tenant: String,
     pub agent: String,
@@ -58,10 +59,12 @@ pub struct RecordView {
     pub stream: String,
     pub ts: String,
     pub received_at: String,
+    /// The producer's JSON object, as stored.
+    #[schema(value_type = Object)]
     pub payload: Box<RawValue>,
 }
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RecordsPage {
     pub records: Vec<RecordView>,
     /// Pass as `cursor` for the next page; absent when this page was the last.
@@ -216,6 +219,14 @@ async fn fetch_page(
     query.fetch_all(pool).await
 }
 
+/// A tenant's records in time order, a page at a time, or every matching
+/// record as NDJSON with `Accept: application/x-ndjson`.
+#[utoipa::path(get, path = "/api/v1/records", tag = "records", operation_id = "records_list", params(RecordsQuery),
+    responses(
+        (status = 200, description = "a page (JSON) or the whole range (NDJSON, one RecordView per line)",
+            content((RecordsPage = "application/json"), (RecordView = "application/x-ndjson"))),
+        (status = 400, description = "a parameter or body is invalid", body = super::openapi::ErrorSchema),
+        (status = 403, description = "another tenant", body = super::openapi::ErrorSchema)))]
 pub async fn list(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,

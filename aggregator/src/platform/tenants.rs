@@ -11,7 +11,7 @@ use super::audit::{self, Entry};
 use super::auth::Principal;
 use super::{ApiError, PlatformState, Remote};
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewTenant {
     /// The id agents carry in their certificates (`dcs://TENANT/AGENT`).
@@ -19,7 +19,7 @@ pub struct NewTenant {
     pub display_name: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct TenantView {
     pub id: String,
     pub display_name: Option<String>,
@@ -68,6 +68,9 @@ pub async fn create_tenant(
     Ok(view)
 }
 
+/// Create a tenant (platform admins).
+#[utoipa::path(post, path = "/api/v1/tenants", tag = "tenants", operation_id = "tenants_create", request_body = NewTenant,
+    responses((status = 201, description = "created", body = TenantView), (status = 400, description = "a parameter or body is invalid", body = super::openapi::ErrorSchema), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema), (status = 409, description = "already exists", body = super::openapi::ErrorSchema)))]
 pub async fn create(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
@@ -90,6 +93,9 @@ pub async fn list_tenants(pool: &PgPool, only: Option<&str>) -> Result<Vec<Tenan
     Ok(rows)
 }
 
+/// Tenants the token's scope covers (admins).
+#[utoipa::path(get, path = "/api/v1/tenants", tag = "tenants", operation_id = "tenants_list",
+    responses((status = 200, description = "OK", body = Vec<TenantView>), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema)))]
 pub async fn list(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
@@ -140,6 +146,9 @@ pub async fn set_disabled(
     Ok(view)
 }
 
+/// Disable a tenant: its tokens and agents are refused (platform admins).
+#[utoipa::path(post, path = "/api/v1/tenants/{id}/disable", tag = "tenants", operation_id = "tenants_disable", params(("id" = String, Path)),
+    responses((status = 200, description = "OK", body = TenantView), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema), (status = 404, description = "not found, or outside the token's scope", body = super::openapi::ErrorSchema)))]
 pub async fn disable(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
@@ -152,6 +161,9 @@ pub async fn disable(
     ))
 }
 
+/// Enable a disabled tenant (platform admins).
+#[utoipa::path(post, path = "/api/v1/tenants/{id}/enable", tag = "tenants", operation_id = "tenants_enable", params(("id" = String, Path)),
+    responses((status = 200, description = "OK", body = TenantView), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema), (status = 404, description = "not found, or outside the token's scope", body = super::openapi::ErrorSchema)))]
 pub async fn enable(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,

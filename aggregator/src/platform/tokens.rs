@@ -13,7 +13,7 @@ use super::audit::{self, Entry};
 use super::auth::{self, Principal, Role};
 use super::{ApiError, PlatformState, Remote};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewToken {
     /// Who or what holds the token, for lists and the audit trail.
@@ -26,7 +26,7 @@ pub struct NewToken {
     pub expires_in: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, sqlx::FromRow)]
+#[derive(Debug, Serialize, Deserialize, sqlx::FromRow, utoipa::ToSchema)]
 pub struct TokenView {
     pub id: i64,
     pub name: String,
@@ -39,7 +39,7 @@ pub struct TokenView {
 }
 
 /// The answer to a creation: the only time the token itself is shown.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CreatedToken {
     pub token: String,
     #[serde(flatten)]
@@ -121,6 +121,10 @@ pub async fn create_token(
     Ok(CreatedToken { token, info })
 }
 
+/// Create a token; the response is the only time it is shown. A tenant's
+/// admin can only create tokens for its own tenant.
+#[utoipa::path(post, path = "/api/v1/tokens", tag = "tokens", operation_id = "tokens_create", request_body = NewToken,
+    responses((status = 201, description = "created", body = CreatedToken), (status = 400, description = "a parameter or body is invalid", body = super::openapi::ErrorSchema), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema)))]
 pub async fn create(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
@@ -146,6 +150,9 @@ pub async fn list_tokens(pool: &PgPool, only: Option<&str>) -> Result<Vec<TokenV
     Ok(rows)
 }
 
+/// Tokens the admin's scope covers; never the tokens themselves.
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "tokens", operation_id = "tokens_list",
+    responses((status = 200, description = "OK", body = Vec<TokenView>), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema)))]
 pub async fn list(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
@@ -203,6 +210,9 @@ pub async fn revoke_token(
     Ok(view)
 }
 
+/// Revoke a token; it is refused from the next request on.
+#[utoipa::path(post, path = "/api/v1/tokens/{id}/revoke", tag = "tokens", operation_id = "tokens_revoke", params(("id" = i64, Path)),
+    responses((status = 200, description = "OK", body = TokenView), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema), (status = 404, description = "not found, or outside the token's scope", body = super::openapi::ErrorSchema)))]
 pub async fn revoke(
     State(state): State<PlatformState>,
     Extension(principal): Extension<Principal>,
