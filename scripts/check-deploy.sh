@@ -97,7 +97,6 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 TOOLS=${XDG_CACHE_HOME:-$HOME/.cache}/dcs/deploy-tools
 
 SCRATCH=$(mktemp -d)
-chmod 0755 "$SCRATCH" # the package test's service user reads certificates from here
 CLEANUP=()
 cleanup() {
     local i
