@@ -81,6 +81,42 @@ pub struct Config {
     pub platform: PlatformConfig,
     #[serde(default)]
     pub revocation: RevocationConfig,
+    #[serde(default)]
+    pub retention: RetentionConfig,
+}
+
+/// Daily partitions of `records` (see `retention`).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetentionConfig {
+    /// Keep this many whole UTC days before today; older partitions are
+    /// dropped. 0 keeps everything.
+    pub days: u32,
+    /// Create partitions this many days ahead, so a write never waits for DDL
+    /// and a missed maintenance run does not push rows into the default
+    /// partition.
+    pub partitions_ahead: u32,
+    /// How often each aggregator maintains the partitions.
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub interval: Duration,
+}
+
+/// Keep everything unless an operator decides otherwise: dropping data is
+/// not a default.
+pub const DEFAULT_RETENTION_DAYS: u32 = 0;
+/// A week of slack for a maintenance task that cannot reach the database.
+pub const DEFAULT_PARTITIONS_AHEAD: u32 = 7;
+/// Hourly: partitions are days, and the work is a few catalog lookups.
+pub const DEFAULT_RETENTION_INTERVAL: Duration = Duration::from_secs(3600);
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        RetentionConfig {
+            days: DEFAULT_RETENTION_DAYS,
+            partitions_ahead: DEFAULT_PARTITIONS_AHEAD,
+            interval: DEFAULT_RETENTION_INTERVAL,
+        }
+    }
 }
 
 /// The platform API listener (`/api/v1/...`): HTTPS with a server certificate
@@ -432,6 +468,17 @@ impl Config {
                 MAX_REVOCATION_REFRESH.as_secs()
             ),
         );
+        let r = &self.retention;
+        issues.check(
+            (1..=366).contains(&r.partitions_ahead),
+            "retention.partitions_ahead",
+            "must be between 1 and 366",
+        );
+        issues.check(
+            !r.interval.is_zero(),
+            "retention.interval",
+            "must be greater than zero",
+        );
         issues.check(
             !self.log.level.trim().is_empty(),
             "log.level",
@@ -657,6 +704,21 @@ mod tests {
         .unwrap();
         let (cert, _) = config.platform.cert_and_key(&config.tls);
         assert_eq!(cert, Path::new("/etc/dcs/server.pem"));
+    }
+
+    #[test]
+    fn retention_keeps_everything_by_default_and_checks_its_keys() {
+        let config = load_str(MINIMAL).unwrap();
+        assert_eq!(config.retention.days, 0);
+        assert_eq!(config.retention.partitions_ahead, 7);
+        let err = load_str(&format!(
+            "{MINIMAL}\n[retention]\ndays = 30\npartitions_ahead = 0\ninterval = \"0s\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            keys(&err),
+            ["retention.partitions_ahead", "retention.interval"]
+        );
     }
 
     #[test]

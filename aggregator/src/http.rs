@@ -683,7 +683,12 @@ fn prepare(compressed: &[u8], limits: &LimitsConfig) -> Result<PreparedBatch, Er
     // of the unescaped rows.
     let mut copy_rows = CopyRows::with_capacity(json.len() + json.len() / 16);
     for r in &batch.records {
-        copy_rows.push(r.seq, &r.id, &r.stream, r.ts, r.payload.get());
+        // received_at is part of the stored key, so it must be the same on
+        // every redelivery. An agent too old to send `received` gets its
+        // record's own ts instead of the aggregator's clock: now() would
+        // differ on a redelivery and store the record twice.
+        let received = r.received.unwrap_or(r.ts);
+        copy_rows.push(r.seq, &r.id, &r.stream, r.ts, received, r.payload.get());
     }
     Ok(PreparedBatch {
         epoch: batch.epoch,
@@ -722,6 +727,7 @@ mod tests {
             stream,
             ts_us: 1_700_000_000_000_000,
             payload,
+            received: None,
         }
     }
 

@@ -20,6 +20,8 @@
 //! - `server`: the TLS accept loop and graceful shutdown.
 //! - `http`: routes, request checks and the error-to-status mapping.
 //! - `store`: the PostgreSQL write path (COPY into staging, then insert).
+//! - [`retention`]: daily partitions of `records`, created ahead and dropped
+//!   past retention.
 //! - [`revocation`]: the in-memory deny list every batch is checked against.
 //! - [`platform`]: the platform API (`/api/v1`): bearer tokens, RBAC, records,
 //!   agents, tenants, tokens and the audit trail.
@@ -27,6 +29,7 @@
 pub mod config;
 mod http;
 pub mod platform;
+pub mod retention;
 pub mod revocation;
 mod server;
 mod store;
@@ -155,6 +158,7 @@ pub async fn serve_all(
         tracing::warn!(message = "load deny list; batches wait for the database", %error);
     }
     let deny_refresh = deny.spawn_refresh(pool.clone(), config.revocation.refresh_interval);
+    let maintenance = retention::spawn(pool.clone(), config.retention);
     let state = http::AppState::new(&config, pool.clone(), deny.clone());
     let admin = match listeners.admin {
         Some(admin) => admin,
@@ -219,5 +223,6 @@ pub async fn serve_all(
         let _ = task.await;
     }
     deny_refresh.abort();
+    maintenance.abort();
     Ok(())
 }

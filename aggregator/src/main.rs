@@ -28,6 +28,18 @@ enum Command {
     CheckConfig(ConfigArg),
     /// Apply pending database migrations, then exit.
     Migrate(ConfigArg),
+    /// Create the coming days' record partitions and drop those older than
+    /// retention.days (or --days).
+    Retention {
+        /// Only list the partitions that would be dropped.
+        #[arg(long)]
+        dry_run: bool,
+        /// Override retention.days for this run.
+        #[arg(long)]
+        days: Option<u32>,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
     /// Print the platform API's OpenAPI document (also served at
     /// /openapi.json), for validators and client generators.
     Openapi,
@@ -184,6 +196,34 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             dcs_aggregator::migrate(&pool).await?;
             tracing::info!(message = "migrations applied");
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Retention {
+            dry_run,
+            days,
+            config,
+        } => {
+            let loaded = match Config::load(config.config.as_deref(), std::env::vars()) {
+                Ok(loaded) => loaded,
+                Err(error) => return Ok(bad_config(&error)),
+            };
+            let retention = loaded.retention;
+            admin(config, |pool, actor| async move {
+                let days = days.unwrap_or(retention.days);
+                if days == 0 {
+                    anyhow::bail!("retention.days is 0 (keep everything); pass --days N to drop");
+                }
+                let report = dcs_aggregator::retention::run(
+                    &pool,
+                    days,
+                    retention.partitions_ahead,
+                    dry_run,
+                    &actor,
+                )
+                .await
+                .context("run retention")?;
+                print_json(&report)
+            })
+            .await
         }
         Command::Openapi => {
             print_json(&dcs_aggregator::platform::openapi::document())?;

@@ -36,15 +36,17 @@ use uuid::Uuid;
 /// "relation already exists, skipping" is not logged for every batch.
 const CREATE_STAGING: &str = "SET LOCAL client_min_messages = warning; \
     CREATE TEMP TABLE IF NOT EXISTS dcs_staging \
-    (seq int8, record_id text, stream text, ts timestamptz, payload jsonb, content_hash int8) \
+    (seq int8, record_id text, stream text, ts timestamptz, payload jsonb, content_hash int8, \
+     received_at timestamptz) \
     ON COMMIT DELETE ROWS";
 
 /// The columns of a [`CopyRows`] row, in order. The direct path adds the
 /// batch-wide columns at the end of each row.
 const COPY_STAGING: &str =
-    "COPY dcs_staging (seq, record_id, stream, ts, payload, content_hash) FROM STDIN";
+    "COPY dcs_staging (seq, record_id, stream, ts, payload, content_hash, received_at) FROM STDIN";
 const COPY_RECORDS: &str = "COPY records \
-    (seq, record_id, stream, ts, payload, content_hash, agent_id, epoch, tenant_id) FROM STDIN";
+    (seq, record_id, stream, ts, payload, content_hash, received_at, agent_id, epoch, tenant_id) \
+    FROM STDIN";
 
 /// SQLSTATE `unique_violation`: the batch holds a key that is already stored.
 const UNIQUE_VIOLATION: &str = "23505";
@@ -71,7 +73,7 @@ const INSERT_RECORDS: &str = "\
     INSERT INTO records \
         (agent_id, epoch, seq, tenant_id, record_id, stream, ts, received_at, payload, \
          content_hash) \
-    SELECT $1, $2, seq, $3, record_id, stream, ts, now(), payload, content_hash \
+    SELECT $1, $2, seq, $3, record_id, stream, ts, received_at, payload, content_hash \
     FROM dcs_staging \
     ON CONFLICT DO NOTHING";
 
@@ -119,7 +121,17 @@ impl CopyRows {
         }
     }
 
-    pub fn push(&mut self, seq: i64, record_id: &str, stream: &str, ts_us: i64, payload: &str) {
+    /// `received_us` is part of the stored key (records are partitioned by
+    /// it), so it must be the same on every delivery of the record.
+    pub fn push(
+        &mut self,
+        seq: i64,
+        record_id: &str,
+        stream: &str,
+        ts_us: i64,
+        received_us: i64,
+        payload: &str,
+    ) {
         let hash = content_hash(record_id, stream, ts_us, payload);
         let buf = &mut self.text;
         // Writing to a Vec cannot fail.
@@ -131,7 +143,8 @@ impl CopyRows {
         push_timestamp(buf, ts_us);
         buf.push(b'\t');
         push_text(buf, payload);
-        let _ = write!(buf, "\t{hash}");
+        let _ = write!(buf, "\t{hash}\t");
+        push_timestamp(buf, received_us);
         self.ends.push(buf.len());
     }
 
@@ -435,6 +448,7 @@ mod tests {
             "id\twith\ttabs",
             "s.t",
             -5,
+            -5,
             "{\"a\":\"x\\\"y\\\\z\",\n\r\"b\":\"ü\"}",
         );
         let hash = content_hash(
@@ -446,7 +460,7 @@ mod tests {
         assert_eq!(
             std::str::from_utf8(&rows.render(b"")).unwrap(),
             format!(
-                "7\tid\\twith\\ttabs\ts.t\t1969-12-31 23:59:59.999995+00\t{{\"a\":\"x\\\\\"y\\\\\\\\z\",\\n\\r\"b\":\"ü\"}}\t{hash}\n"
+                "7\tid\\twith\\ttabs\ts.t\t1969-12-31 23:59:59.999995+00\t{{\"a\":\"x\\\\\"y\\\\\\\\z\",\\n\\r\"b\":\"ü\"}}\t{hash}\t1969-12-31 23:59:59.999995+00\n"
             )
         );
     }
@@ -454,8 +468,8 @@ mod tests {
     #[test]
     fn the_direct_path_appends_the_batch_columns_to_every_row() {
         let mut rows = CopyRows::default();
-        rows.push(1, "a", "s", 0, "{}");
-        rows.push(2, "b", "s", 1, "{}");
+        rows.push(1, "a", "s", 0, 0, "{}");
+        rows.push(2, "b", "s", 1, 1, "{}");
         let text = String::from_utf8(rows.render(b"\tX")).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(lines.len(), 2);

@@ -1053,6 +1053,7 @@ fn encode(epoch: uuid::Uuid, recs: &[(i64, records::Rec)], level: u32) -> Vec<u8
             stream: r.stream,
             ts_us: r.ts_us,
             payload: &r.payload,
+            received: None,
         }),
         level,
     )

@@ -31,7 +31,16 @@
 //!   lost write-ahead log from a clean stop.
 //! - `ids(seq PK, id UNIQUE)`: producer ids, kept after delivery for a window of
 //!   `dedup_window` sequence numbers so a retried PUT is not buffered twice.
-//! - `dead_letters(...)`: records the aggregator refused, with the reason.
+//! - `dead_letters(...)`: records the aggregator refused, with the reason,
+//!   and records a source pulled that failed validation (see
+//!   [`crate::sources`]): those never were in `records`, so they get a fresh
+//!   `seq` from the same sequence, the id `source:<name>:<position>` and, as
+//!   payload, the source's text as a JSON string.
+//! - `checkpoints(source, key, value, updated_us)`: how far each pull source
+//!   has read (a file's offset, a query's cursor). Written only by
+//!   [`Buffer::append_from_source`], in the transaction that stores the
+//!   records read up to that point, so a restart neither loses nor repeats.
+//! - `jobs(...)`: the history of source runs ([`crate::jobs`]), pruned by age.
 //!
 //! # Write path
 //! One writer thread owns the only write connection. Ingest requests, acks and
@@ -60,7 +69,8 @@ use dcs_shared::record::Record;
 use crate::seal::{self, Keyring};
 
 /// 2: `key_id` on `records` and `dead_letters`, `meta.clean_close`.
-const SCHEMA_VERSION: i64 = 2;
+/// 3: `checkpoints` and `jobs` (pull sources and their runs).
+const SCHEMA_VERSION: i64 = 3;
 /// Stop draining the queue into one transaction past this many records so one
 /// commit never holds the write lock for long and replies keep flowing.
 const GROUP_MAX_RECORDS: usize = 50_000;
@@ -217,12 +227,50 @@ enum Command {
         reason: String,
         reply: oneshot::Sender<Result<u64, BufferError>>,
     },
+    /// Records a source pulled, the ones it rejected and how far it read:
+    /// all three commit together or not at all.
+    AppendFromSource {
+        batch: SourceBatch,
+        reply: oneshot::Sender<Result<Appended, BufferError>>,
+    },
+    /// A write that belongs to another module's table (`jobs`), run by the
+    /// one writer so the single-writer design holds.
+    Exec {
+        work: ExecFn,
+        reply: oneshot::Sender<Result<(), BufferError>>,
+    },
+}
+
+type ExecFn = Box<dyn FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()> + Send>;
+
+/// What one step of a pull source produced; see [`Buffer::append_from_source`].
+#[derive(Debug, Clone, Default)]
+pub struct SourceBatch {
+    /// The source's name: the `checkpoints.source` column.
+    pub source: String,
+    pub stream: String,
+    pub records: Vec<Record>,
+    /// Items that failed validation; they go to `dead_letters`.
+    pub rejected: Vec<Rejected>,
+    /// `(key, Some(value))` stores a checkpoint, `(key, None)` forgets one.
+    pub checkpoints: Vec<(String, Option<String>)>,
+}
+
+/// A pulled item that failed validation.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// Where it was read, e.g. `8:1234@5120` (file identity and offset).
+    pub position: String,
+    /// The text as the source gave it.
+    pub raw: String,
+    pub reason: String,
 }
 
 impl Command {
     fn weight(&self) -> usize {
         match self {
             Command::Append { records, .. } => records.len(),
+            Command::AppendFromSource { batch, .. } => batch.records.len() + batch.rejected.len(),
             _ => 1,
         }
     }
@@ -366,6 +414,49 @@ impl Buffer {
             reply,
         })
         .await
+    }
+
+    /// Appends what a source pulled, dead-letters what it rejected and stores
+    /// its checkpoints, all in one transaction: after a crash either all of
+    /// it is on disk or none of it, so the source resumes exactly where the
+    /// stored records end. Blocking: call from `spawn_blocking`.
+    pub fn append_from_source(&self, batch: SourceBatch) -> Result<Appended, BufferError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .blocking_send(Command::AppendFromSource { batch, reply })
+            .map_err(|_| BufferError::Closed)?;
+        rx.blocking_recv().map_err(|_| BufferError::Closed)?
+    }
+
+    /// Runs `work` in the writer's next transaction (tables other modules own).
+    pub async fn exec(
+        &self,
+        work: impl FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()> + Send + 'static,
+    ) -> Result<(), BufferError> {
+        let work: ExecFn = Box::new(work);
+        self.call(|reply| Command::Exec { work, reply }).await
+    }
+
+    /// Runs a query on the read connection. Blocking: call from `spawn_blocking`.
+    pub fn read_with<T>(
+        &self,
+        query: impl FnOnce(&Connection) -> rusqlite::Result<T>,
+    ) -> Result<T, BufferError> {
+        let conn = self.reader.lock().expect("reader lock");
+        Ok(query(&conn)?)
+    }
+
+    /// Every checkpoint of `source`, by key. Blocking.
+    pub fn checkpoints(
+        &self,
+        source: &str,
+    ) -> Result<std::collections::BTreeMap<String, String>, BufferError> {
+        self.read_with(|conn| {
+            let mut stmt =
+                conn.prepare_cached("SELECT key, value FROM checkpoints WHERE source = ?1")?;
+            stmt.query_map([source], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect()
+        })
     }
 
     async fn call<T>(
@@ -667,7 +758,17 @@ fn init_schema(
              seq INTEGER PRIMARY KEY, id TEXT NOT NULL, stream TEXT NOT NULL,
              ts_us INTEGER NOT NULL, received_us INTEGER NOT NULL, size INTEGER NOT NULL,
              payload TEXT NOT NULL, reason TEXT NOT NULL, failed_us INTEGER NOT NULL,
-             key_id INTEGER);",
+             key_id INTEGER);
+         CREATE TABLE IF NOT EXISTS checkpoints (
+             source TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
+             updated_us INTEGER NOT NULL, PRIMARY KEY (source, key)) WITHOUT ROWID;
+         CREATE TABLE IF NOT EXISTS jobs (
+             id TEXT PRIMARY KEY, source TEXT NOT NULL, trigger TEXT NOT NULL,
+             state TEXT NOT NULL, created_us INTEGER NOT NULL, started_us INTEGER,
+             finished_us INTEGER, collected INTEGER NOT NULL DEFAULT 0,
+             rejected INTEGER NOT NULL DEFAULT 0, errors TEXT NOT NULL DEFAULT '[]',
+             checkpoint_before TEXT, checkpoint_after TEXT);
+         CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_us);",
     )?;
     // Schema 1 files lack key_id; adding a nullable column rewrites nothing.
     for table in ["records", "dead_letters"] {
@@ -751,7 +852,7 @@ struct Writer {
 }
 
 /// What a group changed, applied to the in-memory counters only after commit.
-#[derive(Default)]
+#[derive(Default, Clone)]
 struct Delta {
     records: i64,
     bytes: i64,
@@ -841,6 +942,23 @@ impl Writer {
                         reply,
                     } => {
                         let outcome = dead_letter(&tx, first, last, &reason, &mut delta);
+                        replies.push(reply_with(reply, outcome));
+                    }
+                    Command::AppendFromSource { batch, reply } => {
+                        let outcome = append_from_source(
+                            &tx,
+                            &self.epoch,
+                            &self.opts,
+                            &self.shared,
+                            claims.as_deref_mut(),
+                            &mut self.next_seq,
+                            &mut delta,
+                            batch,
+                        );
+                        replies.push(reply_with(reply, outcome));
+                    }
+                    Command::Exec { work, reply } => {
+                        let outcome = exec(&tx, work);
                         replies.push(reply_with(reply, outcome));
                     }
                 }
@@ -1123,6 +1241,115 @@ fn append_inner(
         new.push(true);
     }
     Ok(Appended { ids, seqs, new })
+}
+
+/// Runs another module's write under a savepoint, so its failure leaves the
+/// rest of the group intact.
+fn exec(tx: &rusqlite::Transaction<'_>, work: ExecFn) -> Result<(), BufferError> {
+    tx.execute_batch("SAVEPOINT exec").map_err(classify)?;
+    match work(tx) {
+        Ok(()) => tx.execute_batch("RELEASE exec").map_err(classify),
+        Err(e) => {
+            let _ = tx.execute_batch("ROLLBACK TO exec; RELEASE exec");
+            Err(classify(e))
+        }
+    }
+}
+
+/// The records of a [`SourceBatch`] go through [`append`] (capacity, overflow
+/// and sealing exactly as for pushed records); its rejected items and
+/// checkpoints are written under an outer savepoint, so a full buffer keeps
+/// the checkpoint where it was and the source reads the same items again.
+#[allow(clippy::too_many_arguments)]
+fn append_from_source(
+    tx: &rusqlite::Transaction<'_>,
+    epoch: &Uuid,
+    opts: &BufferOptions,
+    shared: &Shared,
+    claims: Option<&mut Claims>,
+    next_seq: &mut i64,
+    delta: &mut Delta,
+    batch: SourceBatch,
+) -> Result<Appended, BufferError> {
+    tx.execute_batch("SAVEPOINT source").map_err(classify)?;
+    let start_seq = *next_seq;
+    let before = delta.clone();
+    let outcome = (|| -> Result<Appended, BufferError> {
+        let appended = if batch.records.is_empty() {
+            Appended {
+                ids: Vec::new(),
+                seqs: Vec::new(),
+                new: Vec::new(),
+            }
+        } else {
+            append(
+                tx,
+                epoch,
+                opts,
+                shared,
+                claims,
+                next_seq,
+                delta,
+                batch.records,
+            )?
+        };
+        let now = now_us();
+        let mut dead = tx.prepare_cached(
+            "INSERT INTO dead_letters
+                 (seq, id, stream, ts_us, received_us, size, payload, reason, failed_us, key_id)
+             VALUES (?1, ?2, ?3, ?4, ?4, ?5, ?6, ?7, ?4, ?8)",
+        )?;
+        for r in batch.rejected {
+            let seq = *next_seq;
+            *next_seq += 1;
+            let id = format!("source:{}:{}", batch.source, r.position);
+            let text = serde_json::Value::String(r.raw).to_string();
+            let size = (text.len() + batch.stream.len() + id.len()) as u64 + RECORD_OVERHEAD_BYTES;
+            let (payload, key_id): (rusqlite::types::Value, Option<i64>) =
+                match opts.keyring.seal(text.as_bytes(), &seal::aad(epoch, seq)) {
+                    Some((key_id, sealed)) => (sealed.into(), Some(key_id)),
+                    None => (text.into(), None),
+                };
+            dead.execute(params![
+                seq,
+                id,
+                batch.stream,
+                now,
+                size as i64,
+                payload,
+                r.reason,
+                key_id
+            ])
+            .map_err(classify)?;
+            delta.dead += 1;
+        }
+        let mut put = tx.prepare_cached(
+            "INSERT OR REPLACE INTO checkpoints (source, key, value, updated_us)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        let mut forget =
+            tx.prepare_cached("DELETE FROM checkpoints WHERE source = ?1 AND key = ?2")?;
+        for (key, value) in batch.checkpoints {
+            match value {
+                Some(value) => put.execute(params![batch.source, key, value, now]),
+                None => forget.execute(params![batch.source, key]),
+            }
+            .map_err(classify)?;
+        }
+        Ok(appended)
+    })();
+    match outcome {
+        Ok(out) => {
+            tx.execute_batch("RELEASE source").map_err(classify)?;
+            Ok(out)
+        }
+        Err(e) => {
+            *next_seq = start_seq;
+            *delta = before;
+            let _ = tx.execute_batch("ROLLBACK TO source; RELEASE source");
+            Err(e)
+        }
+    }
 }
 
 /// Evicts the oldest records above `claimed` until `want` bytes are free;
@@ -1413,6 +1640,64 @@ mod tests {
         ));
         let again = b.append(recs).await.unwrap();
         assert!(again.new.iter().all(|n| !n));
+    }
+
+    fn source_batch(records: Vec<Record>, offset: &str) -> SourceBatch {
+        SourceBatch {
+            source: "logs".into(),
+            stream: "s".into(),
+            records,
+            rejected: vec![Rejected {
+                position: format!("1:2@{offset}"),
+                raw: "not json".into(),
+                reason: "payload: not valid JSON".into(),
+            }],
+            checkpoints: vec![("1:2".into(), Some(offset.into()))],
+        }
+    }
+
+    #[tokio::test]
+    async fn a_source_checkpoint_commits_with_its_records_and_rejects() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(opts(dir.path(), 1 << 30, Overflow::Reject)).unwrap();
+        let writer = b.clone();
+        tokio::task::spawn_blocking(move || {
+            writer.append_from_source(source_batch(many(3), "100"))
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(b.stats().records, 3);
+        assert_eq!(b.stats().dead_letter_total, 1);
+        let dead = b.dead_letter_summary().unwrap();
+        assert_eq!(dead.last_reason.as_deref(), Some("payload: not valid JSON"));
+        assert_eq!(b.checkpoints("logs").unwrap()["1:2"], "100");
+        // A rejected item takes a seq of its own: the next record does not reuse it.
+        assert_eq!(b.append(many(1)).await.unwrap().seqs, [5]);
+    }
+
+    #[tokio::test]
+    async fn a_full_buffer_keeps_the_source_checkpoint_where_it_was() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(opts(dir.path(), 1000, Overflow::Reject)).unwrap();
+        let writer = b.clone();
+        let (first, second) = tokio::task::spawn_blocking(move || {
+            (
+                writer.append_from_source(source_batch(many(2), "10")),
+                writer.append_from_source(source_batch(many(50), "20")),
+            )
+        })
+        .await
+        .unwrap();
+        first.unwrap();
+        assert!(matches!(second, Err(BufferError::Full { .. })));
+        assert_eq!(b.checkpoints("logs").unwrap()["1:2"], "10");
+        assert_eq!(b.stats().records, 2);
+        assert_eq!(
+            b.stats().dead_letter_total,
+            1,
+            "the refused batch's reject is not kept"
+        );
     }
 
     #[tokio::test]

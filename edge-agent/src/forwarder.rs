@@ -353,6 +353,7 @@ impl Inner {
             stream: &r.stream,
             ts_us: r.ts_us,
             payload: &r.payload,
+            received: Some(r.received_us),
         });
         Bytes::from(wire::encode_batch(
             self.buffer.epoch(),

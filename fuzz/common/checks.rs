@@ -69,6 +69,7 @@ pub fn batch_json(json: &[u8]) -> bool {
                 stream: &r.stream,
                 ts_us: r.ts,
                 payload: r.payload.get(),
+                received: r.received,
             })
             .collect();
         let body = wire::encode_batch(
@@ -142,6 +143,7 @@ pub fn record_text(text: &str) -> bool {
         stream: &rec.stream,
         ts_us: rec.ts_us.unwrap_or(0),
         payload: &rec.payload,
+        received: None,
     };
     let body = wire::encode_batch(uuid::Uuid::nil(), None, [out], 1);
     let json = wire::gunzip_limited(&body, 2 * text.len() + 4096)

@@ -12,6 +12,9 @@
 //! - `epoch` names the agent's buffer file; `(agent, epoch, seq)` is the record's
 //!   delivery key, which makes redelivery idempotent.
 //! - `ts` is microseconds since the Unix epoch.
+//! - `received` (optional) is when the agent accepted the record, also in
+//!   microseconds. It never changes for a buffered record, so it is the same
+//!   on every redelivery: the aggregator partitions by it and keys on it.
 //! - `payload` is the producer's JSON object text, written and read without
 //!   re-serialisation.
 //!
@@ -69,6 +72,9 @@ pub struct WireRecord<'a> {
     #[serde(borrow)]
     pub stream: Cow<'a, str>,
     pub ts: i64,
+    /// When the agent accepted the record (µs); absent from older agents.
+    #[serde(default)]
+    pub received: Option<i64>,
     #[serde(borrow)]
     pub payload: &'a RawValue,
 }
@@ -81,6 +87,8 @@ pub struct OutRecord<'a> {
     pub stream: &'a str,
     pub ts_us: i64,
     pub payload: &'a str,
+    /// When the agent accepted the record (µs since the Unix epoch).
+    pub received: Option<i64>,
 }
 
 /// Encodes and gzip-compresses a batch. `level` is the gzip level (0–9); low
@@ -123,7 +131,11 @@ fn write_batch_json<'a>(
         serde_json::to_writer(&mut *w, r.id)?;
         w.write_all(br#","stream":"#)?;
         serde_json::to_writer(&mut *w, r.stream)?;
-        write!(w, r#","ts":{},"payload":"#, r.ts_us)?;
+        write!(w, r#","ts":{},"#, r.ts_us)?;
+        if let Some(received) = r.received {
+            write!(w, r#""received":{received},"#)?;
+        }
+        w.write_all(br#""payload":"#)?;
         w.write_all(r.payload.as_bytes())?;
         w.write_all(b"}")?;
     }
@@ -210,6 +222,7 @@ mod tests {
                 stream: "s",
                 ts_us: 5,
                 payload: r#"{"x":"quote\" and \\ backslash"}"#,
+                received: Some(1_700_000_000_000_123),
             },
             OutRecord {
                 seq: 2,
@@ -217,6 +230,7 @@ mod tests {
                 stream: "s.t",
                 ts_us: -1,
                 payload: r#"{}"#,
+                received: None,
             },
         ];
         let backlog = Backlog {
@@ -241,6 +255,8 @@ mod tests {
         );
         assert_eq!(batch.records[1].id, "ü\"");
         assert_eq!(batch.records[1].ts, -1);
+        assert_eq!(batch.records[0].received, Some(1_700_000_000_000_123));
+        assert_eq!(batch.records[1].received, None, "optional on the wire");
     }
 
     #[test]
@@ -254,6 +270,7 @@ mod tests {
                 stream: "s",
                 ts_us: 0,
                 payload: "{}",
+                received: None,
             }),
             9,
         );

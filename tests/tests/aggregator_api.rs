@@ -42,6 +42,7 @@ impl Rec {
             stream: &self.stream,
             ts_us: self.ts_us,
             payload: &self.payload,
+            received: None,
         }
     }
 }

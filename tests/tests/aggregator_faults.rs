@@ -21,6 +21,7 @@ fn batch(epoch: Uuid, seqs: std::ops::RangeInclusive<i64>) -> Vec<u8> {
             stream: "s",
             ts_us: 1_700_000_000_000_000,
             payload,
+            received: None,
         }),
         1,
     )

@@ -121,6 +121,17 @@ async fn operators_manage_tenants_tokens_and_agents_from_the_command_line() {
     );
     assert!(trail.iter().all(|(actor, _)| actor == "cli:alice"));
 
+    // Retention is off in this config (days = 0) unless asked for.
+    assert!(
+        !run(&config, &["retention", "--dry-run"])
+            .await
+            .status
+            .success()
+    );
+    let report = json(&run(&config, &["retention", "--dry-run", "--days", "30"]).await);
+    assert_eq!(report["dry_run"], true);
+    assert_eq!(report["dropped"], serde_json::json!([]));
+
     let bad = dir_with_bad_config(pki.path());
     let output = run(&bad, &["agents", "list"]).await;
     assert_eq!(

@@ -206,6 +206,7 @@ fn out<'a>(seq: i64, id: &'a str, stream: &'a str, payload: &'a str) -> OutRecor
         stream,
         ts_us: 1_700_000_000_000_000 + seq,
         payload,
+        received: None,
     }
 }
 

@@ -136,6 +136,7 @@ fn valid_batch() -> Vec<u8> {
             stream: "plant.sensors",
             ts_us: 1_700_000_000_000_000,
             payload: r#"{"n":1}"#,
+            received: None,
         },
         OutRecord {
             seq: 2,
@@ -143,6 +144,7 @@ fn valid_batch() -> Vec<u8> {
             stream: "plant.sensors",
             ts_us: 1_700_000_000_000_001,
             payload: r#"{"n":2}"#,
+            received: None,
         },
     ];
     wire::encode_batch(Uuid::now_v7(), None, records, 1)
@@ -159,6 +161,7 @@ fn batch_json(payload: &str) -> Vec<u8> {
             stream: "plant.sensors",
             ts_us: 1_700_000_000_000_000,
             payload,
+            received: None,
         }],
         1,
     );

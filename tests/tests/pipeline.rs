@@ -311,6 +311,7 @@ async fn a_postgres_outage_is_503_with_retry_after_and_everything_arrives_after_
                 stream: "s",
                 ts_us: 0,
                 payload: "{}",
+                received: None,
             }],
             1,
         );

@@ -76,6 +76,7 @@ async fn send(
         // order must fall back on (agent, epoch, seq).
         ts_us: 1_700_000_000_000_000 + (first + i as i64) / 2 * 1000,
         payload: &payloads[i],
+        received: None,
     });
     let body = wire::encode_batch(epoch, None, records, 1);
     let response = agent_client(&pki.agent(tenant, agent))

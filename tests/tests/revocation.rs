@@ -46,6 +46,7 @@ async fn send(
             stream: "s",
             ts_us: 1_700_000_000_000_000 + seq,
             payload,
+            received: None,
         }),
         1,
     );
