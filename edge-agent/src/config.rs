@@ -64,6 +64,36 @@ pub struct Config {
     pub retry: RetryConfig,
     #[serde(default)]
     pub log: LogConfig,
+    /// Pull sources (`[[sources]]`), see [`crate::sources`].
+    #[serde(default)]
+    pub sources: Vec<crate::sources::SourceConfig>,
+    #[serde(default)]
+    pub jobs: JobsConfig,
+}
+
+/// A week of run history answers "did last night's runs work" on Monday
+/// morning without letting the table grow without bound.
+pub const DEFAULT_JOBS_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The history of source runs kept for `GET /api/v1/jobs`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobsConfig {
+    /// Finished jobs older than this are deleted.
+    #[serde(default = "default_jobs_retention", with = "duration")]
+    pub retention: Duration,
+}
+
+impl Default for JobsConfig {
+    fn default() -> Self {
+        JobsConfig {
+            retention: DEFAULT_JOBS_RETENTION,
+        }
+    }
+}
+
+fn default_jobs_retention() -> Duration {
+    DEFAULT_JOBS_RETENTION
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -332,6 +362,8 @@ impl Config {
             batch: BatchConfig::default(),
             retry: RetryConfig::default(),
             log: LogConfig::default(),
+            sources: Vec::new(),
+            jobs: JobsConfig::default(),
         }
     }
 
@@ -454,6 +486,12 @@ impl Config {
             "retry.max",
             "must be at least retry.initial",
         );
+        issues.check(
+            !self.jobs.retention.is_zero(),
+            "jobs.retention",
+            "must be greater than zero",
+        );
+        crate::sources::validate(&self.sources, &mut issues);
         issues.into_result()
     }
 
@@ -571,6 +609,83 @@ mod tests {
         e.extend(env(&[("DCS_EDGE_BUFFER__OVERFLOW", "drop-newest")]));
         let err = Config::load_from(None, e).unwrap_err().to_string();
         assert!(err.contains("buffer.overflow"), "{err}");
+    }
+
+    #[test]
+    fn sources_are_read_from_the_file_and_each_bad_key_is_named() {
+        let dir = files();
+        let file = dir.path().join("edge.toml");
+        std::fs::write(
+            &file,
+            r#"
+[jobs]
+retention = "2d"
+[[sources]]
+name = "app"
+kind = "file"
+stream = "app.logs"
+schedule = "30s"
+jitter = "5s"
+[sources.file]
+paths = ["/var/log/app/*.log"]
+format = "csv"
+"#,
+        )
+        .unwrap();
+        let c = Config::load_from(Some(&file), base_env(dir.path())).unwrap();
+        assert_eq!(c.sources.len(), 1);
+        assert_eq!(c.sources[0].jitter, Duration::from_secs(5));
+        assert_eq!(c.jobs.retention, Duration::from_secs(2 * 24 * 3600));
+
+        std::fs::write(
+            &file,
+            r#"
+[[sources]]
+name = "app"
+kind = "file"
+stream = "App Logs"
+schedule = "0 * * * *"
+[sources.file]
+paths = ["logs/*.log", "/var/*/x.log"]
+format = "lines"
+[[sources]]
+name = "app"
+kind = "database"
+stream = "db"
+jitter = "2m"
+"#,
+        )
+        .unwrap();
+        let err = Config::load_from(Some(&file), base_env(dir.path()))
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "sources[0].stream",
+            "sources[0].schedule",
+            "sources[0].file.paths[0]",
+            "sources[0].file.paths[1]",
+            "sources[1].name",
+            "sources[1].kind",
+            "sources[1].jitter",
+        ] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
+        assert!(err.contains("cron"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_source_setting_is_refused() {
+        let dir = files();
+        let file = dir.path().join("edge.toml");
+        std::fs::write(
+            &file,
+            "[[sources]]\nname = \"a\"\nkind = \"file\"\nstream = \"a\"\n[sources.file]\npaths = [\"/x/*\"]\nformat = \"lines\"\nfollow = true\n",
+        )
+        .unwrap();
+        let err = Config::load_from(Some(&file), base_env(dir.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("follow"), "{err}");
     }
 
     #[test]

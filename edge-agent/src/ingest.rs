@@ -58,7 +58,7 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-async fn count_requests(request: Request, next: Next) -> Response {
+pub(crate) async fn count_requests(request: Request, next: Next) -> Response {
     let route = request
         .extensions()
         .get::<MatchedPath>()
@@ -97,7 +97,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, code: &str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             body: ErrorBody::new(code, message),

@@ -10,6 +10,10 @@
 //! - [`recovery`]: start-up integrity check, quarantine and salvage.
 //! - [`fsck`]: `dcs-edge buffer check|stats|salvage|export`, offline.
 //! - [`seal`]: encryption at rest of buffered payloads.
+//! - [`sources`]: pull sources (files) that read records into the buffer,
+//!   with checkpoints committed together with the records.
+//! - [`jobs`]: runs of those sources (scheduled or triggered), their history
+//!   and the `/api/v1/jobs` API.
 //!
 //! **Architecture invariant:** the only path from a producer to the network
 //! goes through a committed buffer row; the forwarder never sees a record that
@@ -20,8 +24,10 @@ pub mod config;
 pub mod forwarder;
 pub mod fsck;
 pub mod ingest;
+pub mod jobs;
 pub mod recovery;
 pub mod seal;
+pub mod sources;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -97,6 +103,16 @@ pub async fn run(
         })
         .collect();
 
+    let limits = dcs_shared::record::Limits {
+        max_payload_bytes: config.ingest.max_payload_bytes.as_usize(),
+    };
+    let jobs = jobs::Jobs::start(
+        &config.sources,
+        config.jobs.retention,
+        buffer.clone(),
+        limits,
+    )
+    .await?;
     let app = ingest::router(ingest::AppState {
         buffer: buffer.clone(),
         link,
@@ -106,7 +122,8 @@ pub async fn run(
         max_request_bytes: config.ingest.max_request_bytes.as_usize(),
         metrics: dcs_shared::metrics::install(),
         quarantine: Arc::new(prepared.reports),
-    });
+    })
+    .merge(jobs::router(jobs.clone()));
     tracing::info!(
         message = "ingest API listening",
         address = %listener.local_addr().map_err(Error::Serve)?,
@@ -115,6 +132,9 @@ pub async fn run(
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
+    // Collectors hold buffer handles: they must be done before it closes.
+    jobs.shutdown().await;
+    drop(jobs);
     let _ = stop_tx.send(true);
     let _ = forwarding.await;
     for task in draining {

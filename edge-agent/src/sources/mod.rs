@@ -1,0 +1,272 @@
+//! Pull sources: the agent reads records itself (files today; databases and
+//! HTTP APIs are planned, see docs/SOURCES.md) instead of waiting for
+//! producers to push them.
+//!
+//! # Design constraints
+//! - A pulled record takes the same road as a pushed one: it is validated by
+//!   `dcs_shared::record` exactly as `POST /v1/records` validates, then
+//!   appended to the buffer, and only a committed buffer row is forwarded.
+//! - How far a source has read (its checkpoint) is stored in the buffer's
+//!   SQLite file in the transaction that stores the records read up to that
+//!   point ([`Buffer::append_from_source`]). A crash at any moment therefore
+//!   leaves records and checkpoint in agreement: nothing lost, nothing twice.
+//! - A pulled item that fails validation is not retried forever: it goes to
+//!   `dead_letters` with the reason, in the same transaction, and is counted.
+//! - Each run is a job ([`crate::jobs`]); a source never runs twice at once.
+//!
+//! Collectors are blocking code (file reads, the buffer's blocking call) and
+//! run on tokio's blocking pool.
+
+pub mod file;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use dcs_shared::config::{Issues, duration};
+use dcs_shared::record::{self, IncomingRecord, Limits, Record};
+
+use crate::buffer::{Buffer, BufferError};
+
+/// Shorter intervals would make a source a busy loop over its files or
+/// database for little gain in latency.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// A source with no `schedule` runs once a minute: fresh enough for logs and
+/// exports, cheap for a database.
+pub const DEFAULT_SCHEDULE: &str = "60s";
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceConfig {
+    /// Unique among sources; names jobs, checkpoints and metric labels.
+    pub name: String,
+    pub kind: SourceKind,
+    /// The stream every record of this source is buffered under.
+    pub stream: String,
+    /// An interval such as `"30s"`, or `"manual"` (only `POST
+    /// /api/v1/jobs/trigger` runs it).
+    #[serde(default = "default_schedule")]
+    pub schedule: String,
+    /// A random delay of up to this much is added to every interval, so many
+    /// agents started together do not hit a shared database in step.
+    #[serde(default = "zero", with = "duration")]
+    pub jitter: Duration,
+    /// Settings of a `kind = "file"` source.
+    #[serde(default)]
+    pub file: Option<file::FileConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SourceKind {
+    File,
+    /// Accepted by the parser so the error can say it is not built yet.
+    Database,
+    /// Accepted by the parser so the error can say it is not built yet.
+    Http,
+}
+
+/// When a source runs by itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Schedule {
+    Every(Duration),
+    Manual,
+}
+
+fn default_schedule() -> String {
+    DEFAULT_SCHEDULE.into()
+}
+fn zero() -> Duration {
+    Duration::ZERO
+}
+
+impl SourceConfig {
+    pub fn schedule(&self) -> Result<Schedule, String> {
+        let s = self.schedule.trim();
+        if s == "manual" {
+            return Ok(Schedule::Manual);
+        }
+        if s.split_whitespace().count() >= 5 {
+            return Err(format!(
+                "{s:?} looks like a cron expression; cron is not supported yet, use an interval like \"30s\" or \"manual\""
+            ));
+        }
+        let every = humantime::parse_duration(s).map_err(|e| {
+            format!("{s:?} is not an interval ({e}); write e.g. \"30s\", \"5m\" or \"manual\"")
+        })?;
+        if every < MIN_INTERVAL {
+            return Err(format!("must be at least {}ms", MIN_INTERVAL.as_millis()));
+        }
+        Ok(Schedule::Every(every))
+    }
+}
+
+/// Checks every `[[sources]]` entry, naming keys as `sources[INDEX].KEY`.
+pub fn validate(sources: &[SourceConfig], issues: &mut Issues) {
+    let mut seen = std::collections::HashSet::new();
+    for (i, s) in sources.iter().enumerate() {
+        let key = |k: &str| format!("sources[{i}].{k}");
+        let name_ok = record::validate_stream(&s.name);
+        issues.check(
+            name_ok.is_ok(),
+            &key("name"),
+            name_ok
+                .err()
+                .map(|r| format!("{:?}: {r}", s.name))
+                .unwrap_or_default(),
+        );
+        issues.check(
+            seen.insert(s.name.as_str()),
+            &key("name"),
+            format!("{:?} is used by an earlier source", s.name),
+        );
+        if let Err(reason) = record::validate_stream(&s.stream) {
+            issues.check(false, &key("stream"), format!("{:?}: {reason}", s.stream));
+        }
+        match s.schedule() {
+            Ok(Schedule::Every(every)) => issues.check(
+                s.jitter <= every,
+                &key("jitter"),
+                "must not exceed the schedule's interval",
+            ),
+            Ok(Schedule::Manual) => {}
+            Err(reason) => issues.check(false, &key("schedule"), reason),
+        }
+        match s.kind {
+            SourceKind::File => match &s.file {
+                Some(f) => f.validate(&key("file"), issues),
+                None => issues.check(
+                    false,
+                    &key("file"),
+                    "a [sources.file] section is required when kind = \"file\"",
+                ),
+            },
+            SourceKind::Database | SourceKind::Http => issues.check(
+                false,
+                &key("kind"),
+                format!(
+                    "{:?} sources are not implemented yet (see docs/SOURCES.md); use \"file\"",
+                    s.kind
+                )
+                .to_lowercase(),
+            ),
+        }
+        issues.check(
+            s.kind == SourceKind::File || s.file.is_none(),
+            &key("file"),
+            "only allowed when kind = \"file\"",
+        );
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error(transparent)]
+    Buffer(#[from] BufferError),
+    #[error("stopped by shutdown")]
+    Stopped,
+}
+
+/// What a collector needs from the agent.
+#[derive(Clone)]
+pub struct RunContext {
+    pub buffer: Buffer,
+    pub limits: Limits,
+    /// Set at shutdown; collectors commit what they have and return.
+    pub stop: Arc<AtomicBool>,
+}
+
+impl RunContext {
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+}
+
+/// What one run did; becomes a job's result.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunReport {
+    pub collected: u64,
+    pub rejected: u64,
+    /// Problems that did not stop the run (a file it could not open).
+    pub errors: Vec<String>,
+}
+
+/// Runs one collection of `source` to completion. Blocking.
+pub fn collect(
+    source: &SourceConfig,
+    ctx: &RunContext,
+    report: &mut RunReport,
+) -> Result<(), SourceError> {
+    match (&source.kind, &source.file) {
+        (SourceKind::File, Some(cfg)) => file::collect(source, cfg, ctx, report),
+        // Refused by `validate`: a config that reaches here is a bug.
+        _ => unreachable!(
+            "source {} passed validation without its settings",
+            source.name
+        ),
+    }
+}
+
+/// Validates one pulled payload (JSON text) with the very code `POST
+/// /v1/records` uses, so a pulled record is buffered only if a pushed one
+/// with the same content would be.
+pub fn validate_pulled(stream: &str, payload: &str, limits: &Limits) -> Result<Record, String> {
+    // Parsed alone first: text such as `{}, "id": "x"` must not be able to
+    // add fields to the record around it.
+    let payload: &serde_json::value::RawValue =
+        serde_json::from_str(payload).map_err(|e| format!("not valid JSON: {e}"))?;
+    let payload = payload.get();
+    let doc = format!(
+        "{{\"stream\":{},\"payload\":{payload}}}",
+        serde_json::Value::String(stream.to_owned())
+    );
+    let incoming: IncomingRecord<'_> =
+        serde_json::from_str(&doc).map_err(|e| format!("not valid JSON: {e}"))?;
+    let mut errors = Vec::new();
+    match record::validate_incoming(0, &incoming, limits, &mut errors) {
+        Some(r) if errors.is_empty() => Ok(r),
+        _ => Err(errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.reason))
+            .collect::<Vec<_>>()
+            .join("; ")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pulled_payload_is_held_to_the_ingest_rules() {
+        let limits = Limits::default();
+        assert!(validate_pulled("s", r#"{"a":1}"#, &limits).is_ok());
+        let not_object = validate_pulled("s", "[1,2]", &limits).unwrap_err();
+        assert!(not_object.contains("payload"), "{not_object}");
+        let broken = validate_pulled("s", r#"{"a":"#, &limits).unwrap_err();
+        assert!(broken.contains("JSON"), "{broken}");
+        let injected = validate_pulled("s", r#"{}, "id": "x""#, &limits);
+        assert!(injected.is_err(), "a line cannot smuggle record fields");
+    }
+
+    #[test]
+    fn schedules_are_intervals_or_manual_and_cron_is_named() {
+        let mut s = SourceConfig {
+            name: "n".into(),
+            kind: SourceKind::File,
+            stream: "s".into(),
+            schedule: "30s".into(),
+            jitter: Duration::ZERO,
+            file: None,
+        };
+        assert_eq!(s.schedule(), Ok(Schedule::Every(Duration::from_secs(30))));
+        s.schedule = "manual".into();
+        assert_eq!(s.schedule(), Ok(Schedule::Manual));
+        s.schedule = "*/5 * * * *".into();
+        assert!(s.schedule().unwrap_err().contains("cron"));
+        s.schedule = "1ms".into();
+        assert!(s.schedule().is_err());
+    }
+}
