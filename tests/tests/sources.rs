@@ -1,0 +1,493 @@
+//! Pull sources and the jobs API: the agent reads files itself, and every
+//! line reaches the buffer exactly once, whatever happens to the files or to
+//! the agent. The aggregator is unreachable on purpose, so everything
+//! collected stays in the buffer where the test can read it back.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dcs_tests::agent::{self, RunningAgent, start_agent, wait_until};
+use dcs_tests::pki::Pki;
+use dcs_tests::process::Service;
+use serde_json::{Value, json};
+
+/// Appends `lines` to `path` (creating it) and flushes, as a logger would.
+fn append(path: &Path, lines: impl IntoIterator<Item = String>) {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .unwrap();
+    for line in lines {
+        f.write_all(line.as_bytes()).unwrap();
+    }
+    f.flush().unwrap();
+}
+
+fn events(range: std::ops::Range<u32>) -> impl Iterator<Item = String> {
+    range.map(|n| format!("{{\"n\":{n},\"msg\":\"event {n}\"}}\n"))
+}
+
+/// Calls `probe` until `done` holds for its answer or `timeout` passes;
+/// returns the last answer.
+async fn eventually<T, F, Fut>(timeout: Duration, mut probe: F, done: impl Fn(&T) -> bool) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        let answer = probe().await;
+        if done(&answer) || std::time::Instant::now() >= deadline {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn status(http: &reqwest::Client, url: &str) -> Value {
+    http.get(format!("{url}/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+async fn buffered(http: &reqwest::Client, url: &str) -> u64 {
+    status(http, url).await["buffer"]["records"]
+        .as_u64()
+        .unwrap_or(0)
+}
+
+/// Every record and dead letter of a stopped agent's buffer, from
+/// `dcs-edge buffer export`.
+fn export(buffer: &Path) -> Vec<Value> {
+    let out = std::process::Command::new(agent::binary("dcs-edge"))
+        .args(["buffer", "export", "--path", buffer.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// A `dcs-edge run --config FILE` process with one ndjson file source.
+struct FileAgent {
+    _pki: Pki,
+    dir: tempfile::TempDir,
+    service: Service,
+    url: String,
+}
+
+impl FileAgent {
+    fn logs(&self) -> PathBuf {
+        self.dir.path().join("logs")
+    }
+
+    fn buffer(&self) -> PathBuf {
+        self.dir.path().join("buffer.db")
+    }
+
+    async fn start(&mut self) {
+        self.service.start().await;
+    }
+}
+
+async fn file_agent() -> FileAgent {
+    let pki = Pki::new();
+    let cert = pki.agent("acme", "edge-1");
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let port = agent::free_port();
+    let config = format!(
+        r#"
+[listen]
+address = "127.0.0.1:{port}"
+[buffer]
+path = "{buffer}"
+[aggregator]
+url = "https://localhost:{unreachable}"
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+[retry]
+initial = "50ms"
+max = "5s"
+shutdown_grace = "1s"
+[log]
+format = "json"
+
+[[sources]]
+name = "app"
+kind = "file"
+stream = "app.logs"
+schedule = "100ms"
+jitter = "20ms"
+[sources.file]
+paths = ["{logs}/*.log"]
+format = "ndjson"
+"#,
+        buffer = dir.path().join("buffer.db").display(),
+        unreachable = agent::free_port(),
+        ca = cert.ca.display(),
+        cert = cert.cert.display(),
+        key = cert.key.display(),
+        logs = logs.display(),
+    );
+    let file = dir.path().join("edge.toml");
+    std::fs::write(&file, config).unwrap();
+    let service = Service::new(
+        "dcs-edge",
+        &["run", "--config", file.to_str().unwrap()],
+        Vec::new(),
+        port,
+        &dir.path().join("agent.log"),
+    );
+    FileAgent {
+        _pki: pki,
+        dir,
+        service,
+        url: format!("http://127.0.0.1:{port}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_line_is_buffered_once_through_appends_rotation_truncation_and_a_kill() {
+    dcs_shared::tls::install_crypto_provider();
+    let mut a = file_agent().await;
+    let http = reqwest::Client::new();
+    let log = a.logs().join("app.log");
+    async fn until(http: &reqwest::Client, url: &str, n: u64, what: &str) {
+        let last = eventually(Duration::from_secs(20), || buffered(http, url), |b| *b >= n).await;
+        assert!(last >= n, "{what}: {last} of {n} lines buffered");
+    }
+
+    // Lines written before the agent starts, the last one half written.
+    append(&log, events(0..100));
+    append(&log, ["{\"n\":100,".to_owned()]);
+    a.start().await;
+    until(&http, &a.url, 100, "initial lines").await;
+
+    // The half line is completed and more are appended while it runs.
+    append(&log, ["\"msg\":\"event 100\"}\n".to_owned()]);
+    append(&log, events(101..200));
+    until(&http, &a.url, 200, "appended lines").await;
+
+    // Rotation: rename + create. The logger still holds the old file and
+    // writes its last lines there; the renamed file no longer matches *.log.
+    let mut old = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+    std::fs::rename(&log, a.logs().join("app.log.1")).unwrap();
+    for line in events(200..250) {
+        old.write_all(line.as_bytes()).unwrap();
+    }
+    drop(old);
+    append(&log, events(250..300));
+    until(&http, &a.url, 300, "lines across the rotation").await;
+
+    // A burst, and SIGKILL while the agent is reading it: what was committed
+    // stays with its checkpoint, the rest is read after the restart.
+    append(&log, events(300..20_300));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    a.service.kill();
+    append(&log, events(20_300..20_400));
+    a.start().await;
+    until(&http, &a.url, 20_400, "lines after the restart").await;
+
+    // Truncation (copytruncate): the file starts again, shorter than before.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(&log)
+        .unwrap();
+    append(&log, events(20_400..20_450));
+    append(&log, ["this is not json\n".to_owned()]);
+    until(&http, &a.url, 20_450, "lines after the truncation").await;
+    let ok = wait_until(Duration::from_secs(10), || async {
+        status(&http, &a.url).await["dead_letters"]["records"] == 1
+    })
+    .await;
+    assert!(ok, "the bad line becomes a dead letter");
+
+    assert!(a.service.terminate(), "clean stop");
+    let rows = export(&a.buffer());
+    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+    for row in rows.iter().filter(|r| r["state"] == "buffered") {
+        assert_eq!(row["stream"], "app.logs");
+        *seen
+            .entry(row["payload"]["n"].as_u64().unwrap())
+            .or_default() += 1;
+    }
+    let repeated: Vec<_> = seen.iter().filter(|(_, c)| **c > 1).collect();
+    assert!(repeated.is_empty(), "lines buffered twice: {repeated:?}");
+    let missing: Vec<u64> = (0..20_450).filter(|n| !seen.contains_key(n)).collect();
+    assert!(missing.is_empty(), "lines lost: {missing:?}");
+    assert_eq!(seen.len(), 20_450);
+    let dead: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["state"] == "dead_letter")
+        .collect();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0]["payload"], "this is not json");
+    assert!(
+        dead[0]["reason"].as_str().unwrap().contains("JSON"),
+        "{}",
+        dead[0]
+    );
+    assert!(dead[0]["id"].as_str().unwrap().starts_with("source:app:"));
+}
+
+struct JobsAgent {
+    _pki: Pki,
+    dir: tempfile::TempDir,
+    agent: RunningAgent,
+    http: reqwest::Client,
+}
+
+/// An in-process agent with a `manual` source over `big.log` (fed by the
+/// test), a CSV source, and a scheduled source.
+async fn jobs_agent() -> JobsAgent {
+    use dcs_edge::sources::file::{FileConfig, Format};
+    use dcs_edge::sources::{SourceConfig, SourceKind};
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    for sub in ["big", "csv", "ticks"] {
+        std::fs::create_dir(dir.path().join(sub)).unwrap();
+    }
+    let unreachable = format!("https://localhost:{}", agent::free_port());
+    let mut config = agent::test_config(
+        &pki.agent("acme", "edge-1"),
+        &unreachable,
+        &dir.path().join("buffer.db"),
+    );
+    let source = |name: &str, schedule: &str, sub: &str, pattern: &str, format| SourceConfig {
+        name: name.into(),
+        kind: SourceKind::File,
+        stream: name.into(),
+        schedule: schedule.into(),
+        jitter: Duration::ZERO,
+        file: Some(FileConfig {
+            paths: vec![dir.path().join(sub).join(pattern).display().to_string()],
+            format,
+        }),
+    };
+    config.sources = vec![
+        source("big", "manual", "big", "*.log", Format::Ndjson),
+        source("orders", "manual", "csv", "*.csv", Format::Csv),
+        source("ticks", "200ms", "ticks", "*.txt", Format::Lines),
+    ];
+    let agent = start_agent(config).await;
+    JobsAgent {
+        _pki: pki,
+        dir,
+        agent,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl JobsAgent {
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .get(self.agent.endpoint(path))
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn trigger(&self, body: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.agent.endpoint("/api/v1/jobs/trigger"))
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Waits until the job has finished; returns its status.
+    async fn finished(&self, job: &str) -> Value {
+        let path = format!("/api/v1/jobs/status/{job}");
+        let last = eventually(
+            Duration::from_secs(30),
+            || async { self.get(&path).await.1 },
+            |s| s["state"] == "succeeded" || s["state"] == "failed",
+        )
+        .await;
+        assert!(
+            last["state"] == "succeeded" || last["state"] == "failed",
+            "job {job} did not finish: {last}"
+        );
+        last
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_triggered_job_reports_status_result_and_checkpoints() {
+    let a = jobs_agent().await;
+    let big = a.dir.path().join("big/big.log");
+    append(&big, events(0..50_000));
+
+    let (code, body) = a.trigger(r#"{"source":"big"}"#).await;
+    assert_eq!(code, 202, "{body}");
+    let job = body["job_id"].as_str().unwrap().to_owned();
+    let (code, body) = a.trigger(r#"{"source":"big"}"#).await;
+    assert_eq!(code, 409, "a running source is not started twice: {body}");
+    assert_eq!(body["error"], "already_running");
+
+    let status = a.finished(&job).await;
+    assert_eq!(status["state"], "succeeded", "{status}");
+    assert_eq!(status["source"], "big");
+    assert_eq!(status["trigger"], "api");
+    assert!(status["started_at"].is_string() && status["finished_at"].is_string());
+    let (code, result) = a.get(&format!("/api/v1/jobs/result/{job}")).await;
+    assert_eq!(code, 200);
+    assert_eq!(result["records_collected"], 50_000);
+    assert_eq!(result["records_rejected"], 0);
+    assert_eq!(result["errors"], json!([]));
+    assert_eq!(result["checkpoint_before"], json!({}));
+    let after = result["checkpoint_after"].as_object().unwrap();
+    assert_eq!(after.len(), 1, "one file, one checkpoint: {after:?}");
+    let file_cp = after.values().next().unwrap();
+    assert_eq!(file_cp["offset"], std::fs::metadata(&big).unwrap().len());
+
+    // The next run starts where the last one ended and reads only what is new.
+    append(&big, events(50_000..50_010));
+    let (_, body) = a.trigger(r#"{"source":"big"}"#).await;
+    let second = body["job_id"].as_str().unwrap().to_owned();
+    a.finished(&second).await;
+    let (_, result) = a.get(&format!("/api/v1/jobs/result/{second}")).await;
+    assert_eq!(result["records_collected"], 10);
+    assert_eq!(result["checkpoint_before"], json!(after));
+
+    let (_, list) = a.get("/api/v1/jobs?source=big").await;
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j["job_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [second.as_str(), job.as_str()], "newest first");
+    let (_, limited) = a
+        .get("/api/v1/jobs?source=big&state=succeeded&limit=1")
+        .await;
+    assert_eq!(limited.as_array().unwrap().len(), 1);
+    let (_, none) = a.get("/api/v1/jobs?source=big&state=failed").await;
+    assert_eq!(none, json!([]));
+    let st: Value = a
+        .http
+        .get(a.agent.endpoint("/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(st["buffer"]["records"].as_u64().unwrap() >= 50_010);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_jobs_api_answers_unknown_sources_jobs_and_bad_requests_with_json_errors() {
+    let a = jobs_agent().await;
+    let (code, body) = a.trigger(r#"{"source":"nope"}"#).await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (404, Some("unknown_source"))
+    );
+    let (code, body) = a.trigger("source=big").await;
+    assert_eq!(
+        (code, body["error"].as_str()),
+        (400, Some("malformed_request"))
+    );
+    let (code, body) = a.get("/api/v1/jobs/status/no-such-job").await;
+    assert_eq!((code, body["error"].as_str()), (404, Some("unknown_job")));
+    let (code, body) = a.get("/api/v1/jobs/result/no-such-job").await;
+    assert_eq!((code, body["error"].as_str()), (404, Some("unknown_job")));
+    let (code, body) = a.get("/api/v1/jobs?state=sleeping").await;
+    assert_eq!((code, body["error"].as_str()), (400, Some("bad_query")));
+    let (code, body) = a.get("/api/v1/jobs?limit=many").await;
+    assert_eq!((code, body["error"].as_str()), (400, Some("bad_query")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_runs_are_jobs_and_csv_rows_that_do_not_fit_are_dead_letters() {
+    let a = jobs_agent().await;
+    append(&a.dir.path().join("ticks/t.txt"), ["tick\n".to_owned()]);
+    let list = eventually(
+        Duration::from_secs(10),
+        || async { a.get("/api/v1/jobs?source=ticks&state=succeeded").await.1 },
+        |l| l.as_array().is_some_and(|l| l.len() >= 2),
+    )
+    .await;
+    assert!(
+        list.as_array().is_some_and(|l| l.len() >= 2),
+        "scheduled runs are listed as jobs: {list}"
+    );
+    assert!(
+        list.as_array()
+            .unwrap()
+            .iter()
+            .all(|j| j["trigger"] == "schedule")
+    );
+
+    append(
+        &a.dir.path().join("csv/orders.csv"),
+        [
+            "id,total,note\n".to_owned(),
+            "1,9.50,\"paid, in full\"\n".to_owned(),
+            "2,3.00\n".to_owned(),
+            "3,1.25,\"say \"\"hi\"\"\"\n".to_owned(),
+        ],
+    );
+    let (_, body) = a.trigger(r#"{"source":"orders"}"#).await;
+    let job = body["job_id"].as_str().unwrap().to_owned();
+    a.finished(&job).await;
+    let (_, result) = a.get(&format!("/api/v1/jobs/result/{job}")).await;
+    assert_eq!(result["records_collected"], 2, "{result}");
+    assert_eq!(result["records_rejected"], 1);
+    let st: Value = a
+        .http
+        .get(a.agent.endpoint("/v1/status"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(st["dead_letters"]["records"], 1);
+    assert!(
+        st["dead_letters"]["last_reason"]
+            .as_str()
+            .unwrap()
+            .contains("2 fields, the header names 3")
+    );
+    let metrics = a
+        .http
+        .get(a.agent.endpoint("/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for series in [
+        "dcs_agent_source_runs_total{source=\"orders\",state=\"succeeded\"}",
+        "dcs_agent_source_records_total{source=\"orders\",result=\"rejected\"}",
+        "dcs_agent_source_last_success_timestamp_seconds{source=\"ticks\"}",
+    ] {
+        assert!(metrics.contains(series), "{series} missing");
+    }
+}
