@@ -22,6 +22,7 @@
 //! - `store`: the PostgreSQL write path (COPY into staging, then insert).
 //! - [`retention`]: daily partitions of `records`, created ahead and dropped
 //!   past retention.
+//! - [`server_cert`]: the server certificate, reloaded on SIGHUP.
 //! - [`revocation`]: the in-memory deny list every batch is checked against.
 //! - [`platform`]: the platform API (`/api/v1`): bearer tokens, RBAC, records,
 //!   agents, tenants, tokens and the audit trail.
@@ -32,6 +33,7 @@ pub mod platform;
 pub mod retention;
 pub mod revocation;
 mod server;
+pub mod server_cert;
 mod store;
 
 use std::future::Future;
@@ -79,6 +81,8 @@ pub enum Error {
         address: std::net::SocketAddr,
         source: std::io::Error,
     },
+    #[error("install the SIGHUP handler: {0}")]
+    Signal(#[source] std::io::Error),
     /// A database call outside a request (the CLI, maintenance tasks).
     #[error("database: {0}")]
     Database(#[from] sqlx::Error),
@@ -145,12 +149,21 @@ pub async fn serve_all(
     config.validate()?;
     let tls = dcs_shared::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)
         .map_err(Error::Tls)?;
+    let agents_cert = server_cert::ReloadableCert::load(&config.tls.cert, &config.tls.key)
+        .map_err(Error::Refused)?;
+    let tls = agents_cert.install(tls);
+    let mut reloadable = vec![agents_cert];
     let platform_tls = if config.platform.enabled {
         let (cert, key) = config.platform.cert_and_key(&config.tls);
-        Some(dcs_shared::tls::server_config_no_client_auth(cert, key).map_err(Error::Tls)?)
+        let tls = dcs_shared::tls::server_config_no_client_auth(cert, key).map_err(Error::Tls)?;
+        let platform_cert = server_cert::ReloadableCert::load(cert, key).map_err(Error::Refused)?;
+        let tls = platform_cert.install(tls);
+        reloadable.push(platform_cert);
+        Some(tls)
     } else {
         None
     };
+    let cert_reload = server_cert::spawn_reload_on_sighup(reloadable).map_err(Error::Signal)?;
     let deny = revocation::DenyList::new();
     // Loaded before the first batch is accepted; if PostgreSQL is down now,
     // batches get 503 until the refresh task succeeds (fail closed).
@@ -223,6 +236,7 @@ pub async fn serve_all(
         let _ = task.await;
     }
     deny_refresh.abort();
+    cert_reload.abort();
     maintenance.abort();
     Ok(())
 }
