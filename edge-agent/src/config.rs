@@ -650,7 +650,7 @@ paths = ["logs/*.log", "/var/*/x.log"]
 format = "lines"
 [[sources]]
 name = "app"
-kind = "database"
+kind = "http"
 stream = "db"
 jitter = "2m"
 "#,

@@ -343,21 +343,10 @@ impl Jobs {
                 limits: self.limits,
                 stop: self.stop.clone(),
             };
-            let config = slot.config.clone();
-            let outcome = tokio::task::spawn_blocking(move || {
-                let mut report = RunReport::default();
-                let result = sources::collect(&config, &ctx, &mut report);
-                (report, result)
-            })
-            .await;
-            match outcome {
-                Ok((r, result)) => {
-                    report = r;
-                    if let Err(error) = result {
-                        report.errors.push(error.to_string());
-                    }
-                }
-                Err(panic) => report.errors.push(format!("collector panicked: {panic}")),
+            let (r, result) = sources::collect(slot.config.clone(), ctx).await;
+            report = r;
+            if let Err(error) = result {
+                report.errors.push(error.to_string());
             }
         }
         let after = self.snapshot(&name).await;

@@ -1,6 +1,6 @@
-//! Pull sources: the agent reads records itself (files today; databases and
-//! HTTP APIs are planned, see docs/SOURCES.md) instead of waiting for
-//! producers to push them.
+//! Pull sources: the agent reads records itself (files and databases; HTTP
+//! APIs are planned, see docs/SOURCES.md) instead of waiting for producers
+//! to push them.
 //!
 //! # Design constraints
 //! - A pulled record takes the same road as a pushed one: it is validated by
@@ -14,9 +14,11 @@
 //!   `dead_letters` with the reason, in the same transaction, and is counted.
 //! - Each run is a job ([`crate::jobs`]); a source never runs twice at once.
 //!
-//! Collectors are blocking code (file reads, the buffer's blocking call) and
-//! run on tokio's blocking pool.
+//! The file collector is blocking code (file reads, the buffer's blocking
+//! call) and runs on tokio's blocking pool; the database collector is async
+//! (sqlx) and hands each page to the buffer from the blocking pool.
 
+pub mod database;
 pub mod file;
 
 use std::sync::Arc;
@@ -56,13 +58,15 @@ pub struct SourceConfig {
     /// Settings of a `kind = "file"` source.
     #[serde(default)]
     pub file: Option<file::FileConfig>,
+    /// Settings of a `kind = "database"` source.
+    #[serde(default)]
+    pub database: Option<database::DatabaseConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceKind {
     File,
-    /// Accepted by the parser so the error can say it is not built yet.
     Database,
     /// Accepted by the parser so the error can say it is not built yet.
     Http,
@@ -143,11 +147,19 @@ pub fn validate(sources: &[SourceConfig], issues: &mut Issues) {
                     "a [sources.file] section is required when kind = \"file\"",
                 ),
             },
-            SourceKind::Database | SourceKind::Http => issues.check(
+            SourceKind::Database => match &s.database {
+                Some(d) => d.validate(&key("database"), issues),
+                None => issues.check(
+                    false,
+                    &key("database"),
+                    "a [sources.database] section is required when kind = \"database\"",
+                ),
+            },
+            SourceKind::Http => issues.check(
                 false,
                 &key("kind"),
                 format!(
-                    "{:?} sources are not implemented yet (see docs/SOURCES.md); use \"file\"",
+                    "{:?} sources are not implemented yet (see docs/SOURCES.md); use \"file\" or \"database\"",
                     s.kind
                 )
                 .to_lowercase(),
@@ -158,6 +170,11 @@ pub fn validate(sources: &[SourceConfig], issues: &mut Issues) {
             &key("file"),
             "only allowed when kind = \"file\"",
         );
+        issues.check(
+            s.kind == SourceKind::Database || s.database.is_none(),
+            &key("database"),
+            "only allowed when kind = \"database\"",
+        );
     }
 }
 
@@ -167,6 +184,9 @@ pub enum SourceError {
     Buffer(#[from] BufferError),
     #[error("stopped by shutdown")]
     Stopped,
+    /// Connecting or querying failed; the text never holds the URL.
+    #[error("database: {0}")]
+    Database(String),
 }
 
 /// What a collector needs from the agent.
@@ -193,20 +213,39 @@ pub struct RunReport {
     pub errors: Vec<String>,
 }
 
-/// Runs one collection of `source` to completion. Blocking.
-pub fn collect(
-    source: &SourceConfig,
-    ctx: &RunContext,
-    report: &mut RunReport,
-) -> Result<(), SourceError> {
-    match (&source.kind, &source.file) {
-        (SourceKind::File, Some(cfg)) => file::collect(source, cfg, ctx, report),
+/// Runs one collection of `source` to completion.
+pub async fn collect(
+    source: SourceConfig,
+    ctx: RunContext,
+) -> (RunReport, Result<(), SourceError>) {
+    let mut report = RunReport::default();
+    let result = match (&source.kind, &source.file, &source.database) {
+        (SourceKind::File, Some(_), _) => {
+            let outcome = tokio::task::spawn_blocking(move || {
+                let cfg = source.file.as_ref().expect("matched above");
+                let mut report = RunReport::default();
+                let result = file::collect(&source, cfg, &ctx, &mut report);
+                (report, result)
+            })
+            .await;
+            match outcome {
+                Ok((r, result)) => {
+                    report = r;
+                    result
+                }
+                Err(_) => Err(SourceError::Stopped),
+            }
+        }
+        (SourceKind::Database, _, Some(cfg)) => {
+            database::collect(&source, cfg, &ctx, &mut report).await
+        }
         // Refused by `validate`: a config that reaches here is a bug.
         _ => unreachable!(
             "source {} passed validation without its settings",
             source.name
         ),
-    }
+    };
+    (report, result)
 }
 
 /// Validates one pulled payload (JSON text) with the very code `POST
@@ -260,6 +299,7 @@ mod tests {
             schedule: "30s".into(),
             jitter: Duration::ZERO,
             file: None,
+            database: None,
         };
         assert_eq!(s.schedule(), Ok(Schedule::Every(Duration::from_secs(30))));
         s.schedule = "manual".into();
