@@ -280,6 +280,7 @@ async fn jobs_agent() -> JobsAgent {
             paths: vec![dir.path().join(sub).join(pattern).display().to_string()],
             format,
         }),
+        database: None,
     };
     config.sources = vec![
         source("big", "manual", "big", "*.log", Format::Ndjson),
@@ -490,4 +491,191 @@ async fn scheduled_runs_are_jobs_and_csv_rows_that_do_not_fit_are_dead_letters()
     ] {
         assert!(metrics.contains(series), "{series} missing");
     }
+}
+
+/// A table of a real database that a test fills while the agent polls it.
+enum Table {
+    Postgres(dcs_tests::pg::TestDb),
+    MariaDb(sqlx::MySqlPool, String),
+}
+
+impl Table {
+    async fn postgres() -> Table {
+        let db = dcs_tests::pg::TestDb::new().await;
+        sqlx::query(
+            "CREATE TABLE events (id BIGINT PRIMARY KEY, updated_at TIMESTAMPTZ NOT NULL, body TEXT NOT NULL)",
+        )
+        .execute(&db.pool)
+        .await
+        .unwrap();
+        Table::Postgres(db)
+    }
+
+    /// The MariaDB server of the test machine, database `test`, a table of
+    /// our own.
+    async fn mariadb() -> Table {
+        let pool = sqlx::MySqlPool::connect("mysql://root@127.0.0.1:3306/test")
+            .await
+            .expect("MariaDB on 127.0.0.1:3306 (root, no password, database test)");
+        let name = format!("dcs_events_{:08x}", fastrand::u32(..));
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE TABLE {name} (id BIGINT PRIMARY KEY, updated_at DATETIME(6) NOT NULL, body TEXT NOT NULL)"
+        )))
+        .execute(&pool)
+        .await
+        .unwrap();
+        Table::MariaDb(pool, name)
+    }
+
+    fn url(&self) -> String {
+        match self {
+            Table::Postgres(db) => db.url.clone(),
+            Table::MariaDb(..) => "mysql://root@127.0.0.1:3306/test".into(),
+        }
+    }
+
+    fn name(&self) -> &str {
+        match self {
+            Table::Postgres(_) => "events",
+            Table::MariaDb(_, name) => name,
+        }
+    }
+
+    /// Rows `ids`, all with the same timestamp `second` (+ 0.5 µs-exact
+    /// fraction, so precision loss would show).
+    async fn insert(&self, ids: std::ops::Range<i64>, second: i64) {
+        for id in ids {
+            match self {
+                Table::Postgres(db) => {
+                    sqlx::query(
+                        "INSERT INTO events VALUES ($1, to_timestamp($2) + interval '123456 microseconds', $3)",
+                    )
+                    .bind(id)
+                    .bind(second as f64)
+                    .bind(format!("row {id}"))
+                    .execute(&db.pool)
+                    .await
+                    .unwrap();
+                }
+                Table::MariaDb(pool, name) => {
+                    sqlx::query(sqlx::AssertSqlSafe(format!(
+                        "INSERT INTO {name} VALUES (?, TIMESTAMP('2026-01-01') + INTERVAL ? SECOND + INTERVAL 123456 MICROSECOND, ?)"
+                    )))
+                    .bind(id)
+                    .bind(second)
+                    .bind(format!("row {id}"))
+                    .execute(pool)
+                    .await
+                    .unwrap();
+                }
+            }
+        }
+    }
+
+    async fn drop_table(self) {
+        if let Table::MariaDb(pool, name) = self {
+            let _ = sqlx::query(sqlx::AssertSqlSafe(format!("DROP TABLE {name}")))
+                .execute(&pool)
+                .await;
+        }
+    }
+}
+
+/// Rows with equal timestamps across page boundaries, and rows inserted
+/// while the agent polls: each row is buffered exactly once.
+async fn every_row_once(table: Table) {
+    use dcs_edge::sources::database::DatabaseConfig;
+    use dcs_edge::sources::{SourceConfig, SourceKind};
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let url_file = dir.path().join("db.url");
+    std::fs::write(&url_file, table.url()).unwrap();
+    // Five rows per timestamp and pages of four: pages end inside a group.
+    table.insert(0..25, 0).await;
+    for g in 0..5 {
+        table.insert(25 + g * 5..30 + g * 5, 10 + g).await;
+    }
+    let unreachable = format!("https://localhost:{}", agent::free_port());
+    let buffer = dir.path().join("buffer.db");
+    let mut config = agent::test_config(&pki.agent("acme", "edge-1"), &unreachable, &buffer);
+    config.sources = vec![SourceConfig {
+        name: "db".into(),
+        kind: SourceKind::Database,
+        stream: "db.events".into(),
+        schedule: "100ms".into(),
+        jitter: Duration::ZERO,
+        file: None,
+        database: Some(DatabaseConfig {
+            url_file: Some(url_file),
+            url_env: None,
+            query: format!("SELECT id, updated_at, body FROM {}", table.name()),
+            cursor: vec!["updated_at".into(), "id".into()],
+            page_size: 4,
+        }),
+    }];
+    let a = start_agent(config).await;
+    let http = reqwest::Client::new();
+
+    // More rows while the agent polls, five per timestamp.
+    for round in 0..10 {
+        table
+            .insert(50 + round * 5..55 + round * 5, 100 + round)
+            .await;
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    let got = eventually(
+        Duration::from_secs(20),
+        || buffered(&http, &a.url),
+        |n| *n >= 100,
+    )
+    .await;
+    if got < 100 {
+        let failed: Value = http
+            .get(a.endpoint("/api/v1/jobs?source=db&state=failed&limit=1"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let detail = match failed[0]["job_id"].as_str() {
+            Some(id) => http
+                .get(a.endpoint(&format!("/api/v1/jobs/result/{id}")))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap(),
+            None => "no failed job".into(),
+        };
+        panic!("{got} of 100 rows buffered; {detail}");
+    }
+    // A few more polls find nothing new.
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(buffered(&http, &a.url).await, 100);
+    a.stop().await;
+    table.drop_table().await;
+
+    let mut seen: BTreeMap<u64, u32> = BTreeMap::new();
+    for row in export(&buffer) {
+        assert_eq!(row["state"], "buffered", "{row}");
+        assert_eq!(row["stream"], "db.events");
+        *seen
+            .entry(row["payload"]["id"].as_u64().unwrap())
+            .or_default() += 1;
+        assert!(row["payload"]["body"].as_str().unwrap().starts_with("row "));
+    }
+    assert_eq!(seen.len(), 100);
+    assert!(seen.values().all(|c| *c == 1), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_table_is_read_once_including_equal_timestamps_and_rows_added_while_polled() {
+    every_row_once(Table::postgres().await).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mariadb_table_is_read_once_including_equal_timestamps_and_rows_added_while_polled() {
+    every_row_once(Table::mariadb().await).await;
 }
