@@ -650,9 +650,11 @@ paths = ["logs/*.log", "/var/*/x.log"]
 format = "lines"
 [[sources]]
 name = "app"
-kind = "http"
+kind = "database"
 stream = "db"
 jitter = "2m"
+[sources.http]
+url = "ftp://nope"
 "#,
         )
         .unwrap();
@@ -665,7 +667,8 @@ jitter = "2m"
             "sources[0].file.paths[0]",
             "sources[0].file.paths[1]",
             "sources[1].name",
-            "sources[1].kind",
+            "sources[1].database",
+            "sources[1].http",
             "sources[1].jitter",
         ] {
             assert!(err.contains(key), "{key} missing from: {err}");

@@ -10,8 +10,9 @@
 //! - [`recovery`]: start-up integrity check, quarantine and salvage.
 //! - [`fsck`]: `dcs-edge buffer check|stats|salvage|export`, offline.
 //! - [`seal`]: encryption at rest of buffered payloads.
-//! - [`sources`]: pull sources (files) that read records into the buffer,
-//!   with checkpoints committed together with the records.
+//! - [`sources`]: pull sources (files, databases, HTTP APIs) that read
+//!   records into the buffer, with checkpoints committed together with the
+//!   records.
 //! - [`jobs`]: runs of those sources (scheduled or triggered), their history
 //!   and the `/api/v1/jobs` API.
 //!

@@ -647,6 +647,7 @@ mod tests {
                 cursor: vec!["updated_at".into(), "id".into()],
                 page_size: 2,
             }),
+            http: None,
         }
     }
 

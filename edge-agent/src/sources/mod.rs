@@ -1,6 +1,5 @@
-//! Pull sources: the agent reads records itself (files and databases; HTTP
-//! APIs are planned, see docs/SOURCES.md) instead of waiting for producers
-//! to push them.
+//! Pull sources: the agent reads records itself (files, databases, HTTP
+//! APIs; see docs/SOURCES.md) instead of waiting for producers to push them.
 //!
 //! # Design constraints
 //! - A pulled record takes the same road as a pushed one: it is validated by
@@ -20,6 +19,7 @@
 
 pub mod database;
 pub mod file;
+pub mod http;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -61,6 +61,9 @@ pub struct SourceConfig {
     /// Settings of a `kind = "database"` source.
     #[serde(default)]
     pub database: Option<database::DatabaseConfig>,
+    /// Settings of a `kind = "http"` source.
+    #[serde(default)]
+    pub http: Option<http::HttpConfig>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -68,7 +71,6 @@ pub struct SourceConfig {
 pub enum SourceKind {
     File,
     Database,
-    /// Accepted by the parser so the error can say it is not built yet.
     Http,
 }
 
@@ -155,15 +157,14 @@ pub fn validate(sources: &[SourceConfig], issues: &mut Issues) {
                     "a [sources.database] section is required when kind = \"database\"",
                 ),
             },
-            SourceKind::Http => issues.check(
-                false,
-                &key("kind"),
-                format!(
-                    "{:?} sources are not implemented yet (see docs/SOURCES.md); use \"file\" or \"database\"",
-                    s.kind
-                )
-                .to_lowercase(),
-            ),
+            SourceKind::Http => match &s.http {
+                Some(h) => h.validate(&key("http"), issues),
+                None => issues.check(
+                    false,
+                    &key("http"),
+                    "a [sources.http] section is required when kind = \"http\"",
+                ),
+            },
         }
         issues.check(
             s.kind == SourceKind::File || s.file.is_none(),
@@ -174,6 +175,11 @@ pub fn validate(sources: &[SourceConfig], issues: &mut Issues) {
             s.kind == SourceKind::Database || s.database.is_none(),
             &key("database"),
             "only allowed when kind = \"database\"",
+        );
+        issues.check(
+            s.kind == SourceKind::Http || s.http.is_none(),
+            &key("http"),
+            "only allowed when kind = \"http\"",
         );
     }
 }
@@ -187,6 +193,8 @@ pub enum SourceError {
     /// Connecting or querying failed; the text never holds the URL.
     #[error("database: {0}")]
     Database(String),
+    #[error("http: {0}")]
+    Http(String),
 }
 
 /// What a collector needs from the agent.
@@ -238,6 +246,10 @@ pub async fn collect(
         }
         (SourceKind::Database, _, Some(cfg)) => {
             database::collect(&source, cfg, &ctx, &mut report).await
+        }
+        (SourceKind::Http, _, _) if source.http.is_some() => {
+            let cfg = source.http.as_ref().expect("guarded");
+            http::collect(&source, cfg, &ctx, &mut report).await
         }
         // Refused by `validate`: a config that reaches here is a bug.
         _ => unreachable!(
@@ -300,6 +312,7 @@ mod tests {
             jitter: Duration::ZERO,
             file: None,
             database: None,
+            http: None,
         };
         assert_eq!(s.schedule(), Ok(Schedule::Every(Duration::from_secs(30))));
         s.schedule = "manual".into();
