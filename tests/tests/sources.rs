@@ -281,6 +281,7 @@ async fn jobs_agent() -> JobsAgent {
             format,
         }),
         database: None,
+        http: None,
     };
     config.sources = vec![
         source("big", "manual", "big", "*.log", Format::Ndjson),
@@ -612,6 +613,7 @@ async fn every_row_once(table: Table) {
             cursor: vec!["updated_at".into(), "id".into()],
             page_size: 4,
         }),
+        http: None,
     }];
     let a = start_agent(config).await;
     let http = reqwest::Client::new();
@@ -678,4 +680,280 @@ async fn a_postgres_table_is_read_once_including_equal_timestamps_and_rows_added
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mariadb_table_is_read_once_including_equal_timestamps_and_rows_added_while_polled() {
     every_row_once(Table::mariadb().await).await;
+}
+
+/// A small JSON API on 127.0.0.1:0 that the agent polls: items with ids,
+/// served in pages linked by `Link` headers (`/items?page=N`) and as a
+/// cursor feed (`/feed?after=ID`), with an ETag on the first page.
+#[derive(Default)]
+struct Api {
+    items: Vec<Value>,
+    /// The next this many requests answer 503.
+    fail_next: u32,
+    not_modified: u32,
+    requests: u32,
+    auth: Vec<Option<String>>,
+}
+
+type SharedApi = std::sync::Arc<std::sync::Mutex<Api>>;
+
+const PAGE: usize = 3;
+
+fn api_answer(
+    api: &SharedApi,
+    path: &str,
+    query: &str,
+    headers: &hyper::HeaderMap,
+) -> hyper::Response<http_body_util::Full<bytes::Bytes>> {
+    let mut api = api.lock().unwrap();
+    api.requests += 1;
+    api.auth.push(
+        headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned),
+    );
+    let response = hyper::Response::builder().header("content-type", "application/json");
+    if api.fail_next > 0 {
+        api.fail_next -= 1;
+        return response
+            .status(503)
+            .body(http_body_util::Full::new(bytes::Bytes::from_static(b"{}")))
+            .unwrap();
+    }
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+            .and_then(|v| v.parse::<usize>().ok())
+    };
+    let (status, link, etag, body) = if path == "/items" {
+        let page = param("page").unwrap_or(1);
+        let etag = format!("\"v{}\"", api.items.len());
+        if page == 1
+            && headers
+                .get("if-none-match")
+                .is_some_and(|v| v.to_str().unwrap_or("") == etag)
+        {
+            api.not_modified += 1;
+            (304, None, Some(etag), String::new())
+        } else {
+            let chunk: Vec<&Value> = api
+                .items
+                .iter()
+                .skip((page - 1) * PAGE)
+                .take(PAGE)
+                .collect();
+            let link = (page * PAGE < api.items.len())
+                .then(|| format!("</items?page={}>; rel=\"next\"", page + 1));
+            let body = json!({ "data": chunk }).to_string();
+            (200, link, (page == 1).then_some(etag), body)
+        }
+    } else {
+        let after = param("after").unwrap_or(0);
+        let chunk: Vec<&Value> = api
+            .items
+            .iter()
+            .filter(|i| i["id"].as_u64().unwrap() as usize > after)
+            .take(PAGE)
+            .collect();
+        let next = chunk.last().map(|i| i["id"].clone()).unwrap_or(Value::Null);
+        (
+            200,
+            None,
+            None,
+            json!({ "data": chunk, "next": next }).to_string(),
+        )
+    };
+    let mut response = response.status(status);
+    if let Some(link) = link {
+        response = response.header("link", link);
+    }
+    if let Some(etag) = etag {
+        response = response.header("etag", etag);
+    }
+    response
+        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+        .unwrap()
+}
+
+async fn start_api(api: SharedApi) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let api = api.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let answer = api_answer(
+                            &api,
+                            req.uri().path(),
+                            req.uri().query().unwrap_or(""),
+                            req.headers(),
+                        );
+                        async move { Ok::<_, std::convert::Infallible>(answer) }
+                    },
+                );
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+fn item(id: u64) -> Value {
+    json!({ "id": id, "name": format!("item {id}") })
+}
+
+async fn http_agent(
+    api_url: &str,
+    schedule: &str,
+    adjust: impl FnOnce(&mut dcs_edge::sources::http::HttpConfig),
+) -> (JobsAgent, PathBuf) {
+    use dcs_edge::sources::http::{HttpConfig, HttpFormat, Pagination};
+    use dcs_edge::sources::{SourceConfig, SourceKind};
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "t0ken\n").unwrap();
+    let unreachable = format!("https://localhost:{}", agent::free_port());
+    let buffer = dir.path().join("buffer.db");
+    let mut config = agent::test_config(&pki.agent("acme", "edge-1"), &unreachable, &buffer);
+    let mut http = HttpConfig {
+        url: format!("{api_url}/items?page=1"),
+        headers: [("accept".to_owned(), "application/json".to_owned())].into(),
+        bearer_token_file: Some(token),
+        bearer_token_env: None,
+        format: HttpFormat::Json,
+        records_pointer: "/data".into(),
+        id_pointer: None,
+        pagination: Pagination::Link,
+        cursor_pointer: None,
+        cursor_param: None,
+        timeout: Duration::from_secs(5),
+        retries: 3,
+        max_pages: 100,
+    };
+    adjust(&mut http);
+    config.sources = vec![SourceConfig {
+        name: "api".into(),
+        kind: SourceKind::Http,
+        stream: "api.items".into(),
+        schedule: schedule.into(),
+        jitter: Duration::ZERO,
+        file: None,
+        database: None,
+        http: Some(http),
+    }];
+    let agent = start_agent(config).await;
+    (
+        JobsAgent {
+            _pki: pki,
+            dir,
+            agent,
+            http: reqwest::Client::new(),
+        },
+        buffer,
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn linked_pages_are_read_once_and_an_unchanged_resource_costs_a_304() {
+    let api = SharedApi::default();
+    api.lock().unwrap().items = (1..=7).map(item).collect();
+    // The first request fails: retried within the run.
+    api.lock().unwrap().fail_next = 1;
+    let url = start_api(api.clone()).await;
+    let (a, _) = http_agent(&url, "manual", |h| h.id_pointer = Some("/id".into())).await;
+
+    let run = |expected: u64| {
+        let a = &a;
+        async move {
+            let (code, body) = a.trigger(r#"{"source":"api"}"#).await;
+            assert_eq!(code, 202, "{body}");
+            let job = body["job_id"].as_str().unwrap().to_owned();
+            let status = a.finished(&job).await;
+            let (_, result) = a.get(&format!("/api/v1/jobs/result/{job}")).await;
+            assert_eq!(status["state"], "succeeded", "{result}");
+            assert_eq!(result["records_collected"], expected, "{result}");
+            result
+        }
+    };
+    let first = run(7).await;
+    let cp = &first["checkpoint_after"]["http"];
+    assert_eq!(cp["etag"], "\"v7\"");
+    assert!(
+        cp["next"].is_null(),
+        "a finished run has nothing to resume: {cp}"
+    );
+    run(0).await;
+    assert_eq!(
+        api.lock().unwrap().not_modified,
+        1,
+        "the second run got a 304"
+    );
+    // The resource changes: the whole list is served again, and only the
+    // new items are buffered (their ids are known to the buffer).
+    api.lock().unwrap().items.extend([item(8), item(9)]);
+    run(2).await;
+    let st = a.get("/v1/status").await.1;
+    assert_eq!(st["buffer"]["records"], 9);
+    let api = api.lock().unwrap();
+    assert!(
+        api.auth
+            .iter()
+            .all(|h| h.as_deref() == Some("Bearer t0ken")),
+        "{:?}",
+        api.auth
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_feed_polled_while_it_grows_yields_every_item_once() {
+    use dcs_edge::sources::http::Pagination;
+    let api = SharedApi::default();
+    api.lock().unwrap().items = (1..=5).map(item).collect();
+    let url = start_api(api.clone()).await;
+    let (a, buffer) = http_agent(&url, "100ms", |h| {
+        h.url = format!("{url}/feed");
+        h.pagination = Pagination::Cursor;
+        h.cursor_pointer = Some("/next".into());
+        h.cursor_param = Some("after".into());
+    })
+    .await;
+    for id in 6..=40 {
+        api.lock().unwrap().items.push(item(id));
+        if id % 7 == 0 {
+            api.lock().unwrap().fail_next = 1;
+        }
+        tokio::time::sleep(Duration::from_millis(15)).await;
+    }
+    let got = eventually(
+        Duration::from_secs(20),
+        || async {
+            a.get("/v1/status").await.1["buffer"]["records"]
+                .as_u64()
+                .unwrap_or(0)
+        },
+        |n| *n >= 40,
+    )
+    .await;
+    assert_eq!(got, 40);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let JobsAgent { agent, .. } = a;
+    agent.stop().await;
+    let mut ids: Vec<u64> = export(&buffer)
+        .iter()
+        .map(|r| r["payload"]["id"].as_u64().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, (1..=40).collect::<Vec<_>>(), "every item once");
 }
