@@ -54,6 +54,9 @@ const UNIQUE_VIOLATION: &str = "23505";
 const UPSERT_TENANT: &str = "INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING";
 
 /// Backlog fields the batch does not carry keep their previous values.
+/// An agent's id, read without locking its row.
+const AGENT_ID: &str = "SELECT id FROM agents WHERE tenant_id = $1 AND name = $2";
+
 const UPSERT_AGENT: &str = "\
     INSERT INTO agents AS a (tenant_id, name, last_batch_at, last_epoch, \
         backlog_records, backlog_bytes, backlog_oldest_age_secs, dropped_total) \
@@ -373,8 +376,34 @@ async fn write_steps(
         .bind(&agent.tenant)
         .execute(&mut **tx)
         .await?;
+    // The agent's row is updated with every batch, and that row lock is
+    // held until commit: taken first, it made an agent's concurrent batches
+    // wait for each other's whole COPY (the ack-latency step queued up
+    // behind it). A known agent's row is therefore updated last, just
+    // before the commit; only an agent's very first batch creates it first.
+    let known: Option<i64> = sqlx::query_scalar(AGENT_ID)
+        .bind(&agent.tenant)
+        .bind(&agent.agent)
+        .fetch_optional(&mut **tx)
+        .await?;
+    let agent_id = match known {
+        Some(id) => id,
+        None => upsert_agent(tx, agent, batch).await?,
+    };
+    let written = write_records(tx, agent, batch, path, agent_id).await?;
+    if known.is_some() {
+        upsert_agent(tx, agent, batch).await?;
+    }
+    Ok(written)
+}
+
+async fn upsert_agent(
+    tx: &mut Transaction<'_, Postgres>,
+    agent: &AgentIdentity,
+    batch: &PreparedBatch,
+) -> Result<i64, sqlx::Error> {
     let backlog = batch.backlog.as_ref();
-    let agent_id: i64 = sqlx::query_scalar(UPSERT_AGENT)
+    sqlx::query_scalar(UPSERT_AGENT)
         .bind(&agent.tenant)
         .bind(&agent.agent)
         .bind(batch.epoch)
@@ -383,7 +412,17 @@ async fn write_steps(
         .bind(backlog.map(|b| clamp(b.oldest_age_secs)))
         .bind(backlog.map(|b| clamp(b.dropped_total)))
         .fetch_one(&mut **tx)
-        .await?;
+        .await
+}
+
+/// Returns (records inserted, records conflicting with stored content).
+async fn write_records(
+    tx: &mut Transaction<'_, Postgres>,
+    agent: &AgentIdentity,
+    batch: &PreparedBatch,
+    path: Path,
+    agent_id: i64,
+) -> Result<(u64, u64), sqlx::Error> {
     if path == Path::Direct {
         let mut suffix = Vec::with_capacity(64);
         let _ = write!(suffix, "\t{agent_id}\t{}\t", batch.epoch);
