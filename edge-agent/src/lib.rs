@@ -63,6 +63,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let opts = config.buffer_options()?;
+    // Installed before the buffer is checked, so the quarantine and salvage
+    // counts recorded at start-up are exported.
+    let metrics_handle = dcs_shared::metrics::install();
     let prepared = {
         let opts = opts.clone();
         tokio::task::spawn_blocking(move || recovery::prepare(&opts))
@@ -121,7 +124,7 @@ pub async fn run(
             max_payload_bytes: config.ingest.max_payload_bytes.as_usize(),
         },
         max_request_bytes: config.ingest.max_request_bytes.as_usize(),
-        metrics: dcs_shared::metrics::install(),
+        metrics: metrics_handle,
         quarantine: Arc::new(prepared.reports),
     })
     .merge(jobs::router(jobs.clone()));

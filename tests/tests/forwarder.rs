@@ -19,7 +19,7 @@ struct Rig {
     gate: Gate,
     agent: RunningAgent,
     http: reqwest::Client,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
 }
 
 async fn rig(adjust: impl FnOnce(&mut dcs_edge::Config)) -> Rig {
@@ -39,7 +39,7 @@ async fn rig(adjust: impl FnOnce(&mut dcs_edge::Config)) -> Rig {
         gate,
         agent,
         http: reqwest::Client::new(),
-        _dir: dir,
+        dir,
     }
 }
 
@@ -177,15 +177,12 @@ async fn a_refusal_that_blames_one_record_dead_letters_only_that_record() {
     )
     .await;
     assert!(wait_until(Duration::from_secs(20), || async { r.rows().await == 1 }).await);
-    // Another version of the record the agent will send as seq 6 is already
-    // stored: the aggregator refuses any batch holding seq 6 with 409.
-    sqlx::query(
-        "INSERT INTO records (agent_id, epoch, seq, tenant_id, record_id, stream, ts, payload, content_hash)
-         SELECT agent_id, epoch, 6, tenant_id, 'other', 's', now(), '{}', 42 FROM records LIMIT 1",
-    )
-    .execute(&r.db.pool)
-    .await
-    .unwrap();
+    // Hold the next records in the buffer while the aggregator is "busy".
+    r.gate.overload(Some(Overload {
+        status: 503,
+        retry_after_secs: 0,
+        pass_every: 0,
+    }));
     let pushed = push(
         &r.http,
         &r.agent.url,
@@ -194,6 +191,34 @@ async fn a_refusal_that_blames_one_record_dead_letters_only_that_record() {
     )
     .await;
     assert_eq!(pushed.status(), 200);
+    // Another version of seq 6 (the fifth record, b-4) is already stored under
+    // its full key, receive time included: any batch holding it gets a 409.
+    let mut export = Vec::new();
+    dcs_edge::fsck::export(
+        &r.dir.path().join("b.db"),
+        &dcs_edge::seal::Keyring::disabled(),
+        &mut export,
+        &mut Vec::new(),
+    )
+    .unwrap();
+    let received = String::from_utf8(export)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|v| v["seq"] == 6)
+        .expect("seq 6 is buffered")["received"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sqlx::query(
+        "INSERT INTO records (agent_id, epoch, seq, tenant_id, record_id, stream, ts, received_at, payload, content_hash)
+         SELECT agent_id, epoch, 6, tenant_id, 'other', 's', now(), $1::timestamptz, '{}', 42 FROM records LIMIT 1",
+    )
+    .bind(&received)
+    .execute(&r.db.pool)
+    .await
+    .unwrap();
+    r.gate.overload(None);
     assert!(
         wait_until(Duration::from_secs(30), || async {
             r.status().await["buffer"]["records"] == 0
