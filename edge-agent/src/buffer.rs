@@ -655,17 +655,19 @@ pub(crate) fn decode_row(
     })
 }
 
+/// Whether `table` has the `key_id` column (schema 2 and later).
+pub(crate) fn has_key_id(conn: &Connection, table: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'key_id'",
+        [table],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
+}
+
 /// Key ids of every sealed payload in the file (empty for a new file).
 fn sealed_key_ids(conn: &Connection) -> rusqlite::Result<Vec<i64>> {
-    let has_column = |table: &str| -> rusqlite::Result<bool> {
-        conn.query_row(
-            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'key_id'",
-            [table],
-            |r| r.get::<_, i64>(0),
-        )
-        .map(|n| n > 0)
-    };
-    if !has_column("records")? || !has_column("dead_letters")? {
+    if !has_key_id(conn, "records")? || !has_key_id(conn, "dead_letters")? {
         return Ok(Vec::new());
     }
     let mut stmt = conn.prepare(
@@ -772,12 +774,7 @@ fn init_schema(
     )?;
     // Schema 1 files lack key_id; adding a nullable column rewrites nothing.
     for table in ["records", "dead_letters"] {
-        let has: i64 = tx.query_row(
-            "SELECT count(*) FROM pragma_table_info(?1) WHERE name = 'key_id'",
-            [table],
-            |r| r.get(0),
-        )?;
-        if has == 0 {
+        if !has_key_id(&tx, table)? {
             tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN key_id INTEGER"))?;
         }
     }

@@ -409,13 +409,7 @@ fn salvage_file(
         .query_row("SELECT count(*) FROM records", [], |r| r.get::<_, i64>(0))
         .ok()
         .map(|n| n.max(0) as u64);
-    let has_key_id = src
-        .query_row(
-            "SELECT count(*) FROM pragma_table_info('records') WHERE name = 'key_id'",
-            [],
-            |r| r.get::<_, i64>(0),
-        )
-        .is_ok_and(|n| n > 0);
+    let has_key_id = buffer::has_key_id(&src, "records").unwrap_or(false);
     let key_col = if has_key_id { "key_id" } else { "NULL" };
 
     std::fs::create_dir_all(recovered_dir).map_err(|source| BufferError::Quarantine {
