@@ -11,6 +11,8 @@
 //! file is written under a temporary name and renamed into place, so a failed
 //! or interrupted run never leaves a half-written certificate or key behind.
 
+pub mod enroll;
+
 use std::ffi::OsString;
 use std::fmt;
 use std::fs::{self, DirBuilder, File, OpenOptions, Permissions};
@@ -21,8 +23,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, string::Ia5String,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    string::Ia5String,
 };
 use time::{Duration, OffsetDateTime, UtcOffset};
 
@@ -125,6 +128,15 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+
+    /// A certificate signing request that cannot be signed: not PEM, not a
+    /// CSR, a signature that does not verify, or an unsupported extension.
+    #[error("invalid certificate signing request: {0}")]
+    InvalidCsr(String),
+
+    /// A certificate that cannot be read (an agent's own, before renewal).
+    #[error("invalid certificate: {0}")]
+    InvalidCertificate(String),
 
     /// rcgen refused to build a certificate or key.
     #[error("certificate generation failed: {0}")]
@@ -286,15 +298,22 @@ impl Ca {
             }
             (true, true) => {}
         }
-        let cert_pem = read_to_string(&cert_path)?;
-        let key_pem = read_to_string(&key_path)?;
+        Ca::load_files(&cert_path, &key_path)
+    }
+
+    /// Reads a CA certificate and its key from two files of any name (the
+    /// aggregator's `[enrollment]` section names them), with the checks of
+    /// [`Ca::load`]. Only the first certificate of `cert_path` is used.
+    pub fn load_files(cert_path: &Path, key_path: &Path) -> Result<Ca, Error> {
+        let cert_pem = read_to_string(cert_path)?;
+        let key_pem = read_to_string(key_path)?;
         let invalid_cert = |reason: String| Error::InvalidCa {
-            path: cert_path.clone(),
+            path: cert_path.to_owned(),
             reason,
         };
 
         let key = KeyPair::from_pem(&key_pem).map_err(|e| Error::InvalidCa {
-            path: key_path.clone(),
+            path: key_path.to_owned(),
             reason: format!("not a usable private key: {e}"),
         })?;
         let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
@@ -309,7 +328,7 @@ impl Ca {
         }
         if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(Error::InvalidCa {
-                path: key_path,
+                path: key_path.to_owned(),
                 reason: format!("private key does not belong to {}", cert_path.display()),
             });
         }
@@ -405,6 +424,62 @@ impl Ca {
         )
     }
 
+    /// Signs an agent's certificate signing request (enrollment, renewal):
+    /// the agent made its key pair itself and only its public key travels.
+    ///
+    /// Only the CSR's public key (and its self-signature, checked by rcgen)
+    /// is used. Its subject, SANs, key usages and basic constraints are
+    /// ignored, never copied: the identity is `dcs://TENANT/AGENT` from the
+    /// caller (an enrollment token, or the client certificate that asks for a
+    /// renewal), and the certificate is always a clientAuth leaf, so a CSR
+    /// cannot smuggle in another identity, a CA flag or extra names.
+    /// Returns the certificate's PEM.
+    pub fn sign_agent_csr(
+        &self,
+        csr_pem: &str,
+        tenant: &str,
+        agent: &str,
+        validity: Validity,
+    ) -> Result<String, Error> {
+        self.sign_parsed_csr(
+            CertificateSigningRequestParams::from_pem(csr_pem),
+            tenant,
+            agent,
+            validity,
+        )
+    }
+
+    fn sign_parsed_csr(
+        &self,
+        parsed: Result<CertificateSigningRequestParams, rcgen::Error>,
+        tenant: &str,
+        agent: &str,
+        validity: Validity,
+    ) -> Result<String, Error> {
+        validate_identifier("tenant", tenant)?;
+        validate_identifier("agent", agent)?;
+        let csr = parsed.map_err(|e| {
+            Error::InvalidCsr(match e {
+                rcgen::Error::InvalidCertificationRequestSignature => {
+                    "its signature does not verify with its own public key".to_owned()
+                }
+                rcgen::Error::UnsupportedExtension => {
+                    "it requests an extension this CA does not handle".to_owned()
+                }
+                other => other.to_string(),
+            })
+        })?;
+        let uri = ia5(&format!("dcs://{tenant}/{agent}"))?;
+        let params = leaf_params(
+            agent,
+            vec![SanType::URI(uri)],
+            ExtendedKeyUsagePurpose::ClientAuth,
+            validity,
+        )?;
+        let cert = params.signed_by(&csr.public_key, &self.issuer)?;
+        Ok(cert.pem())
+    }
+
     fn issue_leaf(
         &self,
         common_name: &str,
@@ -412,17 +487,7 @@ impl Ca {
         eku: ExtendedKeyUsagePurpose,
         validity: Validity,
     ) -> Result<Pem, Error> {
-        let mut params = CertificateParams::default();
-        validity.apply(&mut params)?;
-        params.distinguished_name = common_name_only(common_name);
-        params.subject_alt_names = sans;
-        params.is_ca = IsCa::ExplicitNoCa;
-        // ECDSA keys only sign during the handshake; keyEncipherment is an
-        // RSA key-transport usage and would be wrong here.
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![eku];
-        // Lets verifiers pick the right CA key if the CA is ever rotated.
-        params.use_authority_key_identifier_extension = true;
+        let params = leaf_params(common_name, sans, eku, validity)?;
         let key = KeyPair::generate()?;
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(Pem {
@@ -557,6 +622,98 @@ pub fn write_agent_bundle(dir: &Path, agent: &Pem, ca_cert_pem: &str) -> Result<
     )
 }
 
+/// Writes an agent's identity to the paths its configuration names, which
+/// may lie in different directories: `cert` and `ca` 0644, `key` 0600.
+/// Missing directories are created (0700). `ca` is optional: a renewal keeps
+/// the trust anchor the agent already has.
+///
+/// Every file is staged beside its target first and only then renamed into
+/// place, so a failure leaves the previous identity whole. A reader between
+/// two renames can see the new certificate with the old key; readers that
+/// must not (the agent's renewal) load the pair and check that it matches.
+pub fn write_identity_files(
+    cert: (&Path, &str),
+    key: (&Path, &str),
+    ca: Option<(&Path, &str)>,
+) -> Result<(), Error> {
+    let mut targets = vec![(cert, CERT_MODE), (key, KEY_MODE)];
+    targets.extend(ca.map(|ca| (ca, CERT_MODE)));
+    let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(targets.len());
+    let cleanup = |staged: &[(PathBuf, PathBuf)]| {
+        for (tmp, _) in staged {
+            let _ = fs::remove_file(tmp);
+        }
+    };
+    for ((path, contents), mode) in targets {
+        let (dir, name) = split_target(path)?;
+        let result = DirBuilder::new()
+            .recursive(true)
+            .mode(DIR_MODE)
+            .create(&dir)
+            .map_err(|source| Error::Io {
+                action: "create directory",
+                path: dir.clone(),
+                source,
+            })
+            .and_then(|()| {
+                stage(
+                    &dir,
+                    &OutFile {
+                        name: &name,
+                        contents,
+                        mode,
+                    },
+                )
+            });
+        match result {
+            Ok(tmp) => staged.push((tmp, path.to_owned())),
+            Err(e) => {
+                cleanup(&staged);
+                return Err(e);
+            }
+        }
+    }
+    for (i, (tmp, target)) in staged.iter().enumerate() {
+        if let Err(source) = fs::rename(tmp, target) {
+            cleanup(&staged[i..]);
+            return Err(Error::Io {
+                action: "move into place",
+                path: target.clone(),
+                source,
+            });
+        }
+    }
+    for (_, target) in &staged {
+        let dir = target.parent().unwrap_or(Path::new("."));
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| Error::Io {
+                action: "sync directory",
+                path: dir.to_owned(),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+/// The directory and file name of a target path, refusing a path without a
+/// usable file name (a directory, `..`, a non-UTF-8 name).
+fn split_target(path: &Path) -> Result<(PathBuf, String), Error> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::InvalidFileName {
+            name: path.display().to_string(),
+            reason: "must end in a UTF-8 file name",
+        })?;
+    validate_file_stem(name)?;
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    Ok((dir, name.to_owned()))
+}
+
 fn validate_file_stem(name: &str) -> Result<(), Error> {
     let invalid = |reason| Error::InvalidFileName {
         name: name.to_owned(),
@@ -573,6 +730,44 @@ fn validate_file_stem(name: &str) -> Result<(), Error> {
         return Err(invalid("must not start with '.'"));
     }
     Ok(())
+}
+
+/// The parameters of every leaf this CA issues, whoever made its key.
+fn leaf_params(
+    common_name: &str,
+    sans: Vec<SanType>,
+    eku: ExtendedKeyUsagePurpose,
+    validity: Validity,
+) -> Result<CertificateParams, Error> {
+    let mut params = CertificateParams::default();
+    validity.apply(&mut params)?;
+    params.distinguished_name = common_name_only(common_name);
+    params.subject_alt_names = sans;
+    params.is_ca = IsCa::ExplicitNoCa;
+    // ECDSA keys only sign during the handshake; keyEncipherment is an
+    // RSA key-transport usage and would be wrong here.
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![eku];
+    // Lets verifiers pick the right CA key if the CA is ever rotated.
+    params.use_authority_key_identifier_extension = true;
+    // Random rather than rcgen's default (a hash of the public key): a key
+    // certified twice (an agent re-enrolling with the same CSR) must still
+    // get two serials, or revoking one serial would revoke both.
+    params.serial_number = Some(random_serial());
+    Ok(params)
+}
+
+/// 16 random bytes with the top bit clear (a positive INTEGER, RFC 5280
+/// allows at most 20 octets).
+fn random_serial() -> SerialNumber {
+    let mut bytes = [0u8; 16];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut bytes)
+        .expect("the operating system's random number generator works");
+    bytes[0] &= 0x7f;
+    // A leading zero byte would be stripped by DER and shorten the serial;
+    // keep it at full length so serials compare as fixed-width hex.
+    bytes[0] |= 0x01;
+    SerialNumber::from_slice(&bytes)
 }
 
 fn common_name_only(common_name: &str) -> DistinguishedName {
@@ -1009,6 +1204,150 @@ mod tests {
             .issue_agent("t1", "a1", Validity::days_from_now(1))
             .unwrap();
         assert!(!format!("{pem:?}").contains("PRIVATE KEY"));
+    }
+
+    /// A CSR for a fresh key whose every field asks for more than an agent
+    /// may have: another identity, a CA flag, server auth, extra names.
+    fn greedy_csr() -> (KeyPair, String) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::new(vec![
+            "aggregator.example.net".to_owned(),
+            "10.0.0.1".to_owned(),
+        ])
+        .unwrap();
+        params.distinguished_name = common_name_only("root");
+        params
+            .subject_alt_names
+            .push(SanType::URI(ia5("dcs://other-tenant/admin").unwrap()));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let csr = params.serialize_request(&key).unwrap().pem().unwrap();
+        (key, csr)
+    }
+
+    #[test]
+    fn a_signed_csr_carries_only_the_identity_the_ca_was_given() {
+        let ca = ca();
+        let (key, csr) = greedy_csr();
+        let pem = ca
+            .sign_agent_csr(&csr, "t1", "a1", Validity::days_from_now(1))
+            .unwrap();
+        let der = parse(&pem);
+        let (_, leaf) = X509Certificate::from_der(&der).unwrap();
+
+        let sans = &leaf.subject_alternative_name().unwrap().unwrap().value;
+        assert_eq!(sans.general_names, vec![GeneralName::URI("dcs://t1/a1")]);
+        assert!(!leaf.is_ca(), "a CSR must not make itself a CA");
+        let bc = leaf.basic_constraints().unwrap().map(|e| e.value.ca);
+        assert_ne!(bc, Some(true));
+        let eku = leaf.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth && !eku.any);
+        let ku = leaf.key_usage().unwrap().unwrap().value;
+        assert!(ku.digital_signature() && !ku.key_cert_sign());
+        let cn: Vec<_> = leaf
+            .subject()
+            .iter_common_name()
+            .map(|c| c.as_str().unwrap())
+            .collect();
+        assert_eq!(cn, ["a1"]);
+        // The agent's own key, signed by our CA.
+        assert_eq!(
+            leaf.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+        let ca_der = parse(ca.cert_pem());
+        let (_, ca_cert) = X509Certificate::from_der(&ca_der).unwrap();
+        leaf.verify_signature(Some(ca_cert.public_key())).unwrap();
+    }
+
+    #[test]
+    fn a_csr_is_signed_with_the_requested_validity_and_a_fresh_serial_each_time() {
+        let ca = ca();
+        let (_, csr) = greedy_csr();
+        let now = OffsetDateTime::now_utc();
+        let validity = Validity::new(now, now + Duration::seconds(45)).unwrap();
+        let first = ca.sign_agent_csr(&csr, "t1", "a1", validity).unwrap();
+        let second = ca.sign_agent_csr(&csr, "t1", "a1", validity).unwrap();
+        let (d1, d2) = (parse(&first), parse(&second));
+        let (_, c1) = X509Certificate::from_der(&d1).unwrap();
+        let (_, c2) = X509Certificate::from_der(&d2).unwrap();
+        let lifetime =
+            c1.validity().not_after.to_datetime() - c1.validity().not_before.to_datetime();
+        assert!(lifetime <= Duration::seconds(46), "{lifetime}");
+        assert_ne!(
+            c1.raw_serial(),
+            c2.raw_serial(),
+            "the same key, certified twice"
+        );
+        assert_eq!(c1.raw_serial().len(), 16);
+    }
+
+    #[test]
+    fn a_csr_whose_signature_does_not_match_its_key_is_refused() {
+        // Someone else's public key in a CSR signed by another key: signing
+        // it would certify a key whose holder never asked for it.
+        let (key, csr) = greedy_csr();
+        let other = KeyPair::generate().unwrap();
+        let mut der = parse_csr(&csr);
+        let at = der
+            .windows(key.public_key_raw().len())
+            .position(|w| w == key.public_key_raw())
+            .expect("public key in the CSR");
+        der[at..at + other.public_key_raw().len()].copy_from_slice(other.public_key_raw());
+        let parsed = CertificateSigningRequestParams::from_der(&der.into());
+        let err = ca()
+            .sign_parsed_csr(parsed, "t1", "a1", Validity::days_from_now(1))
+            .unwrap_err();
+        assert!(matches!(err, Error::InvalidCsr(_)), "{err}");
+        assert!(err.to_string().contains("signature"), "{err}");
+    }
+
+    #[test]
+    fn garbage_and_bad_identities_are_refused_before_signing() {
+        let ca = ca();
+        for bad in ["", "not a csr", ca.cert_pem()] {
+            assert!(matches!(
+                ca.sign_agent_csr(bad, "t1", "a1", Validity::days_from_now(1)),
+                Err(Error::InvalidCsr(_))
+            ));
+        }
+        let (_, csr) = greedy_csr();
+        assert!(matches!(
+            ca.sign_agent_csr(&csr, "T1", "a1", Validity::days_from_now(1)),
+            Err(Error::InvalidIdentifier { kind: "tenant", .. })
+        ));
+    }
+
+    #[test]
+    fn identity_files_land_at_their_paths_with_safe_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("certs/agent.pem");
+        let key = dir.path().join("private/agent-key.pem");
+        let ca_path = dir.path().join("ca.pem");
+        write_identity_files((&cert, "C1"), (&key, "K1"), Some((&ca_path, "CA"))).unwrap();
+        write_identity_files((&cert, "C2"), (&key, "K2"), None).unwrap();
+        assert_eq!(fs::read_to_string(&cert).unwrap(), "C2");
+        assert_eq!(fs::read_to_string(&key).unwrap(), "K2");
+        assert_eq!(mode(&cert), 0o644);
+        assert_eq!(mode(&key), 0o600);
+        assert_eq!(mode(&ca_path), 0o644);
+        for sub in ["certs", "private"] {
+            let names: Vec<_> = fs::read_dir(dir.path().join(sub))
+                .unwrap()
+                .map(|e| e.unwrap().file_name())
+                .collect();
+            assert_eq!(
+                names.len(),
+                1,
+                "no temporary files left in {sub}: {names:?}"
+            );
+        }
+    }
+
+    fn parse_csr(pem: &str) -> Vec<u8> {
+        let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes()).expect("PEM");
+        pem.contents
     }
 
     #[test]
