@@ -72,6 +72,25 @@ const UPSERT_AGENT: &str = "\
         dropped_total = COALESCE(EXCLUDED.dropped_total, a.dropped_total) \
     RETURNING id";
 
+/// A known agent's row, updated only if no other transaction holds it. The
+/// row is presence data (last seen, backlog), not part of what a batch
+/// commits to: while one batch's transaction holds its lock until commit,
+/// waiting for it queued every concurrent batch of the agent behind that
+/// commit's WAL flush, and one slow fsync became a run of slow acks. A batch
+/// that finds the row locked skips the update; the holder writes figures
+/// from the same moment.
+const TOUCH_AGENT: &str = "\
+    UPDATE agents AS a SET \
+        last_seen = now(), \
+        last_batch_at = now(), \
+        last_epoch = $2, \
+        backlog_records = COALESCE($3, a.backlog_records), \
+        backlog_bytes = COALESCE($4, a.backlog_bytes), \
+        backlog_oldest_age_secs = COALESCE($5, a.backlog_oldest_age_secs), \
+        dropped_total = COALESCE($6, a.dropped_total) \
+    FROM (SELECT id FROM agents WHERE id = $1 FOR UPDATE SKIP LOCKED) AS free \
+    WHERE a.id = free.id";
+
 const INSERT_RECORDS: &str = "\
     INSERT INTO records \
         (agent_id, epoch, seq, tenant_id, record_id, stream, ts, received_at, payload, \
@@ -376,11 +395,11 @@ async fn write_steps(
         .bind(&agent.tenant)
         .execute(&mut **tx)
         .await?;
-    // The agent's row is updated with every batch, and that row lock is
-    // held until commit: taken first, it made an agent's concurrent batches
-    // wait for each other's whole COPY (the ack-latency step queued up
-    // behind it). A known agent's row is therefore updated last, just
-    // before the commit; only an agent's very first batch creates it first.
+    // The agent's row lock is held until commit: taken first, it made an
+    // agent's concurrent batches wait for each other's whole COPY (the
+    // ack-latency step queued up behind it). A known agent's row is
+    // therefore touched last and never waited for (TOUCH_AGENT); only an
+    // agent's very first batch creates it first.
     let known: Option<i64> = sqlx::query_scalar(AGENT_ID)
         .bind(&agent.tenant)
         .bind(&agent.agent)
@@ -392,7 +411,7 @@ async fn write_steps(
     };
     let written = write_records(tx, agent, batch, path, agent_id).await?;
     if known.is_some() {
-        upsert_agent(tx, agent, batch).await?;
+        touch_agent(tx, agent_id, batch).await?;
     }
     Ok(written)
 }
@@ -413,6 +432,24 @@ async fn upsert_agent(
         .bind(backlog.map(|b| clamp(b.dropped_total)))
         .fetch_one(&mut **tx)
         .await
+}
+
+async fn touch_agent(
+    tx: &mut Transaction<'_, Postgres>,
+    agent_id: i64,
+    batch: &PreparedBatch,
+) -> Result<(), sqlx::Error> {
+    let backlog = batch.backlog.as_ref();
+    sqlx::query(TOUCH_AGENT)
+        .bind(agent_id)
+        .bind(batch.epoch)
+        .bind(backlog.map(|b| clamp(b.records)))
+        .bind(backlog.map(|b| clamp(b.bytes)))
+        .bind(backlog.map(|b| clamp(b.oldest_age_secs)))
+        .bind(backlog.map(|b| clamp(b.dropped_total)))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
 }
 
 /// Returns (records inserted, records conflicting with stored content).

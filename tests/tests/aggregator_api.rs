@@ -212,6 +212,53 @@ async fn a_batch_is_written_as_rows_equal_to_its_records_under_the_certificates_
 }
 
 #[tokio::test]
+async fn a_known_agents_batch_never_waits_for_a_lock_on_its_agent_row() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+    let epoch = Uuid::now_v7();
+    let backlog = |records| Backlog {
+        records,
+        bytes: 100,
+        oldest_age_secs: 1,
+        dropped_total: 0,
+    };
+    let first = simple(1..=2);
+    let body = wire::encode_batch(epoch, Some(&backlog(5)), first.iter().map(Rec::out), 1);
+    assert_eq!(expect_ack(post(&client, &agg, body).await).await, ack(2, 0));
+
+    // Another transaction (a concurrent batch, or an operator) holds the row.
+    let mut holder = db.pool.begin().await.unwrap();
+    sqlx::query("SELECT id FROM agents WHERE name = 'edge-01' FOR UPDATE")
+        .execute(&mut *holder)
+        .await
+        .unwrap();
+    let second = simple(3..=4);
+    let body = wire::encode_batch(epoch, Some(&backlog(3)), second.iter().map(Rec::out), 1);
+    let response = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        post(&client, &agg, body),
+    )
+    .await
+    .expect("the batch is acknowledged while the agent's row is locked");
+    assert_eq!(expect_ack(response).await, ack(2, 0));
+    holder.rollback().await.unwrap();
+    assert_eq!(stored(&db, "acme", "edge-01").await.len(), 4);
+
+    // With the row free again, the next batch's presence figures land.
+    let third = simple(5..=5);
+    let body = wire::encode_batch(epoch, Some(&backlog(1)), third.iter().map(Rec::out), 1);
+    assert_eq!(expect_ack(post(&client, &agg, body).await).await, ack(1, 0));
+    let backlog_records: i64 = sqlx::query_scalar("SELECT backlog_records FROM agents")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(backlog_records, 1);
+    agg.stop().await;
+}
+
+#[tokio::test]
 async fn the_same_batch_posted_twice_is_stored_once_and_reported_as_duplicates() {
     let db = TestDb::new().await;
     let pki = Pki::new();
