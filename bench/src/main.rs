@@ -115,9 +115,17 @@ struct Args {
     /// fresh cluster with the settings of docs/PERFORMANCE.md).
     #[arg(long, default_value = "shared", value_parser = ["shared", "private", "tuned"])]
     pg_cluster: String,
+    /// Extra `name=value` settings for a private or tuned cluster, applied
+    /// last (repeatable), e.g. `--pg-set wal_init_zero=off`.
+    #[arg(long = "pg-set", value_name = "NAME=VALUE")]
+    pg_set: Vec<String>,
     /// Paced rate (records/s) for the latency step instead of half the e2e rate.
     #[arg(long)]
     ack_rate: Option<f64>,
+    /// How long the latency step sends, in seconds (it needs
+    /// rate × seconds / 1000 batches of records: raise --records to match).
+    #[arg(long, default_value_t = LATENCY_SECS)]
+    latency_secs: f64,
     /// A name for this run, kept in the JSON (e.g. "max_in_flight=4").
     #[arg(long)]
     label: Option<String>,
@@ -292,9 +300,97 @@ struct LatencyResult {
     max_ms: f64,
     mean_ms: f64,
     errors: usize,
+    /// Batches slower than the 50 ms target: with the p99 the second-slowest
+    /// of a few hundred, their count says more than the p99 alone.
+    slow_batches: usize,
     /// Each measured batch's latency in send order, for spotting periodic stalls.
     series_ms: Vec<f64>,
+    /// What the PostgreSQL server did during the step, to tell its own I/O
+    /// stalls (checkpoints, new WAL segments) from ours.
+    server: Option<ServerActivity>,
     usage: Usage,
+}
+
+/// Server-wide PostgreSQL counters over one step (differences).
+#[derive(Debug, Clone, Default, Serialize)]
+struct ServerActivity {
+    checkpoints_timed: i64,
+    checkpoints_requested: i64,
+    buffers_checkpoint: i64,
+    buffers_backend_fsync: i64,
+    wal_bytes: i64,
+    wal_full_page_images: i64,
+    wal_buffers_full: i64,
+    /// Milliseconds spent writing and syncing WAL (zero unless the server
+    /// has `track_wal_io_timing`, as the bench's private clusters do).
+    wal_write_ms: f64,
+    wal_sync_ms: f64,
+    /// Files in `pg_wal` before and after: growth means segments were
+    /// created (and zero-filled) during the step rather than recycled.
+    wal_files_before: i64,
+    wal_files_after: i64,
+}
+
+impl ServerActivity {
+    async fn snapshot(admin_url: &str) -> anyhow::Result<ServerActivity> {
+        let mut conn = sqlx::PgConnection::connect(admin_url).await?;
+        let (checkpoints_timed, checkpoints_requested, buffers_checkpoint, buffers_backend_fsync): (
+            i64,
+            i64,
+            i64,
+            i64,
+        ) = sqlx::query_as(
+            "SELECT checkpoints_timed, checkpoints_req, buffers_checkpoint, buffers_backend_fsync \
+             FROM pg_stat_bgwriter",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        let (wal_bytes, wal_full_page_images, wal_buffers_full, wal_write_ms, wal_sync_ms): (
+            i64,
+            i64,
+            i64,
+            f64,
+            f64,
+        ) = sqlx::query_as(
+            "SELECT wal_bytes::int8, wal_fpi, wal_buffers_full, wal_write_time, wal_sync_time \
+             FROM pg_stat_wal",
+        )
+        .fetch_one(&mut conn)
+        .await?;
+        let wal_files: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_ls_waldir()")
+            .fetch_one(&mut conn)
+            .await?;
+        let _ = conn.close().await;
+        Ok(ServerActivity {
+            checkpoints_timed,
+            checkpoints_requested,
+            buffers_checkpoint,
+            buffers_backend_fsync,
+            wal_bytes,
+            wal_full_page_images,
+            wal_buffers_full,
+            wal_write_ms,
+            wal_sync_ms,
+            wal_files_before: wal_files,
+            wal_files_after: wal_files,
+        })
+    }
+
+    fn since(&self, before: &ServerActivity) -> ServerActivity {
+        ServerActivity {
+            checkpoints_timed: self.checkpoints_timed - before.checkpoints_timed,
+            checkpoints_requested: self.checkpoints_requested - before.checkpoints_requested,
+            buffers_checkpoint: self.buffers_checkpoint - before.buffers_checkpoint,
+            buffers_backend_fsync: self.buffers_backend_fsync - before.buffers_backend_fsync,
+            wal_bytes: self.wal_bytes - before.wal_bytes,
+            wal_full_page_images: self.wal_full_page_images - before.wal_full_page_images,
+            wal_buffers_full: self.wal_buffers_full - before.wal_buffers_full,
+            wal_write_ms: self.wal_write_ms - before.wal_write_ms,
+            wal_sync_ms: self.wal_sync_ms - before.wal_sync_ms,
+            wal_files_before: before.wal_files_before,
+            wal_files_after: self.wal_files_after,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -955,7 +1051,7 @@ async fn step_latency(w: &World, rate: f64) -> anyhow::Result<LatencyResult> {
 
     let batches_per_s = rate / LATENCY_BATCH as f64;
     let available = (w.args.records as usize / LATENCY_BATCH).max(1);
-    let measured = ((batches_per_s * LATENCY_SECS).ceil() as usize)
+    let measured = ((batches_per_s * w.args.latency_secs).ceil() as usize)
         .max(30)
         .min(available.saturating_sub(LATENCY_WARMUP).max(1));
     let total = measured + LATENCY_WARMUP;
@@ -985,6 +1081,8 @@ async fn step_latency(w: &World, rate: f64) -> anyhow::Result<LatencyResult> {
         ensure!(r.status().is_success(), "warm-up batch: {}", r.status());
     }
     let interval = Duration::from_secs_f64(1.0 / batches_per_s);
+    // Counters are best effort: a server that hides them still gets measured.
+    let server_before = ServerActivity::snapshot(&w.pg_admin).await.ok();
     let meter = Meter::start(None, aggregator.pid());
     let t0 = tokio::time::Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -1023,9 +1121,17 @@ async fn step_latency(w: &World, rate: f64) -> anyhow::Result<LatencyResult> {
         );
     }
     let usage = meter.stop();
+    let server = match server_before {
+        Some(before) => ServerActivity::snapshot(&w.pg_admin)
+            .await
+            .ok()
+            .map(|after| after.since(&before)),
+        None => None,
+    };
     aggregator.kill();
     drop(db);
     let mean = latencies.iter().sum::<f64>() / latencies.len().max(1) as f64;
+    let slow_batches = latencies.iter().filter(|&&ms| ms > 50.0).count();
     let lat = sorted(latencies);
     Ok(LatencyResult {
         target_records_per_s: rate,
@@ -1037,7 +1143,9 @@ async fn step_latency(w: &World, rate: f64) -> anyhow::Result<LatencyResult> {
         max_ms: lat.last().copied().unwrap_or(f64::NAN),
         mean_ms: mean,
         errors,
+        slow_batches,
         series_ms: series,
+        server,
         usage,
     })
 }
@@ -1315,9 +1423,22 @@ fn print_report(r: &Results) {
             format!("max {:.0}", l.max_ms)
         );
         println!(
-            "      {} batches of {}, p90 {:.1} ms, mean {:.1} ms, errors {}",
-            l.batches, l.batch_records, l.p90_ms, l.mean_ms, l.errors
+            "      {} batches of {}, p90 {:.1} ms, mean {:.1} ms, {} over 50 ms, errors {}",
+            l.batches, l.batch_records, l.p90_ms, l.mean_ms, l.slow_batches, l.errors
         );
+        if let Some(s) = &l.server {
+            println!(
+                "      server: {} timed + {} requested checkpoints, {:.0} MB WAL ({} full-page images, write {:.0} ms, sync {:.0} ms), WAL files {} -> {}",
+                s.checkpoints_timed,
+                s.checkpoints_requested,
+                s.wal_bytes as f64 / 1e6,
+                s.wal_full_page_images,
+                s.wal_write_ms,
+                s.wal_sync_ms,
+                s.wal_files_before,
+                s.wal_files_after
+            );
+        }
         print_usage_line(&l.usage);
     }
     if let Some(w) = &r.wire {
@@ -1439,7 +1560,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (cluster, pg_admin) = match args.pg_cluster.as_str() {
         "shared" => (None, dcs_tests::pg::admin_url()),
         mode => {
-            let c = start_cluster(mode == "tuned").await?;
+            let c = start_cluster(mode == "tuned", &args.pg_set).await?;
             let url = c.url();
             (Some(c), url)
         }
@@ -1471,7 +1592,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let rows: Vec<(String, String)> = sqlx::query_as(
             "SELECT name, current_setting(name) FROM pg_settings WHERE name = ANY($1) ORDER BY name",
         )
-        .bind(TUNED_SETTINGS.iter().map(|(n, _)| n.to_string()).collect::<Vec<_>>())
+        .bind(
+            TUNED_SETTINGS
+                .iter()
+                .map(|(n, _)| n.to_string())
+                .chain(["wal_init_zero".to_owned(), "synchronous_commit".to_owned()])
+                .chain(args.pg_set.iter().filter_map(|kv| Some(kv.split_once('=')?.0.to_owned())))
+                .collect::<Vec<_>>(),
+        )
         .fetch_all(&mut conn)
         .await?;
         let _ = conn.close().await;
@@ -1656,6 +1784,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         write_json(out, &results)?;
         println!("\nwrote {}", out.display());
     }
+    if let (Some(c), Some(dir)) = (&cluster, &args.perf_dir) {
+        // The private server's log holds its checkpoints and slow statements.
+        let _ = std::fs::create_dir_all(dir);
+        let _ = std::fs::copy(c.log_path(), dir.join("postgres.log"));
+    }
     drop(cluster);
     Ok(())
 }
@@ -1671,16 +1804,41 @@ const TUNED_SETTINGS: &[(&str, &str)] = &[
     ("wal_compression", "lz4"),
 ];
 
+/// On every private cluster: its log says when checkpoints ran and which
+/// statements were slow, so a latency stall can be matched to its cause
+/// (`--perf-dir` keeps the log).
+const OBSERVED_SETTINGS: &[(&str, &str)] = &[
+    ("log_checkpoints", "on"),
+    ("log_min_duration_statement", "40ms"),
+    ("track_wal_io_timing", "on"),
+    ("log_line_prefix", "%m [%p] "),
+];
+
 /// A fresh cluster of our own (initdb, port of its own), optionally tuned.
-async fn start_cluster(tuned: bool) -> anyhow::Result<dcs_tests::pg::PgCluster> {
+async fn start_cluster(tuned: bool, extra: &[String]) -> anyhow::Result<dcs_tests::pg::PgCluster> {
+    let extra = extra
+        .iter()
+        .map(|kv| {
+            let (name, value) = kv
+                .split_once('=')
+                .with_context(|| format!("--pg-set {kv:?}: expected NAME=VALUE"))?;
+            ensure!(
+                name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    && !value.contains('\''),
+                "--pg-set {kv:?}: not a setting name and plain value"
+            );
+            Ok((name, value))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     progress(&format!(
         "starting a private PostgreSQL cluster ({})",
         if tuned { "tuned" } else { "stock settings" }
     ));
     let cluster = dcs_tests::pg::PgCluster::try_start().await?;
-    if tuned {
+    {
         let mut conn = sqlx::PgConnection::connect(&cluster.url()).await?;
-        for (name, value) in TUNED_SETTINGS {
+        let tuning = if tuned { TUNED_SETTINGS } else { &[] };
+        for (name, value) in OBSERVED_SETTINGS.iter().chain(tuning).copied().chain(extra) {
             sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "ALTER SYSTEM SET {name} = '{value}'"
             )))
