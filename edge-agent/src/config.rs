@@ -69,6 +69,10 @@ pub struct Config {
     pub sources: Vec<crate::sources::SourceConfig>,
     #[serde(default)]
     pub jobs: JobsConfig,
+    /// Per-stream settings (`[streams."NAME"]`): the JSON Schema its
+    /// payloads must match, see [`crate::schema`].
+    #[serde(default)]
+    pub streams: std::collections::BTreeMap<String, crate::schema::StreamConfig>,
 }
 
 /// A week of run history answers "did last night's runs work" on Monday
@@ -364,6 +368,7 @@ impl Config {
             log: LogConfig::default(),
             sources: Vec::new(),
             jobs: JobsConfig::default(),
+            streams: Default::default(),
         }
     }
 
@@ -492,7 +497,15 @@ impl Config {
             "must be greater than zero",
         );
         crate::sources::validate(&self.sources, &mut issues);
+        crate::schema::Schemas::compile(&self.streams, &mut issues);
         issues.into_result()
+    }
+
+    /// The compiled `[streams]` schemas (read again from their files).
+    pub fn schemas(&self) -> Result<crate::schema::Schemas, ConfigError> {
+        let mut issues = Issues::default();
+        let schemas = crate::schema::Schemas::compile(&self.streams, &mut issues);
+        issues.into_result().map(|()| schemas)
     }
 
     /// Reads the encryption keys too, hence fallible.
@@ -644,7 +657,7 @@ format = "csv"
 name = "app"
 kind = "file"
 stream = "App Logs"
-schedule = "0 * * * *"
+schedule = "0 * * 13 *"
 [sources.file]
 paths = ["logs/*.log", "/var/*/x.log"]
 format = "lines"
@@ -663,7 +676,7 @@ url = "ftp://nope"
             .to_string();
         for key in [
             "sources[0].stream",
-            "sources[0].schedule",
+            "sources[0].schedule.cron",
             "sources[0].file.paths[0]",
             "sources[0].file.paths[1]",
             "sources[1].name",
@@ -674,6 +687,59 @@ url = "ftp://nope"
             assert!(err.contains(key), "{key} missing from: {err}");
         }
         assert!(err.contains("cron"), "{err}");
+    }
+
+    #[test]
+    fn cron_schedules_transforms_and_stream_schemas_are_read_from_the_file() {
+        let dir = files();
+        let file = dir.path().join("edge.toml");
+        let schema = dir.path().join("readings.json");
+        std::fs::write(&schema, r#"{"type":"object","required":["value"]}"#).unwrap();
+        std::fs::write(
+            &file,
+            format!(
+                r#"
+[[sources]]
+name = "readings"
+kind = "file"
+stream = "plant.readings"
+schedule = "0 */15 * * * *"
+timezone = "Europe/Berlin"
+jitter = "10s"
+[sources.file]
+paths = ["/var/log/plant/*.ndjson"]
+format = "ndjson"
+[sources.transform]
+rename = {{ "temp_c" = "temperature", "/meta/site" = "site" }}
+drop = ["secret"]
+set = {{ plant = "berlin-3", version = 2 }}
+
+[streams."plant.readings"]
+schema_file = "{}"
+[streams."app.logs"]
+schema = '{{"type": "object"}}'
+"#,
+                schema.display()
+            ),
+        )
+        .unwrap();
+        let c = Config::load_from(Some(&file), base_env(dir.path())).unwrap();
+        assert!(matches!(
+            c.sources[0].schedule(),
+            Ok(crate::sources::Schedule::Cron(_))
+        ));
+        assert!(c.sources[0].compiled_transform().is_some());
+        let schemas = c.schemas().unwrap();
+        assert!(schemas.has("plant.readings") && schemas.has("app.logs"));
+
+        std::fs::write(&schema, "{\"type\": 12}").unwrap();
+        let err = Config::load_from(Some(&file), base_env(dir.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(r#"streams."plant.readings".schema_file"#),
+            "{err}"
+        );
     }
 
     #[test]

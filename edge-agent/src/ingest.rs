@@ -3,7 +3,10 @@
 //! Every request is validated in full before anything is written: one bad
 //! record refuses the whole request with a JSON body naming each bad record's
 //! index, field and reason. A 2xx is sent only after the buffer committed the
-//! records at the configured durability.
+//! records at the configured durability. A stream with a JSON Schema
+//! (`[streams."NAME"]`, [`crate::schema`]) refuses payloads that do not match
+//! it the same way: the field is `payload` plus the JSON pointer of the bad
+//! value (`payload/value`), the reason the schema error and the keyword.
 
 use std::sync::Arc;
 
@@ -25,6 +28,7 @@ use dcs_shared::wire::ErrorBody;
 
 use crate::buffer::{Buffer, BufferError, RecordState};
 use crate::forwarder::Link;
+use crate::schema::Schemas;
 
 /// Seconds a producer is told to wait when the buffer is full.
 const FULL_RETRY_AFTER_SECS: u64 = 5;
@@ -42,6 +46,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Damaged buffer files quarantined so far (see `crate::recovery`).
     pub quarantine: Arc<Vec<crate::recovery::Report>>,
+    /// Per-stream JSON Schemas, compiled at start-up.
+    pub schemas: Arc<Schemas>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -214,7 +220,12 @@ fn content_format(headers: &HeaderMap) -> Result<Format, ApiError> {
 }
 
 /// Parses and validates a whole request; returns records only if all are valid.
-fn parse_records(body: &[u8], format: Format, limits: &Limits) -> Result<Vec<Record>, ApiError> {
+fn parse_records(
+    body: &[u8],
+    format: Format,
+    limits: &Limits,
+    schemas: &Schemas,
+) -> Result<Vec<Record>, ApiError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -275,7 +286,14 @@ fn parse_records(body: &[u8], format: Format, limits: &Limits) -> Result<Vec<Rec
         match serde_json::from_str::<IncomingRecord>(raw.get()) {
             Ok(incoming) => {
                 if let Some(r) = record::validate_incoming(i, &incoming, limits, &mut errors) {
-                    records.push(r);
+                    match schemas.check(&r.stream, &r.payload) {
+                        Ok(()) => records.push(r),
+                        Err(violations) => errors.extend(
+                            violations
+                                .iter()
+                                .map(|v| FieldError::new(i, &v.field(), v.reason())),
+                        ),
+                    }
                 }
             }
             Err(e) => errors.push(FieldError::new(i, "record", e.to_string())),
@@ -318,15 +336,17 @@ async fn post_records(
     let format = content_format(&headers)?;
     let body = body.map_err(body_error)?;
     let limits = state.limits;
-    let records = tokio::task::spawn_blocking(move || parse_records(&body, format, &limits))
-        .await
-        .map_err(|_| {
-            ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "internal",
-                "parser failed",
-            )
-        })??;
+    let schemas = state.schemas.clone();
+    let records =
+        tokio::task::spawn_blocking(move || parse_records(&body, format, &limits, &schemas))
+            .await
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "internal",
+                    "parser failed",
+                )
+            })??;
     let streams: Vec<String> = records.iter().map(|r| r.stream.clone()).collect();
     let appended = match state.buffer.append(records).await {
         Ok(a) => a,
@@ -385,7 +405,7 @@ async fn put_record(
         ));
     }
     let body = body.map_err(body_error)?;
-    let mut records = parse_records(&body, Format::Json, &state.limits)?;
+    let mut records = parse_records(&body, Format::Json, &state.limits, &state.schemas)?;
     if records.len() != 1 {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -568,4 +588,68 @@ async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError>
         delivery: state.link.snapshot(),
         quarantine: state.quarantine.as_ref().clone(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dcs_shared::config::Issues;
+
+    fn schemas() -> Schemas {
+        let streams = [(
+            "readings".to_string(),
+            crate::schema::StreamConfig {
+                schema: Some(
+                    r#"{"type":"object","required":["value"],"properties":{"value":{"type":"number"}}}"#
+                        .into(),
+                ),
+                schema_file: None,
+            },
+        )]
+        .into_iter()
+        .collect();
+        let mut issues = Issues::default();
+        let s = Schemas::compile(&streams, &mut issues);
+        issues.into_result().unwrap();
+        s
+    }
+
+    fn details(e: ApiError) -> (StatusCode, Vec<FieldError>) {
+        (e.status, e.body.details)
+    }
+
+    #[test]
+    fn a_payload_failing_its_stream_schema_refuses_the_whole_request() {
+        let body = br#"[
+            {"stream":"readings","payload":{"value":1}},
+            {"stream":"other","payload":{"value":"free text"}},
+            {"stream":"readings","payload":{"value":"high"}}
+        ]"#;
+        let err = parse_records(body, Format::Json, &Limits::default(), &schemas()).unwrap_err();
+        let (status, details) = details(err);
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(details.len(), 1, "{details:?}");
+        assert_eq!(details[0].index, 2);
+        assert_eq!(details[0].field, "payload/value");
+        assert!(details[0].reason.contains("number"), "{details:?}");
+    }
+
+    #[test]
+    fn schema_errors_and_record_errors_are_reported_together() {
+        let body = b"{\"stream\":\"readings\",\"payload\":{}}\n{\"stream\":\"Bad Stream\",\"payload\":{}}\n";
+        let err = parse_records(body, Format::Ndjson, &Limits::default(), &schemas()).unwrap_err();
+        let (_, details) = details(err);
+        let fields: Vec<(i64, &str)> = details
+            .iter()
+            .map(|d| (d.index, d.field.as_str()))
+            .collect();
+        assert_eq!(fields, vec![(0, "payload"), (1, "stream")]);
+    }
+
+    #[test]
+    fn matching_payloads_pass_unchanged() {
+        let body = br#"{"stream":"readings","payload":{"value": 2.50}}"#;
+        let records = parse_records(body, Format::Json, &Limits::default(), &schemas()).unwrap();
+        assert_eq!(records[0].payload, r#"{"value": 2.50}"#);
+    }
 }

@@ -35,7 +35,10 @@ use dcs_shared::record::{Limits, format_ts};
 
 use crate::buffer::{Buffer, BufferError};
 use crate::ingest::ApiError;
+use crate::schema::Schemas;
+use crate::sources::schedule::{self, CronSchedule, MAX_SLEEP_SLICE};
 use crate::sources::{self, RunContext, RunReport, Schedule, SourceConfig};
+use crate::transform::Transform;
 
 /// Jobs listed when the client gives no `limit`.
 const DEFAULT_LIST_LIMIT: u32 = 50;
@@ -189,6 +192,8 @@ pub enum TriggerError {
 /// One configured source and whether it runs now.
 struct Slot {
     config: SourceConfig,
+    /// Compiled once at start; handed to every run.
+    transform: Option<Arc<Transform>>,
     running: AtomicBool,
 }
 
@@ -197,6 +202,8 @@ pub struct Jobs {
     buffer: Buffer,
     sources: BTreeMap<String, Arc<Slot>>,
     limits: Limits,
+    /// The per-stream JSON Schemas pulled records must match.
+    schemas: Arc<Schemas>,
     retention: Duration,
     /// Seen by collectors between chunks: commit and return.
     stop: Arc<AtomicBool>,
@@ -207,12 +214,14 @@ pub struct Jobs {
 
 impl Jobs {
     /// Marks jobs a crash interrupted as failed and starts one scheduler per
-    /// source that has an interval. The first scheduled run starts at once.
+    /// source that has an interval or a cron expression. The first run of an
+    /// interval starts at once; a cron source waits for its first fire.
     pub async fn start(
         sources: &[SourceConfig],
         retention: Duration,
         buffer: Buffer,
         limits: Limits,
+        schemas: Arc<Schemas>,
     ) -> Result<Arc<Jobs>, BufferError> {
         let now = now_us();
         buffer
@@ -234,26 +243,31 @@ impl Jobs {
                 .map(|c| {
                     let slot = Slot {
                         config: c.clone(),
+                        transform: c.compiled_transform().map(Arc::new),
                         running: AtomicBool::new(false),
                     };
                     (c.name.clone(), Arc::new(slot))
                 })
                 .collect(),
             limits,
+            schemas,
             retention,
             stop: Arc::new(AtomicBool::new(false)),
             stop_tx,
             tasks: Mutex::new(Vec::new()),
         });
         for slot in jobs.sources.values() {
-            if let Ok(Schedule::Every(every)) = slot.config.schedule() {
-                let task = tokio::spawn(jobs.clone().schedule(
-                    slot.config.name.clone(),
-                    every,
-                    slot.config.jitter,
-                ));
-                jobs.tasks.lock().expect("tasks lock").push(task);
-            }
+            let (name, jitter) = (slot.config.name.clone(), slot.config.jitter);
+            let task = match slot.config.schedule() {
+                Ok(Schedule::Every(every)) => {
+                    tokio::spawn(jobs.clone().schedule(name, every, jitter))
+                }
+                Ok(Schedule::Cron(cron)) => {
+                    tokio::spawn(jobs.clone().schedule_cron(name, *cron, jitter))
+                }
+                Ok(Schedule::Manual) | Err(_) => continue,
+            };
+            jobs.tasks.lock().expect("tasks lock").push(task);
         }
         Ok(jobs)
     }
@@ -261,17 +275,58 @@ impl Jobs {
     async fn schedule(self: Arc<Self>, source: String, every: Duration, jitter: Duration) {
         let mut stop = self.stop_tx.subscribe();
         loop {
-            match self.trigger(&source, "schedule").await {
-                Ok(_) | Err(TriggerError::Running(_)) => {}
-                Err(TriggerError::Stopping) => return,
-                Err(error) => {
-                    tracing::warn!(message = "cannot start scheduled run", source, %error)
+            if !self.scheduled_run(&source).await {
+                return;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(every + schedule::jitter_delay(jitter)) => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    /// Runs `source` at every fire of `cron` (plus jitter). The next fire is
+    /// counted from the last one, so a slow run skips the fires it covered
+    /// and never repeats one.
+    async fn schedule_cron(self: Arc<Self>, source: String, cron: CronSchedule, jitter: Duration) {
+        let mut stop = self.stop_tx.subscribe();
+        let mut after = jiff::Timestamp::now();
+        loop {
+            let Some(fire) = cron.next_after(after) else {
+                tracing::warn!(message = "cron schedule has no further fire time", source);
+                return;
+            };
+            let at = fire
+                + jiff::SignedDuration::try_from(schedule::jitter_delay(jitter))
+                    .unwrap_or(jiff::SignedDuration::ZERO);
+            // In slices, reading the wall clock after each: a clock stepped
+            // while the agent waits moves the run with it.
+            loop {
+                let left = schedule::until(at, jiff::Timestamp::now());
+                if left.is_zero() {
+                    break;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(left.min(MAX_SLEEP_SLICE)) => {}
+                    _ = stop.changed() => return,
                 }
             }
-            let extra = jitter.mul_f64(fastrand::f64());
-            tokio::select! {
-                _ = tokio::time::sleep(every + extra) => {}
-                _ = stop.changed() => return,
+            if !self.scheduled_run(&source).await {
+                return;
+            }
+            // Fires that passed during a long jitter are not made up.
+            after = fire.max(jiff::Timestamp::now() - jiff::SignedDuration::from_millis(1));
+        }
+    }
+
+    /// Starts one scheduled run; `false` once the agent is stopping.
+    async fn scheduled_run(self: &Arc<Self>, source: &str) -> bool {
+        match self.trigger(source, "schedule").await {
+            Ok(_) | Err(TriggerError::Running(_)) => true,
+            Err(TriggerError::Stopping) => false,
+            Err(error) => {
+                tracing::warn!(message = "cannot start scheduled run", source, %error);
+                true
             }
         }
     }
@@ -342,6 +397,8 @@ impl Jobs {
                 buffer: self.buffer.clone(),
                 limits: self.limits,
                 stop: self.stop.clone(),
+                transform: slot.transform.clone(),
+                schemas: self.schemas.clone(),
             };
             let (r, result) = sources::collect(slot.config.clone(), ctx).await;
             report = r;

@@ -15,6 +15,8 @@
 //!   records.
 //! - [`jobs`]: runs of those sources (scheduled or triggered), their history
 //!   and the `/api/v1/jobs` API.
+//! - [`transform`]: per-source field mappings applied to pulled records.
+//! - [`schema`]: per-stream JSON Schemas checked on pushed and pulled records.
 //!
 //! **Architecture invariant:** the only path from a producer to the network
 //! goes through a committed buffer row; the forwarder never sees a record that
@@ -27,8 +29,10 @@ pub mod fsck;
 pub mod ingest;
 pub mod jobs;
 pub mod recovery;
+pub mod schema;
 pub mod seal;
 pub mod sources;
+pub mod transform;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -110,11 +114,17 @@ pub async fn run(
     let limits = dcs_shared::record::Limits {
         max_payload_bytes: config.ingest.max_payload_bytes.as_usize(),
     };
+    let schemas = Arc::new(
+        config
+            .schemas()
+            .map_err(|e| Error::Startup(format!("compile stream schemas: {e}")))?,
+    );
     let jobs = jobs::Jobs::start(
         &config.sources,
         config.jobs.retention,
         buffer.clone(),
         limits,
+        schemas.clone(),
     )
     .await?;
     let app = ingest::router(ingest::AppState {
@@ -126,6 +136,7 @@ pub async fn run(
         max_request_bytes: config.ingest.max_request_bytes.as_usize(),
         metrics: metrics_handle,
         quarantine: Arc::new(prepared.reports),
+        schemas,
     })
     .merge(jobs::router(jobs.clone()));
     tracing::info!(

@@ -30,7 +30,7 @@ use sqlx::{Column, Connection, Executor, Row, SqlSafeStr, Statement};
 
 use dcs_shared::config::Issues;
 
-use super::{RunContext, RunReport, SourceConfig, SourceError, validate_pulled};
+use super::{RunContext, RunReport, SourceConfig, SourceError};
 use crate::buffer::{Rejected, SourceBatch};
 
 /// Rows per page and transaction: one round trip and one commit carry many
@@ -439,7 +439,7 @@ where
                 .map(|v| v.as_str().unwrap_or_default().to_owned())
                 .collect::<Vec<_>>()
                 .join(",");
-            match validate_pulled(&source.stream, &doc, &ctx.limits) {
+            match ctx.prepare(&source.stream, &doc) {
                 Ok(record) => batch.records.push(record),
                 Err(reason) => batch.rejected.push(Rejected {
                     position,
@@ -594,7 +594,7 @@ fn sqlite_pages(
                     ))),
                 })
                 .collect::<Result<_, _>>()?;
-            match validate_pulled(&source.stream, doc, &ctx.limits) {
+            match ctx.prepare(&source.stream, doc) {
                 Ok(record) => batch.records.push(record),
                 Err(reason) => batch.rejected.push(Rejected {
                     position: serde_json::Value::Array(values.clone()).to_string(),
@@ -638,7 +638,9 @@ mod tests {
             kind: SourceKind::Database,
             stream: "lite".into(),
             schedule: "manual".into(),
+            timezone: None,
             jitter: std::time::Duration::ZERO,
+            transform: None,
             file: None,
             database: Some(DatabaseConfig {
                 url_file: Some(url_file),
@@ -679,6 +681,8 @@ mod tests {
             buffer: buffer.clone(),
             limits: Default::default(),
             stop: Default::default(),
+            transform: None,
+            schemas: Default::default(),
         };
         let source = sqlite_source(url_file);
         let (report, result) = crate::sources::collect(source.clone(), ctx.clone()).await;

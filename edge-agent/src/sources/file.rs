@@ -32,7 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use dcs_shared::config::Issues;
 
-use super::{RunContext, RunReport, SourceConfig, SourceError, validate_pulled};
+use super::{RunContext, RunReport, SourceConfig, SourceError};
 use crate::buffer::{Rejected, SourceBatch};
 
 /// Enough of a file's start to tell a replaced file from an appended one
@@ -372,16 +372,14 @@ impl Tail<'_> {
             let text = trim_eol(&line);
             if !text.iter().all(u8::is_ascii_whitespace) {
                 match self.payload(text, &header) {
-                    Ok(payload) => {
-                        match validate_pulled(&self.source.stream, &payload, &self.ctx.limits) {
-                            Ok(record) => records.push(record),
-                            Err(reason) => rejected.push(Rejected {
-                                position,
-                                raw: String::from_utf8_lossy(text).into_owned(),
-                                reason,
-                            }),
-                        }
-                    }
+                    Ok(payload) => match self.ctx.prepare(&self.source.stream, &payload) {
+                        Ok(record) => records.push(record),
+                        Err(reason) => rejected.push(Rejected {
+                            position,
+                            raw: String::from_utf8_lossy(text).into_owned(),
+                            reason,
+                        }),
+                    },
                     Err(reason) => rejected.push(Rejected {
                         position,
                         raw: String::from_utf8_lossy(text).into_owned(),

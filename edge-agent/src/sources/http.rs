@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 
 use dcs_shared::config::{Issues, duration};
 
-use super::{RunContext, RunReport, SourceConfig, SourceError, validate_pulled};
+use super::{RunContext, RunReport, SourceConfig, SourceError};
 use crate::buffer::{Rejected, SourceBatch};
 
 const CHECKPOINT_KEY: &str = "http";
@@ -304,7 +304,8 @@ pub async fn collect(
             ..Default::default()
         };
         for (i, item) in items.into_iter().enumerate() {
-            let checked = validate_pulled(&source.stream, &item, &ctx.limits)
+            let checked = ctx
+                .prepare(&source.stream, &item)
                 .and_then(|record| with_id(record, &source.name, cfg, &item));
             match checked {
                 Ok(record) => batch.records.push(record),

@@ -20,6 +20,7 @@
 pub mod database;
 pub mod file;
 pub mod http;
+pub mod schedule;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,10 +32,11 @@ use dcs_shared::config::{Issues, duration};
 use dcs_shared::record::{self, IncomingRecord, Limits, Record};
 
 use crate::buffer::{Buffer, BufferError};
+use crate::schema::{self, Schemas};
+use crate::transform::{Transform, TransformConfig};
 
-/// Shorter intervals would make a source a busy loop over its files or
-/// database for little gain in latency.
-pub const MIN_INTERVAL: Duration = Duration::from_millis(100);
+pub use schedule::{MIN_INTERVAL, Schedule};
+
 /// A source with no `schedule` runs once a minute: fresh enough for logs and
 /// exports, cheap for a database.
 pub const DEFAULT_SCHEDULE: &str = "60s";
@@ -47,14 +49,23 @@ pub struct SourceConfig {
     pub kind: SourceKind,
     /// The stream every record of this source is buffered under.
     pub stream: String,
-    /// An interval such as `"30s"`, or `"manual"` (only `POST
-    /// /api/v1/jobs/trigger` runs it).
+    /// An interval such as `"30s"`, a cron expression (`"*/5 * * * *"`, or
+    /// six fields with seconds first), or `"manual"` (only `POST
+    /// /api/v1/jobs/trigger` runs it). See [`schedule`].
     #[serde(default = "default_schedule")]
     pub schedule: String,
-    /// A random delay of up to this much is added to every interval, so many
-    /// agents started together do not hit a shared database in step.
+    /// The time zone a cron schedule's fields are read in (default UTC).
+    #[serde(default)]
+    pub timezone: Option<String>,
+    /// A random delay of up to this much is added to every interval or cron
+    /// fire, so many agents started together do not hit a shared database
+    /// in step.
     #[serde(default = "zero", with = "duration")]
     pub jitter: Duration,
+    /// A field mapping applied to every record before it is validated
+    /// ([`crate::transform`]).
+    #[serde(default)]
+    pub transform: Option<TransformConfig>,
     /// Settings of a `kind = "file"` source.
     #[serde(default)]
     pub file: Option<file::FileConfig>,
@@ -74,13 +85,6 @@ pub enum SourceKind {
     Http,
 }
 
-/// When a source runs by itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Schedule {
-    Every(Duration),
-    Manual,
-}
-
 fn default_schedule() -> String {
     DEFAULT_SCHEDULE.into()
 }
@@ -90,22 +94,16 @@ fn zero() -> Duration {
 
 impl SourceConfig {
     pub fn schedule(&self) -> Result<Schedule, String> {
-        let s = self.schedule.trim();
-        if s == "manual" {
-            return Ok(Schedule::Manual);
-        }
-        if s.split_whitespace().count() >= 5 {
-            return Err(format!(
-                "{s:?} looks like a cron expression; cron is not supported yet, use an interval like \"30s\" or \"manual\""
-            ));
-        }
-        let every = humantime::parse_duration(s).map_err(|e| {
-            format!("{s:?} is not an interval ({e}); write e.g. \"30s\", \"5m\" or \"manual\"")
-        })?;
-        if every < MIN_INTERVAL {
-            return Err(format!("must be at least {}ms", MIN_INTERVAL.as_millis()));
-        }
-        Ok(Schedule::Every(every))
+        Schedule::parse(&self.schedule, self.timezone.as_deref()).map_err(|e| e.to_string())
+    }
+
+    /// The compiled transform; `None` without one (or with invalid rules,
+    /// which [`validate`] refuses first).
+    pub fn compiled_transform(&self) -> Option<Transform> {
+        let mut ignored = Issues::default();
+        self.transform
+            .as_ref()
+            .and_then(|t| t.compile("transform", &mut ignored))
     }
 }
 
@@ -131,14 +129,32 @@ pub fn validate(sources: &[SourceConfig], issues: &mut Issues) {
         if let Err(reason) = record::validate_stream(&s.stream) {
             issues.check(false, &key("stream"), format!("{:?}: {reason}", s.stream));
         }
-        match s.schedule() {
-            Ok(Schedule::Every(every)) => issues.check(
-                s.jitter <= every,
-                &key("jitter"),
-                "must not exceed the schedule's interval",
-            ),
-            Ok(Schedule::Manual) => {}
-            Err(reason) => issues.check(false, &key("schedule"), reason),
+        match Schedule::parse(&s.schedule, s.timezone.as_deref()) {
+            Ok(schedule) => {
+                if let Some(max) = schedule.max_jitter() {
+                    issues.check(
+                        s.jitter <= max,
+                        &key("jitter"),
+                        format!(
+                            "must not exceed the schedule's interval or the shortest gap between its fires ({})",
+                            humantime::format_duration(max)
+                        ),
+                    );
+                }
+            }
+            Err(error @ schedule::ScheduleError::TimezoneWithoutCron) => {
+                issues.check(false, &key("timezone"), error.to_string())
+            }
+            Err(error @ schedule::ScheduleError::Timezone(_)) => {
+                issues.check(false, &key("timezone"), error.to_string())
+            }
+            Err(error @ schedule::ScheduleError::Cron { .. }) => {
+                issues.check(false, &key("schedule.cron"), error.to_string())
+            }
+            Err(error) => issues.check(false, &key("schedule"), error.to_string()),
+        }
+        if let Some(t) = &s.transform {
+            t.compile(&key("transform"), issues);
         }
         match s.kind {
             SourceKind::File => match &s.file {
@@ -204,12 +220,52 @@ pub struct RunContext {
     pub limits: Limits,
     /// Set at shutdown; collectors commit what they have and return.
     pub stop: Arc<AtomicBool>,
+    /// The source's field mapping, applied before validation.
+    pub transform: Option<Arc<Transform>>,
+    /// The per-stream JSON Schemas, shared with the ingest API.
+    pub schemas: Arc<Schemas>,
 }
 
 impl RunContext {
     pub fn stopping(&self) -> bool {
         self.stop.load(Ordering::Relaxed)
     }
+
+    /// Turns one pulled item (JSON text) into a record of `stream`: the
+    /// source's transform, then the rules `POST /v1/records` applies, then
+    /// the stream's schema. `Err` is the dead-letter reason.
+    pub fn prepare(&self, stream: &str, payload: &str) -> Result<Record, String> {
+        prepare(
+            stream,
+            payload,
+            self.transform.as_deref(),
+            &self.limits,
+            &self.schemas,
+        )
+    }
+}
+
+/// See [`RunContext::prepare`].
+pub fn prepare(
+    stream: &str,
+    payload: &str,
+    transform: Option<&Transform>,
+    limits: &Limits,
+    schemas: &Schemas,
+) -> Result<Record, String> {
+    let transformed;
+    let payload = match transform {
+        Some(t) => {
+            transformed = t.apply(payload)?;
+            transformed.as_str()
+        }
+        None => payload,
+    };
+    let record = validate_pulled(stream, payload, limits)?;
+    schemas
+        .check(stream, &record.payload)
+        .map_err(|v| schema::dead_letter_reason(&v))?;
+    Ok(record)
 }
 
 /// What one run did; becomes a job's result.
@@ -302,24 +358,98 @@ mod tests {
         assert!(injected.is_err(), "a line cannot smuggle record fields");
     }
 
-    #[test]
-    fn schedules_are_intervals_or_manual_and_cron_is_named() {
-        let mut s = SourceConfig {
+    fn source(schedule: &str) -> SourceConfig {
+        SourceConfig {
             name: "n".into(),
             kind: SourceKind::File,
             stream: "s".into(),
-            schedule: "30s".into(),
+            schedule: schedule.into(),
+            timezone: None,
             jitter: Duration::ZERO,
-            file: None,
+            transform: None,
+            file: Some(file::FileConfig {
+                paths: vec!["/var/log/x/*.log".into()],
+                format: file::Format::Lines,
+            }),
             database: None,
             http: None,
-        };
+        }
+    }
+
+    fn problems(sources: &[SourceConfig]) -> String {
+        let mut issues = Issues::default();
+        validate(sources, &mut issues);
+        issues
+            .into_result()
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn schedules_are_intervals_cron_expressions_or_manual() {
+        let mut s = source("30s");
         assert_eq!(s.schedule(), Ok(Schedule::Every(Duration::from_secs(30))));
         s.schedule = "manual".into();
         assert_eq!(s.schedule(), Ok(Schedule::Manual));
         s.schedule = "*/5 * * * *".into();
-        assert!(s.schedule().unwrap_err().contains("cron"));
+        assert!(matches!(s.schedule(), Ok(Schedule::Cron(_))));
         s.schedule = "1ms".into();
         assert!(s.schedule().is_err());
+    }
+
+    #[test]
+    fn a_bad_cron_schedule_is_named_by_index_and_key() {
+        let good = source("*/5 * * * *");
+        let mut bad = source("*/5 * * 13 *");
+        bad.name = "m".into();
+        let err = problems(&[good, bad]);
+        assert!(err.contains("sources[1].schedule.cron"), "{err}");
+        assert!(!err.contains("sources[0]"), "{err}");
+
+        let mut tz = source("0 9 * * *");
+        tz.timezone = Some("Nowhere/City".into());
+        assert!(problems(&[tz]).contains("sources[0].timezone"));
+        let mut tz_on_interval = source("30s");
+        tz_on_interval.timezone = Some("UTC".into());
+        assert!(problems(&[tz_on_interval]).contains("sources[0].timezone"));
+    }
+
+    #[test]
+    fn jitter_may_not_exceed_the_gap_between_cron_fires() {
+        let mut s = source("*/10 * * * * *");
+        s.jitter = Duration::from_secs(10);
+        assert_eq!(problems(std::slice::from_ref(&s)), "");
+        s.jitter = Duration::from_secs(11);
+        assert!(problems(&[s]).contains("sources[0].jitter"));
+    }
+
+    #[test]
+    fn a_pulled_item_is_transformed_then_checked_against_its_stream_schema() {
+        let stream_cfg = crate::schema::StreamConfig {
+            schema: Some(
+                r#"{"type":"object","required":["temp"],"properties":{"temp":{"type":"number"}}}"#
+                    .into(),
+            ),
+            schema_file: None,
+        };
+        let mut issues = Issues::default();
+        let schemas = Schemas::compile(
+            &[("s".to_string(), stream_cfg)].into_iter().collect(),
+            &mut issues,
+        );
+        let transform: TransformConfig = toml::from_str(r#"rename = { "t" = "temp" }"#).unwrap();
+        let mapping = transform.compile("transform", &mut issues);
+        assert!(issues.into_result().is_ok());
+        let limits = Limits::default();
+        let with = |item: &str| prepare("s", item, mapping.as_ref(), &limits, &schemas);
+        let without = |stream: &str, item: &str| prepare(stream, item, None, &limits, &schemas);
+        assert_eq!(with(r#"{"t":21.5}"#).unwrap().payload, r#"{"temp":21.5}"#);
+        let reason = with(r#"{"t":"warm"}"#).unwrap_err();
+        assert!(reason.starts_with("payload/temp: "), "{reason}");
+        // Without the mapping the same item lacks the field the schema wants.
+        let reason = without("s", r#"{"t":21.5}"#).unwrap_err();
+        assert!(reason.contains("temp"), "{reason}");
+        assert!(without("other", r#"{"t":1}"#).is_ok());
     }
 }
