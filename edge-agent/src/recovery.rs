@@ -64,6 +64,21 @@ pub struct Report {
 }
 
 impl Report {
+    /// A report before salvage has counted anything.
+    fn new(folder: String, quarantined_at: String, reason: String) -> Report {
+        Report {
+            folder,
+            quarantined_at,
+            reason,
+            epoch: None,
+            held: None,
+            salvaged: 0,
+            unreadable: 0,
+            dead_letters_salvaged: 0,
+            recovered_file: None,
+        }
+    }
+
     /// Records known to be lost: held but neither salvaged nor found unreadable
     /// are counted as lost too, since they can no longer be found.
     pub fn lost(&self) -> Option<u64> {
@@ -311,20 +326,14 @@ fn salvage_folder(
     let work = folder.join("work");
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).map_err(io)?;
-    let mut report = Report {
-        folder: folder
+    let mut report = Report::new(
+        folder
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
-        quarantined_at: modified_rfc3339(&folder.join(PENDING)),
-        reason: reason.trim().to_owned(),
-        epoch: None,
-        held: None,
-        salvaged: 0,
-        unreadable: 0,
-        dead_letters_salvaged: 0,
-        recovered_file: None,
-    };
+        modified_rfc3339(&folder.join(PENDING)),
+        reason.trim().to_owned(),
+    );
     if let Some(db) = db {
         let copy = work.join("buffer.db");
         std::fs::copy(&db, &copy).map_err(io)?;
@@ -359,19 +368,13 @@ pub fn salvage_copy(damaged: &Path, into: &Path, keyring: &Keyring) -> Result<Re
         }
         Ok(())
     });
-    let mut report = Report {
-        folder: damaged.display().to_string(),
-        quarantined_at: time::OffsetDateTime::now_utc()
+    let mut report = Report::new(
+        damaged.display().to_string(),
+        time::OffsetDateTime::now_utc()
             .format(&time::format_description::well_known::Rfc3339)
             .unwrap_or_default(),
-        reason: "offline salvage".into(),
-        epoch: None,
-        held: None,
-        salvaged: 0,
-        unreadable: 0,
-        dead_letters_salvaged: 0,
-        recovered_file: None,
-    };
+        "offline salvage".into(),
+    );
     let result = copied
         .map_err(io)
         .and_then(|()| salvage_file(&copy, into, keyring, &mut report));
