@@ -317,6 +317,10 @@ struct ServerActivity {
     checkpoints_timed: i64,
     checkpoints_requested: i64,
     buffers_checkpoint: i64,
+    /// Dirty pages the server's own backends had to write out to make room
+    /// (shared_buffers too small for the load): each is a write in the
+    /// middle of someone's COPY.
+    buffers_backend: i64,
     buffers_backend_fsync: i64,
     wal_bytes: i64,
     wal_full_page_images: i64,
@@ -334,13 +338,15 @@ struct ServerActivity {
 impl ServerActivity {
     async fn snapshot(admin_url: &str) -> anyhow::Result<ServerActivity> {
         let mut conn = sqlx::PgConnection::connect(admin_url).await?;
-        let (checkpoints_timed, checkpoints_requested, buffers_checkpoint, buffers_backend_fsync): (
-            i64,
-            i64,
-            i64,
-            i64,
-        ) = sqlx::query_as(
-            "SELECT checkpoints_timed, checkpoints_req, buffers_checkpoint, buffers_backend_fsync \
+        let (
+            checkpoints_timed,
+            checkpoints_requested,
+            buffers_checkpoint,
+            buffers_backend,
+            buffers_backend_fsync,
+        ): (i64, i64, i64, i64, i64) = sqlx::query_as(
+            "SELECT checkpoints_timed, checkpoints_req, buffers_checkpoint, buffers_backend, \
+                    buffers_backend_fsync \
              FROM pg_stat_bgwriter",
         )
         .fetch_one(&mut conn)
@@ -365,6 +371,7 @@ impl ServerActivity {
             checkpoints_timed,
             checkpoints_requested,
             buffers_checkpoint,
+            buffers_backend,
             buffers_backend_fsync,
             wal_bytes,
             wal_full_page_images,
@@ -381,6 +388,7 @@ impl ServerActivity {
             checkpoints_timed: self.checkpoints_timed - before.checkpoints_timed,
             checkpoints_requested: self.checkpoints_requested - before.checkpoints_requested,
             buffers_checkpoint: self.buffers_checkpoint - before.buffers_checkpoint,
+            buffers_backend: self.buffers_backend - before.buffers_backend,
             buffers_backend_fsync: self.buffers_backend_fsync - before.buffers_backend_fsync,
             wal_bytes: self.wal_bytes - before.wal_bytes,
             wal_full_page_images: self.wal_full_page_images - before.wal_full_page_images,
@@ -1428,9 +1436,10 @@ fn print_report(r: &Results) {
         );
         if let Some(s) = &l.server {
             println!(
-                "      server: {} timed + {} requested checkpoints, {:.0} MB WAL ({} full-page images, write {:.0} ms, sync {:.0} ms), WAL files {} -> {}",
+                "      server: {} timed + {} requested checkpoints, {} pages written by backends, {:.0} MB WAL ({} full-page images, write {:.0} ms, sync {:.0} ms), WAL files {} -> {}",
                 s.checkpoints_timed,
                 s.checkpoints_requested,
+                s.buffers_backend,
                 s.wal_bytes as f64 / 1e6,
                 s.wal_full_page_images,
                 s.wal_write_ms,
