@@ -151,8 +151,11 @@ impl TransformConfig {
                 problems.check(!overlap(f, f2), k, "overlaps another dropped field");
             }
             for (_, from, to) in &renames {
+                // Dropping what is left of an object a field was moved out
+                // of is fine (renames run first); anything else is not.
+                let parent_of_moved = f.len() < from.len();
                 problems.check(
-                    !overlap(f, from) && !overlap(f, to),
+                    (parent_of_moved || !overlap(f, from)) && !overlap(f, to),
                     k,
                     "is also renamed (or renamed onto); drop it or rename it, not both",
                 );
@@ -349,6 +352,20 @@ drop = ["/x/y"]"#,
     }
 
     #[test]
+    fn a_field_can_be_moved_out_of_an_object_that_is_then_dropped() {
+        let t = compile(
+            r#"rename = { "/probe/name" = "sensor" }
+drop = ["probe"]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            t.apply(r#"{"probe":{"name":"t1","slot":4},"v":1}"#)
+                .unwrap(),
+            r#"{"sensor":"t1","v":1}"#
+        );
+    }
+
+    #[test]
     fn set_creates_nested_objects_but_never_writes_through_a_value() {
         let t = compile(r#"set = { "/a/b/c" = true }"#).unwrap();
         assert_eq!(t.apply("{}").unwrap(), r#"{"a":{"b":{"c":true}}}"#);
@@ -386,6 +403,16 @@ drop = ["/x/y"]"#,
             ),
             (
                 "rename = { a = \"b\" }\ndrop = [\"a\"]",
+                "t.drop[0]",
+                "renamed",
+            ),
+            (
+                "rename = { \"/a/b\" = \"c\" }\ndrop = [\"/a/b/d\"]",
+                "t.drop[0]",
+                "renamed",
+            ),
+            (
+                "rename = { a = \"b\" }\ndrop = [\"/b/c\"]",
                 "t.drop[0]",
                 "renamed",
             ),
