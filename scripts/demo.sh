@@ -7,8 +7,12 @@
 # Builds the binaries, creates the database dcs_demo, certificates and configs
 # under .dcs/demo/, starts both services in the background (logs in
 # .dcs/demo/*.log), pushes N sample records (default 10000) as NDJSON and waits
-# until PostgreSQL holds every one of them. With --once it then stops both and
-# exits 0 only if every record arrived exactly once; without it, both keep
+# until PostgreSQL holds every one of them. The agent also collects by itself:
+# a file source (cron "*/2 * * * * *") reads an NDJSON file the demo writes,
+# maps its fields and checks them against a JSON Schema (one bad line becomes
+# a dead letter), and a database source reads a demo table in the same local
+# PostgreSQL. With --once it then stops both and exits 0 only if every pushed
+# record, file line and table row arrived exactly once; without it, both keep
 # running until Ctrl-C so you can push more.
 #
 # Re-running is fine: services left over from an earlier run are stopped, the
@@ -61,6 +65,10 @@ done
 [[ "$RECORDS" =~ ^[1-9][0-9]{0,8}$ ]] || die "--records must be a positive whole number, got '$RECORDS'"
 
 CHUNK=1000
+# Records the pull sources collect: lines of the demo file (plus one line
+# that fails the stream's schema) and rows of the demo table.
+FILE_LINES=50
+DB_ROWS=50
 DELIVERY_TIMEOUT_SECS=120
 START_TIMEOUT_SECS=30
 STOP_TIMEOUT_SECS=20
@@ -212,6 +220,36 @@ if [[ ! -f "$PKI_DIR/agent/agent.pem" || ! -f "$PKI_DIR/agent/agent-key.pem" ]];
 fi
 say "certificates in $PKI_DIR (CA, server for localhost/127.0.0.1, agent demo/edge-01)"
 
+# Streams of this run's own: earlier runs' rows in dcs_demo are not counted.
+RUN_ID="$(date -u +%Y%m%dt%H%M%S)-$$"
+STREAM="demo.run-$RUN_ID"
+FILE_STREAM="demo.file-$RUN_ID"
+DB_STREAM="demo.db-$RUN_ID"
+
+# Pull sources. The file source reads $SOURCES_DIR/files/*.ndjson; files of
+# earlier runs are removed first, so the agent forgets their checkpoints. The
+# database source reads this run's rows of a demo table in dcs_demo.
+SOURCES_DIR="$DEMO_DIR/sources"
+mkdir -p "$SOURCES_DIR/files"
+rm -f "$SOURCES_DIR"/files/*.ndjson "$SOURCES_DIR"/files/*.tmp
+DEMO_FILE="$SOURCES_DIR/files/readings-$RUN_ID.ndjson"
+DB_URL_FILE="$SOURCES_DIR/demo-db.url"
+(
+    umask 077
+    echo "$PG_URL_BASE/$DB_NAME" >"$DB_URL_FILE"
+)
+"${PSQL[@]}" -d "$DB_NAME" -c "
+    create table if not exists demo_source_readings (
+        id bigserial primary key,
+        run text not null,
+        probe text not null,
+        reading numeric not null,
+        taken_at timestamptz not null default now());
+    insert into demo_source_readings (run, probe, reading)
+    select '$RUN_ID', 'probe-' || (i % 4), round((15 + random() * 10)::numeric, 2)
+      from generate_series(1, $DB_ROWS) as i;" </dev/null
+say "demo table demo_source_readings: $DB_ROWS rows for run $RUN_ID"
+
 AGG_PORT=$(pick_port 18443)
 EDGE_PORT=$(pick_port 18780)
 ((EDGE_PORT != AGG_PORT)) || EDGE_PORT=$(pick_port $((AGG_PORT + 1)))
@@ -258,6 +296,35 @@ max = "2s"
 [log]
 format = "text"
 level = "info"
+
+# The file the demo writes, read every 2 seconds (cron with a seconds field);
+# fields renamed and a constant added, then checked against the schema below.
+[[sources]]
+name = "demo-file"
+kind = "file"
+stream = "$FILE_STREAM"
+schedule = "*/2 * * * * *"
+[sources.file]
+paths = ["$SOURCES_DIR/files/*.ndjson"]
+format = "ndjson"
+[sources.transform]
+rename = { "temp_c" = "temperature", "/probe/id" = "sensor" }
+drop = ["probe"]
+set = { site = "demo-site" }
+
+# This run's rows of a table in the local PostgreSQL, by growing id.
+[[sources]]
+name = "demo-db"
+kind = "database"
+stream = "$DB_STREAM"
+schedule = "1s"
+[sources.database]
+url_file = "$DB_URL_FILE"
+query = "SELECT id, probe, reading, taken_at FROM demo_source_readings WHERE run = '$RUN_ID'"
+cursor = ["id"]
+
+[streams."$FILE_STREAM"]
+schema = '{"type": "object", "required": ["sensor", "temperature"], "properties": {"sensor": {"type": "string"}, "temperature": {"type": "number"}}}'
 EOF
 # Newer aggregators also serve /metrics on a plain-HTTP admin listener
 # (default 127.0.0.1:9464); give it a free port when this build has one.
@@ -298,9 +365,18 @@ echo "$EDGE_PID" >"$EDGE_PIDFILE"
 wait_for "$EDGE_PID" dcs-edge "$EDGE_LOG" "${CURL[@]}" --fail --max-time 2 "$EDGE_URL/health"
 say "dcs-edge (pid $EDGE_PID) listening on $EDGE_URL, log $EDGE_LOG"
 
+section "Write the file the file source reads"
+awk -v n="$FILE_LINES" 'BEGIN {
+    for (i = 0; i < n; i++)
+        printf "{\"line\":%d,\"temp_c\":%.1f,\"probe\":{\"id\":\"probe-%d\",\"slot\":%d}}\n", i, 18 + (i % 30) / 10, i % 4, i % 8
+    # Fails the stream schema (the temperature is text): a dead letter.
+    printf "{\"line\":%d,\"temp_c\":\"warm\",\"probe\":{\"id\":\"probe-x\"}}\n", n
+}' >"$DEMO_FILE.tmp"
+# Renamed into place whole, so the source never sees half a file.
+mv "$DEMO_FILE.tmp" "$DEMO_FILE"
+say "$DEMO_FILE: $FILE_LINES good lines and 1 that fails the schema"
+
 section "Push $RECORDS records"
-# A stream of this run's own: earlier runs' rows in dcs_demo are not counted.
-STREAM="demo.run-$(date -u +%Y%m%dt%H%M%S)-$$"
 say "stream $STREAM, NDJSON in chunks of $CHUNK"
 
 # NDJSON for records [$1, $1 + $2) of this run.
@@ -349,6 +425,23 @@ done
 DONE_NS=$(date +%s%N)
 distinct=$(psql_value "select count(distinct record_id) from records where stream = '$STREAM'")
 
+# The pull sources: every good file line and every table row, once.
+source_rows() { psql_value "select count(*) || ' ' || count(distinct payload) from records where stream = '$1'"; }
+deadline=$((SECONDS + DELIVERY_TIMEOUT_SECS))
+while :; do
+    read -r file_count file_distinct <<<"$(source_rows "$FILE_STREAM")"
+    read -r db_count db_distinct <<<"$(source_rows "$DB_STREAM")"
+    ((file_count >= FILE_LINES && db_count >= DB_ROWS)) && break
+    if ((SECONDS >= deadline)); then
+        warn "sources: $file_count of $FILE_LINES file lines and $db_count of $DB_ROWS table rows within ${DELIVERY_TIMEOUT_SECS}s"
+        break
+    fi
+    sleep 0.25
+done
+# This agent process's count (the buffer's dead letters include earlier runs').
+rejected=$("${CURL[@]}" --max-time 5 "$EDGE_URL/metrics" |
+    awk '/^dcs_agent_source_records_total\{/ && /source="demo-file"/ && /result="rejected"/ { print $NF }')
+
 section "Summary"
 rate() { awk -v n="$1" -v ns="$2" 'BEGIN { s = ns / 1e9; if (s <= 0) s = 1e-9; printf "%.2f s, %.0f records/s", s, n / s }'; }
 say "pushed     $RECORDS records: $(rate "$RECORDS" $((PUSHED_NS - START_NS))) (HTTP + SQLite commit)"
@@ -359,6 +452,15 @@ say "sample rows:"
     "select r.seq, a.tenant_id || '/' || a.name as agent, r.record_id, r.ts, r.payload
        from records r join agents a on a.id = r.agent_id
       where r.stream = '$STREAM' order by r.epoch, r.seq limit 5" </dev/null
+say "file source, stream $FILE_STREAM ($file_count rows), fields mapped:"
+"${PSQL[@]}" -d "$DB_NAME" -P pager=off -c \
+    "select record_id, payload from records where stream = '$FILE_STREAM' order by seq limit 3" </dev/null
+say "database source, stream $DB_STREAM ($db_count rows):"
+"${PSQL[@]}" -d "$DB_NAME" -P pager=off -c \
+    "select record_id, payload from records where stream = '$DB_STREAM' order by seq limit 3" </dev/null
+say "the agent's latest jobs:"
+"${CURL[@]}" --max-time 5 "$EDGE_URL/api/v1/jobs?limit=2" || true
+echo
 say "the agent's /v1/status:"
 status_json=$("${CURL[@]}" --max-time 5 "$EDGE_URL/v1/status" || echo '{}')
 if command -v python3 >/dev/null 2>&1; then
@@ -373,6 +475,18 @@ if ((count == RECORDS && distinct == RECORDS)); then
     say "OK: all $RECORDS records arrived in PostgreSQL exactly once"
 else
     warn "FAILED: expected $RECORDS rows with distinct ids, got $count rows and $distinct distinct ids"
+fi
+if ((file_count == FILE_LINES && file_distinct == FILE_LINES && db_count == DB_ROWS && db_distinct == DB_ROWS)); then
+    say "OK: the file source's $FILE_LINES lines and the database source's $DB_ROWS rows arrived exactly once"
+else
+    ok=0
+    warn "FAILED: expected $FILE_LINES file rows and $DB_ROWS table rows, each once; got $file_count ($file_distinct distinct) and $db_count ($db_distinct distinct)"
+fi
+if [[ "$rejected" == 1 ]]; then
+    say "OK: the file line that fails the schema went to the dead letters (dcs-edge buffer export shows it)"
+else
+    ok=0
+    warn "FAILED: expected 1 rejected file line (failing the schema), the agent counted ${rejected:-none}"
 fi
 
 if ((ONCE)); then
