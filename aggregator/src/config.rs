@@ -83,6 +83,8 @@ pub struct Config {
     pub revocation: RevocationConfig,
     #[serde(default)]
     pub retention: RetentionConfig,
+    #[serde(default)]
+    pub enrollment: EnrollmentConfig,
 }
 
 /// Daily partitions of `records` (see `retention`).
@@ -227,7 +229,7 @@ impl Default for ListenConfig {
 }
 
 /// PEM files. All three are required; an empty path means "not set".
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TlsConfig {
     /// The CA that issued the agents' client certificates.
@@ -235,6 +237,81 @@ pub struct TlsConfig {
     /// The aggregator's server certificate (chain).
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// How often the server certificate and key files are checked for a
+    /// change (size, mtime, inode); a change reloads them like SIGHUP does.
+    /// 0 turns the check off (SIGHUP still works).
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub watch_interval: Duration,
+}
+
+/// A renewed certificate written by a deployment tool is served within
+/// seconds, and two `stat` calls every few seconds cost nothing.
+pub const DEFAULT_TLS_WATCH_INTERVAL: Duration = Duration::from_secs(5);
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        TlsConfig {
+            ca: PathBuf::new(),
+            cert: PathBuf::new(),
+            key: PathBuf::new(),
+            watch_interval: DEFAULT_TLS_WATCH_INTERVAL,
+        }
+    }
+}
+
+/// Agent enrollment and renewal: the aggregator signs agents' certificate
+/// signing requests with the DCS CA. Off unless `enabled`; then the CA's key
+/// must be readable by the aggregator, which makes this host as sensitive
+/// as the CA itself.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct EnrollmentConfig {
+    pub enabled: bool,
+    /// The CA certificate that signs; empty means `tls.ca` (its first
+    /// certificate).
+    pub ca_cert: PathBuf,
+    /// The CA's private key. Required when enabled.
+    pub ca_key: PathBuf,
+    /// Lifetime of the certificates issued to agents. Agents renew when a
+    /// third of it is left.
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub validity: Duration,
+    /// Longest lifetime an admin may give an enrollment token.
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub max_token_ttl: Duration,
+}
+
+/// 30 days: a stolen key is useful for at most a month after revocation is
+/// forgotten, and agents renew after 20 days, so an agent offline for up to
+/// 10 days still renews in time.
+pub const DEFAULT_ENROLLMENT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+/// A week: time to ship a token to a site, not a standing credential.
+pub const DEFAULT_MAX_ENROLLMENT_TOKEN_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Below this, renewal at a third of the validity would come round faster
+/// than an agent's retry loop can react. Tests use tens of seconds.
+pub const MIN_ENROLLMENT_VALIDITY: Duration = Duration::from_secs(15);
+
+impl Default for EnrollmentConfig {
+    fn default() -> Self {
+        EnrollmentConfig {
+            enabled: false,
+            ca_cert: PathBuf::new(),
+            ca_key: PathBuf::new(),
+            validity: DEFAULT_ENROLLMENT_VALIDITY,
+            max_token_ttl: DEFAULT_MAX_ENROLLMENT_TOKEN_TTL,
+        }
+    }
+}
+
+impl EnrollmentConfig {
+    /// The signing CA certificate: its own, or `tls.ca`.
+    pub fn ca_cert<'a>(&'a self, tls: &'a TlsConfig) -> &'a Path {
+        if self.ca_cert.as_os_str().is_empty() {
+            &tls.ca
+        } else {
+            &self.ca_cert
+        }
+    }
 }
 
 #[derive(Clone, Deserialize)]
@@ -468,6 +545,24 @@ impl Config {
                 MAX_REVOCATION_REFRESH.as_secs()
             ),
         );
+        let e = &self.enrollment;
+        if e.enabled {
+            issues.check(
+                !e.ca_key.as_os_str().is_empty(),
+                "enrollment.ca_key",
+                "is required when enrollment.enabled = true",
+            );
+            issues.check(
+                e.validity >= MIN_ENROLLMENT_VALIDITY,
+                "enrollment.validity",
+                format!("must be at least {}s", MIN_ENROLLMENT_VALIDITY.as_secs()),
+            );
+            issues.check(
+                !e.max_token_ttl.is_zero(),
+                "enrollment.max_token_ttl",
+                "must be greater than zero",
+            );
+        }
         let r = &self.retention;
         issues.check(
             (1..=366).contains(&r.partitions_ahead),
@@ -502,6 +597,14 @@ impl Config {
             if let Err(error) = dcs_shared::tls::server_config_no_client_auth(cert, key) {
                 issues.check(false, "platform", error.to_string());
             }
+        }
+        if self.enrollment.enabled
+            && let Err(error) = dcs_certs::Ca::load_files(
+                self.enrollment.ca_cert(&self.tls),
+                &self.enrollment.ca_key,
+            )
+        {
+            issues.check(false, "enrollment", error.to_string());
         }
         if self.database.url.is_none()
             && let Some(path) = &self.database.url_file
@@ -704,6 +807,28 @@ mod tests {
         .unwrap();
         let (cert, _) = config.platform.cert_and_key(&config.tls);
         assert_eq!(cert, Path::new("/etc/dcs/server.pem"));
+    }
+
+    #[test]
+    fn enrollment_is_off_by_default_and_needs_the_ca_key_when_on() {
+        let config = load_str(MINIMAL).unwrap();
+        assert!(!config.enrollment.enabled);
+        assert_eq!(config.enrollment.validity, DEFAULT_ENROLLMENT_VALIDITY);
+        assert_eq!(config.tls.watch_interval, DEFAULT_TLS_WATCH_INTERVAL);
+        assert_eq!(
+            config.enrollment.ca_cert(&config.tls),
+            Path::new("/etc/dcs/ca.pem")
+        );
+        let err = load_str(&format!(
+            "{MINIMAL}\n[enrollment]\nenabled = true\nvalidity = \"5s\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(keys(&err), ["enrollment.ca_key", "enrollment.validity"]);
+        let config = load_str(&format!(
+            "{MINIMAL}\n[enrollment]\nenabled = true\nca_key = \"/etc/dcs/ca-key.pem\"\nvalidity = \"45s\"\n"
+        ))
+        .unwrap();
+        assert_eq!(config.enrollment.validity, Duration::from_secs(45));
     }
 
     #[test]

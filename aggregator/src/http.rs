@@ -31,6 +31,7 @@ use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, LimitsConfig};
+use crate::platform::enrollment::{self, EnrollError, Signer};
 use crate::revocation::{Denied, DenyList, Verdict};
 use crate::server::PresentedCertificate;
 use crate::store::{self, CopyRows, Failure, PreparedBatch};
@@ -55,15 +56,23 @@ struct Inner {
     in_flight: Semaphore,
     /// Revoked agents and serials, disabled tenants; refreshed in the background.
     deny: DenyList,
+    /// Signs renewals; `None` when `[enrollment]` is off.
+    signer: Option<Arc<Signer>>,
 }
 
 impl AppState {
-    pub(crate) fn new(config: &Config, pool: PgPool, deny: DenyList) -> Self {
+    pub(crate) fn new(
+        config: &Config,
+        pool: PgPool,
+        deny: DenyList,
+        signer: Option<Arc<Signer>>,
+    ) -> Self {
         AppState(Arc::new(Inner {
             pool,
             limits: config.limits,
             in_flight: Semaphore::new(config.database.max_connections as usize),
             deny,
+            signer,
         }))
     }
 }
@@ -71,6 +80,7 @@ impl AppState {
 pub(crate) fn router(state: AppState) -> Router {
     Router::new()
         .route(wire::BATCHES_PATH, post(post_batch))
+        .route(dcs_certs::enroll::RENEW_PATH, post(renew))
         .route("/health", get(health))
         .route("/ready", get(ready))
         .fallback(|| async { Error::NotFound })
@@ -428,6 +438,32 @@ async fn post_batch(
 /// Stores the certificate an agent's connection presented on its row, once
 /// per connection and only when it changed, so operators see fingerprints,
 /// serials and expiry without the batch path paying for it on every batch.
+/// Renews the calling agent's certificate: the identity is the verified
+/// client certificate's, so an agent can only ever renew as itself, and the
+/// deny list is checked first (a revoked agent or certificate gets 403).
+async fn renew(
+    state: State<AppState>,
+    agent: Extension<AgentIdentity>,
+    presented: Option<Extension<PresentedCertificate>>,
+    Json(request): Json<dcs_certs::enroll::RenewRequest>,
+) -> Result<Json<dcs_certs::enroll::IssuedCertificate>, EnrollError> {
+    let inner = &state.0.0;
+    let presented = presented.map(|Extension(p)| p.cert);
+    let issued = enrollment::renew(
+        &inner.pool,
+        inner.signer.as_deref(),
+        &inner.deny,
+        &agent,
+        presented.as_deref(),
+        &request.csr,
+    )
+    .await
+    .inspect_err(|error| {
+        info!(message = "certificate renewal refused", agent = %agent.0, ?error);
+    })?;
+    Ok(Json(issued))
+}
+
 async fn record_certificate(
     pool: &PgPool,
     agent: &AgentIdentity,

@@ -22,7 +22,8 @@
 //! - `store`: the PostgreSQL write path (COPY into staging, then insert).
 //! - [`retention`]: daily partitions of `records`, created ahead and dropped
 //!   past retention.
-//! - [`server_cert`]: the server certificate, reloaded on SIGHUP.
+//! - [`server_cert`]: the server certificate, reloaded on SIGHUP or when its
+//!   files change.
 //! - [`revocation`]: the in-memory deny list every batch is checked against.
 //! - [`platform`]: the platform API (`/api/v1`): bearer tokens, RBAC, records,
 //!   agents, tenants, tokens and the audit trail.
@@ -163,6 +164,9 @@ pub async fn serve_all(
     } else {
         None
     };
+    let signer = platform::enrollment::Signer::load(&config).map_err(Error::Refused)?;
+    let cert_watch =
+        server_cert::spawn_reload_on_change(reloadable.clone(), config.tls.watch_interval);
     let cert_reload = server_cert::spawn_reload_on_sighup(reloadable).map_err(Error::Signal)?;
     let deny = revocation::DenyList::new();
     // Loaded before the first batch is accepted; if PostgreSQL is down now,
@@ -172,7 +176,7 @@ pub async fn serve_all(
     }
     let deny_refresh = deny.spawn_refresh(pool.clone(), config.revocation.refresh_interval);
     let maintenance = retention::spawn(pool.clone(), config.retention);
-    let state = http::AppState::new(&config, pool.clone(), deny.clone());
+    let state = http::AppState::new(&config, pool.clone(), deny.clone(), signer.clone());
     let admin = match listeners.admin {
         Some(admin) => admin,
         None => tokio::net::TcpListener::bind(config.admin.address)
@@ -214,7 +218,7 @@ pub async fn serve_all(
             .into_future(),
     );
     let platform_task = platform.map(|(tls, listener)| {
-        let app = platform::router(platform::PlatformState::new(pool, deny));
+        let app = platform::router(platform::PlatformState::new(pool, deny).with_signer(signer));
         let limits = config.limits;
         let stopped = wait(stopped.clone());
         tokio::spawn(async move {
@@ -237,6 +241,9 @@ pub async fn serve_all(
     }
     deny_refresh.abort();
     cert_reload.abort();
+    if let Some(watch) = cert_watch {
+        watch.abort();
+    }
     maintenance.abort();
     Ok(())
 }

@@ -71,6 +71,36 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Create, list or disable one-time agent enrollment tokens.
+    EnrollmentToken {
+        #[command(subcommand)]
+        command: EnrollmentTokenCommand,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum EnrollmentTokenCommand {
+    /// Print a new one-time enrollment token on stdout for `dcs-edge enroll`.
+    /// It is shown this once and stored only as a hash.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        /// The agent id the certificate will carry.
+        #[arg(long)]
+        agent: String,
+        /// Lifetime such as 2h (default 24h, at most enrollment.max_token_ttl).
+        #[arg(long)]
+        expires_in: Option<String>,
+    },
+    List {
+        #[arg(long)]
+        tenant: Option<String>,
+    },
+    Disable {
+        id: i64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -308,6 +338,48 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                     TokenCommand::Revoke { id } => {
                         print_json(&tokens::revoke_token(&pool, id, None, actor, None).await?)
                     }
+                }
+            })
+            .await
+        }
+        Command::EnrollmentToken { command, config } => {
+            let loaded = match Config::load(config.config.as_deref(), std::env::vars()) {
+                Ok(loaded) => loaded,
+                Err(error) => return Ok(bad_config(&error)),
+            };
+            let max_ttl = loaded.enrollment.max_token_ttl;
+            admin(config, |pool, actor| async move {
+                use dcs_aggregator::platform::enrollment;
+                match command {
+                    EnrollmentTokenCommand::Create {
+                        tenant,
+                        agent,
+                        expires_in,
+                    } => {
+                        let new = enrollment::NewEnrollmentToken {
+                            tenant: Some(tenant),
+                            agent,
+                            expires_in,
+                        };
+                        let created =
+                            enrollment::create_enrollment_token(&pool, &new, max_ttl, actor, None)
+                                .await?;
+                        eprintln!(
+                            "enrollment token {} for dcs://{}/{} created, valid until {}; it is shown only now:",
+                            created.info.id,
+                            created.info.tenant,
+                            created.info.agent,
+                            created.info.expires_at
+                        );
+                        println!("{}", created.token);
+                        Ok(())
+                    }
+                    EnrollmentTokenCommand::List { tenant } => print_json(
+                        &enrollment::list_enrollment_tokens(&pool, tenant.as_deref()).await?,
+                    ),
+                    EnrollmentTokenCommand::Disable { id } => print_json(
+                        &enrollment::disable_enrollment_token(&pool, id, None, actor, None).await?,
+                    ),
                 }
             })
             .await

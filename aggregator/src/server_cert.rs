@@ -3,8 +3,15 @@
 //! Design constraints:
 //! - **Renewal without a restart.** Both listeners resolve their certificate
 //!   per handshake from a [`ReloadableCert`]; SIGHUP re-reads the PEM files
-//!   and swaps it. Connections already open keep the session they negotiated
-//!   and are never dropped; new handshakes get the new certificate.
+//!   and swaps it, and so does a change of either file (size, mtime, inode,
+//!   polled every `tls.watch_interval`: a deployment tool that renames a new
+//!   certificate into place needs no signal). Connections already open keep
+//!   the session they negotiated and are never dropped; new handshakes get
+//!   the new certificate.
+//! - **A half-replaced pair is waited out.** A tool that writes the
+//!   certificate and then the key makes the first poll see a key that does
+//!   not match; that attempt is logged once and retried when a file changes
+//!   again, so the second write completes the reload.
 //! - **A bad file never takes the service down.** A reload that cannot read
 //!   the files, or whose key does not match the certificate, is logged and
 //!   the previous certificate stays in use. Start-up still fails fast (the
@@ -82,6 +89,79 @@ fn read(cert: &Path, key: &Path) -> Result<CertifiedKey, String> {
     Ok(certified)
 }
 
+/// What identifies a version of a file without reading it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime_ns: i128,
+}
+
+fn stamp(path: &Path) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt as _;
+    // metadata follows symlinks, so a Kubernetes-style `..data` symlink swap
+    // shows as a new inode.
+    let m = std::fs::metadata(path).ok()?;
+    Some(FileStamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+    })
+}
+
+impl ReloadableCert {
+    fn stamps(&self) -> (Option<FileStamp>, Option<FileStamp>) {
+        (stamp(&self.cert), stamp(&self.key))
+    }
+}
+
+/// Reloads a certificate whose files changed, checking every `interval`
+/// (`None` when the interval is zero: SIGHUP only). Until aborted.
+pub(crate) fn spawn_reload_on_change(
+    certs: Vec<Arc<ReloadableCert>>,
+    interval: std::time::Duration,
+) -> Option<tokio::task::JoinHandle<()>> {
+    if interval.is_zero() {
+        return None;
+    }
+    // The versions last loaded or last tried: a pair that failed to load is
+    // tried again only after one of its files changes once more.
+    let mut seen: Vec<_> = certs.iter().map(|c| c.stamps()).collect();
+    Some(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            for (cert, last) in certs.iter().zip(seen.iter_mut()) {
+                let now = cert.stamps();
+                if now == *last {
+                    continue;
+                }
+                *last = now;
+                report(cert, cert.reload(), "file change");
+            }
+        }
+    }))
+}
+
+fn report(cert: &ReloadableCert, result: Result<(), String>, trigger: &'static str) {
+    match result {
+        Ok(()) => {
+            metrics::counter!("dcs_aggregator_server_cert_reloads_total", "outcome" => "ok")
+                .increment(1);
+            tracing::info!(message = "server certificate reloaded", path = %cert.cert.display(), trigger);
+        }
+        Err(error) => {
+            metrics::counter!("dcs_aggregator_server_cert_reloads_total", "outcome" => "failed")
+                .increment(1);
+            tracing::error!(message = "reload server certificate; keeping the one in use", %error, trigger);
+        }
+    }
+}
+
 /// Reloads every certificate in `certs` on each SIGHUP, until aborted.
 pub(crate) fn spawn_reload_on_sighup(
     certs: Vec<Arc<ReloadableCert>>,
@@ -92,16 +172,7 @@ pub(crate) fn spawn_reload_on_sighup(
     Ok(tokio::spawn(async move {
         while hangups.recv().await.is_some() {
             for cert in &certs {
-                match cert.reload() {
-                    Ok(()) => {
-                        metrics::counter!("dcs_aggregator_server_cert_reloads_total", "outcome" => "ok").increment(1);
-                        tracing::info!(message = "server certificate reloaded", path = %cert.cert.display());
-                    }
-                    Err(error) => {
-                        metrics::counter!("dcs_aggregator_server_cert_reloads_total", "outcome" => "failed").increment(1);
-                        tracing::error!(message = "reload server certificate; keeping the one in use", %error);
-                    }
-                }
+                report(cert, cert.reload(), "SIGHUP");
             }
         }
     }))

@@ -64,6 +64,7 @@ pub fn test_config(pki: &Pki, db_url: &str) -> Config {
             ca: pki.ca.clone(),
             cert: pki.server_cert.clone(),
             key: pki.server_key.clone(),
+            ..TlsConfig::default()
         },
         database: DatabaseConfig::with_url(db_url),
         ..Config::default()

@@ -19,6 +19,8 @@
 //! # Layout
 //! - [`auth`]: tokens (generation, hashing, lookup), roles and scopes.
 //! - [`tenants`], [`tokens`]: admin management of both.
+//! - [`enrollment`]: one-time enrollment tokens, `POST /api/v1/enroll` and
+//!   the agents' renewal: CSRs signed with the DCS CA.
 //! - [`records`]: the keyset-paginated query and the NDJSON export.
 //! - [`agents`]: what the center knows of each agent.
 //! - [`audit`]: appending to and reading the audit trail.
@@ -28,6 +30,7 @@
 pub mod agents;
 pub mod audit;
 pub mod auth;
+pub mod enrollment;
 pub mod openapi;
 pub mod records;
 pub mod tenants;
@@ -52,11 +55,23 @@ pub struct PlatformState {
     pub(crate) pool: PgPool,
     /// Refreshed at once after a revocation made here.
     pub(crate) deny: DenyList,
+    /// Signs enrollment CSRs; `None` when `[enrollment]` is off.
+    pub(crate) signer: Option<std::sync::Arc<enrollment::Signer>>,
 }
 
 impl PlatformState {
     pub fn new(pool: PgPool, deny: DenyList) -> Self {
-        PlatformState { pool, deny }
+        PlatformState {
+            pool,
+            deny,
+            signer: None,
+        }
+    }
+
+    /// With enrollment on (`[enrollment]`), signing with `signer`.
+    pub fn with_signer(mut self, signer: Option<std::sync::Arc<enrollment::Signer>>) -> Self {
+        self.signer = signer;
+        self
     }
 }
 
@@ -82,12 +97,23 @@ pub fn router(state: PlatformState) -> Router {
         .route("/api/v1/tokens", get(tokens::list).post(tokens::create))
         .route("/api/v1/tokens/{id}/revoke", post(tokens::revoke))
         .route("/api/v1/audit", get(audit::list))
+        .route(
+            "/api/v1/enrollment-tokens",
+            get(enrollment::list).post(enrollment::create),
+        )
+        .route(
+            "/api/v1/enrollment-tokens/{id}/disable",
+            post(enrollment::disable),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authenticate,
         ));
     // The description of the API is public; everything it describes is not.
+    // Enrollment is outside the bearer-token layer: the enrollment token in
+    // its body is its credential, and a new agent has no API token.
     let docs = Router::new()
+        .route(dcs_certs::enroll::ENROLL_PATH, post(enrollment::enroll))
         .route("/openapi.json", get(|| async { Json(openapi::document()) }))
         .route(
             "/api/docs",

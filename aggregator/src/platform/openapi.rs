@@ -11,7 +11,7 @@ use serde_json::Value;
 use utoipa::OpenApi;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 
-use super::{agents, audit, records, tenants, tokens};
+use super::{agents, audit, enrollment, records, tenants, tokens};
 
 /// Every error body of the API (`dcs_shared::wire::ErrorBody`).
 #[derive(utoipa::ToSchema)]
@@ -28,9 +28,10 @@ pub struct ErrorSchema {
 #[openapi(
     info(
         title = "DCS platform API",
-        description = "Query collected records, manage agents, tenants and tokens, read the audit trail. \
-            Every call needs `Authorization: Bearer <token>`; tokens carry a role (admin, reader) \
-            and a tenant scope.",
+        description = "Query collected records, manage agents, tenants and tokens, read the audit trail, \
+            enroll agents. Every call but `POST /api/v1/enroll` needs `Authorization: Bearer <token>`; \
+            tokens carry a role (admin, reader) and a tenant scope. Enrollment authenticates with a \
+            one-time enrollment token in its body.",
     ),
     paths(
         records::list,
@@ -49,6 +50,10 @@ pub struct ErrorSchema {
         tokens::create,
         tokens::revoke,
         audit::list,
+        enrollment::create,
+        enrollment::list,
+        enrollment::disable,
+        enrollment::enroll,
     ),
     components(schemas(ErrorSchema)),
     modifiers(&BearerAuth),
