@@ -14,6 +14,13 @@
 //!   with the reason: visible in `/v1/status`, never silently dropped. A 413
 //!   splits the batch in halves first; only a single record too large goes there.
 //! - Memory stays bounded by `max_in_flight` batches whatever the backlog.
+//! - The TLS identity can change while the forwarder runs: every attempt
+//!   takes the client current at that moment from a [`SharedClient`], which
+//!   certificate renewal ([`crate::identity`]) replaces. A batch in flight
+//!   finishes on the connection it started on; its retry, and every later
+//!   batch, presents the new certificate. Nothing about a batch (its rows,
+//!   its `seq` range, its ack) depends on the client, so a swap can neither
+//!   lose nor repeat a record.
 //!
 //! Retry timing is our own ten lines ([`Backoff`]) rather than a crate: the
 //! `backoff` crate is unmaintained (RUSTSEC-2025-0012), and per-attempt
@@ -179,9 +186,38 @@ impl Outcome {
     }
 }
 
+/// The mutual-TLS client every forwarder of this process posts with,
+/// replaceable while they run (certificate renewal). Cloning shares it.
+#[derive(Clone, Debug)]
+pub struct SharedClient(Arc<std::sync::RwLock<reqwest::Client>>);
+
+impl SharedClient {
+    pub fn new(client: reqwest::Client) -> Self {
+        SharedClient(Arc::new(std::sync::RwLock::new(client)))
+    }
+
+    /// The client to use for the next request (a cheap handle).
+    pub fn current(&self) -> reqwest::Client {
+        self.0
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
+    /// Makes `client` the one every later request uses. Requests already
+    /// sent keep the old one until they finish; its idle connections close
+    /// when the last handle is dropped.
+    pub fn replace(&self, client: reqwest::Client) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = client;
+    }
+}
+
 struct Inner {
     buffer: Buffer,
-    client: reqwest::Client,
+    client: SharedClient,
     url: reqwest::Url,
     link: Arc<Link>,
     max_records: usize,
@@ -225,6 +261,22 @@ pub fn http_client(config: &Config) -> Result<reqwest::Client, Error> {
 
 impl Forwarder {
     pub fn new(config: &Config, buffer: Buffer, link: Arc<Link>) -> Result<Forwarder, Error> {
+        Forwarder::with_client(
+            config,
+            buffer,
+            link,
+            SharedClient::new(http_client(config)?),
+        )
+    }
+
+    /// Like [`Forwarder::new`], posting with `client`, which the caller may
+    /// replace while the forwarder runs (see [`SharedClient`]).
+    pub fn with_client(
+        config: &Config,
+        buffer: Buffer,
+        link: Arc<Link>,
+        client: SharedClient,
+    ) -> Result<Forwarder, Error> {
         let base = reqwest::Url::parse(&config.aggregator.url)
             .map_err(|e| Error::Startup(format!("aggregator.url: {e}")))?;
         let url = base
@@ -233,7 +285,7 @@ impl Forwarder {
         Ok(Forwarder {
             inner: Arc::new(Inner {
                 buffer,
-                client: http_client(config)?,
+                client,
                 url,
                 link,
                 max_records: config.batch.max_records,
@@ -499,6 +551,7 @@ impl Inner {
     async fn post(&self, body: Bytes) -> Outcome {
         let response = self
             .client
+            .current()
             .post(self.url.clone())
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .header(reqwest::header::CONTENT_ENCODING, "gzip")

@@ -7,6 +7,8 @@
 //! - [`buffer`]: the durable SQLite buffer: group commit, acks, dead letters.
 //! - [`ingest`]: the local HTTP API (records, status, health).
 //! - [`forwarder`]: batches, delivery, retries with backoff and jitter.
+//! - [`enroll`]: `dcs-edge enroll`, the first certificate from a one-time
+//!   token; [`identity`]: its renewal over mutual TLS while the agent runs.
 //! - [`recovery`]: start-up integrity check, quarantine and salvage.
 //! - [`fsck`]: `dcs-edge buffer check|stats|salvage|export`, offline.
 //! - [`seal`]: encryption at rest of buffered payloads.
@@ -24,8 +26,10 @@
 
 pub mod buffer;
 pub mod config;
+pub mod enroll;
 pub mod forwarder;
 pub mod fsck;
+pub mod identity;
 pub mod ingest;
 pub mod jobs;
 pub mod recovery;
@@ -91,9 +95,17 @@ pub async fn run(
         bytes = stats.bytes
     );
     let link = Arc::new(forwarder::Link::default());
-    let forwarder = forwarder::Forwarder::new(&config, buffer.clone(), link.clone())?;
+    // One client for every forwarder, so a renewed certificate reaches all.
+    let client = forwarder::SharedClient::new(forwarder::http_client(&config)?);
+    let forwarder =
+        forwarder::Forwarder::with_client(&config, buffer.clone(), link.clone(), client.clone())?;
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let forwarding = tokio::spawn(forwarder.run(stop_rx.clone()));
+    let renewing = tokio::spawn(identity::run_renewal(
+        config.clone(),
+        client.clone(),
+        stop_rx.clone(),
+    ));
     let draining: Vec<_> = prepared
         .recovered
         .iter()
@@ -106,6 +118,7 @@ pub async fn run(
                 config.clone(),
                 opts,
                 link.clone(),
+                client.clone(),
                 stop_rx.clone(),
             ))
         })
@@ -152,6 +165,10 @@ pub async fn run(
     drop(jobs);
     let _ = stop_tx.send(true);
     let _ = forwarding.await;
+    // A renewal request in flight is not worth waiting for; file writes run
+    // on the blocking pool and complete regardless.
+    renewing.abort();
+    let _ = renewing.await;
     for task in draining {
         let _ = task.await;
     }
@@ -167,6 +184,7 @@ async fn drain_recovered(
     config: Config,
     opts: buffer::BufferOptions,
     link: Arc<forwarder::Link>,
+    client: forwarder::SharedClient,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
     let path = opts.path.clone();
@@ -188,7 +206,7 @@ async fn drain_recovered(
         epoch = %buffer.epoch(),
         records = buffer.stats().records
     );
-    let forwarder = match forwarder::Forwarder::new(&config, buffer.clone(), link) {
+    let forwarder = match forwarder::Forwarder::with_client(&config, buffer.clone(), link, client) {
         Ok(forwarder) => forwarder,
         Err(error) => {
             tracing::error!(message = "cannot deliver recovered buffer", %error);

@@ -27,6 +27,37 @@ enum Command {
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
+    /// Get this agent's certificate with a one-time enrollment token: makes
+    /// the key pair here, sends only a CSR, writes key (0600), certificate
+    /// and CA bundle. Paths default to the configuration's aggregator.cert,
+    /// .key and .ca (with --config), else agent.pem, agent-key.pem and ca.pem
+    /// in the current directory.
+    Enroll {
+        /// The aggregator's platform API, e.g. https://dcs.example.net:8444.
+        #[arg(long)]
+        url: String,
+        /// The enrollment token (`dcse_...`); better passed in DCS_ENROLL_TOKEN
+        /// than on the command line, where other users can see it.
+        #[arg(long, env = "DCS_ENROLL_TOKEN", hide_env_values = true)]
+        token: String,
+        /// CA certificate(s) to verify the aggregator with (default: the
+        /// configuration's aggregator.ca, if that file exists).
+        #[arg(long, value_name = "FILE")]
+        ca: Option<PathBuf>,
+        /// Agent configuration to take the output paths from. It need not
+        /// validate yet (its certificate does not exist).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Where to write the certificate.
+        #[arg(long, value_name = "FILE")]
+        cert_out: Option<PathBuf>,
+        /// Where to write the private key (0600).
+        #[arg(long, value_name = "FILE")]
+        key_out: Option<PathBuf>,
+        /// Where to write the CA bundle the aggregator returns.
+        #[arg(long, value_name = "FILE")]
+        ca_out: Option<PathBuf>,
+    },
     /// Inspect or repair a buffer file offline (safe beside a running agent,
     /// except `salvage`, which only reads a copy).
     Buffer {
@@ -89,6 +120,32 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let config = match &cli.command {
         Command::Run { config } | Command::CheckConfig { config } => config,
+        Command::Enroll { .. } => {
+            let Command::Enroll {
+                url,
+                token,
+                ca,
+                config,
+                cert_out,
+                key_out,
+                ca_out,
+            } = cli.command
+            else {
+                unreachable!("matched above")
+            };
+            let outputs = Outputs {
+                cert: cert_out,
+                key: key_out,
+                ca: ca_out,
+            };
+            return match enroll(&url, &token, ca, config.as_deref(), outputs) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("dcs-edge: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         Command::Buffer { action } => {
             return match buffer_command(action) {
                 Ok(code) => code,
@@ -107,7 +164,7 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Buffer { .. } => unreachable!("handled above"),
+        Command::Buffer { .. } | Command::Enroll { .. } => unreachable!("handled above"),
         Command::CheckConfig { .. } => {
             println!("configuration OK");
             ExitCode::SUCCESS
@@ -137,6 +194,99 @@ fn run(config: Config) -> anyhow::Result<()> {
         dcs_edge::run(config, listener, dcs_shared::shutdown::signal())
             .await
             .context("run agent")
+    })
+}
+
+/// Output paths given on the command line.
+struct Outputs {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+}
+
+fn enroll(
+    url: &str,
+    token: &str,
+    trust: Option<PathBuf>,
+    config: Option<&std::path::Path>,
+    outputs: Outputs,
+) -> anyhow::Result<()> {
+    dcs_shared::tls::install_crypto_provider();
+    let from_config = match config {
+        Some(file) => Some(load_aggregator_paths(file)?),
+        None => None,
+    };
+    let pick = |given: Option<PathBuf>, configured: Option<&PathBuf>, default: &str| {
+        given
+            .or_else(|| configured.cloned())
+            .unwrap_or_else(|| PathBuf::from(default))
+    };
+    let paths = dcs_edge::enroll::IdentityPaths {
+        cert: pick(
+            outputs.cert,
+            from_config.as_ref().and_then(|p| p.cert.as_ref()),
+            "agent.pem",
+        ),
+        key: pick(
+            outputs.key,
+            from_config.as_ref().and_then(|p| p.key.as_ref()),
+            "agent-key.pem",
+        ),
+        ca: pick(
+            outputs.ca,
+            from_config.as_ref().and_then(|p| p.ca.as_ref()),
+            "ca.pem",
+        ),
+    };
+    let trust = match trust {
+        Some(trust) => trust,
+        None => match from_config.as_ref().and_then(|p| p.ca.clone()) {
+            Some(ca) if ca.is_file() => ca,
+            _ => anyhow::bail!(
+                "give --ca FILE: the CA certificate that verifies the aggregator (it is not fetched over the network)"
+            ),
+        },
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("start runtime")?;
+    let issued = runtime
+        .block_on(dcs_edge::enroll::enroll(url, token, &trust, &paths))
+        .context("enroll")?;
+    // Never the key: only where it is.
+    println!(
+        "enrolled as dcs://{}/{} (serial {}, valid until {})",
+        issued.tenant, issued.agent, issued.serial, issued.not_after
+    );
+    println!("certificate: {}", paths.cert.display());
+    println!("private key: {} (0600)", paths.key.display());
+    println!("CA bundle:   {}", paths.ca.display());
+    Ok(())
+}
+
+/// `aggregator.cert`, `.key` and `.ca` of a configuration file, read without
+/// validating it (before enrollment the certificate does not exist yet).
+#[derive(Default)]
+struct AggregatorPaths {
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    ca: Option<PathBuf>,
+}
+
+fn load_aggregator_paths(file: &std::path::Path) -> anyhow::Result<AggregatorPaths> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("read configuration {}", file.display()))?;
+    let table: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parse {}", file.display()))?;
+    let Some(section) = table.get("aggregator").and_then(|s| s.as_table()) else {
+        return Ok(AggregatorPaths::default());
+    };
+    let path = |key: &str| section.get(key).and_then(|v| v.as_str()).map(PathBuf::from);
+    Ok(AggregatorPaths {
+        cert: path("cert"),
+        key: path("key"),
+        ca: path("ca"),
     })
 }
 
