@@ -342,6 +342,24 @@ set = { source = "plant-3", "/meta/schema" = 2 }
     }
 
     #[test]
+    fn the_example_in_the_sources_guide_maps_as_it_says() {
+        let t = compile(
+            r#"
+rename = { "temp_c" = "temperature", "/meta/site" = "site" }
+drop = ["password", "meta"]
+select = ["id", "temperature", "site"]
+set = { plant = "berlin-3", "/origin/kind" = "sensor" }
+"#,
+        )
+        .unwrap();
+        assert_eq!(
+            t.apply(r#"{"id":7,"temp_c":21.5,"password":"x","meta":{"site":"B"}}"#)
+                .unwrap(),
+            r#"{"id":7,"origin":{"kind":"sensor"},"plant":"berlin-3","site":"B","temperature":21.5}"#
+        );
+    }
+
+    #[test]
     fn a_rule_for_a_missing_field_does_nothing() {
         let t = compile(
             r#"rename = { "a" = "b" }
