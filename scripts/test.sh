@@ -8,7 +8,9 @@
 # 3. cargo fmt --check and cargo clippy -D warnings (skipped with --quick)
 # 4. cargo build --workspace --bins (the tests run the real binaries)
 # 5. dcs-edge / dcs-aggregator check-config on config/examples/*.toml
-# 6. cargo test --workspace
+# 6. the monitoring files, the fuzz targets briefly, the OpenAPI document
+#    (scripts/check-openapi.sh) and the deployment files
+# 7. cargo test --workspace
 #
 # Exits non-zero as soon as a step fails.
 set -Eeuo pipefail
@@ -127,6 +129,9 @@ bash "$ROOT/scripts/check-observability.sh"
 
 step "Fuzz targets (briefly, when cargo-fuzz and nightly are present; the corpus replays in cargo test)"
 bash "$ROOT/scripts/fuzz.sh" 20
+
+step "Platform API: the OpenAPI document validates (openapi-spec-validator)"
+bash "$ROOT/scripts/check-openapi.sh"
 
 step "Deployment: package install test, systemd unit, Terraform, checkov, compose and workflow schemas, cargo audit"
 bash "$ROOT/scripts/check-deploy.sh"
