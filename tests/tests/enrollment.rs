@@ -18,7 +18,7 @@ use dcs_certs::enroll::{IssuedCertificate, RENEW_PATH, certificate_info, new_key
 use dcs_edge::enroll::{CertRequestError, IdentityPaths, enroll};
 use dcs_shared::wire::ErrorBody;
 use dcs_tests::agent::{start_agent, test_config as agent_config, wait_until};
-use dcs_tests::aggregator::{RunningPlatform, agent_client, start_platform_with};
+use dcs_tests::aggregator::{RunningPlatform, agent_client, start_platform_with, with_user};
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::{AgentCert, Pki};
 use reqwest::StatusCode;
@@ -237,6 +237,45 @@ async fn an_enrollment_token_works_once_and_never_twice() {
         .collect();
     assert_eq!((ok, used.len()), (2, 2), "{enrolls:?}");
     assert_eq!(audit(&db, "enrollment_token.create").await.len(), 2);
+    p.aggregator.stop().await;
+}
+
+#[tokio::test]
+async fn enrollment_and_renewal_work_with_the_application_roles_grants() {
+    let pki = Pki::new();
+    let db = TestDb::new().await;
+    // What a DBA does once per cluster (see the platform migration).
+    sqlx::query("ALTER ROLE dcs_app LOGIN")
+        .execute(&db.pool)
+        .await
+        .expect("let the application role log in");
+    let app_url = with_user(&db.url, "dcs_app");
+    let p = start_platform_with(&pki, &app_url, |c| enable_enrollment(c, &pki, DAY)).await;
+    let acme_admin = admin(&db, Some("acme")).await;
+    let token = enrollment_token(&p, &acme_admin, "acme", "edge-1", "1h").await;
+    let out = tempfile::tempdir().unwrap();
+    let files = paths(out.path(), "agent");
+    enroll(&p.url, &token, &pki.ca, &files)
+        .await
+        .expect("enroll as dcs_app");
+    let (status, code) =
+        refusal(enroll(&p.url, &token, &pki.ca, &paths(out.path(), "again")).await);
+    assert_eq!((status, code.as_str()), (410, "token_used"));
+    let cert = AgentCert {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        ca: files.ca.clone(),
+    };
+    let (status, body) = renew_with(&p, &cert).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let (status, body) = post(
+        &p,
+        Some(&acme_admin),
+        "/api/v1/enrollment-tokens/1/disable",
+        json!({}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
     p.aggregator.stop().await;
 }
 
