@@ -157,6 +157,13 @@ pub async fn run(
         address = %listener.local_addr().map_err(Error::Serve)?,
         aggregator = %config.aggregator.url
     );
+    // Producers wait on each answer; Nagle's algorithm must never hold one
+    // back for a delayed ACK.
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(message = "could not set TCP_NODELAY", %error);
+        }
+    });
     let served = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await;
