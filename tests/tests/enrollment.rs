@@ -279,6 +279,60 @@ async fn enrollment_and_renewal_work_with_the_application_roles_grants() {
     p.aggregator.stop().await;
 }
 
+// Multi-threaded: the in-process aggregator serves while the test thread
+// waits for the dcs-edge process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dcs_edge_enroll_writes_to_the_configured_paths_and_never_prints_the_key() {
+    let pki = Pki::new();
+    let db = TestDb::new().await;
+    let p = start(&pki, &db, DAY).await;
+    let acme_admin = admin(&db, Some("acme")).await;
+    let token = enrollment_token(&p, &acme_admin, "acme", "edge-1", "1h").await;
+    let out = tempfile::tempdir().unwrap();
+    let files = paths(out.path(), "etc");
+    // The agent's configuration names the files; they do not exist yet, so
+    // the configuration would not validate: enroll must not need it to.
+    let config = out.path().join("edge.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[aggregator]\nurl = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\nca = \"{}\"\n",
+            p.aggregator.url,
+            files.cert.display(),
+            files.key.display(),
+            files.ca.display()
+        ),
+    )
+    .unwrap();
+    let run = |token: &str| {
+        std::process::Command::new(dcs_tests::process::binary("dcs-edge"))
+            .args(["enroll", "--url", &p.url, "--ca"])
+            .arg(&pki.ca)
+            .arg("--config")
+            .arg(&config)
+            .env("DCS_ENROLL_TOKEN", token)
+            .output()
+            .expect("run dcs-edge enroll")
+    };
+    let output = tokio::task::block_in_place(|| run(&token));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert!(stdout.contains("dcs://acme/edge-1"), "{stdout}");
+    let key = std::fs::read_to_string(&files.key).unwrap();
+    assert!(key.contains("PRIVATE KEY"));
+    assert!(!stdout.contains("PRIVATE KEY") && !stderr.contains("PRIVATE KEY"));
+    assert_eq!(mode(&files.key), 0o600);
+    assert_eq!(identity_of(&files.cert), "acme/edge-1");
+
+    // The same token a second time: a failure that says why, files untouched.
+    let output = tokio::task::block_in_place(|| run(&token));
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("token_used"));
+    assert_eq!(std::fs::read_to_string(&files.key).unwrap(), key);
+    p.aggregator.stop().await;
+}
+
 #[tokio::test]
 async fn expired_unknown_and_disabled_tokens_are_refused_and_audited() {
     let pki = Pki::new();
