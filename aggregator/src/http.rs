@@ -445,8 +445,9 @@ async fn renew(
     state: State<AppState>,
     agent: Extension<AgentIdentity>,
     presented: Option<Extension<PresentedCertificate>>,
-    Json(request): Json<dcs_certs::enroll::RenewRequest>,
+    request: Result<Json<dcs_certs::enroll::RenewRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<dcs_certs::enroll::IssuedCertificate>, EnrollError> {
+    let Json(request) = request.map_err(enrollment::bad_body)?;
     let inner = &state.0.0;
     let presented = presented.map(|Extension(p)| p.cert);
     let issued = enrollment::renew(

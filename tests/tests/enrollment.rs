@@ -354,6 +354,26 @@ async fn expired_unknown_and_disabled_tokens_are_refused_and_audited() {
         refusal(enroll(&p.url, &acme_admin, &pki.ca, &paths(out.path(), "c")).await);
     assert_eq!((status, code.as_str()), (401, "unknown_token"));
 
+    // A body that is not an enrollment request gets a JSON error too.
+    let (status, body) = post(&p, None, "/api/v1/enroll", json!({"token": "x"})).await;
+    assert_eq!(
+        (status, body["error"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("bad_request")),
+        "{body}"
+    );
+    let (status, body) = post(
+        &p,
+        None,
+        "/api/v1/enroll",
+        json!({"token": "dcse_x", "csr": "not a CSR"}),
+    )
+    .await;
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "an unknown token is refused before the CSR is read: {body}"
+    );
+
     let token = enrollment_token(&p, &acme_admin, "acme", "edge-3", "1h").await;
     let (status, body) = post(
         &p,
@@ -373,6 +393,7 @@ async fn expired_unknown_and_disabled_tokens_are_refused_and_audited() {
         .collect();
     let expected: Vec<(String, String)> = [
         "token_expired",
+        "unknown_token",
         "unknown_token",
         "unknown_token",
         "token_disabled",

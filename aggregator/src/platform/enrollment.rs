@@ -23,6 +23,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -511,10 +512,11 @@ struct TokenRow {
 pub(crate) async fn enroll(
     State(state): State<PlatformState>,
     peer: Option<Extension<PeerAddr>>,
-    Json(request): Json<EnrollRequest>,
+    request: Result<Json<EnrollRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<IssuedCertificate>), EnrollError> {
     let remote = peer.map(|Extension(PeerAddr(addr))| addr.to_string());
     let signer = state.signer.clone().ok_or(EnrollError::Disabled)?;
+    let Json(request) = request.map_err(bad_body)?;
     let mut refused = RefusalAudit {
         actor: "anonymous".into(),
         tenant: None,
@@ -539,6 +541,11 @@ pub(crate) async fn enroll(
             Err(error)
         }
     }
+}
+
+/// A body that is not the expected JSON, as a JSON error like every other.
+pub(crate) fn bad_body(rejection: JsonRejection) -> EnrollError {
+    EnrollError::Api(ApiError::BadRequest(rejection.body_text()))
 }
 
 /// Who a refused enrollment was, as far as it got.
