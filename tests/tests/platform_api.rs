@@ -594,3 +594,24 @@ async fn the_api_describes_itself_without_a_token() {
     assert!(!page.contains("<script"));
     p.aggregator.stop().await;
 }
+
+#[tokio::test]
+async fn a_flood_of_bad_tokens_is_audited_as_a_bounded_number_of_rows() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let p = start(&pki, &db).await;
+    let admin = token(&db, "admin", None).await;
+
+    for i in 0..50 {
+        let (status, _) = get(&p, &format!("dcs_wrong-{i}"), "/api/v1/agents").await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+    }
+    // Every refusal was answered; only the first of the window became rows.
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM audit WHERE action = 'auth.failed'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(rows, 20);
+    // A valid token from the same address still works and is not throttled.
+    assert_eq!(get(&p, &admin, "/api/v1/agents").await.0, StatusCode::OK);
+}

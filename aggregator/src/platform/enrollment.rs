@@ -514,7 +514,8 @@ pub(crate) async fn enroll(
     peer: Option<Extension<PeerAddr>>,
     request: Result<Json<EnrollRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<IssuedCertificate>), EnrollError> {
-    let remote = peer.map(|Extension(PeerAddr(addr))| addr.to_string());
+    let peer = peer.map(|Extension(PeerAddr(addr))| addr);
+    let remote = peer.map(|addr| addr.to_string());
     let signer = state.signer.clone().ok_or(EnrollError::Disabled)?;
     let Json(request) = request.map_err(bad_body)?;
     let mut refused = RefusalAudit {
@@ -534,9 +535,14 @@ pub(crate) async fn enroll(
         Err(error) => {
             metrics::counter!("dcs_aggregator_certificate_requests_refused_total", "kind" => "enroll", "reason" => error.status_code_message().1)
                 .increment(1);
-            // A database failure is not a refusal of the caller.
+            // A database failure is not a refusal of the caller. Anyone can
+            // send tokens: the throttle bounds the rows they cause.
             if !matches!(error, EnrollError::Api(_)) {
-                refused.append(&state.pool, "agent.enroll", &error).await;
+                let entry = refused.entry("agent.enroll", &error);
+                state
+                    .refusals
+                    .append(&state.pool, peer.map(|p| p.ip()), &entry)
+                    .await;
             }
             Err(error)
         }
@@ -557,8 +563,8 @@ struct RefusalAudit {
 }
 
 impl RefusalAudit {
-    async fn append(&self, pool: &PgPool, action: &str, error: &EnrollError) {
-        let entry = Entry {
+    fn entry(&self, action: &str, error: &EnrollError) -> Entry {
+        Entry {
             actor: self.actor.clone(),
             action: action.into(),
             tenant: self.tenant.clone(),
@@ -566,7 +572,11 @@ impl RefusalAudit {
             outcome: Outcome::Denied,
             remote: self.remote.clone(),
             details: serde_json::json!({ "reason": error.reason() }),
-        };
+        }
+    }
+
+    async fn append(&self, pool: &PgPool, action: &str, error: &EnrollError) {
+        let entry = self.entry(action, error);
         if let Err(error) = audit::append(pool, &entry).await {
             tracing::error!(message = "append audit entry for a refused certificate request", %error);
         }

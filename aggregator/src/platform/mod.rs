@@ -57,6 +57,8 @@ pub struct PlatformState {
     pub(crate) deny: DenyList,
     /// Signs enrollment CSRs; `None` when `[enrollment]` is off.
     pub(crate) signer: Option<std::sync::Arc<enrollment::Signer>>,
+    /// Bounds the audit rows that unauthenticated callers can cause.
+    pub(crate) refusals: audit::RefusalThrottle,
 }
 
 impl PlatformState {
@@ -65,6 +67,7 @@ impl PlatformState {
             pool,
             deny,
             signer: None,
+            refusals: audit::RefusalThrottle::default(),
         }
     }
 
@@ -134,10 +137,8 @@ async fn authenticate(
     mut request: Request,
     next: Next,
 ) -> Response {
-    let remote = request
-        .extensions()
-        .get::<PeerAddr>()
-        .map(|p| p.0.to_string());
+    let peer = request.extensions().get::<PeerAddr>().map(|p| p.0);
+    let remote = peer.map(|p| p.to_string());
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
     let principal = match auth::authenticate(&state.pool, request.headers()).await {
@@ -152,9 +153,10 @@ async fn authenticate(
                 remote,
                 details: serde_json::json!({ "reason": refusal.reason() }),
             };
-            if let Err(error) = audit::append(&state.pool, &entry).await {
-                tracing::error!(message = "append audit entry for a refused login", %error);
-            }
+            state
+                .refusals
+                .append(&state.pool, peer.map(|p| p.ip()), &entry)
+                .await;
             metrics::counter!("dcs_aggregator_platform_auth_failures_total").increment(1);
             return refusal.into_error().into_response();
         }
