@@ -47,6 +47,12 @@ pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(30);
 pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// A producer on a LAN sends headers in milliseconds; ten seconds only ends
+/// connections that were never going to send any.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// Enough for the largest request body (`ingest.max_request_bytes`) over a
+/// slow link, short enough that stalled uploads cannot pile up.
+pub const DEFAULT_BODY_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -105,6 +111,13 @@ fn default_jobs_retention() -> Duration {
 pub struct ListenConfig {
     #[serde(default = "default_listen")]
     pub address: String,
+    /// Time a client has to send a request's headers (and, on a new
+    /// connection, to start its first request) before it is disconnected.
+    #[serde(default = "default_header_timeout", with = "duration")]
+    pub header_timeout: Duration,
+    /// Time a client has to send a whole request body; a slower one gets 408.
+    #[serde(default = "default_body_timeout", with = "duration")]
+    pub body_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -225,6 +238,12 @@ pub struct LogConfig {
 fn default_listen() -> String {
     DEFAULT_LISTEN.into()
 }
+fn default_header_timeout() -> Duration {
+    DEFAULT_HEADER_TIMEOUT
+}
+fn default_body_timeout() -> Duration {
+    DEFAULT_BODY_TIMEOUT
+}
 fn default_buffer_path() -> PathBuf {
     DEFAULT_BUFFER_PATH.into()
 }
@@ -287,6 +306,8 @@ impl Default for ListenConfig {
     fn default() -> Self {
         ListenConfig {
             address: default_listen(),
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            body_timeout: DEFAULT_BODY_TIMEOUT,
         }
     }
 }
@@ -381,6 +402,16 @@ impl Config {
                 "{:?} is not an address like 127.0.0.1:8780",
                 self.listen.address
             ),
+        );
+        issues.check(
+            !self.listen.header_timeout.is_zero(),
+            "listen.header_timeout",
+            "must be greater than 0s",
+        );
+        issues.check(
+            !self.listen.body_timeout.is_zero(),
+            "listen.body_timeout",
+            "must be greater than 0s",
         );
         issues.check(
             !self.buffer.path.as_os_str().is_empty(),

@@ -176,6 +176,70 @@ impl From<BufferError> for ApiError {
     }
 }
 
+/// How long a request body may take to arrive and how large it may be.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    pub deadline: std::time::Duration,
+    pub max_bytes: usize,
+}
+
+/// Middleware (`from_fn_with_state`) that reads each request body within its
+/// deadline (408 otherwise) and size (413), before any handler runs. Without
+/// it a client could hold a connection and a handler indefinitely by sending
+/// its body slowly: the listener bounds only the headers.
+pub async fn read_body_within(
+    State(limits): State<BodyLimits>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let BodyLimits {
+        deadline,
+        max_bytes: limit,
+    } = limits;
+    use http_body_util::BodyExt as _;
+    let (parts, body) = request.into_parts();
+    let read = http_body_util::Limited::new(body, limit).collect();
+    let body = match tokio::time::timeout(deadline, read).await {
+        Ok(Ok(collected)) => collected.to_bytes(),
+        Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            return ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                "the request body exceeds ingest.max_request_bytes",
+            )
+            .into_response();
+        }
+        Ok(Err(error)) => {
+            return ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "unreadable_body",
+                format!("could not read the request body: {error}"),
+            )
+            .into_response();
+        }
+        Err(_) => {
+            metrics::counter!("dcs_agent_request_body_timeouts_total").increment(1);
+            let mut response = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within listen.body_timeout ({})",
+                    humantime::format_duration(deadline)
+                ),
+            )
+            .into_response();
+            // The rest of the body is still on its way: this connection
+            // cannot carry another request.
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
+        }
+    };
+    next.run(Request::from_parts(parts, axum::body::Body::from(body)))
+        .await
+}
+
 fn body_error(rejection: BytesRejection) -> ApiError {
     let status = rejection.status();
     if status == StatusCode::PAYLOAD_TOO_LARGE {

@@ -32,6 +32,7 @@ pub mod fsck;
 pub mod identity;
 pub mod ingest;
 pub mod jobs;
+pub mod listener;
 pub mod recovery;
 pub mod schema;
 pub mod seal;
@@ -151,22 +152,20 @@ pub async fn run(
         quarantine: Arc::new(prepared.reports),
         schemas,
     })
-    .merge(jobs::router(jobs.clone()));
+    .merge(jobs::router(jobs.clone()))
+    .layer(axum::middleware::from_fn_with_state(
+        ingest::BodyLimits {
+            deadline: config.listen.body_timeout,
+            max_bytes: config.ingest.max_request_bytes.as_usize(),
+        },
+        ingest::read_body_within,
+    ));
     tracing::info!(
         message = "ingest API listening",
         address = %listener.local_addr().map_err(Error::Serve)?,
         aggregator = %config.aggregator.url
     );
-    // Producers wait on each answer; Nagle's algorithm must never hold one
-    // back for a delayed ACK.
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(message = "could not set TCP_NODELAY", %error);
-        }
-    });
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
-        .await;
+    listener::serve(listener, app, config.listen.header_timeout, shutdown).await;
     // Collectors hold buffer handles: they must be done before it closes.
     jobs.shutdown().await;
     drop(jobs);
@@ -181,7 +180,7 @@ pub async fn run(
     }
     buffer.close().await;
     tracing::info!(message = "agent stopped");
-    served.map_err(Error::Serve)
+    Ok(())
 }
 
 /// Delivers the records salvaged from a damaged buffer (a recovered buffer

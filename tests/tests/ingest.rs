@@ -285,3 +285,77 @@ async fn health_ready_and_status_answer() {
     assert_eq!(st["buffer"]["records"], 0);
     assert_eq!(st["dead_letters"]["records"], 0);
 }
+
+/// Reads until the agent closes the connection; returns what it sent.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut got = Vec::new();
+    tokio::time::timeout(within, stream.read_to_end(&mut got))
+        .await
+        .expect("the agent closes the connection in time")
+        .expect("read");
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    use tokio::io::AsyncWriteExt as _;
+    let a = agent_with(|c| c.listen.header_timeout = Duration::from_millis(500)).await;
+
+    // Silent from the start.
+    let mut silent = tokio::net::TcpStream::connect(a.agent.addr).await.unwrap();
+    read_until_closed(&mut silent, Duration::from_secs(10)).await;
+
+    // Half a request line, then nothing.
+    let mut stalled = tokio::net::TcpStream::connect(a.agent.addr).await.unwrap();
+    stalled
+        .write_all(b"POST /v1/records HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    read_until_closed(&mut stalled, Duration::from_secs(10)).await;
+
+    // Everyone else is still served.
+    let (status, _) = a
+        .post(
+            "application/x-ndjson",
+            "{\"stream\":\"s\",\"payload\":{}}\n",
+        )
+        .await;
+    assert_eq!(status, 200);
+}
+
+#[tokio::test]
+async fn a_body_that_stops_arriving_gets_408_and_nothing_is_buffered() {
+    use tokio::io::AsyncWriteExt as _;
+    let a = agent_with(|c| c.listen.body_timeout = Duration::from_millis(500)).await;
+
+    let mut slow = tokio::net::TcpStream::connect(a.agent.addr).await.unwrap();
+    let line = "{\"stream\":\"s\",\"payload\":{}}\n";
+    let head = format!(
+        "POST /v1/records HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-ndjson\r\n\
+         Content-Length: {}\r\n\r\n",
+        line.len() * 2
+    );
+    slow.write_all(head.as_bytes()).await.unwrap();
+    slow.write_all(line.as_bytes()).await.unwrap();
+    let answer = read_until_closed(&mut slow, Duration::from_secs(10)).await;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("\"request_timeout\""), "{answer}");
+    assert!(answer.contains("listen.body_timeout"), "{answer}");
+    assert_eq!(a.buffered().await, 0);
+}
+
+#[test]
+fn zero_listen_timeouts_are_refused_naming_the_key() {
+    let pki = Pki::new();
+    let mut config = agent::test_config(
+        &pki.agent("acme", "edge-1"),
+        "https://localhost:1",
+        std::path::Path::new("buffer.db"),
+    );
+    config.listen.header_timeout = Duration::ZERO;
+    config.listen.body_timeout = Duration::ZERO;
+    let error = config.validate().unwrap_err().to_string();
+    assert!(error.contains("listen.header_timeout"), "{error}");
+    assert!(error.contains("listen.body_timeout"), "{error}");
+}
