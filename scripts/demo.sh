@@ -69,6 +69,8 @@ CHUNK=1000
 # that fails the stream's schema) and rows of the demo table.
 FILE_LINES=50
 DB_ROWS=50
+# Items of the JSON array the http source fetches (run through the jobs API).
+HTTP_ITEMS=20
 DELIVERY_TIMEOUT_SECS=120
 START_TIMEOUT_SECS=30
 STOP_TIMEOUT_SECS=20
@@ -89,12 +91,15 @@ AGG_LOG="$DEMO_DIR/aggregator.log"
 EDGE_LOG="$DEMO_DIR/edge.log"
 AGG_PIDFILE="$DEMO_DIR/aggregator.pid"
 EDGE_PIDFILE="$DEMO_DIR/edge.pid"
+HTTP_LOG="$DEMO_DIR/http-server.log"
+HTTP_PIDFILE="$DEMO_DIR/http-server.pid"
 
 # curl must never send loopback traffic through a proxy from the environment.
 CURL=(curl --silent --show-error --noproxy '*')
 
 AGG_PID=
 EDGE_PID=
+HTTP_PID=
 
 # --- process management ------------------------------------------------------
 
@@ -143,7 +148,8 @@ cleanup() {
     # The agent first, so it is not left retrying against a stopped aggregator.
     if [[ -n "$EDGE_PID" ]]; then stop_pid "$EDGE_PID" dcs-edge; fi
     if [[ -n "$AGG_PID" ]]; then stop_pid "$AGG_PID" dcs-aggregator; fi
-    rm -f "$EDGE_PIDFILE" "$AGG_PIDFILE"
+    if [[ -n "$HTTP_PID" ]]; then stop_pid "$HTTP_PID" "the demo's HTTP server"; fi
+    rm -f "$EDGE_PIDFILE" "$AGG_PIDFILE" "$HTTP_PIDFILE"
     exit "$status"
 }
 trap cleanup EXIT
@@ -225,6 +231,7 @@ RUN_ID="$(date -u +%Y%m%dt%H%M%S)-$$"
 STREAM="demo.run-$RUN_ID"
 FILE_STREAM="demo.file-$RUN_ID"
 DB_STREAM="demo.db-$RUN_ID"
+HTTP_STREAM="demo.http-$RUN_ID"
 
 # Pull sources. The file source reads $SOURCES_DIR/files/*.ndjson; files of
 # earlier runs are removed first, so the agent forgets their checkpoints. The
@@ -250,11 +257,26 @@ DB_URL_FILE="$SOURCES_DIR/demo-db.url"
       from generate_series(1, $DB_ROWS) as i;" </dev/null
 say "demo table demo_source_readings: $DB_ROWS rows for run $RUN_ID"
 
+# The http source's API: a JSON array served by Python's static file server
+# (python3 is installed with apt when missing), answering If-Modified-Since
+# with 304 like a real API answering a conditional request.
+HTTP_DIR="$SOURCES_DIR/http"
+mkdir -p "$HTTP_DIR"
+rm -f "$HTTP_DIR"/*.json
+awk -v n="$HTTP_ITEMS" -v run="$RUN_ID" 'BEGIN {
+    printf "{\"data\":["
+    for (i = 0; i < n; i++)
+        printf "%s{\"id\":\"%s-%d\",\"ticket\":%d,\"state\":\"%s\"}", (i ? "," : ""), run, i, i, (i % 3 ? "open" : "closed")
+    printf "]}\n"
+}' >"$HTTP_DIR/tickets.json"
+command -v python3 >/dev/null 2>&1 || apt_install python3
+
 AGG_PORT=$(pick_port 18443)
 EDGE_PORT=$(pick_port 18780)
 ((EDGE_PORT != AGG_PORT)) || EDGE_PORT=$(pick_port $((AGG_PORT + 1)))
 AGG_URL="https://localhost:$AGG_PORT"
 EDGE_URL="http://127.0.0.1:$EDGE_PORT"
+HTTP_PORT=$(pick_port 18880)
 
 cat >"$AGG_CONF" <<EOF
 # Written by scripts/demo.sh; rewritten on every run.
@@ -323,6 +345,18 @@ url_file = "$DB_URL_FILE"
 query = "SELECT id, probe, reading, taken_at FROM demo_source_readings WHERE run = '$RUN_ID'"
 cursor = ["id"]
 
+# A JSON API, fetched only when asked through the jobs API (see below).
+[[sources]]
+name = "demo-http"
+kind = "http"
+stream = "$HTTP_STREAM"
+schedule = "manual"
+[sources.http]
+url = "http://127.0.0.1:$HTTP_PORT/tickets.json"
+format = "json"
+records_pointer = "/data"
+id_pointer = "/id"
+
 [streams."$FILE_STREAM"]
 schema = '{"type": "object", "required": ["sensor", "temperature"], "properties": {"sensor": {"type": "string"}, "temperature": {"type": "number"}}}'
 EOF
@@ -364,6 +398,33 @@ EDGE_PID=$!
 echo "$EDGE_PID" >"$EDGE_PIDFILE"
 wait_for "$EDGE_PID" dcs-edge "$EDGE_LOG" "${CURL[@]}" --fail --max-time 2 "$EDGE_URL/health"
 say "dcs-edge (pid $EDGE_PID) listening on $EDGE_URL, log $EDGE_LOG"
+
+stop_stale "$HTTP_PIDFILE" http.server
+python3 -m http.server "$HTTP_PORT" --bind 127.0.0.1 --directory "$HTTP_DIR" </dev/null >>"$HTTP_LOG" 2>&1 &
+HTTP_PID=$!
+echo "$HTTP_PID" >"$HTTP_PIDFILE"
+wait_for "$HTTP_PID" http.server "$HTTP_LOG" "${CURL[@]}" --fail --max-time 2 -o /dev/null \
+    "http://127.0.0.1:$HTTP_PORT/tickets.json"
+say "the http source's API (pid $HTTP_PID): http://127.0.0.1:$HTTP_PORT/tickets.json, log $HTTP_LOG"
+
+section "Run the http source through the jobs API"
+trigger=$("${CURL[@]}" --max-time 10 -H 'content-type: application/json' \
+    -d '{"source":"demo-http"}' "$EDGE_URL/api/v1/jobs/trigger") || die "jobs API: trigger failed"
+JOB_ID=$(grep -o '"job_id":"[^"]*"' <<<"$trigger" | cut -d'"' -f4)
+[[ -n "$JOB_ID" ]] || die "jobs API: no job_id in $trigger"
+say "POST /api/v1/jobs/trigger {\"source\":\"demo-http\"} -> job $JOB_ID"
+deadline=$((SECONDS + DELIVERY_TIMEOUT_SECS))
+job_state=
+while :; do
+    job_state=$("${CURL[@]}" --max-time 5 "$EDGE_URL/api/v1/jobs/status/$JOB_ID" |
+        grep -o '"state":"[^"]*"' | cut -d'"' -f4)
+    [[ "$job_state" == succeeded || "$job_state" == failed ]] && break
+    ((SECONDS < deadline)) || break
+    sleep 0.25
+done
+say "GET /api/v1/jobs/status/$JOB_ID -> $job_state; GET /api/v1/jobs/result/$JOB_ID:"
+"${CURL[@]}" --max-time 5 "$EDGE_URL/api/v1/jobs/result/$JOB_ID" || true
+echo
 
 section "Write the file the file source reads"
 awk -v n="$FILE_LINES" 'BEGIN {
@@ -431,9 +492,10 @@ deadline=$((SECONDS + DELIVERY_TIMEOUT_SECS))
 while :; do
     read -r file_count file_distinct <<<"$(source_rows "$FILE_STREAM")"
     read -r db_count db_distinct <<<"$(source_rows "$DB_STREAM")"
-    ((file_count >= FILE_LINES && db_count >= DB_ROWS)) && break
+    read -r http_count http_distinct <<<"$(source_rows "$HTTP_STREAM")"
+    ((file_count >= FILE_LINES && db_count >= DB_ROWS && http_count >= HTTP_ITEMS)) && break
     if ((SECONDS >= deadline)); then
-        warn "sources: $file_count of $FILE_LINES file lines and $db_count of $DB_ROWS table rows within ${DELIVERY_TIMEOUT_SECS}s"
+        warn "sources: $file_count of $FILE_LINES file lines, $db_count of $DB_ROWS table rows and $http_count of $HTTP_ITEMS API items within ${DELIVERY_TIMEOUT_SECS}s"
         break
     fi
     sleep 0.25
@@ -458,8 +520,11 @@ say "file source, stream $FILE_STREAM ($file_count rows), fields mapped:"
 say "database source, stream $DB_STREAM ($db_count rows):"
 "${PSQL[@]}" -d "$DB_NAME" -P pager=off -c \
     "select record_id, payload from records where stream = '$DB_STREAM' order by seq limit 3" </dev/null
+say "http source, stream $HTTP_STREAM ($http_count rows):"
+"${PSQL[@]}" -d "$DB_NAME" -P pager=off -c \
+    "select record_id, payload from records where stream = '$HTTP_STREAM' order by seq limit 3" </dev/null
 say "the agent's latest jobs:"
-"${CURL[@]}" --max-time 5 "$EDGE_URL/api/v1/jobs?limit=2" || true
+"${CURL[@]}" --max-time 5 "$EDGE_URL/api/v1/jobs?limit=3" || true
 echo
 say "the agent's /v1/status:"
 status_json=$("${CURL[@]}" --max-time 5 "$EDGE_URL/v1/status" || echo '{}')
@@ -481,6 +546,12 @@ if ((file_count == FILE_LINES && file_distinct == FILE_LINES && db_count == DB_R
 else
     ok=0
     warn "FAILED: expected $FILE_LINES file rows and $DB_ROWS table rows, each once; got $file_count ($file_distinct distinct) and $db_count ($db_distinct distinct)"
+fi
+if [[ "$job_state" == succeeded ]] && ((http_count == HTTP_ITEMS && http_distinct == HTTP_ITEMS)); then
+    say "OK: the http source's job $JOB_ID succeeded and its $HTTP_ITEMS items arrived exactly once"
+else
+    ok=0
+    warn "FAILED: expected job $JOB_ID to succeed (it is ${job_state:-unknown}) and $HTTP_ITEMS API items once; got $http_count ($http_distinct distinct)"
 fi
 if [[ "$rejected" == 1 ]]; then
     say "OK: the file line that fails the schema went to the dead letters (dcs-edge buffer export shows it)"
