@@ -673,27 +673,7 @@ pub fn write_identity_files(
             }
         }
     }
-    for (i, (tmp, target)) in staged.iter().enumerate() {
-        if let Err(source) = fs::rename(tmp, target) {
-            cleanup(&staged[i..]);
-            return Err(Error::Io {
-                action: "move into place",
-                path: target.clone(),
-                source,
-            });
-        }
-    }
-    for (_, target) in &staged {
-        let dir = target.parent().unwrap_or(Path::new("."));
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| Error::Io {
-                action: "sync directory",
-                path: dir.to_owned(),
-                source,
-            })?;
-    }
-    Ok(())
+    move_into_place(&staged)
 }
 
 /// The directory and file name of a target path, refusing a path without a
@@ -842,9 +822,19 @@ fn write_files(dir: &Path, files: &[OutFile<'_>]) -> Result<(), Error> {
             }
         }
     }
+    move_into_place(&staged)
+}
+
+/// Renames staged files (temporary name, target) onto their targets, then
+/// syncs each target's directory: without that a crash could lose the
+/// renames even though the contents were synced. A failed rename removes
+/// the files not yet moved.
+fn move_into_place(staged: &[(PathBuf, PathBuf)]) -> Result<(), Error> {
     for (i, (tmp, target)) in staged.iter().enumerate() {
         if let Err(source) = fs::rename(tmp, target) {
-            cleanup(&staged[i..]);
+            for (tmp, _) in &staged[i..] {
+                let _ = fs::remove_file(tmp);
+            }
             return Err(Error::Io {
                 action: "move into place",
                 path: target.clone(),
@@ -852,15 +842,22 @@ fn write_files(dir: &Path, files: &[OutFile<'_>]) -> Result<(), Error> {
             });
         }
     }
-    // Make the renames durable too; without this a crash could lose them
-    // even though the file contents were synced.
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(|source| Error::Io {
-            action: "sync directory",
-            path: dir.to_owned(),
-            source,
-        })
+    let mut synced: Vec<&Path> = Vec::new();
+    for (_, target) in staged {
+        let dir = target.parent().unwrap_or(Path::new("."));
+        if synced.contains(&dir) {
+            continue;
+        }
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| Error::Io {
+                action: "sync directory",
+                path: dir.to_owned(),
+                source,
+            })?;
+        synced.push(dir);
+    }
+    Ok(())
 }
 
 /// Writes one file under a fresh temporary name and returns that name.
