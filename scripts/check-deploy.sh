@@ -198,10 +198,10 @@ check_package() {
     if [[ "$profile" == dev ]]; then
         say "cargo deb -p $PKG --profile dev --no-build (the debug build of dcs-edge)"
         cargo build -q -p "$PKG" --bin dcs-edge --locked
-        out=$(cargo deb -p "$PKG" --profile dev --no-build --locked 2>&1 | tee -a /dev/stderr)
+        out=$(cargo deb -p "$PKG" --profile dev --no-build --locked 2>&1 | tee >(cat >&2))
     else
         say "cargo deb -p $PKG --profile $profile"
-        out=$(cargo deb -p "$PKG" --profile "$profile" --locked 2>&1 | tee -a /dev/stderr)
+        out=$(cargo deb -p "$PKG" --profile "$profile" --locked 2>&1 | tee >(cat >&2))
     fi
     deb=$(printf '%s\n' "$out" | grep -E "/${PKG}_[^/]+\.deb\$" | tail -n 1)
     [[ -f "$deb" ]] || die "cargo deb did not report a .deb (got: ${deb:-nothing})"
