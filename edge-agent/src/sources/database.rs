@@ -208,40 +208,28 @@ pub async fn collect(
     };
     match driver(&url) {
         Some(Driver::Postgres) => {
-            let mut conn = sqlx::PgConnection::connect(&url)
-                .await
-                .map_err(db_error(&url))?;
-            let result = pages(
+            pages::<_, sqlx::PgConnection>(
                 source,
                 cfg,
                 ctx,
                 report,
                 &mut cursor,
                 Dialect::Postgres,
-                &mut conn,
                 &url,
             )
-            .await;
-            let _ = conn.close().await;
-            result
+            .await
         }
         Some(Driver::MySql) => {
-            let mut conn = sqlx::MySqlConnection::connect(&url)
-                .await
-                .map_err(db_error(&url))?;
-            let result = pages(
+            pages::<_, sqlx::MySqlConnection>(
                 source,
                 cfg,
                 ctx,
                 report,
                 &mut cursor,
                 Dialect::MySql,
-                &mut conn,
                 &url,
             )
-            .await;
-            let _ = conn.close().await;
-            result
+            .await
         }
         Some(Driver::Sqlite) => {
             let (source, cfg, ctx) = (source.clone(), cfg.clone(), ctx.clone());
@@ -347,7 +335,6 @@ fn plain_type(t: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || " _\"().,[]".contains(c))
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn pages<DB, C>(
     source: &SourceConfig,
     cfg: &DatabaseConfig,
@@ -355,7 +342,6 @@ async fn pages<DB, C>(
     report: &mut RunReport,
     cursor: &mut Option<DbCursor>,
     dialect: Dialect,
-    conn: &mut C,
     url: &str,
 ) -> Result<(), SourceError>
 where
@@ -366,117 +352,110 @@ where
     String: for<'r> sqlx::Decode<'r, DB> + sqlx::Encode<'static, DB> + sqlx::Type<DB>,
     usize: sqlx::ColumnIndex<DB::Row>,
 {
-    let columns: Vec<String> = {
-        let described = format!("SELECT * FROM ({}) AS src", cfg.query.trim());
-        let stmt = (&mut *conn)
-            // The query is the operator's own, from the config file.
-            .prepare(sqlx::AssertSqlSafe(described).into_sql_str())
-            .await
-            .map_err(db_error(url))?;
-        stmt.columns().iter().map(|c| c.name().to_owned()).collect()
-    };
-    for c in &cfg.cursor {
-        if !columns.contains(c) {
-            return Err(SourceError::Database(format!(
-                "cursor column {c:?} is not in the query's result ({})",
-                columns.join(", ")
-            )));
-        }
-    }
-    let n = cfg.cursor.len();
-    loop {
-        if let Some(cur) = cursor.as_ref()
-            && matches!(dialect, Dialect::Postgres)
-            && !cur.types.iter().all(|t| plain_type(t))
-        {
-            return Err(SourceError::Database(
-                "stored cursor types are unreadable".into(),
-            ));
-        }
-        let sql = page_sql(dialect, cfg, &columns, cursor.as_ref());
-        // The operator's query, column names quoted, types checked by
-        // `plain_type`; every value goes in as a bind parameter.
-        let mut query = sqlx::query::<DB>(sqlx::AssertSqlSafe(sql));
-        if let Some(cur) = cursor.as_ref() {
-            for v in &cur.values {
-                let text = match v {
-                    serde_json::Value::String(s) => s.clone(),
-                    other => other.to_string(),
-                };
-                query = query.bind(text);
-            }
-        }
-        let rows = query.fetch_all(&mut *conn).await.map_err(db_error(url))?;
-        let mut batch = SourceBatch {
-            source: source.name.clone(),
-            stream: source.stream.clone(),
-            ..Default::default()
+    // One connection per run, closed at its end whatever the outcome.
+    let mut connection = C::connect(url).await.map_err(db_error(url))?;
+    let conn = &mut connection;
+    let result: Result<(), SourceError> = async move {
+        let columns: Vec<String> = {
+            let described = format!("SELECT * FROM ({}) AS src", cfg.query.trim());
+            let stmt = (&mut *conn)
+                // The query is the operator's own, from the config file.
+                .prepare(sqlx::AssertSqlSafe(described).into_sql_str())
+                .await
+                .map_err(db_error(url))?;
+            stmt.columns().iter().map(|c| c.name().to_owned()).collect()
         };
-        let mut last = None;
-        for row in &rows {
-            let doc: String = row.try_get_unchecked(0).map_err(db_error(url))?;
-            let mut values = Vec::with_capacity(n);
-            for i in 0..n {
-                let v: Option<String> = row.try_get_unchecked(1 + i).map_err(db_error(url))?;
-                let v = v.ok_or_else(|| {
-                    SourceError::Database(format!(
-                        "cursor column {:?} is NULL in a row; cursor columns must be NOT NULL",
-                        cfg.cursor[i]
-                    ))
-                })?;
-                values.push(serde_json::Value::String(v));
+        for c in &cfg.cursor {
+            if !columns.contains(c) {
+                return Err(SourceError::Database(format!(
+                    "cursor column {c:?} is not in the query's result ({})",
+                    columns.join(", ")
+                )));
             }
-            let types = if matches!(dialect, Dialect::Postgres) {
-                (0..n)
-                    .map(|i| row.try_get_unchecked::<String, _>(1 + n + i))
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(db_error(url))?
-            } else {
-                Vec::new()
+        }
+        let n = cfg.cursor.len();
+        loop {
+            if let Some(cur) = cursor.as_ref()
+                && matches!(dialect, Dialect::Postgres)
+                && !cur.types.iter().all(|t| plain_type(t))
+            {
+                return Err(SourceError::Database(
+                    "stored cursor types are unreadable".into(),
+                ));
+            }
+            let sql = page_sql(dialect, cfg, &columns, cursor.as_ref());
+            // The operator's query, column names quoted, types checked by
+            // `plain_type`; every value goes in as a bind parameter.
+            let mut query = sqlx::query::<DB>(sqlx::AssertSqlSafe(sql));
+            if let Some(cur) = cursor.as_ref() {
+                for v in &cur.values {
+                    let text = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    query = query.bind(text);
+                }
+            }
+            let rows = query.fetch_all(&mut *conn).await.map_err(db_error(url))?;
+            let mut batch = SourceBatch {
+                source: source.name.clone(),
+                stream: source.stream.clone(),
+                ..Default::default()
             };
-            let position = values
-                .iter()
-                .map(|v| v.as_str().unwrap_or_default().to_owned())
-                .collect::<Vec<_>>()
-                .join(",");
-            match ctx.prepare(&source.stream, &doc) {
-                Ok(record) => batch.records.push(record),
-                Err(reason) => batch.rejected.push(Rejected {
-                    position,
-                    raw: doc,
-                    reason,
-                }),
+            let mut last = None;
+            for row in &rows {
+                let doc: String = row.try_get_unchecked(0).map_err(db_error(url))?;
+                let mut values = Vec::with_capacity(n);
+                for i in 0..n {
+                    let v: Option<String> = row.try_get_unchecked(1 + i).map_err(db_error(url))?;
+                    let v = v.ok_or_else(|| {
+                        SourceError::Database(format!(
+                            "cursor column {:?} is NULL in a row; cursor columns must be NOT NULL",
+                            cfg.cursor[i]
+                        ))
+                    })?;
+                    values.push(serde_json::Value::String(v));
+                }
+                let types = if matches!(dialect, Dialect::Postgres) {
+                    (0..n)
+                        .map(|i| row.try_get_unchecked::<String, _>(1 + n + i))
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(db_error(url))?
+                } else {
+                    Vec::new()
+                };
+                let position = values
+                    .iter()
+                    .map(|v| v.as_str().unwrap_or_default().to_owned())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                match ctx.prepare(&source.stream, &doc) {
+                    Ok(record) => batch.records.push(record),
+                    Err(reason) => batch.rejected.push(Rejected {
+                        position,
+                        raw: doc,
+                        reason,
+                    }),
+                }
+                last = Some(DbCursor { values, types });
             }
-            last = Some(DbCursor { values, types });
-        }
-        let Some(next) = last else {
-            return Ok(());
-        };
-        batch.checkpoints = vec![(
-            CURSOR_KEY.to_owned(),
-            Some(serde_json::to_string(&next).expect("cursor is JSON")),
-        )];
-        commit(ctx, batch, report).await?;
-        *cursor = Some(next);
-        if rows.len() < cfg.page_size as usize || ctx.stopping() {
-            return Ok(());
+            let Some(next) = last else {
+                return Ok(());
+            };
+            batch.checkpoints = vec![(
+                CURSOR_KEY.to_owned(),
+                Some(serde_json::to_string(&next).expect("cursor is JSON")),
+            )];
+            ctx.commit(batch, report).await?;
+            *cursor = Some(next);
+            if rows.len() < cfg.page_size as usize || ctx.stopping() {
+                return Ok(());
+            }
         }
     }
-}
-
-async fn commit(
-    ctx: &RunContext,
-    batch: SourceBatch,
-    report: &mut RunReport,
-) -> Result<(), SourceError> {
-    let rejected = batch.rejected.len() as u64;
-    let buffer = ctx.buffer.clone();
-    let appended = tokio::task::spawn_blocking(move || buffer.append_from_source(batch))
-        .await
-        .map_err(|_| SourceError::Stopped)??;
-    report.collected += appended.new.iter().filter(|n| **n).count() as u64;
-    report.rejected += rejected;
-    Ok(())
+    .await;
+    let _ = connection.close().await;
+    result
 }
 
 /// SQLite through rusqlite (already linked for the buffer), read-only.

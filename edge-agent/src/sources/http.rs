@@ -334,13 +334,7 @@ pub async fn collect(
             CHECKPOINT_KEY.to_owned(),
             Some(serde_json::to_string(&cp).expect("checkpoint is JSON")),
         )];
-        let rejected = batch.rejected.len() as u64;
-        let buffer = ctx.buffer.clone();
-        let appended = tokio::task::spawn_blocking(move || buffer.append_from_source(batch))
-            .await
-            .map_err(|_| SourceError::Stopped)??;
-        report.collected += appended.new.iter().filter(|n| **n).count() as u64;
-        report.rejected += rejected;
+        ctx.commit(batch, report).await?;
         match next {
             Some(n) if !ctx.stopping() => {
                 url = n;

@@ -231,6 +231,23 @@ impl RunContext {
         self.stop.load(Ordering::Relaxed)
     }
 
+    /// Stores a step's records, dead letters and checkpoints in one buffer
+    /// transaction (on the blocking pool) and counts them in `report`.
+    pub async fn commit(
+        &self,
+        batch: crate::buffer::SourceBatch,
+        report: &mut RunReport,
+    ) -> Result<(), SourceError> {
+        let rejected = batch.rejected.len() as u64;
+        let buffer = self.buffer.clone();
+        let appended = tokio::task::spawn_blocking(move || buffer.append_from_source(batch))
+            .await
+            .map_err(|_| SourceError::Stopped)??;
+        report.collected += appended.new.iter().filter(|n| **n).count() as u64;
+        report.rejected += rejected;
+        Ok(())
+    }
+
     /// Turns one pulled item (JSON text) into a record of `stream`: the
     /// source's transform, then the rules `POST /v1/records` applies, then
     /// the stream's schema. `Err` is the dead-letter reason.
