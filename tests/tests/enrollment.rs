@@ -17,7 +17,7 @@ use dcs_aggregator::platform::tokens::{NewToken, create_token};
 use dcs_certs::enroll::{IssuedCertificate, RENEW_PATH, certificate_info, new_key_and_csr};
 use dcs_edge::enroll::{CertRequestError, IdentityPaths, enroll};
 use dcs_shared::wire::ErrorBody;
-use dcs_tests::agent::{start_agent, test_config as agent_config, wait_until};
+use dcs_tests::agent::{RunningAgent, start_agent, test_config as agent_config, wait_until};
 use dcs_tests::aggregator::{RunningPlatform, agent_client, start_platform_with, with_user};
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::{AgentCert, Pki};
@@ -111,6 +111,15 @@ fn paths(dir: &Path, name: &str) -> IdentityPaths {
         cert: dir.join(format!("{name}/agent.pem")),
         key: dir.join(format!("{name}/private/agent-key.pem")),
         ca: dir.join(format!("{name}/ca.pem")),
+    }
+}
+
+/// The enrolled files as the test harness's agent certificate.
+fn agent_cert(files: &IdentityPaths) -> AgentCert {
+    AgentCert {
+        cert: files.cert.clone(),
+        key: files.key.clone(),
+        ca: files.ca.clone(),
     }
 }
 
@@ -261,12 +270,7 @@ async fn enrollment_and_renewal_work_with_the_application_roles_grants() {
     let (status, code) =
         refusal(enroll(&p.url, &token, &pki.ca, &paths(out.path(), "again")).await);
     assert_eq!((status, code.as_str()), (410, "token_used"));
-    let cert = AgentCert {
-        cert: files.cert.clone(),
-        key: files.key.clone(),
-        ca: files.ca.clone(),
-    };
-    let (status, body) = renew_with(&p, &cert).await;
+    let (status, body) = renew_with(&p, &agent_cert(&files)).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = post(
         &p,
@@ -488,32 +492,66 @@ async fn enrollment_tokens_never_cross_tenants() {
     p.aggregator.stop().await;
 }
 
-/// Pushes one record every `every` to the agent until `stop`; returns how
-/// many were accepted (each with id `r-N`).
-fn push_continuously(
-    agent_url: String,
-    every: Duration,
+/// Pushes one record (id `r-N`) every `every` to an agent until stopped.
+struct Pusher {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let client = reqwest::Client::new();
-        while !stop.load(Ordering::Relaxed) {
-            let n = sent.load(Ordering::Relaxed);
-            let body =
-                format!(r#"{{"stream":"plant.sensors","id":"r-{n}","payload":{{"n":{n}}}}}"#);
-            let response = client
-                .post(format!("{agent_url}/v1/records"))
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await
-                .expect("push to agent");
-            assert!(response.status().is_success(), "{}", response.status());
-            sent.fetch_add(1, Ordering::Relaxed);
-            tokio::time::sleep(every).await;
-        }
-    })
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Pusher {
+    fn start(agent_url: String, every: Duration) -> Pusher {
+        let (stop, sent) = (
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicU64::new(0)),
+        );
+        let (stopped, counter) = (stop.clone(), sent.clone());
+        let task = tokio::spawn(async move {
+            let client = reqwest::Client::new();
+            while !stopped.load(Ordering::Relaxed) {
+                let n = counter.load(Ordering::Relaxed);
+                let body =
+                    format!(r#"{{"stream":"plant.sensors","id":"r-{n}","payload":{{"n":{n}}}}}"#);
+                let response = client
+                    .post(format!("{agent_url}/v1/records"))
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("push to agent");
+                assert!(response.status().is_success(), "{}", response.status());
+                counter.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(every).await;
+            }
+        });
+        Pusher { stop, sent, task }
+    }
+
+    /// Records accepted so far.
+    fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops pushing; returns how many records were accepted.
+    async fn stop(self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.task.await.unwrap();
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+/// An agent started on the enrolled files, its buffer in `dir`.
+async fn start_enrolled_agent(
+    files: &IdentityPaths,
+    aggregator_url: &str,
+    dir: &Path,
+) -> RunningAgent {
+    start_agent(agent_config(
+        &agent_cert(files),
+        aggregator_url,
+        &dir.join("buffer.db"),
+    ))
+    .await
 }
 
 async fn stored_ids(db: &TestDb, tenant: &str) -> Vec<String> {
@@ -554,31 +592,10 @@ async fn an_enrolled_agent_delivers_with_its_new_certificate() {
         .await
         .expect("enroll");
 
-    let cert = AgentCert {
-        cert: files.cert.clone(),
-        key: files.key.clone(),
-        ca: files.ca.clone(),
-    };
-    let agent = start_agent(agent_config(
-        &cert,
-        &p.aggregator.url,
-        &out.path().join("buffer.db"),
-    ))
-    .await;
-    let (stop, sent) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let pusher = push_continuously(
-        agent.url.clone(),
-        Duration::from_millis(5),
-        stop.clone(),
-        sent.clone(),
-    );
+    let agent = start_enrolled_agent(&files, &p.aggregator.url, out.path()).await;
+    let pusher = Pusher::start(agent.url.clone(), Duration::from_millis(5));
     tokio::time::sleep(Duration::from_millis(500)).await;
-    stop.store(true, Ordering::Relaxed);
-    pusher.await.unwrap();
-    let count = sent.load(Ordering::Relaxed);
+    let count = pusher.stop().await;
     assert!(count > 10);
     assert_exactly_once(&wait_for_all(&db, "acme", count).await, count);
     let serial: Option<String> = sqlx::query_scalar(
@@ -607,27 +624,8 @@ async fn renewal_happens_before_expiry_with_no_gap_in_delivery() {
         .expect("enroll");
     let first_info = certificate_info(&std::fs::read_to_string(&files.cert).unwrap()).unwrap();
 
-    let cert = AgentCert {
-        cert: files.cert.clone(),
-        key: files.key.clone(),
-        ca: files.ca.clone(),
-    };
-    let agent = start_agent(agent_config(
-        &cert,
-        &p.aggregator.url,
-        &out.path().join("buffer.db"),
-    ))
-    .await;
-    let (stop, sent) = (
-        Arc::new(AtomicBool::new(false)),
-        Arc::new(AtomicU64::new(0)),
-    );
-    let pusher = push_continuously(
-        agent.url.clone(),
-        Duration::from_millis(50),
-        stop.clone(),
-        sent.clone(),
-    );
+    let agent = start_enrolled_agent(&files, &p.aggregator.url, out.path()).await;
+    let pusher = Pusher::start(agent.url.clone(), Duration::from_millis(50));
 
     // The certificate on disk changes before the first one expires.
     let renewed = wait_until(Duration::from_secs(40), || async {
@@ -651,11 +649,9 @@ async fn renewal_happens_before_expiry_with_no_gap_in_delivery() {
     // can deliver these, on the same agent process.
     let past_expiry = Duration::from_secs((first_info.not_after - now + 2).max(0) as u64);
     tokio::time::sleep(past_expiry).await;
-    let before_stop = sent.load(Ordering::Relaxed);
+    let before_stop = pusher.sent();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    stop.store(true, Ordering::Relaxed);
-    pusher.await.unwrap();
-    let count = sent.load(Ordering::Relaxed);
+    let count = pusher.stop().await;
     assert!(count > before_stop, "records kept flowing");
     assert_exactly_once(&wait_for_all(&db, "acme", count).await, count);
 
