@@ -142,6 +142,18 @@ step "cargo test --workspace"
 if [[ -z "${HTTPS_PROXY:-}${https_proxy:-}${HTTP_PROXY:-}${http_proxy:-}${ALL_PROXY:-}${all_proxy:-}" ]]; then
     unset NO_PROXY no_proxy
 fi
+# Fault scenarios append their `scenario=` lines here; cargo test shows a
+# passing test's output to nobody, so they are printed after the run, pass
+# or fail.
+export DCS_SCENARIO_LOG="$SCRATCH/scenarios.log"
+: >"$DCS_SCENARIO_LOG"
+print_scenarios() {
+    section "Fault scenarios (scenario= lines)"
+    cat "$DCS_SCENARIO_LOG"
+}
+trap 'print_scenarios; printf "\n%s: FAILED in step: %s\n" "$DCS_SCRIPT_NAME" "$CURRENT_STEP" >&2' ERR
 cargo test --workspace --no-fail-fast
+trap - ERR
+print_scenarios
 
 section "All steps passed in $((SECONDS - STARTED))s"

@@ -221,9 +221,10 @@ pub(crate) enum Error {
         details: Vec<FieldError>,
     },
     RejectedByDatabase(String),
-    /// Records reuse a stored `(agent, epoch, seq)` with different content.
+    /// Records reuse a stored `(agent, epoch, seq)` with different content
+    /// or another `received_at`; each conflicting seq is named.
     ContentConflict {
-        records: u64,
+        seqs: Vec<i64>,
     },
     DatabaseUnavailable {
         retry_after: Duration,
@@ -297,11 +298,12 @@ impl Error {
                 "rejected_by_database",
                 format!("PostgreSQL refused the batch's data ({m}); nothing was written"),
             ),
-            Error::ContentConflict { records } => (
+            Error::ContentConflict { seqs } => (
                 S::CONFLICT,
                 "content_conflict",
                 format!(
-                    "{records} records reuse an (agent, epoch, seq) already stored with different content; nothing was written"
+                    "{} records reuse an (agent, epoch, seq) already stored with different content; nothing was written",
+                    seqs.len()
                 ),
             ),
             Error::DatabaseUnavailable { .. } => (
@@ -351,6 +353,19 @@ impl IntoResponse for Error {
             Error::InvalidRecords { details, .. } => {
                 ErrorBody::new(code, message).with_details(details)
             }
+            // Every seq, uncapped (a batch bounds the list): the agent moves
+            // exactly these records to a new epoch and resends the rest.
+            Error::ContentConflict { seqs } => ErrorBody::new(code, message).with_details(
+                seqs.into_iter()
+                    .map(|seq| {
+                        FieldError::new(
+                            seq,
+                            "seq",
+                            "already stored with other content or another received time",
+                        )
+                    })
+                    .collect(),
+            ),
             _ => ErrorBody::new(code, message),
         };
         let mut response = (status, Json(body)).into_response();
@@ -549,10 +564,22 @@ async fn handle_batch(
 
     record_agent_gauges(&agent, prepared.backlog.as_ref());
     if prepared.records == 0 {
-        return Ok(Json(BatchAck {
-            accepted: 0,
-            duplicates: 0,
-        }));
+        // An empty batch is how an agent asks for its epoch's high-water
+        // mark before it sends (see `BatchAck::high_seq`).
+        let high_seq = store::high_seq(&app.0.pool, &agent, prepared.epoch).await;
+        drop(permit);
+        return match high_seq {
+            Ok(high_seq) => Ok(Json(BatchAck {
+                high_seq,
+                ..BatchAck::new(0, 0)
+            })),
+            Err(error) => {
+                warn!(message = "database unavailable, empty batch refused with 503", %error, agent = %agent);
+                Err(Error::DatabaseUnavailable {
+                    retry_after: limits.retry_after,
+                })
+            }
+        };
     }
 
     let pool = app.0.pool.clone();
@@ -569,18 +596,15 @@ async fn handle_batch(
     drop(permit);
 
     match written {
-        Ok(Ok(store::Written::Conflict {
-            records: conflicting,
-        })) => {
+        Ok(Ok(store::Written::Conflict { seqs })) => {
             warn!(
                 message = "batch reuses stored (agent, epoch, seq) keys with other content; refused",
                 agent = %agent,
                 epoch = %epoch,
-                conflicting,
+                conflicting = seqs.len(),
+                first_seq = seqs.first().copied().unwrap_or_default(),
             );
-            Err(Error::ContentConflict {
-                records: conflicting,
-            })
+            Err(Error::ContentConflict { seqs })
         }
         Ok(Ok(store::Written::Stored(ack))) => {
             debug!(
@@ -693,10 +717,24 @@ fn prepare(compressed: &[u8], limits: &LimitsConfig) -> Result<PreparedBatch, Er
         max_payload_bytes: limits.max_payload_bytes.as_usize(),
     };
     let mut problems = Vec::new();
+    let mut previous = 0;
     for r in &batch.records {
-        if r.seq < 1 {
-            problems.push(FieldError::new(r.seq, "seq", "must be at least 1"));
+        if r.seq < 1 || r.seq == i64::MAX {
+            problems.push(FieldError::new(
+                r.seq,
+                "seq",
+                "must be at least 1 and below 9223372036854775807",
+            ));
+        } else if r.seq <= previous {
+            // The key guard claims [first, last] of a batch, and an agent
+            // sends its buffer in seq order: anything else is a bug.
+            problems.push(FieldError::new(
+                r.seq,
+                "seq",
+                "must be greater than the previous record's seq",
+            ));
         }
+        previous = previous.max(r.seq);
         if let Err(reason) = record::validate_id(&r.id) {
             problems.push(FieldError::new(r.seq, "id", reason));
         }
@@ -731,6 +769,10 @@ fn prepare(compressed: &[u8], limits: &LimitsConfig) -> Result<PreparedBatch, Er
         epoch: batch.epoch,
         backlog: batch.backlog,
         records: batch.records.len() as u64,
+        seqs: (
+            batch.records.first().map_or(0, |r| r.seq),
+            batch.records.last().map_or(0, |r| r.seq),
+        ),
         copy_rows,
     })
 }

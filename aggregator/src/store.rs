@@ -18,11 +18,18 @@
 //!   state is in doubt after an error is closed rather than returned to the pool.
 //! - Errors are classified here, where SQLSTATEs are understood: transient
 //!   (retry later), rejected data (never retry), or a bug.
-//! - Every row stores a hash of its content. When a batch holds duplicates,
-//!   their hashes are compared with the stored rows: the same key with other
-//!   content (a reused epoch, a redelivery bug) refuses the whole batch rather
-//!   than silently keeping one version. Batches without duplicates, the normal
-//!   case, skip the comparison.
+//! - One key, one record. `records` is partitioned on `received_at`, so its
+//!   primary key cannot stop a reused `(agent, epoch, seq)` arriving with a
+//!   new `received_at`. The guard is the `record_ranges` ledger instead
+//!   (migration `20261205000001`): each batch claims its seq range first, and
+//!   claims never overlap. A batch whose claim succeeds cannot meet a stored
+//!   record and is COPYed straight in; one whose claim overlaps goes through
+//!   staging, where each record is compared with the stored one by key alone:
+//!   same content hash and `received_at` is a duplicate, anything else a
+//!   conflict that refuses the whole batch (409) and names each conflicting
+//!   seq, so the agent can move exactly those records to a new epoch.
+//! - Every answer carries the epoch's high-water mark (the highest stored
+//!   seq), which is how an agent notices that its buffer went back in time.
 
 use std::borrow::Cow;
 use std::io::Write as _;
@@ -50,6 +57,33 @@ const COPY_RECORDS: &str = "COPY records \
 
 /// SQLSTATE `unique_violation`: the batch holds a key that is already stored.
 const UNIQUE_VIOLATION: &str = "23505";
+/// SQLSTATE `exclusion_violation`: the batch's seq range overlaps a claimed
+/// one in `record_ranges`.
+const EXCLUSION_VIOLATION: &str = "23P01";
+/// How often the staged path is tried when a concurrent batch of the same
+/// epoch claims an overlapping range first; each retry sees that batch's
+/// rows, so a second attempt normally succeeds.
+const STAGED_ATTEMPTS: usize = 4;
+
+/// Claims the batch's seq range and returns the epoch's high-water mark. The
+/// subquery reads the snapshot from before the insert, hence GREATEST.
+const CLAIM_RANGE: &str = "\
+    WITH claim AS ( \
+        INSERT INTO record_ranges (agent_id, epoch, first_seq, last_seq) \
+        VALUES ($1, $2, $3, $4) RETURNING last_seq) \
+    SELECT GREATEST((SELECT last_seq FROM claim), \
+        (SELECT max(last_seq) FROM record_ranges WHERE agent_id = $1 AND epoch = $2))";
+
+/// Serialises the staged writes of one (agent, epoch): a seq that falls in a
+/// gap of an existing claim (a record the agent had dead-lettered) is stored
+/// without a claim of its own, so the lock is what keeps two of them apart.
+const LOCK_EPOCH: &str =
+    "SELECT pg_advisory_xact_lock(hashtextextended($1::text || '/' || $2::text, 0))";
+
+/// The highest stored seq of an (agent, epoch), if any.
+const HIGH_SEQ: &str = "\
+    SELECT max(k.last_seq) FROM record_ranges k JOIN agents a ON a.id = k.agent_id \
+    WHERE a.tenant_id = $1 AND a.name = $2 AND k.epoch = $3";
 
 const UPSERT_TENANT: &str = "INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING";
 
@@ -91,28 +125,50 @@ const TOUCH_AGENT: &str = "\
     FROM (SELECT id FROM agents WHERE id = $1 FOR UPDATE SKIP LOCKED) AS free \
     WHERE a.id = free.id";
 
-const INSERT_RECORDS: &str = "\
-    INSERT INTO records \
-        (agent_id, epoch, seq, tenant_id, record_id, stream, ts, received_at, payload, \
-         content_hash) \
-    SELECT $1, $2, seq, $3, record_id, stream, ts, received_at, payload, content_hash \
-    FROM dcs_staging \
-    ON CONFLICT DO NOTHING";
+/// Stores the staged records whose key is not stored yet, claims the runs of
+/// them that no claim covers, and returns (records stored, high-water mark).
+/// Keys are matched without `received_at`: that is what makes a key hold one
+/// record whatever the partitioning.
+const INSERT_NEW_RECORDS: &str = "\
+    WITH ins AS ( \
+        INSERT INTO records \
+            (agent_id, epoch, seq, tenant_id, record_id, stream, ts, received_at, payload, \
+             content_hash) \
+        SELECT $1, $2, seq, $3, record_id, stream, ts, received_at, payload, content_hash \
+        FROM dcs_staging s \
+        WHERE NOT EXISTS (SELECT 1 FROM records r \
+            WHERE r.agent_id = $1 AND r.epoch = $2 AND r.seq = s.seq) \
+        RETURNING seq), \
+    uncovered AS ( \
+        SELECT seq, seq - row_number() OVER (ORDER BY seq) AS run FROM ins \
+        WHERE NOT EXISTS (SELECT 1 FROM record_ranges k \
+            WHERE k.agent_id = $1 AND k.epoch = $2 \
+            AND int8range(k.first_seq, k.last_seq, '[]') @> ins.seq)), \
+    claimed AS ( \
+        INSERT INTO record_ranges (agent_id, epoch, first_seq, last_seq) \
+        SELECT $1, $2, min(seq), max(seq) FROM uncovered GROUP BY run \
+        RETURNING last_seq) \
+    SELECT (SELECT count(*) FROM ins), \
+        GREATEST((SELECT max(last_seq) FROM claimed), \
+            (SELECT max(last_seq) FROM record_ranges WHERE agent_id = $1 AND epoch = $2))";
 
-/// Staged records whose key is already stored with other content. Rows from
-/// before content hashes existed (NULL) are not compared.
-const COUNT_CONFLICTS: &str = "\
-    SELECT count(*) FROM dcs_staging s \
+/// Staged records whose key is already stored with other content or another
+/// `received_at`. Content hashes of rows from before hashes existed (NULL)
+/// are not compared.
+const CONFLICTING_SEQS: &str = "\
+    SELECT s.seq FROM dcs_staging s \
     JOIN records r ON r.agent_id = $1 AND r.epoch = $2 AND r.seq = s.seq \
-    WHERE r.content_hash IS NOT NULL AND r.content_hash <> s.content_hash";
+    WHERE (r.content_hash IS NOT NULL AND r.content_hash <> s.content_hash) \
+        OR r.received_at <> s.received_at \
+    ORDER BY s.seq";
 
 /// What a write did.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Written {
     /// Committed.
     Stored(BatchAck),
-    /// Rolled back: this many records reuse a stored key with other content.
-    Conflict { records: u64 },
+    /// Rolled back: these seqs reuse a stored key with other content.
+    Conflict { seqs: Vec<i64> },
 }
 
 /// A validated batch, its records already encoded as COPY text rows, so the
@@ -122,6 +178,9 @@ pub(crate) struct PreparedBatch {
     pub epoch: Uuid,
     pub backlog: Option<Backlog>,
     pub records: u64,
+    /// The lowest and highest seq; `prepare` refuses batches whose seqs do
+    /// not strictly increase, so every record lies in between.
+    pub seqs: (i64, i64),
     pub copy_rows: CopyRows,
 }
 
@@ -339,17 +398,32 @@ async fn write_in_transaction(
     agent: &AgentIdentity,
     batch: &PreparedBatch,
 ) -> Result<Written, sqlx::Error> {
-    match attempt(conn, agent, batch, Path::Direct).await {
-        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some(UNIQUE_VIOLATION) => {
-            tracing::debug!(
-                message = "batch holds stored records, writing it through staging",
-                agent = %agent,
-                epoch = %batch.epoch
-            );
-            attempt(conn, agent, batch, Path::Staged).await
+    let mut result = attempt(conn, agent, batch, Path::Direct).await;
+    for _ in 0..STAGED_ATTEMPTS {
+        match &result {
+            Err(sqlx::Error::Database(db))
+                if matches!(
+                    db.code().as_deref(),
+                    Some(UNIQUE_VIOLATION | EXCLUSION_VIOLATION)
+                ) =>
+            {
+                tracing::debug!(
+                    message = "batch overlaps claimed seqs, writing it through staging",
+                    agent = %agent,
+                    epoch = %batch.epoch
+                );
+                result = attempt(conn, agent, batch, Path::Staged).await;
+            }
+            _ => break,
         }
-        other => other,
     }
+    result
+}
+
+/// What one transaction found, before it commits or rolls back.
+enum Steps {
+    Stored { accepted: u64, high_seq: i64 },
+    Conflict(Vec<i64>),
 }
 
 async fn attempt(
@@ -360,15 +434,16 @@ async fn attempt(
 ) -> Result<Written, sqlx::Error> {
     let mut tx = conn.begin().await?;
     match write_steps(&mut tx, agent, batch, path).await {
-        Ok((_, conflicts)) if conflicts > 0 => {
+        Ok(Steps::Conflict(seqs)) => {
             tx.rollback().await?;
-            Ok(Written::Conflict { records: conflicts })
+            Ok(Written::Conflict { seqs })
         }
-        Ok((accepted, _)) => {
+        Ok(Steps::Stored { accepted, high_seq }) => {
             tx.commit().await?;
             Ok(Written::Stored(BatchAck {
                 accepted,
                 duplicates: batch.records.saturating_sub(accepted),
+                high_seq: Some(high_seq),
             }))
         }
         Err(error) => {
@@ -384,13 +459,12 @@ async fn attempt(
     }
 }
 
-/// Returns (records inserted, records conflicting with stored content).
 async fn write_steps(
     tx: &mut Transaction<'_, Postgres>,
     agent: &AgentIdentity,
     batch: &PreparedBatch,
     path: Path,
-) -> Result<(u64, u64), sqlx::Error> {
+) -> Result<Steps, sqlx::Error> {
     sqlx::query(UPSERT_TENANT)
         .bind(&agent.tenant)
         .execute(&mut **tx)
@@ -409,11 +483,11 @@ async fn write_steps(
         Some(id) => id,
         None => upsert_agent(tx, agent, batch).await?,
     };
-    let written = write_records(tx, agent, batch, path, agent_id).await?;
-    if known.is_some() {
+    let steps = write_records(tx, agent, batch, path, agent_id).await?;
+    if known.is_some() && matches!(steps, Steps::Stored { .. }) {
         touch_agent(tx, agent_id, batch).await?;
     }
-    Ok(written)
+    Ok(steps)
 }
 
 async fn upsert_agent(
@@ -452,39 +526,69 @@ async fn touch_agent(
     Ok(())
 }
 
-/// Returns (records inserted, records conflicting with stored content).
 async fn write_records(
     tx: &mut Transaction<'_, Postgres>,
     agent: &AgentIdentity,
     batch: &PreparedBatch,
     path: Path,
     agent_id: i64,
-) -> Result<(u64, u64), sqlx::Error> {
+) -> Result<Steps, sqlx::Error> {
     if path == Path::Direct {
+        // The claim comes before the COPY: an overlap fails it at the cost
+        // of one row, not of the whole batch's rows.
+        let high_seq: i64 = sqlx::query_scalar(CLAIM_RANGE)
+            .bind(agent_id)
+            .bind(batch.epoch)
+            .bind(batch.seqs.0)
+            .bind(batch.seqs.1)
+            .fetch_one(&mut **tx)
+            .await?;
         let mut suffix = Vec::with_capacity(64);
         let _ = write!(suffix, "\t{agent_id}\t{}\t", batch.epoch);
         push_text(&mut suffix, &agent.tenant);
-        let inserted = copy_in(tx, COPY_RECORDS, &batch.copy_rows.render(&suffix)).await?;
-        return Ok((inserted, 0));
+        let accepted = copy_in(tx, COPY_RECORDS, &batch.copy_rows.render(&suffix)).await?;
+        return Ok(Steps::Stored { accepted, high_seq });
     }
+    sqlx::query(LOCK_EPOCH)
+        .bind(agent_id)
+        .bind(batch.epoch)
+        .execute(&mut **tx)
+        .await?;
     sqlx::raw_sql(CREATE_STAGING).execute(&mut **tx).await?;
     copy_in(tx, COPY_STAGING, &batch.copy_rows.render(b"")).await?;
-    let inserted = sqlx::query(INSERT_RECORDS)
+    let conflicts: Vec<i64> = sqlx::query_scalar(CONFLICTING_SEQS)
+        .bind(agent_id)
+        .bind(batch.epoch)
+        .fetch_all(&mut **tx)
+        .await?;
+    if !conflicts.is_empty() {
+        return Ok(Steps::Conflict(conflicts));
+    }
+    let (accepted, high_seq): (i64, i64) = sqlx::query_as(INSERT_NEW_RECORDS)
         .bind(agent_id)
         .bind(batch.epoch)
         .bind(&agent.tenant)
-        .execute(&mut **tx)
-        .await?;
-    let inserted = inserted.rows_affected();
-    if inserted == batch.records {
-        return Ok((inserted, 0));
-    }
-    let conflicts: i64 = sqlx::query_scalar(COUNT_CONFLICTS)
-        .bind(agent_id)
-        .bind(batch.epoch)
         .fetch_one(&mut **tx)
         .await?;
-    Ok((inserted, conflicts.max(0) as u64))
+    Ok(Steps::Stored {
+        accepted: accepted.max(0) as u64,
+        high_seq,
+    })
+}
+
+/// The highest seq stored for the agent's `epoch`, if any: what an agent
+/// asks before it sends, to learn whether its buffer is behind.
+pub(crate) async fn high_seq(
+    pool: &PgPool,
+    agent: &AgentIdentity,
+    epoch: Uuid,
+) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(HIGH_SEQ)
+        .bind(&agent.tenant)
+        .bind(&agent.agent)
+        .bind(epoch)
+        .fetch_one(pool)
+        .await
 }
 
 async fn copy_in(

@@ -11,6 +11,9 @@
 //! - Sequence numbers only grow, across restarts too; with the random `epoch`
 //!   written when the file is created they form the delivery key
 //!   `(agent, epoch, seq)` that makes redelivery idempotent at the aggregator.
+//!   The file moves to a new epoch when the aggregator shows that it went
+//!   back in time; records keep the epoch they were appended under
+//!   ([`crate::epochs`]).
 //! - Every counter shown to operators is derived from the database at open and
 //!   changed only after a commit, so it is exact across restarts and never negative.
 //! - A row that cannot be read back (damaged on disk, or a sealed payload that
@@ -41,6 +44,10 @@
 //!   [`Buffer::append_from_source`], in the transaction that stores the
 //!   records read up to that point, so a restart neither loses nor repeats.
 //! - `jobs(...)`: the history of source runs ([`crate::jobs`]), pruned by age.
+//! - `epochs(first_seq PK, epoch, reason, created_us)`: from which seq on each
+//!   epoch keys records ([`crate::epochs`]); `meta.epoch` is the last one.
+//! - `meta.rekeyed_total`: records moved to a new epoch because their key was
+//!   taken at the aggregator.
 //!
 //! # Write path
 //! One writer thread owns the only write connection. Ingest requests, acks and
@@ -66,11 +73,17 @@ use uuid::Uuid;
 
 use dcs_shared::record::Record;
 
+use crate::epochs::{self, Epochs};
 use crate::seal::{self, Keyring};
 
 /// 2: `key_id` on `records` and `dead_letters`, `meta.clean_close`.
 /// 3: `checkpoints` and `jobs` (pull sources and their runs).
-const SCHEMA_VERSION: i64 = 3;
+/// 4: more than one row in `epochs` (the file moved to a new epoch); set by
+/// [`crate::epochs::rotate`]. A file that never moved stays at 3, so an older
+/// agent can still open it after a rollback of the package.
+const SCHEMA_VERSION: i64 = 4;
+/// What a file needs when it has only ever had one epoch.
+const BASE_SCHEMA_VERSION: i64 = 3;
 /// Stop draining the queue into one transaction past this many records so one
 /// commit never holds the write lock for long and replies keep flowing.
 const GROUP_MAX_RECORDS: usize = 50_000;
@@ -170,6 +183,8 @@ pub struct Stats {
     pub dropped_total: u64,
     pub dead_letter_total: u64,
     pub delivered_total: u64,
+    /// Records moved to a new epoch because their key was taken.
+    pub rekeyed_total: u64,
 }
 
 /// What an append did, per record in request order.
@@ -239,6 +254,18 @@ enum Command {
         work: ExecFn,
         reply: oneshot::Sender<Result<(), BufferError>>,
     },
+    /// Moves to a new epoch if `from` is still the current one; answers the
+    /// epoch current afterwards.
+    Rotate {
+        from: Uuid,
+        reason: String,
+        reply: oneshot::Sender<Result<Uuid, BufferError>>,
+    },
+    /// Moves records to fresh seqs of the current epoch.
+    Rekey {
+        seqs: Vec<i64>,
+        reply: oneshot::Sender<Result<u64, BufferError>>,
+    },
 }
 
 type ExecFn = Box<dyn FnOnce(&rusqlite::Transaction<'_>) -> rusqlite::Result<()> + Send>;
@@ -288,6 +315,10 @@ struct Shared {
     claims: Mutex<Claims>,
     /// Woken after every commit that added records.
     appended: Notify,
+    /// As committed; the writer keeps its own copy for the open transaction.
+    epochs: Mutex<Epochs>,
+    /// The next seq the writer hands out, as committed.
+    next_seq: std::sync::atomic::AtomicI64,
 }
 
 /// Handle to the buffer; cheap to clone.
@@ -298,7 +329,6 @@ pub struct Buffer {
     /// Read connection for the forwarder and the API; WAL readers run beside
     /// the writer.
     reader: Arc<Mutex<Connection>>,
-    epoch: Uuid,
     capacity_bytes: u64,
     path: PathBuf,
     keyring: Keyring,
@@ -322,7 +352,7 @@ impl Buffer {
         }
         let mut conn = Connection::open(&opts.path).map_err(open_err)?;
         configure(&conn, opts.durability).map_err(open_err)?;
-        let (epoch, stats, next_seq) = init_schema(&mut conn, &opts.path, &opts.keyring)?;
+        let (epochs, stats, next_seq) = init_schema(&mut conn, &opts.path, &opts.keyring)?;
         // The "open" mark must reach the main file, not just the WAL: it is
         // how the next start tells a lost WAL from a clean stop.
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
@@ -340,6 +370,8 @@ impl Buffer {
             stats: Mutex::new(stats),
             claims: Mutex::new(Claims::default()),
             appended: Notify::new(),
+            epochs: Mutex::new(epochs.clone()),
+            next_seq: std::sync::atomic::AtomicI64::new(next_seq),
         });
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = Writer {
@@ -347,7 +379,7 @@ impl Buffer {
             shared: shared.clone(),
             opts: opts.clone(),
             next_seq,
-            epoch,
+            epochs,
         };
         let handle = std::thread::Builder::new()
             .name("dcs-buffer-writer".into())
@@ -360,7 +392,6 @@ impl Buffer {
             tx,
             shared,
             reader: Arc::new(Mutex::new(reader)),
-            epoch,
             capacity_bytes: opts.capacity_bytes,
             path: opts.path,
             keyring: opts.keyring,
@@ -368,8 +399,40 @@ impl Buffer {
         })
     }
 
+    /// The epoch new records are appended under.
     pub fn epoch(&self) -> Uuid {
-        self.epoch
+        self.epochs().current()
+    }
+
+    /// Which epoch keys which seqs, as committed.
+    pub fn epochs(&self) -> Epochs {
+        self.shared.epochs.lock().expect("epochs lock").clone()
+    }
+
+    /// The next seq this buffer will hand out: no record of the current
+    /// epoch has reached it yet.
+    pub fn next_seq(&self) -> i64 {
+        self.shared
+            .next_seq
+            .load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Moves to a new epoch unless `from` is no longer the current one (a
+    /// concurrent batch rotated first); returns the epoch now current.
+    pub async fn rotate_epoch(&self, from: Uuid, reason: &str) -> Result<Uuid, BufferError> {
+        let reason = reason.to_owned();
+        self.call(|reply| Command::Rotate {
+            from,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    /// Moves the buffered records `seqs` to fresh seqs of the current epoch;
+    /// returns how many moved.
+    pub async fn rekey(&self, seqs: Vec<i64>) -> Result<u64, BufferError> {
+        self.call(|reply| Command::Rekey { seqs, reply }).await
     }
 
     pub fn path(&self) -> &Path {
@@ -527,13 +590,20 @@ impl Buffer {
         let mut out = Vec::new();
         let mut unreadable = Vec::new();
         let mut bytes = 0u64;
+        let epochs = self.epochs();
+        // A batch travels under one epoch: it ends where the next begins.
+        let mut boundary = None;
         while let Some(row) = rows.next()? {
             let seq: i64 = row.get(0)?;
             let size = row.get::<_, i64>(5)?.max(0) as u64;
             if !out.is_empty() && bytes + size > max_bytes {
                 break;
             }
-            match decode_row(row, &self.keyring, &self.epoch) {
+            let end = *boundary.get_or_insert_with(|| epochs.boundary_after(seq));
+            if end.is_some_and(|end| seq >= end) {
+                break;
+            }
+            match decode_row(row, &self.keyring, &epochs.of(seq)) {
                 Ok(record) => {
                     bytes += size;
                     out.push(record);
@@ -739,7 +809,7 @@ fn init_schema(
     conn: &mut Connection,
     path: &Path,
     keyring: &Keyring,
-) -> Result<(Uuid, Stats, i64), BufferError> {
+) -> Result<(Epochs, Stats, i64), BufferError> {
     // Before anything is written: a buffer sealed with a key we do not have
     // must stay exactly as it is until the operator supplies the key.
     keyring
@@ -804,7 +874,7 @@ fn init_schema(
     };
     tx.execute(
         "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
-        [SCHEMA_VERSION.to_string()],
+        [version.unwrap_or(0).max(BASE_SCHEMA_VERSION).to_string()],
     )?;
     tx.execute(
         "INSERT OR REPLACE INTO meta (key, value) VALUES ('clean_close', '0')",
@@ -824,6 +894,7 @@ fn init_schema(
         dropped_total: counter("dropped_total")?,
         dead_letter_total: counter("dead_letter_total")?,
         delivered_total: counter("delivered_total")?,
+        rekeyed_total: counter("rekeyed_total")?,
     };
     // The next sequence is above anything ever handed out, whichever table
     // still remembers it, so a seq is never reused within an epoch.
@@ -836,8 +907,9 @@ fn init_schema(
     )?;
     let stored_next = counter("next_seq")? as i64;
     let next_seq = stored_next.max(max_seen + 1).max(1);
+    let epochs = epochs::init(&tx, epoch)?;
     tx.commit()?;
-    Ok((epoch, stats, next_seq))
+    Ok((epochs, stats, next_seq))
 }
 
 struct Writer {
@@ -845,7 +917,8 @@ struct Writer {
     shared: Arc<Shared>,
     opts: BufferOptions,
     next_seq: i64,
-    epoch: Uuid,
+    /// Includes a rotation of the open transaction; restored if it fails.
+    epochs: Epochs,
 }
 
 /// What a group changed, applied to the in-memory counters only after commit.
@@ -856,6 +929,7 @@ struct Delta {
     dropped: u64,
     dead: u64,
     delivered: u64,
+    rekeyed: u64,
     appended: bool,
 }
 
@@ -866,6 +940,7 @@ impl Delta {
         self.dropped += other.dropped;
         self.dead += other.dead;
         self.delivered += other.delivered;
+        self.rekeyed += other.rekeyed;
         self.appended |= other.appended;
     }
 }
@@ -904,6 +979,7 @@ impl Writer {
 
     fn commit_group(&mut self, group: Vec<Command>) {
         let start_seq = self.next_seq;
+        let start_epochs = self.epochs.clone();
         let mut delta = Delta::default();
         let shared = self.shared.clone();
         let mut claims = (self.opts.overflow == Overflow::DropOldest)
@@ -918,7 +994,7 @@ impl Writer {
                     Command::Append { records, reply } => {
                         let outcome = append(
                             &tx,
-                            &self.epoch,
+                            &self.epochs.current(),
                             &self.opts,
                             &self.shared,
                             claims.as_deref_mut(),
@@ -944,7 +1020,7 @@ impl Writer {
                     Command::AppendFromSource { batch, reply } => {
                         let outcome = append_from_source(
                             &tx,
-                            &self.epoch,
+                            &self.epochs.current(),
                             &self.opts,
                             &self.shared,
                             claims.as_deref_mut(),
@@ -956,6 +1032,33 @@ impl Writer {
                     }
                     Command::Exec { work, reply } => {
                         let outcome = exec(&tx, work);
+                        replies.push(reply_with(reply, outcome));
+                    }
+                    Command::Rotate {
+                        from,
+                        reason,
+                        reply,
+                    } => {
+                        let outcome = if self.epochs.current() == from {
+                            epochs::rotate(&tx, &mut self.epochs, self.next_seq, &reason)
+                                .map_err(BufferError::from)
+                        } else {
+                            Ok(self.epochs.current())
+                        };
+                        replies.push(reply_with(reply, outcome));
+                    }
+                    Command::Rekey { seqs, reply } => {
+                        let outcome = epochs::rekey(
+                            &tx,
+                            &self.epochs,
+                            &self.opts.keyring,
+                            &seqs,
+                            &mut self.next_seq,
+                        )
+                        .inspect(|&moved| {
+                            delta.rekeyed += moved;
+                            delta.appended |= moved > 0;
+                        });
                         replies.push(reply_with(reply, outcome));
                     }
                 }
@@ -979,10 +1082,20 @@ impl Writer {
                 s.dropped_total += delta.dropped;
                 s.dead_letter_total += delta.dead;
                 s.delivered_total += delta.delivered;
+                s.rekeyed_total += delta.rekeyed;
+                drop(s);
+                if self.epochs != start_epochs {
+                    *self.shared.epochs.lock().expect("epochs lock") = self.epochs.clone();
+                }
+                self.shared
+                    .next_seq
+                    .store(self.next_seq, std::sync::atomic::Ordering::Release);
             }
             Err(error) => {
-                // Nothing of the group is on disk: hand the sequence numbers out again.
+                // Nothing of the group is on disk: hand the sequence numbers
+                // (and a rotation) out again.
                 self.next_seq = start_seq;
+                self.epochs = start_epochs;
                 tracing::error!(message = "buffer commit failed", %error);
             }
         }
@@ -1008,6 +1121,7 @@ fn store_counters(
         ("dropped_total", delta.dropped),
         ("dead_letter_total", delta.dead),
         ("delivered_total", delta.delivered),
+        ("rekeyed_total", delta.rekeyed),
     ] {
         if add > 0 {
             stmt.execute(params![key, add.to_string(), add as i64])?;

@@ -13,6 +13,14 @@
 //! - A permanent refusal (400/415/422) moves the batch to the dead-letter table
 //!   with the reason: visible in `/v1/status`, never silently dropped. A 413
 //!   splits the batch in halves first; only a single record too large goes there.
+//! - A key already taken at the aggregator (409 `content_conflict`, or an
+//!   answer whose `high_seq` this buffer has not reached yet) means the
+//!   buffer went back in time. The buffer then moves to a new epoch, the
+//!   conflicting records are re-keyed into it and the rest of the batch is
+//!   sent again: nothing the producer was told is safe goes to dead letters
+//!   ([`crate::epochs`]). Before its first batch the forwarder asks for its
+//!   epoch's high-water mark with an empty batch, so a reverted buffer moves
+//!   on before it sends a reused seq.
 //! - Memory stays bounded by `max_in_flight` batches whatever the backlog.
 //! - The TLS identity can change while the forwarder runs: every attempt
 //!   takes the client current at that moment from a [`SharedClient`], which
@@ -36,6 +44,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
 use dcs_shared::wire::{self, Backlog, BatchAck, ErrorBody, OutRecord};
+use uuid::Uuid;
 
 use crate::Error;
 use crate::buffer::{Buffer, Buffered};
@@ -113,16 +122,21 @@ impl Link {
     }
 
     fn success(&self) {
-        metrics::gauge!("dcs_agent_link_up").set(1.0);
         metrics::gauge!("dcs_agent_last_delivery_timestamp_seconds").set(
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map_or(0.0, |d| d.as_secs_f64()),
         );
+        self.up();
         let mut s = self.0.lock().expect("link lock");
-        s.link = LinkState::Up;
         s.last_success = Some(now_rfc3339());
         s.batches_sent += 1;
+    }
+
+    /// The aggregator answered, though no batch was delivered.
+    fn up(&self) {
+        metrics::gauge!("dcs_agent_link_up").set(1.0);
+        self.0.lock().expect("link lock").link = LinkState::Up;
     }
 
     fn failure(&self, reason: &str, link_down: bool) {
@@ -158,21 +172,21 @@ enum Outcome {
     Unauthorized(String),
     TooLarge(String),
     /// Refused for good. `per_record` when the aggregator blamed some of the
-    /// batch's records (invalid, conflicting or refused by PostgreSQL), so
-    /// the others can still be delivered.
+    /// batch's records (invalid or refused by PostgreSQL), so the others can
+    /// still be delivered.
     Permanent {
         reason: String,
         per_record: bool,
     },
+    /// These seqs' keys hold other records at the aggregator.
+    Conflict { seqs: Vec<i64>, reason: String },
 }
 
 /// Error codes with which the aggregator refuses a batch for what some of
 /// its records hold, not for the batch as a whole.
-const PER_RECORD_ERRORS: [&str; 3] = [
-    "invalid_records",
-    "content_conflict",
-    "rejected_by_database",
-];
+const PER_RECORD_ERRORS: [&str; 2] = ["invalid_records", "rejected_by_database"];
+/// The error code of a batch some of whose keys are taken.
+const CONTENT_CONFLICT: &str = "content_conflict";
 
 impl Outcome {
     fn label(&self) -> &'static str {
@@ -182,6 +196,7 @@ impl Outcome {
             Outcome::Unauthorized(_) => "unauthorized",
             Outcome::TooLarge(_) => "too_large",
             Outcome::Permanent { .. } => "rejected",
+            Outcome::Conflict { .. } => "conflict",
         }
     }
 }
@@ -306,6 +321,9 @@ impl Forwarder {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let inner = self.inner;
         inner.buffer.reset_claims();
+        if !inner.check_high_water(&mut stop).await {
+            return;
+        }
         let slots = Arc::new(Semaphore::new(self.max_in_flight));
         let mut in_flight = JoinSet::new();
         let mut cursor = 0i64;
@@ -398,6 +416,86 @@ impl Inner {
         }
     }
 
+    /// Asks the aggregator, with an empty batch, how far it holds the
+    /// current epoch, and moves to a new epoch if that is past this buffer.
+    /// Retries like a batch; returns false if stopped first.
+    async fn check_high_water(&self, stop: &mut watch::Receiver<bool>) -> bool {
+        let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
+        loop {
+            let epoch = self.buffer.epoch();
+            let body = Bytes::from(wire::encode_batch(
+                epoch,
+                None,
+                std::iter::empty(),
+                self.compression_level,
+            ));
+            let delay = match self.post(body).await {
+                Outcome::Delivered(ack) => {
+                    self.link.up();
+                    self.notice_high_water(epoch, ack.high_seq).await;
+                    return true;
+                }
+                Outcome::Retry {
+                    reason,
+                    retry_after,
+                    link_down,
+                } => {
+                    self.link.failure(&reason, link_down);
+                    let d = backoff.next_delay();
+                    retry_after.map_or(d, |ra| ra.min(self.retry_max).max(d))
+                }
+                Outcome::Unauthorized(reason) => {
+                    self.link.failure(&reason, true);
+                    self.retry_max
+                }
+                // An aggregator that refuses empty batches predates the
+                // high-water mark; batches still learn it from their answers.
+                other => {
+                    tracing::debug!(message = "high-water check not answered", outcome = other.label());
+                    return true;
+                }
+            };
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+
+    /// An answer says the aggregator holds `high_seq` of `epoch`: if this
+    /// buffer has not handed that seq out yet, it went back in time, and new
+    /// records must not reuse the seqs in between.
+    async fn notice_high_water(&self, epoch: Uuid, high_seq: Option<i64>) {
+        let Some(high_seq) = high_seq else { return };
+        let next_seq = self.buffer.next_seq();
+        if epoch != self.buffer.epoch() || high_seq < next_seq {
+            return;
+        }
+        self.rotate(
+            epoch,
+            &format!(
+                "the aggregator holds seq {high_seq} of epoch {epoch}, this buffer's next seq is {next_seq}"
+            ),
+        )
+        .await;
+    }
+
+    async fn rotate(&self, from: Uuid, reason: &str) {
+        match self.buffer.rotate_epoch(from, reason).await {
+            Ok(to) if to != from => {
+                metrics::counter!("dcs_agent_epoch_rotations_total").increment(1);
+                tracing::warn!(
+                    message = "buffer went back in time (snapshot revert, restored backup, lost WAL or power cut); continuing under a new epoch",
+                    from = %from,
+                    to = %to,
+                    %reason
+                );
+            }
+            Ok(_) => {}
+            Err(error) => tracing::error!(message = "move buffer to a new epoch", %error),
+        }
+    }
+
     fn encode(&self, batch: &[Buffered]) -> Bytes {
         let records = batch.iter().map(|r| OutRecord {
             seq: r.seq,
@@ -408,7 +506,7 @@ impl Inner {
             received: Some(r.received_us),
         });
         Bytes::from(wire::encode_batch(
-            self.buffer.epoch(),
+            self.buffer.epochs().of(batch[0].seq),
             Some(&self.backlog(batch)),
             records,
             self.compression_level,
@@ -420,6 +518,7 @@ impl Inner {
         let mut pending = vec![batch];
         while let Some(batch) = pending.pop() {
             let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
+            let epoch = self.buffer.epochs().of(first);
             let body = {
                 let me = self.clone();
                 match tokio::task::spawn_blocking(move || (me.encode(&batch), batch)).await {
@@ -455,6 +554,50 @@ impl Inner {
                         );
                         self.settle(&mut stop, |b| async move { b.ack(first, last).await })
                             .await;
+                        self.notice_high_water(epoch, ack.high_seq).await;
+                        break;
+                    }
+                    Outcome::Conflict { seqs, reason } => {
+                        // Seqs the aggregator named that are not in this
+                        // batch say nothing about it: fall back to halving.
+                        let taken: Vec<i64> = seqs
+                            .into_iter()
+                            .filter(|s| batch.iter().any(|r| r.seq == *s))
+                            .collect();
+                        let taken = if taken.is_empty() && batch.len() == 1 {
+                            vec![first]
+                        } else {
+                            taken
+                        };
+                        if taken.is_empty() {
+                            let mut batch = batch;
+                            let upper = batch.split_off(batch.len() / 2);
+                            pending.push(upper);
+                            pending.push(batch);
+                            break;
+                        }
+                        self.rotate(epoch, &reason).await;
+                        let moved = taken.clone();
+                        self.settle(&mut stop, move |b| {
+                            let seqs = moved.clone();
+                            async move { b.rekey(seqs).await }
+                        })
+                        .await;
+                        metrics::counter!("dcs_agent_records_rekeyed_total")
+                            .increment(taken.len() as u64);
+                        tracing::warn!(
+                            message = "records re-keyed into the new epoch: their keys hold other records at the aggregator",
+                            records = taken.len(),
+                            first_seq = taken[0],
+                            %reason
+                        );
+                        let rest: Vec<Buffered> = batch
+                            .into_iter()
+                            .filter(|r| !taken.contains(&r.seq))
+                            .collect();
+                        if !rest.is_empty() {
+                            pending.push(rest);
+                        }
                         break;
                     }
                     Outcome::TooLarge(reason)
@@ -578,22 +721,31 @@ impl Inner {
         let text = response.text().await.unwrap_or_default();
         if status.is_success() {
             // A 2xx means committed; an unreadable body does not change that.
-            let ack = serde_json::from_str(&text).unwrap_or(BatchAck {
-                accepted: 0,
-                duplicates: 0,
-            });
+            let ack = serde_json::from_str(&text).unwrap_or(BatchAck::new(0, 0));
             return Outcome::Delivered(ack);
         }
-        let (reason, per_record) = match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(body) => (
+        let body = serde_json::from_str::<ErrorBody>(&text).ok();
+        let (reason, per_record) = match &body {
+            Some(body) => (
                 format!("{status}: {}: {}", body.error, body.message),
                 PER_RECORD_ERRORS.contains(&body.error.as_str()),
             ),
-            Err(_) => (
+            None => (
                 format!("{status}: {}", text.chars().take(200).collect::<String>()),
                 false,
             ),
         };
+        if let Some(body) = body
+            && body.error == CONTENT_CONFLICT
+        {
+            let seqs = body
+                .details
+                .iter()
+                .filter(|d| d.field == "seq")
+                .map(|d| d.index)
+                .collect();
+            return Outcome::Conflict { seqs, reason };
+        }
         match status {
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Outcome::Unauthorized(reason),
             StatusCode::PAYLOAD_TOO_LARGE => Outcome::TooLarge(reason),

@@ -630,6 +630,9 @@ pub struct BufferStatus {
     pub oldest_age_secs: Option<u64>,
     pub dropped_total: u64,
     pub delivered_total: u64,
+    /// Records moved to a new epoch because their key was taken at the
+    /// aggregator (the buffer went back in time); never lost or dead-lettered.
+    pub rekeyed_total: u64,
 }
 
 async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
@@ -647,6 +650,7 @@ async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError>
             oldest_age_secs: age_secs.map(|s| s as u64),
             dropped_total: stats.dropped_total,
             delivered_total: stats.delivered_total,
+            rekeyed_total: stats.rekeyed_total,
         },
         dead_letters: dead,
         delivery: state.link.snapshot(),

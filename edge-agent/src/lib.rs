@@ -25,6 +25,7 @@
 //! was not durably stored first.
 
 pub mod buffer;
+pub mod epochs;
 pub mod config;
 pub mod enroll;
 pub mod forwarder;

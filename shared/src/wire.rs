@@ -181,6 +181,23 @@ pub struct BatchAck {
     pub accepted: u64,
     /// Records that were already stored (a redelivery); not written again.
     pub duplicates: u64,
+    /// The highest seq stored for the batch's epoch, after this batch. An
+    /// agent that has not yet assigned that seq knows its buffer went back
+    /// in time (a snapshot revert, a restored backup, a lost WAL) and moves
+    /// to a new epoch before it reuses a delivered seq. Absent from
+    /// aggregators older than the field, and for an epoch with no record.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub high_seq: Option<i64>,
+}
+
+impl BatchAck {
+    pub fn new(accepted: u64, duplicates: u64) -> Self {
+        BatchAck {
+            accepted,
+            duplicates,
+            high_seq: None,
+        }
+    }
 }
 
 /// The JSON body of every error response on both tiers.

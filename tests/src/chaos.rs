@@ -98,10 +98,30 @@ impl Report {
     }
 
     /// Panics with the report when a record was lost, doubled or wrongly kept.
+    /// The line also goes to the file named by `DCS_SCENARIO_LOG`, which
+    /// `scripts/test.sh` prints after the tests: `cargo test` shows a passing
+    /// test's output to nobody.
     pub fn assert_ok(&self) {
         println!("{self}");
+        log_scenario(&self.to_string());
         assert!(self.ok(), "{self}");
         assert!(self.acked > 0, "no record was acknowledged: {self}");
+    }
+}
+
+/// Appends one `scenario=` line to the file named by `DCS_SCENARIO_LOG`, if set.
+pub fn log_scenario(line: &str) {
+    use std::io::Write as _;
+    let Ok(path) = std::env::var("DCS_SCENARIO_LOG") else {
+        return;
+    };
+    let written = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&path)
+        .and_then(|mut f| writeln!(f, "{line}"));
+    if let Err(error) = written {
+        eprintln!("cannot append to DCS_SCENARIO_LOG {path}: {error}");
     }
 }
 
@@ -699,6 +719,99 @@ async fn produce_offset(url: &str, producer: usize, chunk: usize, offset: usize,
     ledger.unknown.lock().expect("ledger").extend(ids);
 }
 
+/// Scenario 12: the agent's VM is reverted to a snapshot. The snapshot is
+/// taken of a stopped agent with a backlog (records acknowledged but not yet
+/// delivered); the agent then continues and delivers everything, including
+/// records the snapshot never saw. It is killed, its buffer directory is put
+/// back to the snapshot, and it starts again with new records to push: the
+/// restored buffer's next seqs were already delivered with other records.
+/// Every acknowledged record must arrive once, and none may become a dead
+/// letter: the agent moves to a new epoch instead.
+pub async fn snapshot_revert(records: usize) -> Report {
+    let mut world = World::new(|_| {}).await;
+    let buffer = world.agent_config.buffer.path.clone();
+    let snapshot = world.dir.path().join("snapshot");
+    let ledger = Arc::new(Ledger::default());
+    let part = (records / 5).max(1);
+    let push = async |url: &str, producer: usize| {
+        produce_count(url.to_owned(), producer, 250, part, ledger.clone()).await;
+    };
+
+    push(&world.agent.url, 0).await;
+    wait_drained(&world.agent.url).await;
+    world.proxy.set(Fault::Refuse);
+    push(&world.agent.url, 1).await;
+    assert!(world.agent.terminate(), "agent did not stop on SIGTERM");
+    copy_files(&buffer, &snapshot);
+    world.agent.start().await;
+    world.proxy.set(Fault::Pass);
+    push(&world.agent.url, 2).await;
+    wait_drained(&world.agent.url).await;
+
+    world.agent.kill();
+    let _ = std::fs::remove_dir_all(buffer.parent().expect("buffer dir").join("quarantine"));
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", buffer.display()));
+    }
+    copy_files(&snapshot.join(buffer.file_name().expect("buffer file")), buffer.parent().expect("dir"));
+    // The first new records are buffered before the agent can ask the
+    // aggregator anything, so they take seqs that are already delivered and
+    // meet 409s (re-keyed); the rest arrive after it moved to a new epoch.
+    world.proxy.set(Fault::Refuse);
+    world.agent.start().await;
+    push(&world.agent.url, 3).await;
+    world.proxy.set(Fault::Pass);
+    push(&world.agent.url, 4).await;
+
+    let mut report = world.check("snapshot-revert", &ledger).await;
+    let status = world.agent_status().await;
+    let dead = status["dead_letters"]["records"].as_u64().unwrap_or(u64::MAX);
+    let rekeyed = status["buffer"]["rekeyed_total"].as_u64().unwrap_or(0);
+    let pool = PgPool::connect(&world.cluster.url()).await.expect("connect");
+    let epochs: i64 = sqlx::query_scalar("SELECT count(DISTINCT epoch) FROM records WHERE stream = $1")
+        .bind(STREAM)
+        .fetch_one(&pool)
+        .await
+        .expect("count epochs");
+    let shared_keys: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM (SELECT 1 FROM records GROUP BY agent_id, epoch, seq HAVING count(*) > 1) k",
+    )
+    .fetch_one(&pool)
+    .await
+    .expect("count keys");
+    pool.close().await;
+    report.note("dead_letters", dead);
+    report.note("rekeyed", rekeyed);
+    report.note("epochs", epochs);
+    report.note("keys_with_two_records", shared_keys);
+    assert_eq!(dead, 0, "records became dead letters: {report}");
+    assert_eq!(shared_keys, 0, "a key holds two records: {report}");
+    assert!(epochs >= 2, "the agent did not move to a new epoch: {report}");
+    report
+}
+
+/// Waits (bounded) until the agent reports an empty buffer.
+async fn wait_drained(agent_url: &str) {
+    let drained = agent::wait_until(DRAIN_TIMEOUT, || async {
+        agent_status(agent_url).await["buffer"]["records"] == 0
+    })
+    .await;
+    assert!(drained, "the agent's buffer did not drain");
+}
+
+/// Copies `path` and its SQLite companions (`-wal`, `-shm`, when present)
+/// into `dir`, keeping their names.
+fn copy_files(path: &std::path::Path, dir: &std::path::Path) {
+    std::fs::create_dir_all(dir).expect("create snapshot dir");
+    for suffix in ["", "-wal", "-shm"] {
+        let from = std::path::PathBuf::from(format!("{}{suffix}", path.display()));
+        if from.exists() {
+            let name = from.file_name().expect("file name");
+            std::fs::copy(&from, dir.join(name)).expect("copy buffer file");
+        }
+    }
+}
+
 /// Scenario 9: timestamps far in the past and future (a producer or agent
 /// clock that jumped) neither reorder nor drop records.
 pub async fn clock_jump(plan: Plan) -> Report {
@@ -817,7 +930,7 @@ pub async fn overload(plan: Plan) -> Report {
 }
 
 /// Every scenario by name, for `dcs-chaos`.
-pub const SCENARIOS: [&str; 12] = [
+pub const SCENARIOS: [&str; 13] = [
     "agent-kill",
     "aggregator-kill",
     "postgres-restart",
@@ -829,6 +942,7 @@ pub const SCENARIOS: [&str; 12] = [
     "long-outage",
     "clock-jump",
     "overload",
+    "snapshot-revert",
     "all",
 ];
 
@@ -857,6 +971,7 @@ pub async fn run_named(name: &str, duration: Duration, records: usize) -> Vec<Re
         "long-outage" => vec![long_outage(records).await],
         "clock-jump" => vec![clock_jump(plan).await],
         "overload" => vec![overload(plan).await],
+        "snapshot-revert" => vec![snapshot_revert(records).await],
         "all" => {
             let mut all = Vec::new();
             for n in &SCENARIOS[..SCENARIOS.len() - 1] {

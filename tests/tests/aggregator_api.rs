@@ -22,6 +22,8 @@ struct Rec {
     stream: String,
     ts_us: i64,
     payload: String,
+    /// When the agent accepted it; the aggregator falls back to `ts_us`.
+    received: Option<i64>,
 }
 
 impl Rec {
@@ -32,6 +34,7 @@ impl Rec {
             stream: "plant.sensors".into(),
             ts_us: 1_700_000_000_000_000 + seq * 1_000_123,
             payload: payload.into(),
+            received: None,
         }
     }
 
@@ -42,7 +45,7 @@ impl Rec {
             stream: &self.stream,
             ts_us: self.ts_us,
             payload: &self.payload,
-            received: None,
+            received: self.received,
         }
     }
 }
@@ -79,6 +82,12 @@ async fn expect_ack(response: reqwest::Response) -> BatchAck {
     serde_json::from_slice(&body).expect("BatchAck JSON")
 }
 
+/// The counts of an answer; the high-water mark has tests of its own.
+async fn expect_counts(response: reqwest::Response) -> BatchAck {
+    let ack = expect_ack(response).await;
+    BatchAck::new(ack.accepted, ack.duplicates)
+}
+
 async fn expect_error(response: reqwest::Response, status: StatusCode, code: &str) -> ErrorBody {
     let actual = response.status();
     let body = response.bytes().await.expect("body");
@@ -90,10 +99,7 @@ async fn expect_error(response: reqwest::Response, status: StatusCode, code: &st
 }
 
 fn ack(accepted: u64, duplicates: u64) -> BatchAck {
-    BatchAck {
-        accepted,
-        duplicates,
-    }
+    BatchAck::new(accepted, duplicates)
 }
 
 /// (seq, record_id, stream, ts_us, payload) of every stored record of an agent.
@@ -173,7 +179,7 @@ async fn a_batch_is_written_as_rows_equal_to_its_records_under_the_certificates_
     let body = wire::encode_batch(epoch, Some(&backlog), records.iter().map(Rec::out), 6);
 
     let response = post(&client, &agg, body).await;
-    assert_eq!(expect_ack(response).await, ack(4, 0));
+    assert_eq!(expect_counts(response).await, ack(4, 0));
 
     assert_eq!(stored(&db, "acme", "edge-01").await, expected(&records));
     let tenants: Vec<String> = sqlx::query_scalar("SELECT id FROM tenants")
@@ -226,7 +232,10 @@ async fn a_known_agents_batch_never_waits_for_a_lock_on_its_agent_row() {
     };
     let first = simple(1..=2);
     let body = wire::encode_batch(epoch, Some(&backlog(5)), first.iter().map(Rec::out), 1);
-    assert_eq!(expect_ack(post(&client, &agg, body).await).await, ack(2, 0));
+    assert_eq!(
+        expect_counts(post(&client, &agg, body).await).await,
+        ack(2, 0)
+    );
 
     // Another transaction (a concurrent batch, or an operator) holds the row.
     let mut holder = db.pool.begin().await.unwrap();
@@ -242,14 +251,17 @@ async fn a_known_agents_batch_never_waits_for_a_lock_on_its_agent_row() {
     )
     .await
     .expect("the batch is acknowledged while the agent's row is locked");
-    assert_eq!(expect_ack(response).await, ack(2, 0));
+    assert_eq!(expect_counts(response).await, ack(2, 0));
     holder.rollback().await.unwrap();
     assert_eq!(stored(&db, "acme", "edge-01").await.len(), 4);
 
     // With the row free again, the next batch's presence figures land.
     let third = simple(5..=5);
     let body = wire::encode_batch(epoch, Some(&backlog(1)), third.iter().map(Rec::out), 1);
-    assert_eq!(expect_ack(post(&client, &agg, body).await).await, ack(1, 0));
+    assert_eq!(
+        expect_counts(post(&client, &agg, body).await).await,
+        ack(1, 0)
+    );
     let backlog_records: i64 = sqlx::query_scalar("SELECT backlog_records FROM agents")
         .fetch_one(&db.pool)
         .await
@@ -268,11 +280,11 @@ async fn the_same_batch_posted_twice_is_stored_once_and_reported_as_duplicates()
     let records = simple(1..=5);
 
     assert_eq!(
-        expect_ack(post(&client, &agg, batch(epoch, &records)).await).await,
+        expect_counts(post(&client, &agg, batch(epoch, &records)).await).await,
         ack(5, 0)
     );
     assert_eq!(
-        expect_ack(post(&client, &agg, batch(epoch, &records)).await).await,
+        expect_counts(post(&client, &agg, batch(epoch, &records)).await).await,
         ack(0, 5)
     );
     assert_eq!(db.count("records").await, 5);
@@ -280,7 +292,7 @@ async fn the_same_batch_posted_twice_is_stored_once_and_reported_as_duplicates()
     // Records 4..=8 overlap 4 and 5 only.
     let overlapping = simple(4..=8);
     assert_eq!(
-        expect_ack(post(&client, &agg, batch(epoch, &overlapping)).await).await,
+        expect_counts(post(&client, &agg, batch(epoch, &overlapping)).await).await,
         ack(3, 2)
     );
     assert_eq!(db.count("records").await, 8);
@@ -293,7 +305,7 @@ async fn the_same_batch_posted_twice_is_stored_once_and_reported_as_duplicates()
 
     // A new epoch (a new buffer file) starts its own sequence.
     assert_eq!(
-        expect_ack(post(&client, &agg, batch(Uuid::now_v7(), &records)).await).await,
+        expect_counts(post(&client, &agg, batch(Uuid::now_v7(), &records)).await).await,
         ack(5, 0)
     );
     assert_eq!(db.count("records").await, 13);
@@ -309,7 +321,7 @@ async fn a_stored_key_redelivered_with_other_content_is_refused_with_409_and_not
     let client = agent_client(&pki.agent("acme", "edge-01"));
     let epoch = Uuid::now_v7();
     assert_eq!(
-        expect_ack(post(&client, &agg, batch(epoch, &simple(1..=3))).await).await,
+        expect_counts(post(&client, &agg, batch(epoch, &simple(1..=3))).await).await,
         ack(3, 0)
     );
     // Seq 2 comes back with another payload (a reused epoch, a redelivery
@@ -330,18 +342,29 @@ async fn a_stored_key_redelivered_with_other_content_is_refused_with_409_and_not
             .await
             .unwrap();
     assert_eq!(stored_payload, r#"{"n": 2}"#);
-    // Two different records under one seq in a single batch conflict too.
+    // The 409 names each conflicting seq, so the agent can move exactly
+    // those records to a new epoch.
+    assert_eq!(
+        error
+            .details
+            .iter()
+            .map(|d| (d.index, d.field.as_str()))
+            .collect::<Vec<_>>(),
+        [(2, "seq")]
+    );
+    // One seq twice in a single batch is not a batch an agent sends.
     let mut twice = simple([10, 10]);
     twice[1].payload = r#"{"n":"other"}"#.into();
-    expect_error(
+    let error = expect_error(
         post(&client, &agg, batch(epoch, &twice)).await,
-        StatusCode::CONFLICT,
-        "content_conflict",
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "invalid_records",
     )
     .await;
+    assert_eq!(error.details[0].field, "seq", "{error:?}");
     // An identical redelivery is still a plain duplicate.
     assert_eq!(
-        expect_ack(post(&client, &agg, batch(epoch, &simple(1..=3))).await).await,
+        expect_counts(post(&client, &agg, batch(epoch, &simple(1..=3))).await).await,
         ack(0, 3)
     );
     agg.stop().await;
@@ -427,11 +450,11 @@ async fn two_agents_of_one_tenant_sending_the_same_epoch_and_seq_are_both_stored
     let records = simple(1..=3);
 
     assert_eq!(
-        expect_ack(post(&first, &agg, batch(epoch, &records)).await).await,
+        expect_counts(post(&first, &agg, batch(epoch, &records)).await).await,
         ack(3, 0)
     );
     assert_eq!(
-        expect_ack(post(&second, &agg, batch(epoch, &records)).await).await,
+        expect_counts(post(&second, &agg, batch(epoch, &records)).await).await,
         ack(3, 0)
     );
 
@@ -494,7 +517,7 @@ async fn a_gzip_bomb_is_refused_with_413_and_the_server_still_answers() {
     expect_error(response, StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large").await;
 
     let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=2))).await;
-    assert_eq!(expect_ack(response).await, ack(2, 0));
+    assert_eq!(expect_counts(response).await, ack(2, 0));
     agg.stop().await;
 }
 
@@ -523,7 +546,7 @@ async fn a_compressed_body_over_the_limit_is_refused_with_413() {
     assert_eq!(db.count("records").await, 0);
 
     let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=2))).await;
-    assert_eq!(expect_ack(response).await, ack(2, 0));
+    assert_eq!(expect_counts(response).await, ack(2, 0));
     agg.stop().await;
 }
 
@@ -540,7 +563,7 @@ async fn more_records_than_the_batch_limit_is_refused_with_413() {
     let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=11))).await;
     expect_error(response, StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large").await;
     let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=10))).await;
-    assert_eq!(expect_ack(response).await, ack(10, 0));
+    assert_eq!(expect_counts(response).await, ack(10, 0));
     agg.stop().await;
 }
 
@@ -674,7 +697,7 @@ async fn an_empty_batch_is_acknowledged_without_writing() {
     let client = agent_client(&pki.agent("acme", "edge-01"));
 
     let response = post(&client, &agg, batch(Uuid::now_v7(), &[])).await;
-    assert_eq!(expect_ack(response).await, ack(0, 0));
+    assert_eq!(expect_counts(response).await, ack(0, 0));
     assert_eq!(db.count("records").await, 0);
     agg.stop().await;
 }
@@ -704,7 +727,7 @@ async fn data_postgres_refuses_is_a_permanent_422_and_nothing_is_written() {
     // The connection that saw the error is fine for the next batch.
     for _ in 0..5 {
         let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=2))).await;
-        assert_eq!(expect_ack(response).await, ack(2, 0));
+        assert_eq!(expect_counts(response).await, ack(2, 0));
     }
     agg.stop().await;
 }
@@ -787,7 +810,7 @@ async fn after_shutdown_the_aggregator_accepts_no_connections() {
     let agg = start_aggregator(&pki, &db.url).await;
     let client = agent_client(&pki.agent("acme", "edge-01"));
     let response = post(&client, &agg, batch(Uuid::now_v7(), &simple(1..=1))).await;
-    assert_eq!(expect_ack(response).await, ack(1, 0));
+    assert_eq!(expect_counts(response).await, ack(1, 0));
 
     let url = agg.endpoint("/health");
     // Returns only once serve() has returned: the open HTTP/2 connection above
@@ -800,4 +823,197 @@ async fn after_shutdown_the_aggregator_accepts_no_connections() {
         fresh.get(&url).send().await.is_err(),
         "served after shutdown"
     );
+}
+
+/// (partition, received_at in µs) of every stored record with this seq.
+async fn copies_of(db: &TestDb, seq: i64) -> Vec<(String, i64)> {
+    sqlx::query_as(
+        "SELECT tableoid::regclass::text, (extract(epoch FROM received_at) * 1000000)::int8 \
+         FROM records WHERE seq = $1 ORDER BY received_at",
+    )
+    .bind(seq)
+    .fetch_all(&db.pool)
+    .await
+    .expect("query copies")
+}
+
+#[tokio::test]
+async fn a_reused_key_with_another_received_time_is_a_409_not_a_second_row_in_another_partition() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+    let epoch = Uuid::now_v7();
+    const DAY_US: i64 = 86_400_000_000;
+    let now_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as i64;
+    let mut first = simple(1..=3);
+    for r in &mut first {
+        r.received = Some(now_us - DAY_US);
+    }
+    assert_eq!(
+        expect_counts(post(&client, &agg, batch(epoch, &first)).await).await,
+        ack(3, 0)
+    );
+    // The same seqs again, same content, accepted a day later: a reverted
+    // buffer re-using its keys. The partition key differs, so only the
+    // key guard can see it.
+    let mut reused = simple(2..=4);
+    for r in &mut reused {
+        r.received = Some(now_us);
+    }
+    let error = expect_error(
+        post(&client, &agg, batch(epoch, &reused)).await,
+        StatusCode::CONFLICT,
+        "content_conflict",
+    )
+    .await;
+    assert_eq!(
+        error.details.iter().map(|d| d.index).collect::<Vec<_>>(),
+        [2, 3]
+    );
+    assert_eq!(
+        db.count("records").await,
+        3,
+        "nothing of the batch was written"
+    );
+    assert_eq!(copies_of(&db, 2).await.len(), 1);
+    // A redelivery as it was first sent is still a plain duplicate.
+    assert_eq!(
+        expect_counts(post(&client, &agg, batch(epoch, &first)).await).await,
+        ack(0, 3)
+    );
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn every_answer_carries_the_epochs_high_water_mark_and_an_empty_batch_asks_for_it() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+    let epoch = Uuid::now_v7();
+
+    let empty = expect_ack(post(&client, &agg, batch(epoch, &[])).await).await;
+    assert_eq!(empty.high_seq, None, "nothing stored yet");
+    let ack = expect_ack(post(&client, &agg, batch(epoch, &simple(1..=5))).await).await;
+    assert_eq!(ack.high_seq, Some(5));
+    // A redelivery of an older batch still reports the highest seq stored.
+    let ack = expect_ack(post(&client, &agg, batch(epoch, &simple(1..=2))).await).await;
+    assert_eq!((ack.duplicates, ack.high_seq), (2, Some(5)));
+    let empty = expect_ack(post(&client, &agg, batch(epoch, &[])).await).await;
+    assert_eq!(empty.high_seq, Some(5));
+    // Other epochs and other agents have marks of their own.
+    let other = expect_ack(post(&client, &agg, batch(Uuid::now_v7(), &[])).await).await;
+    assert_eq!(other.high_seq, None);
+    let stranger = agent_client(&pki.agent("acme", "edge-02"));
+    let empty = expect_ack(post(&stranger, &agg, batch(epoch, &[])).await).await;
+    assert_eq!(empty.high_seq, None);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn concurrent_batches_that_reuse_keys_store_each_key_once() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+    let epoch = Uuid::now_v7();
+    // Eight versions of seqs 1..=50, each with its own content and received
+    // time, race each other; exactly one version of each key may win.
+    let versions: Vec<Vec<u8>> = (0..8)
+        .map(|v| {
+            let records: Vec<Rec> = (1..=50)
+                .map(|seq| Rec {
+                    received: Some(1_700_000_000_000_000 + v * 1_000_000),
+                    ..Rec::new(seq, &format!(r#"{{"version":{v}}}"#))
+                })
+                .collect();
+            batch(epoch, &records)
+        })
+        .collect();
+    let url = agg.endpoint(wire::BATCHES_PATH);
+    let tasks: Vec<_> = versions
+        .into_iter()
+        .map(|body| {
+            let (client, url) = (client.clone(), url.clone());
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .header("content-type", "application/json")
+                    .header("content-encoding", "gzip")
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("request reaches the aggregator")
+                    .status()
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for task in tasks {
+        statuses.push(task.await.expect("request task"));
+    }
+    assert_eq!(
+        statuses.iter().filter(|s| **s == StatusCode::OK).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses
+            .iter()
+            .all(|s| *s == StatusCode::OK || *s == StatusCode::CONFLICT)
+    );
+    assert_eq!(db.count("records").await, 50);
+    let versions: i64 = sqlx::query_scalar("SELECT count(DISTINCT payload) FROM records")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(versions, 1, "all 50 keys hold the winner's records");
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn compacted_claims_still_guard_every_key_and_gaps_stay_open() {
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator(&pki, &db.url).await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+    let epoch = Uuid::now_v7();
+    for range in [1..=10, 11..=20, 21..=30, 41..=50] {
+        expect_ack(post(&client, &agg, batch(epoch, &simple(range))).await).await;
+    }
+    let claims = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT first_seq, last_seq FROM record_ranges ORDER BY first_seq",
+        )
+        .fetch_all(&db.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(claims().await.len(), 4);
+    let removed: i64 = sqlx::query_scalar("SELECT dcs_compact_record_ranges('0 seconds')")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(removed, 2);
+    assert_eq!(claims().await, [(1, 30), (41, 50)]);
+    // A reused key inside a merged claim is still a conflict...
+    let mut altered = simple(15..=15);
+    altered[0].payload = r#"{"n":"changed"}"#.into();
+    expect_error(
+        post(&client, &agg, batch(epoch, &altered)).await,
+        StatusCode::CONFLICT,
+        "content_conflict",
+    )
+    .await;
+    // ...and the gap between claims takes records that were never stored.
+    assert_eq!(
+        expect_counts(post(&client, &agg, batch(epoch, &simple(31..=40))).await).await,
+        ack(10, 0)
+    );
+    assert_eq!(db.count("records").await, 50);
+    agg.stop().await;
 }

@@ -72,3 +72,9 @@ async fn a_full_disk_under_the_buffer_refuses_with_507_and_recovers() {
         report.assert_ok();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_buffer_reverted_to_a_snapshot_moves_to_a_new_epoch_and_loses_and_doubles_nothing() {
+    // CI variant; `dcs-chaos --scenario snapshot-revert --records 1000000` is the full one.
+    chaos::snapshot_revert(20_000).await.assert_ok();
+}
