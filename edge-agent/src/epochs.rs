@@ -136,25 +136,34 @@ pub(crate) fn rekey(
     let current = epochs.current();
     let mut moved = 0;
     for &old in seqs {
-        let row: Option<(String, String, i64, i64, i64, Vec<u8>, Option<i64>)> = tx
+        let row = tx
             .query_row(
                 "SELECT id, stream, ts_us, received_us, size, CAST(payload AS BLOB), key_id
                  FROM records WHERE seq = ?1",
                 [old],
                 |r| {
-                    Ok((
-                        r.get(0)?,
-                        r.get(1)?,
-                        r.get(2)?,
-                        r.get(3)?,
-                        r.get(4)?,
-                        r.get(5)?,
-                        r.get(6)?,
-                    ))
+                    Ok(Row {
+                        id: r.get(0)?,
+                        stream: r.get(1)?,
+                        ts_us: r.get(2)?,
+                        received_us: r.get(3)?,
+                        size: r.get(4)?,
+                        payload: r.get(5)?,
+                        key_id: r.get(6)?,
+                    })
                 },
             )
             .optional()?;
-        let Some((id, stream, ts_us, received_us, size, payload, key_id)) = row else {
+        let Some(Row {
+            id,
+            stream,
+            ts_us,
+            received_us,
+            size,
+            payload,
+            key_id,
+        }) = row
+        else {
             continue;
         };
         let new = *next_seq;
@@ -164,13 +173,14 @@ pub(crate) fn rekey(
                 let plain = keyring
                     .open(key_id, &payload, &seal::aad(&epochs.of(old), old))
                     .map_err(|e| BufferError::Sqlite(conversion(e.to_string())))?;
-                let (key_id, sealed) = keyring
-                    .seal(&plain, &seal::aad(&current, new))
-                    .ok_or_else(|| {
-                        BufferError::Sqlite(conversion(
-                            "a sealed record cannot be re-keyed: encryption is off".into(),
-                        ))
-                    })?;
+                let (key_id, sealed) =
+                    keyring
+                        .seal(&plain, &seal::aad(&current, new))
+                        .ok_or_else(|| {
+                            BufferError::Sqlite(conversion(
+                                "a sealed record cannot be re-keyed: encryption is off".into(),
+                            ))
+                        })?;
                 (rusqlite::types::Value::Blob(sealed), Some(key_id))
             }
         };
@@ -187,8 +197,20 @@ pub(crate) fn rekey(
     Ok(moved)
 }
 
+/// A `records` row as stored, payload still sealed when it is.
+struct Row {
+    id: String,
+    stream: String,
+    ts_us: i64,
+    received_us: i64,
+    size: i64,
+    payload: Vec<u8>,
+    key_id: Option<i64>,
+}
+
 fn text(bytes: Vec<u8>) -> Result<String, BufferError> {
-    String::from_utf8(bytes).map_err(|_| BufferError::Sqlite(conversion("payload is not UTF-8".into())))
+    String::from_utf8(bytes)
+        .map_err(|_| BufferError::Sqlite(conversion("payload is not UTF-8".into())))
 }
 
 fn conversion(message: String) -> rusqlite::Error {
@@ -295,10 +317,16 @@ mod tests {
         let old = buffer.epoch();
         buffer.append(records(&["a", "b", "c"])).await.unwrap();
         let new = buffer.rotate_epoch(old, "test").await.unwrap();
-        assert_eq!(buffer.rekey(vec![2, 99]).await.unwrap(), 1, "seq 99 is not buffered");
+        assert_eq!(
+            buffer.rekey(vec![2, 99]).await.unwrap(),
+            1,
+            "seq 99 is not buffered"
+        );
         let rows = read_all(&buffer);
         assert_eq!(
-            rows.iter().map(|(seq, e, id, _)| (*seq, *e, id.as_str())).collect::<Vec<_>>(),
+            rows.iter()
+                .map(|(seq, e, id, _)| (*seq, *e, id.as_str()))
+                .collect::<Vec<_>>(),
             vec![(1, old, "a"), (3, old, "c"), (4, new, "b")]
         );
         // Sealed again under its new key, so it still opens.

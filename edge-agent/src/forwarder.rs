@@ -179,7 +179,10 @@ enum Outcome {
         per_record: bool,
     },
     /// These seqs' keys hold other records at the aggregator.
-    Conflict { seqs: Vec<i64>, reason: String },
+    Conflict {
+        seqs: Vec<i64>,
+        reason: String,
+    },
 }
 
 /// Error codes with which the aggregator refuses a batch for what some of
@@ -451,7 +454,10 @@ impl Inner {
                 // An aggregator that refuses empty batches predates the
                 // high-water mark; batches still learn it from their answers.
                 other => {
-                    tracing::debug!(message = "high-water check not answered", outcome = other.label());
+                    tracing::debug!(
+                        message = "high-water check not answered",
+                        outcome = other.label()
+                    );
                     return true;
                 }
             };

@@ -25,9 +25,9 @@
 //! was not durably stored first.
 
 pub mod buffer;
-pub mod epochs;
 pub mod config;
 pub mod enroll;
+pub mod epochs;
 pub mod forwarder;
 pub mod fsck;
 pub mod identity;

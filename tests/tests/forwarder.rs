@@ -167,7 +167,7 @@ async fn a_403_keeps_the_data_and_delivery_resumes_when_the_agent_is_let_back_in
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_refusal_that_blames_one_record_dead_letters_only_that_record() {
+async fn a_key_taken_at_the_aggregator_re_keys_only_that_record_and_nothing_becomes_a_dead_letter() {
     let r = rig(|c| c.batch.linger = Duration::from_millis(200)).await;
     push(
         &r.http,
@@ -228,14 +228,8 @@ async fn a_refusal_that_blames_one_record_dead_letters_only_that_record() {
         r.status().await
     );
     let st = r.status().await;
-    assert_eq!(st["dead_letters"]["records"], 1, "{st}");
-    assert!(
-        st["dead_letters"]["last_reason"]
-            .as_str()
-            .unwrap()
-            .contains("content_conflict"),
-        "{st}"
-    );
+    assert_eq!(st["dead_letters"]["records"], 0, "{st}");
+    assert_eq!(st["buffer"]["rekeyed_total"], 1, "{st}");
     // seq 6 is the fifth record of the second push (seq 2 is b-0).
     let got: Value = r
         .http
@@ -246,6 +240,15 @@ async fn a_refusal_that_blames_one_record_dead_letters_only_that_record() {
         .json()
         .await
         .unwrap();
-    assert_eq!(got["state"], "dead_letter");
-    assert_eq!(r.rows().await, 1 + 1 + 19, "the 19 others arrived");
+    assert_eq!(got["state"], "delivered");
+    assert_eq!(r.rows().await, 1 + 1 + 20, "all 20 arrived beside the other record");
+    // b-4 travelled under a new epoch, with its content unchanged.
+    let (moved, epochs): (i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE record_id = 'b-4' AND payload->>'i' = '4'), \
+                count(DISTINCT epoch) FROM records",
+    )
+    .fetch_one(&r.db.pool)
+    .await
+    .unwrap();
+    assert_eq!((moved, epochs), (1, 2));
 }
