@@ -753,7 +753,10 @@ pub async fn snapshot_revert(records: usize) -> Report {
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", buffer.display()));
     }
-    copy_files(&snapshot.join(buffer.file_name().expect("buffer file")), buffer.parent().expect("dir"));
+    copy_files(
+        &snapshot.join(buffer.file_name().expect("buffer file")),
+        buffer.parent().expect("dir"),
+    );
     // The first new records are buffered before the agent can ask the
     // aggregator anything, so they take seqs that are already delivered and
     // meet 409s (re-keyed); the rest arrive after it moved to a new epoch.
@@ -765,14 +768,19 @@ pub async fn snapshot_revert(records: usize) -> Report {
 
     let mut report = world.check("snapshot-revert", &ledger).await;
     let status = world.agent_status().await;
-    let dead = status["dead_letters"]["records"].as_u64().unwrap_or(u64::MAX);
+    let dead = status["dead_letters"]["records"]
+        .as_u64()
+        .unwrap_or(u64::MAX);
     let rekeyed = status["buffer"]["rekeyed_total"].as_u64().unwrap_or(0);
-    let pool = PgPool::connect(&world.cluster.url()).await.expect("connect");
-    let epochs: i64 = sqlx::query_scalar("SELECT count(DISTINCT epoch) FROM records WHERE stream = $1")
-        .bind(STREAM)
-        .fetch_one(&pool)
+    let pool = PgPool::connect(&world.cluster.url())
         .await
-        .expect("count epochs");
+        .expect("connect");
+    let epochs: i64 =
+        sqlx::query_scalar("SELECT count(DISTINCT epoch) FROM records WHERE stream = $1")
+            .bind(STREAM)
+            .fetch_one(&pool)
+            .await
+            .expect("count epochs");
     let shared_keys: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT 1 FROM records GROUP BY agent_id, epoch, seq HAVING count(*) > 1) k",
     )
@@ -786,7 +794,10 @@ pub async fn snapshot_revert(records: usize) -> Report {
     report.note("keys_with_two_records", shared_keys);
     assert_eq!(dead, 0, "records became dead letters: {report}");
     assert_eq!(shared_keys, 0, "a key holds two records: {report}");
-    assert!(epochs >= 2, "the agent did not move to a new epoch: {report}");
+    assert!(
+        epochs >= 2,
+        "the agent did not move to a new epoch: {report}"
+    );
     report
 }
 
