@@ -46,6 +46,10 @@ pub struct Gate {
     policy: Arc<Mutex<Option<Overload>>>,
     /// Bodies larger than this get 413, as a proxy with a body limit answers.
     max_body: Arc<Mutex<Option<usize>>>,
+    /// A batch holding a record with this id gets 422 `invalid_records`
+    /// naming that record, as an aggregator whose validator is stricter
+    /// than the agent's would answer.
+    blame: Arc<Mutex<Option<String>>>,
     task: JoinHandle<()>,
 }
 
@@ -62,6 +66,7 @@ impl Gate {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let policy: Arc<Mutex<Option<Overload>>> = Arc::new(Mutex::new(None));
         let max_body: Arc<Mutex<Option<usize>>> = Arc::new(Mutex::new(None));
+        let blame: Arc<Mutex<Option<String>>> = Arc::new(Mutex::new(None));
         let counter = Arc::new(AtomicU64::new(0));
         let client = agent_client(agent);
         let upstream = format!("{upstream}{}", dcs_shared::wire::BATCHES_PATH);
@@ -69,6 +74,7 @@ impl Gate {
             let seen = seen.clone();
             let policy = policy.clone();
             let max_body = max_body.clone();
+            let blame = blame.clone();
             async move {
                 loop {
                     let Ok((tcp, _)) = listener.accept().await else {
@@ -83,6 +89,7 @@ impl Gate {
                         upstream.clone(),
                     );
                     let max_body = max_body.clone();
+                    let blame = blame.clone();
                     tokio::spawn(async move {
                         let Ok(tls) = acceptor.accept(tcp).await else {
                             return;
@@ -96,6 +103,7 @@ impl Gate {
                                 upstream.clone(),
                             );
                             let max_body = *max_body.lock().expect("max body");
+                            let blame = blame.lock().expect("blame").clone();
                             async move {
                                 let n = counter.fetch_add(1, Ordering::Relaxed) + 1;
                                 let at = Instant::now();
@@ -110,7 +118,7 @@ impl Gate {
                                             br#"{"error":"overloaded","message":"try later"}"#,
                                         )))
                                         .expect("response"),
-                                    None => forward(&client, &upstream, req, max_body).await,
+                                    None => forward(&client, &upstream, req, max_body, blame).await,
                                 };
                                 seen.lock().expect("seen").push(Seen {
                                     at,
@@ -131,8 +139,14 @@ impl Gate {
             seen,
             policy,
             max_body,
+            blame,
             task,
         }
+    }
+
+    /// Answer 422 for any batch holding the record `id` (None: forward all).
+    pub fn blame(&self, id: Option<&str>) {
+        *self.blame.lock().expect("blame") = id.map(str::to_owned);
     }
 
     /// `https://localhost:PORT`
@@ -165,6 +179,7 @@ async fn forward(
     upstream: &str,
     req: Request<Incoming>,
     max_body: Option<usize>,
+    blame: Option<String>,
 ) -> Response<Full<Bytes>> {
     let headers = req.headers().clone();
     let body = match req.into_body().collect().await {
@@ -178,6 +193,15 @@ async fn forward(
             .body(Full::new(Bytes::from_static(
                 br#"{"error":"batch_too_large","message":"body over the gate's limit"}"#,
             )))
+            .expect("response");
+    }
+    if let Some(seq) = blame.and_then(|id| blamed_seq(&body, &id)) {
+        return Response::builder()
+            .status(StatusCode::UNPROCESSABLE_ENTITY)
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(format!(
+                r#"{{"error":"invalid_records","message":"1 problems in the batch's records; nothing was written","details":[{{"index":{seq},"field":"payload","reason":"blamed by the test gate"}}]}}"#
+            ))))
             .expect("response");
     }
     let mut out = client.post(upstream).body(body);
@@ -199,6 +223,13 @@ async fn forward(
         }
         Err(_) => bad_gateway(),
     }
+}
+
+/// The seq of the record with id `id` in a gzip batch body, if it holds one.
+fn blamed_seq(body: &[u8], id: &str) -> Option<i64> {
+    let json = dcs_shared::wire::gunzip_limited(body, 1 << 30).ok()?;
+    let batch = dcs_shared::wire::parse_batch(&json).ok()?;
+    batch.records.iter().find(|r| r.id == id).map(|r| r.seq)
 }
 
 fn bad_gateway() -> Response<Full<Bytes>> {

@@ -167,7 +167,8 @@ async fn a_403_keeps_the_data_and_delivery_resumes_when_the_agent_is_let_back_in
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_key_taken_at_the_aggregator_re_keys_only_that_record_and_nothing_becomes_a_dead_letter() {
+async fn a_key_taken_at_the_aggregator_re_keys_only_that_record_and_nothing_becomes_a_dead_letter()
+{
     let r = rig(|c| c.batch.linger = Duration::from_millis(200)).await;
     push(
         &r.http,
@@ -241,7 +242,11 @@ async fn a_key_taken_at_the_aggregator_re_keys_only_that_record_and_nothing_beco
         .await
         .unwrap();
     assert_eq!(got["state"], "delivered");
-    assert_eq!(r.rows().await, 1 + 1 + 20, "all 20 arrived beside the other record");
+    assert_eq!(
+        r.rows().await,
+        1 + 1 + 20,
+        "all 20 arrived beside the other record"
+    );
     // b-4 travelled under a new epoch, with its content unchanged.
     let (moved, epochs): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE record_id = 'b-4' AND payload->>'i' = '4'), \
@@ -251,4 +256,46 @@ async fn a_key_taken_at_the_aggregator_re_keys_only_that_record_and_nothing_beco
     .await
     .unwrap();
     assert_eq!((moved, epochs), (1, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusal_that_blames_one_record_dead_letters_only_that_record() {
+    let r = rig(|c| c.batch.linger = Duration::from_millis(200)).await;
+    r.gate.blame(Some("b-4"));
+    let pushed = push(
+        &r.http,
+        &r.agent.url,
+        "application/x-ndjson",
+        agent::ndjson("b", "b", 0..20),
+    )
+    .await;
+    assert_eq!(pushed.status(), 200);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            r.status().await["buffer"]["records"] == 0
+        })
+        .await,
+        "{}",
+        r.status().await
+    );
+    let st = r.status().await;
+    assert_eq!(st["dead_letters"]["records"], 1, "{st}");
+    assert!(
+        st["dead_letters"]["last_reason"]
+            .as_str()
+            .unwrap()
+            .contains("invalid_records"),
+        "{st}"
+    );
+    let got: Value = r
+        .http
+        .get(r.agent.endpoint("/v1/records/b-4"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(got["state"], "dead_letter");
+    assert_eq!(r.rows().await, 19, "the 19 others arrived");
 }
