@@ -566,10 +566,12 @@ impl Inner {
                     Outcome::Conflict { seqs, reason } => {
                         // Seqs the aggregator named that are not in this
                         // batch say nothing about it: fall back to halving.
-                        let taken: Vec<i64> = seqs
-                            .into_iter()
-                            .filter(|s| batch.iter().any(|r| r.seq == *s))
-                            .collect();
+                        // Batches are in seq order, so both lookups below
+                        // are binary searches.
+                        let in_batch =
+                            |seq: &i64| batch.binary_search_by_key(seq, |r| r.seq).is_ok();
+                        let mut taken: Vec<i64> = seqs.into_iter().filter(in_batch).collect();
+                        taken.sort_unstable();
                         let taken = if taken.is_empty() && batch.len() == 1 {
                             vec![first]
                         } else {
@@ -599,7 +601,7 @@ impl Inner {
                         );
                         let rest: Vec<Buffered> = batch
                             .into_iter()
-                            .filter(|r| !taken.contains(&r.seq))
+                            .filter(|r| taken.binary_search(&r.seq).is_err())
                             .collect();
                         if !rest.is_empty() {
                             pending.push(rest);
