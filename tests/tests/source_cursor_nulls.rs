@@ -96,6 +96,8 @@ where
                 "the error names the column: {error}"
             );
         }
+        // The writer stops once every handle is gone.
+        drop(ctx);
         buffer.close().await;
     }
 }
