@@ -1,16 +1,19 @@
 //! `dcs-edge buffer check|stats|salvage|export`: the buffer's offline fsck.
 //!
-//! Each command reads the file without changing it (`check` and `stats` open
-//! it read-only, `salvage` reads a copy), so they are safe on a file an
-//! operator wants to keep as evidence, and `check`, `stats` and `export` are
-//! safe beside a running agent (SQLite readers do not block its writer).
+//! No command changes a file it reads or creates one beside it (no `-wal`,
+//! `-shm` or journal): see [`recovery::Snapshot`] for how each case is
+//! opened; `salvage` writes only into its output directory. So they are safe
+//! on a file an operator wants to keep as evidence, and `check`, `stats` and
+//! `export` are safe beside a running agent (SQLite readers do not block its
+//! writer). On a damaged file `stats` and `export` read every row SQLite can
+//! still read, as salvage does ([`recovery::scan`]).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{Connection, OpenFlags, OptionalExtension};
+use rusqlite::OptionalExtension;
 use serde::Serialize;
 use serde_json::value::RawValue;
 
@@ -37,6 +40,11 @@ pub struct Stats {
     pub schema_version: Option<String>,
     pub next_seq: Option<String>,
     pub closed_cleanly: Option<bool>,
+    /// Buffered records the file's own counters say it holds (see
+    /// `recovery::expected_buffered`); `None` when they cannot be read.
+    pub held: Option<u64>,
+    /// Of those, how many cannot be read: `held - buffered.records`.
+    pub unreadable: Option<u64>,
     pub buffered: Counts,
     pub dead_letters: Counts,
     pub delivered_total: Option<String>,
@@ -65,67 +73,54 @@ pub struct StreamCounts {
 }
 
 pub fn stats(path: &Path) -> Result<Stats, BufferError> {
-    let integrity = check(path).unwrap_or_else(|| "ok".into());
-    let conn = open_read_only(path)?;
+    let damage = check(path);
+    let integrity = damage.clone().unwrap_or_else(|| "ok".into());
+    let snapshot = recovery::Snapshot::open(path, damage.is_some())?;
+    let conn = &snapshot.conn;
     let meta = |key: &str| -> Option<String> {
         conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
             .optional()
             .ok()
             .flatten()
     };
-    let counts = |table: &str| -> Counts {
-        conn.query_row(
-            &format!(
-                "SELECT count(*), coalesce(sum(size), 0), min(received_us), max(received_us),
-                        min(seq), max(seq) FROM {table}"
-            ),
-            [],
-            |r| {
-                Ok(Counts {
-                    records: r.get::<_, i64>(0)?.max(0) as u64,
-                    bytes: r.get::<_, i64>(1)?.max(0) as u64,
-                    oldest_received: r
-                        .get::<_, Option<i64>>(2)?
-                        .map(dcs_shared::record::format_ts),
-                    newest_received: r
-                        .get::<_, Option<i64>>(3)?
-                        .map(dcs_shared::record::format_ts),
-                    first_seq: r.get(4)?,
-                    last_seq: r.get(5)?,
-                })
-            },
-        )
-        .unwrap_or_default()
-    };
+    // Row by row, as salvage reads: on a damaged file an aggregate query
+    // fails (or stops) at the first bad page, while most rows are readable.
     let mut streams: BTreeMap<String, StreamCounts> = BTreeMap::new();
-    for (table, dead) in [("records", false), ("dead_letters", true)] {
-        if let Ok(mut stmt) = conn.prepare(&format!(
-            "SELECT stream, count(*) FROM {table} GROUP BY stream"
-        )) {
-            let rows = stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?)));
-            for (stream, n) in rows.into_iter().flatten().flatten() {
-                let entry = streams.entry(stream).or_default();
+    let mut key_ids = std::collections::BTreeSet::new();
+    let mut count = |table: &str, dead: bool| -> Result<Counts, BufferError> {
+        let mut c = Counts::default();
+        let (mut oldest, mut newest) = (None::<i64>, None::<i64>);
+        recovery::scan(
+            conn,
+            &format!("SELECT seq, size, received_us, stream, key_id FROM {table}"),
+            &mut |row| {
+                let seq: i64 = row.get(0)?;
+                c.records += 1;
+                c.bytes += row.get::<_, i64>(1)?.max(0) as u64;
+                let received: i64 = row.get(2)?;
+                oldest = Some(oldest.map_or(received, |o| o.min(received)));
+                newest = Some(newest.map_or(received, |n| n.max(received)));
+                c.first_seq = Some(c.first_seq.map_or(seq, |f| f.min(seq)));
+                c.last_seq = Some(c.last_seq.map_or(seq, |l| l.max(seq)));
+                let entry = streams.entry(row.get(3)?).or_default();
                 if dead {
-                    entry.dead_letters = n.max(0) as u64;
+                    entry.dead_letters += 1;
                 } else {
-                    entry.buffered = n.max(0) as u64;
+                    entry.buffered += 1;
                 }
-            }
-        }
-    }
-    let key_ids = conn
-        .prepare(
-            "SELECT key_id FROM records WHERE key_id IS NOT NULL
-             UNION SELECT key_id FROM dead_letters WHERE key_id IS NOT NULL",
-        )
-        .and_then(|mut stmt| {
-            stmt.query_map([], |r| r.get::<_, i64>(0))?
-                .collect::<Result<Vec<_>, _>>()
-        })
-        .unwrap_or_default()
-        .into_iter()
-        .map(crate::seal::format_key_id)
-        .collect();
+                if let Some(key_id) = row.get::<_, Option<i64>>(4)? {
+                    key_ids.insert(key_id);
+                }
+                Ok(())
+            },
+        )?;
+        c.oldest_received = oldest.map(dcs_shared::record::format_ts);
+        c.newest_received = newest.map(dcs_shared::record::format_ts);
+        Ok(c)
+    };
+    let buffered = count("records", false)?;
+    let dead_letters = count("dead_letters", true)?;
+    let held = recovery::expected_buffered(conn);
     Ok(Stats {
         path: path.display().to_string(),
         integrity,
@@ -133,13 +128,15 @@ pub fn stats(path: &Path) -> Result<Stats, BufferError> {
         schema_version: meta("schema_version"),
         next_seq: meta("next_seq"),
         closed_cleanly: meta("clean_close").map(|v| v == "1"),
-        buffered: counts("records"),
-        dead_letters: counts("dead_letters"),
+        held,
+        unreadable: held.map(|h| h.saturating_sub(buffered.records)),
+        buffered,
+        dead_letters,
         delivered_total: meta("delivered_total"),
         dropped_total: meta("dropped_total"),
         dead_letter_total: meta("dead_letter_total"),
         streams,
-        key_ids,
+        key_ids: key_ids.into_iter().map(crate::seal::format_key_id).collect(),
     })
 }
 
@@ -152,41 +149,41 @@ pub fn salvage(damaged: &Path, into: &Path, keyring: &Keyring) -> Result<Report,
 
 /// Writes every record (buffered, then dead letters) as one NDJSON line:
 /// `{"state","seq","id","stream","ts","received","payload"[,"reason"]}`.
-/// Rows that cannot be read are reported on `errors` and skipped. Returns
-/// (records written, rows skipped).
+/// Rows that cannot be decoded are reported on `errors` and skipped; rows
+/// lost with a damaged page are counted in [`Exported::unreadable`].
 pub fn export(
     path: &Path,
     keyring: &Keyring,
     out: &mut dyn Write,
     errors: &mut dyn Write,
-) -> Result<(u64, u64), BufferError> {
-    let conn = open_read_only(path)?;
+) -> Result<Exported, BufferError> {
+    let damaged = check(path).is_some();
+    let snapshot = recovery::Snapshot::open(path, damaged)?;
+    let conn = &snapshot.conn;
+    // Only sealed payloads need the epoch (it is in their authenticated
+    // data); without it they are reported as unreadable, the rest exported.
     let epoch: uuid::Uuid = conn
         .query_row("SELECT value FROM meta WHERE key = 'epoch'", [], |r| {
             r.get::<_, String>(0)
-        })?
-        .parse()
-        .map_err(|_| {
-            BufferError::Sqlite(rusqlite::Error::InvalidColumnType(
-                0,
-                "epoch".into(),
-                rusqlite::types::Type::Text,
-            ))
-        })?;
-    let io =
-        |e: std::io::Error| BufferError::Sqlite(rusqlite::Error::ToSqlConversionFailure(e.into()));
-    let (mut written, mut skipped) = (0u64, 0u64);
+        })
+        .ok()
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_default();
+    let (mut written, mut skipped, mut buffered) = (0u64, 0u64, 0u64);
+    // The first write error (a closed pipe, a full disk) ends the export.
+    let mut failed: Option<std::io::Error> = None;
     for (table, state, extra) in [
         ("records", "buffered", "NULL"),
         ("dead_letters", "dead_letter", "reason"),
     ] {
-        let mut stmt = conn.prepare(&format!(
-            "SELECT seq, id, stream, ts_us, received_us, size, payload, key_id, {extra}
-             FROM {table} ORDER BY seq"
-        ))?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            match buffer::decode_row(row, keyring, &epoch) {
+        let select = format!(
+            "SELECT seq, id, stream, ts_us, received_us, size, payload, key_id, {extra} FROM {table}"
+        );
+        recovery::scan(conn, &select, &mut |row| {
+            if failed.is_some() {
+                return Ok(());
+            }
+            let written_row = match buffer::decode_row(row, keyring, &epoch) {
                 Ok(r) => {
                     let reason: Option<String> = row.get(8).ok().flatten();
                     let payload = RawValue::from_string(r.payload.clone());
@@ -200,30 +197,45 @@ pub fn export(
                         "payload": payload.ok(),
                         "reason": reason,
                     });
-                    serde_json::to_writer(&mut *out, &line).map_err(|e| io(e.into()))?;
-                    out.write_all(b"\n").map_err(io)?;
                     written += 1;
+                    buffered += u64::from(state == "buffered");
+                    serde_json::to_writer(&mut *out, &line)
+                        .map_err(std::io::Error::from)
+                        .and_then(|()| out.write_all(b"\n"))
                 }
                 Err(reason) => {
                     let seq: i64 = row.get(0).unwrap_or_default();
-                    writeln!(errors, "{table} seq {seq}: {reason}").map_err(io)?;
                     skipped += 1;
+                    writeln!(errors, "{table} seq {seq}: {reason}")
                 }
+            };
+            if let Err(e) = written_row {
+                failed = Some(e);
             }
-        }
+            Ok(())
+        })?;
     }
-    Ok((written, skipped))
+    if let Some(e) = failed {
+        return Err(BufferError::Sqlite(rusqlite::Error::ToSqlConversionFailure(
+            e.into(),
+        )));
+    }
+    Ok(Exported {
+        written,
+        skipped,
+        unreadable: recovery::expected_buffered(conn).map(|held| held.saturating_sub(buffered)),
+    })
 }
 
-fn open_read_only(path: &Path) -> Result<Connection, BufferError> {
-    let conn = Connection::open_with_flags(
-        path,
-        OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
-    )
-    .map_err(|source| BufferError::Open {
-        path: path.to_owned(),
-        source,
-    })?;
-    conn.busy_timeout(Duration::from_secs(5))?;
-    Ok(conn)
+/// What [`export`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exported {
+    /// Records written (buffered and dead letters).
+    pub written: u64,
+    /// Rows found but not decodable (reported on the error stream).
+    pub skipped: u64,
+    /// Buffered records the file's counters say it holds that were not
+    /// written (damaged pages and undecodable rows); `None` when the
+    /// counters cannot be read.
+    pub unreadable: Option<u64>,
 }

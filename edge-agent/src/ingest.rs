@@ -46,6 +46,8 @@ pub struct AppState {
     pub metrics: PrometheusHandle,
     /// Damaged buffer files quarantined so far (see `crate::recovery`).
     pub quarantine: Arc<Vec<crate::recovery::Report>>,
+    /// Salvaged records being delivered from `recovered/`.
+    pub recovered: crate::recovery::Waiting,
     /// Per-stream JSON Schemas, compiled at start-up.
     pub schemas: Arc<Schemas>,
 }
@@ -620,6 +622,9 @@ pub struct Status {
     /// One entry per damaged buffer file moved aside, with what it held and
     /// what was salvaged; empty on a healthy agent.
     pub quarantine: Vec<crate::recovery::Report>,
+    /// Records salvaged from damaged buffer files, acknowledged to their
+    /// producers and waiting in `recovered/` for delivery.
+    pub recovered: crate::recovery::WaitingStatus,
 }
 
 #[derive(Debug, Serialize)]
@@ -655,6 +660,7 @@ async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError>
         dead_letters: dead,
         delivery: state.link.snapshot(),
         quarantine: state.quarantine.as_ref().clone(),
+        recovered: state.recovered.status(),
     }))
 }
 

@@ -108,23 +108,37 @@ pub async fn run(
         client.clone(),
         stop_rx.clone(),
     ));
-    let draining: Vec<_> = prepared
-        .recovered
-        .iter()
-        .map(|path| {
-            let opts = buffer::BufferOptions {
-                path: path.clone(),
-                ..opts.clone()
-            };
-            tokio::spawn(drain_recovered(
-                config.clone(),
-                opts,
-                link.clone(),
-                client.clone(),
-                stop_rx.clone(),
-            ))
-        })
-        .collect();
+    // Opened before the API serves, so `/v1/status` counts salvaged records
+    // waiting for delivery from the first request on.
+    let waiting = recovery::Waiting::default();
+    let mut draining = Vec::new();
+    for path in &prepared.recovered {
+        let opts = buffer::BufferOptions {
+            path: path.clone(),
+            ..opts.clone()
+        };
+        let opened = tokio::task::spawn_blocking(move || buffer::Buffer::open(opts)).await;
+        let recovered = match opened {
+            Ok(Ok(buffer)) => buffer,
+            Ok(Err(error)) => {
+                tracing::error!(message = "cannot open recovered buffer", path = %path.display(), %error);
+                continue;
+            }
+            Err(error) => {
+                tracing::error!(message = "cannot open recovered buffer", path = %path.display(), %error);
+                continue;
+            }
+        };
+        waiting.add(recovered.clone());
+        draining.push(tokio::spawn(drain_recovered(
+            config.clone(),
+            recovered,
+            waiting.clone(),
+            link.clone(),
+            client.clone(),
+            stop_rx.clone(),
+        )));
+    }
 
     let limits = dcs_shared::record::Limits {
         max_payload_bytes: config.ingest.max_payload_bytes.as_usize(),
@@ -151,6 +165,7 @@ pub async fn run(
         max_request_bytes: config.ingest.max_request_bytes.as_usize(),
         metrics: metrics_handle,
         quarantine: Arc::new(prepared.reports),
+        recovered: waiting,
         schemas,
     })
     .merge(jobs::router(jobs.clone()))
@@ -189,24 +204,13 @@ pub async fn run(
 /// file. A file that still holds dead letters is kept for inspection.
 async fn drain_recovered(
     config: Config,
-    opts: buffer::BufferOptions,
+    buffer: buffer::Buffer,
+    waiting: recovery::Waiting,
     link: Arc<forwarder::Link>,
     client: forwarder::SharedClient,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {
-    let path = opts.path.clone();
-    let opened = tokio::task::spawn_blocking(move || buffer::Buffer::open(opts)).await;
-    let buffer = match opened {
-        Ok(Ok(buffer)) => buffer,
-        Ok(Err(error)) => {
-            tracing::error!(message = "cannot open recovered buffer", path = %path.display(), %error);
-            return;
-        }
-        Err(error) => {
-            tracing::error!(message = "cannot open recovered buffer", path = %path.display(), %error);
-            return;
-        }
-    };
+    let path = buffer.path().to_owned();
     tracing::info!(
         message = "delivering salvaged records",
         path = %path.display(),
@@ -234,6 +238,7 @@ async fn drain_recovered(
     let _ = own_stop.send(true);
     let _ = forwarding.await;
     let dead_letters = buffer.dead_letter_summary().map(|d| d.records).unwrap_or(1);
+    waiting.remove(&path);
     buffer.close().await;
     if delivered && dead_letters == 0 {
         recovery::remove_buffer_files(&path);

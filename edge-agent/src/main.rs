@@ -58,8 +58,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         ca_out: Option<PathBuf>,
     },
-    /// Inspect or repair a buffer file offline (safe beside a running agent,
-    /// except `salvage`, which only reads a copy).
+    /// Inspect or repair a buffer file offline. None of these changes the
+    /// files it reads or creates any beside them; `salvage` writes only into
+    /// its output directory. All but `salvage` are safe beside a running agent.
     Buffer {
         #[command(subcommand)]
         action: BufferAction,
@@ -322,11 +323,15 @@ fn buffer_command(action: &BufferAction) -> anyhow::Result<ExitCode> {
             let (path, keyring) = args.resolve()?;
             let stdout = std::io::stdout();
             let mut out = std::io::BufWriter::new(stdout.lock());
-            let (written, skipped) =
-                fsck::export(&path, &keyring, &mut out, &mut std::io::stderr())?;
+            let exported = fsck::export(&path, &keyring, &mut out, &mut std::io::stderr())?;
             std::io::Write::flush(&mut out)?;
-            eprintln!("exported {written} records, skipped {skipped} unreadable");
-            Ok(if skipped == 0 {
+            let unreadable = exported.unreadable.unwrap_or(exported.skipped);
+            eprintln!(
+                "exported {} records, skipped {} unreadable rows; \
+                 buffered records that could not be read: {unreadable}",
+                exported.written, exported.skipped
+            );
+            Ok(if exported.skipped == 0 && unreadable == 0 {
                 ExitCode::SUCCESS
             } else {
                 ExitCode::FAILURE

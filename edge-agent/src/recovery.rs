@@ -51,11 +51,15 @@ pub struct Report {
     pub reason: String,
     /// The damaged file's epoch, when it could still be read.
     pub epoch: Option<Uuid>,
-    /// Records the damaged file held, when it could still count them.
+    /// Buffered records the damaged file held: what its own counters prove
+    /// (see [`expected_buffered`]), else what could still be counted.
     pub held: Option<u64>,
     /// Buffered records copied into the recovered buffer for delivery.
     pub salvaged: u64,
-    /// Records found but unreadable (damaged rows, unknown keys).
+    /// Buffered records that could not be recovered: `held - salvaged`,
+    /// whether their rows were lost with a damaged page or found and
+    /// unreadable (damaged values, unknown keys). Each was acknowledged to
+    /// its producer and never delivered.
     pub unreadable: u64,
     /// Dead letters copied (kept for inspection, not delivered).
     pub dead_letters_salvaged: u64,
@@ -79,11 +83,6 @@ impl Report {
         }
     }
 
-    /// Records known to be lost: held but neither salvaged nor found unreadable
-    /// are counted as lost too, since they can no longer be found.
-    pub fn lost(&self) -> Option<u64> {
-        self.held.map(|h| h.saturating_sub(self.salvaged))
-    }
 }
 
 /// The state of recovery at start-up.
@@ -95,6 +94,47 @@ pub struct Prepared {
     pub new_reports: usize,
     /// Recovered buffer files waiting to be delivered.
     pub recovered: Vec<PathBuf>,
+}
+
+/// Recovered buffers open for delivery, for `/v1/status`: their records
+/// were acknowledged to producers and are not delivered yet.
+#[derive(Clone, Default)]
+pub struct Waiting(std::sync::Arc<std::sync::Mutex<Vec<buffer::Buffer>>>);
+
+/// Salvaged records waiting for delivery, in `/v1/status`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct WaitingStatus {
+    /// Recovered buffer files being delivered.
+    pub files: u64,
+    /// Records in them not yet delivered.
+    pub records: u64,
+    pub bytes: u64,
+}
+
+impl Waiting {
+    pub fn add(&self, buffer: buffer::Buffer) {
+        self.0.lock().expect("waiting lock").push(buffer);
+    }
+
+    pub fn remove(&self, path: &Path) {
+        self.0
+            .lock()
+            .expect("waiting lock")
+            .retain(|b| b.path() != path);
+    }
+
+    pub fn status(&self) -> WaitingStatus {
+        let buffers = self.0.lock().expect("waiting lock");
+        buffers
+            .iter()
+            .map(|b| b.stats())
+            .fold(WaitingStatus::default(), |mut w, s| {
+                w.files += 1;
+                w.records += s.records;
+                w.bytes += s.bytes;
+                w
+            })
+    }
 }
 
 /// Where recovered buffers live: `recovered/` beside the buffer file.
@@ -109,13 +149,23 @@ pub fn recovered_dir(buffer_path: &Path) -> PathBuf {
 /// Checks the buffer file, quarantines it if damaged, finishes any pending
 /// salvage and lists what there is to deliver. Blocking.
 pub fn prepare(opts: &buffer::BufferOptions) -> Result<Prepared, BufferError> {
+    // The check reads a WAL through SQLite's shared-memory index, which
+    // SQLite rebuilds in the `-shm` file; the file and the WAL it leaves
+    // untouched. So the `-shm` is kept as found, for the quarantine.
+    let shm_found = std::fs::read(shm_of(&opts.path)).ok();
     if let Some(reason) = diagnose(&opts.path, QUICK_CHECK_BUDGET) {
         tracing::error!(
             message = "buffer file is damaged: moving it to quarantine and salvaging its records",
             path = %opts.path.display(),
             %reason
         );
-        quarantine(&opts.path, &opts.quarantine_dir, &reason).map_err(|source| {
+        quarantine(
+            &opts.path,
+            &opts.quarantine_dir,
+            &reason,
+            shm_found.as_deref(),
+        )
+        .map_err(|source| {
             BufferError::Quarantine {
                 path: opts.path.clone(),
                 source,
@@ -134,13 +184,12 @@ pub fn prepare(opts: &buffer::BufferOptions) -> Result<Prepared, BufferError> {
                 held = report.held,
                 salvaged = report.salvaged,
                 unreadable = report.unreadable,
-                lost = report.lost(),
                 dead_letters_salvaged = report.dead_letters_salvaged
             );
             metrics::counter!("dcs_agent_buffer_quarantines_total").increment(1);
             metrics::counter!("dcs_agent_buffer_salvaged_records_total").increment(report.salvaged);
             metrics::counter!("dcs_agent_buffer_unsalvageable_records_total")
-                .increment(report.lost().unwrap_or(report.unreadable));
+                .increment(report.unreadable);
             prepared.new_reports += 1;
         }
         if let Some(report) = read_report(&folder) {
@@ -156,26 +205,198 @@ pub fn prepare(opts: &buffer::BufferOptions) -> Result<Prepared, BufferError> {
 }
 
 /// Why the file cannot be used as it is; `None` when it is healthy or absent.
+/// Writes nothing to the file or its WAL (see [`open_found`]); the agent
+/// calls it at start-up, before anything opens the buffer read-write, so a
+/// damaged file can be quarantined as it was found.
 pub fn diagnose(path: &Path, budget: Duration) -> Option<String> {
-    diagnose_with(path, budget, OpenFlags::SQLITE_OPEN_READ_WRITE)
-}
-
-/// [`diagnose`] without writing to the file (a WAL left by a crash is read,
-/// not folded in), for `dcs-edge buffer check`.
-pub fn diagnose_read_only(path: &Path, budget: Duration) -> Option<String> {
-    diagnose_with(path, budget, OpenFlags::SQLITE_OPEN_READ_ONLY)
-}
-
-fn diagnose_with(path: &Path, budget: Duration, mode: OpenFlags) -> Option<String> {
     if !path.exists() {
         return None;
     }
-    let wal_present = wal_of(path).exists();
-    let conn = match Connection::open_with_flags(path, mode | OpenFlags::SQLITE_OPEN_NO_MUTEX) {
-        Ok(conn) => conn,
-        Err(error) => return Some(format!("cannot open: {error}")),
+    match open_found(path) {
+        Ok(conn) => diagnose_conn(path, &conn, budget),
+        Err(error) => Some(format!("cannot open: {error}")),
+    }
+}
+
+/// [`diagnose`] for `dcs-edge buffer check`: changes no file at all, the
+/// shared-memory index included (see [`Snapshot`]).
+pub fn diagnose_read_only(path: &Path, budget: Duration) -> Option<String> {
+    if !path.exists() {
+        return None;
+    }
+    match Snapshot::open(path, false) {
+        Ok(snapshot) => diagnose_conn(path, &snapshot.conn, budget),
+        Err(error) => Some(format!("cannot open: {error}")),
+    }
+}
+
+/// Opens the buffer at start-up for reading without writing to it or its WAL.
+///
+/// - No WAL: `immutable=1`. SQLite then creates no `-wal`, `-shm` or journal
+///   file; a read-only open would create an empty WAL, which makes a lost WAL
+///   look like a clean stop to the next check.
+/// - A WAL: read-only. SQLite reads the WAL (it holds the commits since the
+///   last checkpoint, which `immutable` would ignore) and never writes the
+///   file or the WAL, but it does rebuild its shared-memory index in `-shm`;
+///   [`prepare`] keeps the `-shm` as found before this runs.
+fn open_found(path: &Path) -> rusqlite::Result<Connection> {
+    let conn = if wal_of(path).exists() {
+        Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?
+    } else {
+        open_immutable(path)?
     };
-    let _ = conn.busy_timeout(Duration::from_secs(5));
+    conn.busy_timeout(Duration::from_secs(5))?;
+    Ok(conn)
+}
+
+/// `file:PATH?immutable=1`: read-only, no locks, no side files.
+fn open_immutable(path: &Path) -> rusqlite::Result<Connection> {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_owned());
+    let mut uri = String::from("file:");
+    for b in absolute.to_string_lossy().bytes() {
+        match b {
+            b'?' | b'#' | b'%' => uri.push_str(&format!("%{b:02X}")),
+            _ => uri.push(b as char),
+        }
+    }
+    uri.push_str("?immutable=1");
+    Connection::open_with_flags(
+        &uri,
+        OpenFlags::SQLITE_OPEN_READ_ONLY
+            | OpenFlags::SQLITE_OPEN_URI
+            | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+    )
+}
+
+/// A read-only view of a buffer file for the offline tools, opened so that
+/// no file in its directory changes and none is created:
+///
+/// - No WAL: the file itself with `immutable=1`. Without a WAL the file is
+///   the whole state, and no agent has it open (an open WAL-mode database
+///   always has its WAL file).
+/// - A WAL that a running agent holds open (its connections keep a lock on
+///   the `-shm` file): the file read-only. SQLite never writes the file or
+///   the WAL from a read-only connection; the `-shm` index is the running
+///   agent's, changed by it all the time anyway. A copy would not do here:
+///   the agent may checkpoint between copying the file and the WAL.
+/// - A WAL and no running agent (after a crash): file and WAL are copied into
+///   a private temporary directory and the copy is opened. A read-only open
+///   of the original would rebuild (rewrite) its `-shm`, and `immutable=1`
+///   would ignore the WAL, that is the commits since the last checkpoint.
+///   With `repair`, a copy is made in every case and its page count repaired
+///   (see [`repair_page_count`]), so a truncated file can still be read.
+pub struct Snapshot {
+    pub conn: Connection,
+    work: Option<PathBuf>,
+}
+
+impl Snapshot {
+    pub fn open(path: &Path, repair: bool) -> Result<Snapshot, BufferError> {
+        let open_err = |source| BufferError::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let wal = wal_of(path);
+        if !repair && !wal.exists() {
+            let conn = open_immutable(path).map_err(open_err)?;
+            return Ok(Snapshot { conn, work: None });
+        }
+        if !repair && held_open(path) {
+            let conn = Connection::open_with_flags(
+                path,
+                OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+            )
+            .map_err(open_err)?;
+            conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
+            return Ok(Snapshot { conn, work: None });
+        }
+        let io = |source| BufferError::Quarantine {
+            path: path.to_owned(),
+            source,
+        };
+        let work = private_dir().map_err(io)?;
+        let mut snapshot = Snapshot {
+            conn: Connection::open_in_memory().map_err(open_err)?,
+            work: Some(work.clone()),
+        };
+        let copy = work.join("buffer.db");
+        std::fs::copy(path, &copy).map_err(io)?;
+        if wal.exists() {
+            std::fs::copy(&wal, wal_of(&copy)).map_err(io)?;
+        }
+        if repair && let Err(error) = repair_page_count(&copy) {
+            tracing::warn!(message = "cannot repair the copy's header", %error);
+        }
+        // Read-write on the copy: SQLite folds the copied WAL in as it must.
+        snapshot.conn = Connection::open(&copy).map_err(open_err)?;
+        snapshot
+            .conn
+            .busy_timeout(Duration::from_secs(5))
+            .map_err(open_err)?;
+        Ok(snapshot)
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        if let Some(work) = self.work.take() {
+            // Close the copy before deleting it.
+            let conn = std::mem::replace(
+                &mut self.conn,
+                Connection::open_in_memory().expect("an in-memory database opens"),
+            );
+            drop(conn);
+            let _ = std::fs::remove_dir_all(work);
+        }
+    }
+}
+
+/// A new directory only we can read, for copies of buffer files (which may
+/// hold payloads in clear); under `TMPDIR` when set.
+fn private_dir() -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::DirBuilderExt as _;
+    let base = std::env::temp_dir();
+    loop {
+        let dir = base.join(format!("dcs-buffer-{:016x}", fastrand::u64(..)));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => return Ok(dir),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// Whether an SQLite connection in another process has `path` open: each
+/// WAL-mode connection holds a shared lock on byte 128 of the `-shm` file
+/// (SQLite's "dead man switch") for as long as it is open. Asked with
+/// `F_GETLK`, which takes no lock and changes nothing.
+fn held_open(path: &Path) -> bool {
+    use std::os::fd::AsRawFd as _;
+    let Ok(shm) = std::fs::File::open(format!("{}-shm", path.display())) else {
+        return false;
+    };
+    // SAFETY: a zeroed flock is a valid value for every field.
+    let mut lock: nix::libc::flock = unsafe { std::mem::zeroed() };
+    lock.l_type = nix::libc::F_WRLCK as _;
+    lock.l_whence = nix::libc::SEEK_SET as _;
+    lock.l_start = 128;
+    lock.l_len = 1;
+    // SAFETY: F_GETLK only fills in `lock`, which outlives the call.
+    let rc = unsafe {
+        nix::libc::fcntl(
+            shm.as_raw_fd(),
+            nix::libc::F_GETLK,
+            &mut lock as *mut nix::libc::flock,
+        )
+    };
+    rc == 0 && i32::from(lock.l_type) != nix::libc::F_UNLCK
+}
+
+fn diagnose_conn(path: &Path, conn: &Connection, budget: Duration) -> Option<String> {
+    let wal_present = wal_of(path).exists();
     // Interrupted from a timer thread once the budget is spent.
     let interrupt = conn.get_interrupt_handle();
     let (done, finished) = std::sync::mpsc::channel::<()>();
@@ -203,7 +424,7 @@ fn diagnose_with(path: &Path, budget: Duration, mode: OpenFlags) -> Option<Strin
         }
         Err(error) => return Some(format!("integrity check failed: {error}")),
     }
-    invariants(&conn, wal_present).err()
+    invariants(conn, wal_present).err()
 }
 
 /// Our own invariants (see the module doc).
@@ -273,10 +494,16 @@ fn invariants(conn: &Connection, wal_present: bool) -> Result<(), String> {
     Ok(())
 }
 
-/// Moves the buffer file and its WAL and shared-memory files into a new
-/// folder of the quarantine directory. The WAL goes first: a WAL left beside
-/// a new buffer would be replayed into it.
-fn quarantine(path: &Path, quarantine_dir: &Path, reason: &str) -> std::io::Result<PathBuf> {
+/// Moves the buffer file and its WAL into a new folder of the quarantine
+/// directory, byte for byte as found, and puts the `-shm` file there as it
+/// was before the check (`shm_found`; none if there was none). The WAL goes
+/// first: a WAL left beside a new buffer would be replayed into it.
+fn quarantine(
+    path: &Path,
+    quarantine_dir: &Path,
+    reason: &str,
+    shm_found: Option<&[u8]>,
+) -> std::io::Result<PathBuf> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -289,11 +516,18 @@ fn quarantine(path: &Path, quarantine_dir: &Path, reason: &str) -> std::io::Resu
     let folder = quarantine_dir.join(format!("{name}-{stamp}-{:04x}", fastrand::u16(..)));
     std::fs::create_dir_all(&folder)?;
     write_synced(&folder.join(PENDING), reason.as_bytes())?;
-    for suffix in ["-wal", "-shm", ""] {
+    for suffix in ["-wal", ""] {
         let from = PathBuf::from(format!("{}{suffix}", path.display()));
         if from.exists() {
             move_file(&from, &folder.join(format!("{name}{suffix}")))?;
         }
+    }
+    if let Some(bytes) = shm_found {
+        write_synced(&folder.join(format!("{name}-shm")), bytes)?;
+    }
+    match std::fs::remove_file(shm_of(path)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+        _ => {}
     }
     sync_dir(&folder);
     if let Some(parent) = path.parent() {
@@ -408,10 +642,11 @@ fn salvage_file(
     // a record delivered just before the damage may then arrive twice.
     let target_epoch = epoch.unwrap_or_else(Uuid::new_v4);
     report.epoch = epoch;
-    report.held = src
-        .query_row("SELECT count(*) FROM records", [], |r| r.get::<_, i64>(0))
-        .ok()
-        .map(|n| n.max(0) as u64);
+    report.held = expected_buffered(&src).or_else(|| {
+        src.query_row("SELECT count(*) FROM records", [], |r| r.get::<_, i64>(0))
+            .ok()
+            .map(|n| n.max(0) as u64)
+    });
     let has_key_id = buffer::has_key_id(&src, "records").unwrap_or(false);
     let key_col = if has_key_id { "key_id" } else { "NULL" };
 
@@ -431,13 +666,12 @@ fn salvage_file(
         let select = format!("SELECT {columns}, {key_col} FROM records");
         scan(&src, &select, &mut |row| {
             found += 1;
-            match buffer::decode_row(row, keyring, &target_epoch) {
-                Ok(_) => {
-                    let values: Vec<rusqlite::types::Value> =
-                        (0..8).map(|i| row.get(i)).collect::<Result<_, _>>()?;
-                    report.salvaged += insert.execute(rusqlite::params_from_iter(values))? as u64;
-                }
-                Err(_) => report.unreadable += 1,
+            // A row that does not decode is not salvaged: it is in `held`
+            // and so counted as unreadable below.
+            if buffer::decode_row(row, keyring, &target_epoch).is_ok() {
+                let values: Vec<rusqlite::types::Value> =
+                    (0..8).map(|i| row.get(i)).collect::<Result<_, _>>()?;
+                report.salvaged += insert.execute(rusqlite::params_from_iter(values))? as u64;
             }
             Ok(())
         })?;
@@ -457,14 +691,24 @@ fn salvage_file(
             Ok(())
         })?;
     }
-    // The count may be unreadable while rows are not: never report fewer
+    // The counters may be unreadable while rows are not: never report fewer
     // held than were found.
-    report.held = report.held.map(|h| h.max(found));
+    let held = report.held.unwrap_or(found).max(found);
+    report.held = Some(held);
+    report.unreadable = held.saturating_sub(report.salvaged);
     tx.execute(
         "INSERT OR REPLACE INTO meta (key, value) VALUES ('dead_letter_total', ?1)",
         [report.dead_letters_salvaged.to_string()],
     )?;
     buffer::finish_created(&tx)?;
+    // The recovered file's sequence numbers have the holes of the damaged
+    // one: recorded, so its counters prove what it holds like any buffer's.
+    tx.execute(
+        "INSERT OR REPLACE INTO meta (key, value) VALUES ('seq_gaps',
+             CAST(CAST((SELECT value FROM meta WHERE key = 'next_seq') AS INTEGER) - 1
+                  - (SELECT count(*) FROM records) - ?1 AS TEXT))",
+        [report.dead_letters_salvaged as i64],
+    )?;
     tx.commit()?;
     drop(dst);
     if report.salvaged == 0 && report.dead_letters_salvaged == 0 {
@@ -475,6 +719,35 @@ fn salvage_file(
             .map(|n| n.to_string_lossy().into_owned());
     }
     Ok(())
+}
+
+/// How many records `records` must hold, from the buffer's own counters,
+/// which the writer commits with every change: each sequence number below
+/// `next_seq` was handed to a record acknowledged to its producer, and left
+/// `records` only counted as delivered, dropped or dead-lettered (source
+/// records refused at validation get a sequence number and go straight to
+/// `dead_letters`, counted too). `seq_gaps` counts numbers never stored
+/// (a recovered buffer's holes). `None` when the counters cannot be read.
+pub fn expected_buffered(conn: &Connection) -> Option<u64> {
+    let meta = |key: &str| -> Option<Option<i64>> {
+        conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
+            r.get::<_, String>(0)
+        })
+        .optional()
+        .ok()
+        .map(|v| v.and_then(|v| v.parse().ok()))
+    };
+    let handed_out = meta("next_seq")??.checked_sub(1)?;
+    let mut gone = 0i64;
+    for key in [
+        "delivered_total",
+        "dropped_total",
+        "dead_letter_total",
+        "seq_gaps",
+    ] {
+        gone = gone.checked_add(meta(key)?.unwrap_or(0))?;
+    }
+    Some(handed_out.saturating_sub(gone).max(0) as u64)
 }
 
 /// A truncated file is shorter than the page count in its header, and SQLite
@@ -516,7 +789,7 @@ fn repair_page_count(path: &Path) -> std::io::Result<()> {
 /// in chunks; where a chunk fails (a damaged page), it probes the following
 /// sequence numbers one by one, doubling the stride until chunked reads work
 /// again, so one bad page costs only the rows on it.
-fn scan(
+pub(crate) fn scan(
     conn: &Connection,
     select: &str,
     each: &mut dyn FnMut(&rusqlite::Row<'_>) -> rusqlite::Result<()>,
@@ -595,6 +868,10 @@ fn read_report(folder: &Path) -> Option<Report> {
 
 pub fn wal_of(path: &Path) -> PathBuf {
     PathBuf::from(format!("{}-wal", path.display()))
+}
+
+fn shm_of(path: &Path) -> PathBuf {
+    PathBuf::from(format!("{}-shm", path.display()))
 }
 
 /// Deletes a buffer file with its WAL and shared-memory files.

@@ -316,7 +316,12 @@ fn page_sql(
                     Dialect::MySql => "?".to_owned(),
                 })
                 .collect();
-            format!("WHERE ({}) > ({})", cols.join(", "), params.join(", "))
+            format!(
+                "WHERE ({}) > ({}) OR {}",
+                cols.join(", "),
+                params.join(", "),
+                any_null(&cols)
+            )
         }
         None => String::new(),
     };
@@ -326,6 +331,18 @@ fn page_sql(
         cols.join(", "),
         cfg.page_size
     )
+}
+
+/// Rows with a NULL cursor value are in every page's query: a comparison
+/// with NULL is never true, so without this they would never be read, nor
+/// the job fail. They sort first (SQLite, MariaDB) or last (PostgreSQL), so
+/// at the latest the run's last page holds them, and the job fails naming
+/// the column instead of skipping the row.
+fn any_null(cols: &[String]) -> String {
+    cols.iter()
+        .map(|c| format!("{c} IS NULL"))
+        .collect::<Vec<_>>()
+        .join(" OR ")
 }
 
 /// A type name from `pg_typeof` that is safe to put in a CAST.
@@ -515,7 +532,12 @@ fn sqlite_pages(
     loop {
         let filter = if cursor.is_some() {
             let params: Vec<String> = (1..=n).map(|i| format!("?{i}")).collect();
-            format!("WHERE ({}) > ({})", cols.join(", "), params.join(", "))
+            format!(
+                "WHERE ({}) > ({}) OR {}",
+                cols.join(", "),
+                params.join(", "),
+                any_null(&cols)
+            )
         } else {
             String::new()
         };
