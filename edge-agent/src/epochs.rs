@@ -91,6 +91,46 @@ pub(crate) fn init(tx: &Transaction<'_>, meta_epoch: Uuid) -> rusqlite::Result<E
     })
 }
 
+/// The map of a file opened only to be read (a tool, a damaged copy):
+/// whatever of `epochs` can be read, else `meta_epoch` for every seq.
+pub(crate) fn read(conn: &rusqlite::Connection, meta_epoch: Uuid) -> Epochs {
+    let rows = conn
+        .prepare("SELECT first_seq, epoch FROM epochs ORDER BY first_seq")
+        .and_then(|mut stmt| {
+            stmt.query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
+                .collect::<rusqlite::Result<Vec<_>>>()
+        })
+        .unwrap_or_default();
+    let map: Vec<(i64, Uuid)> = rows
+        .into_iter()
+        .filter_map(|(first, e)| e.parse::<Uuid>().ok().map(|e| (first, e)))
+        .collect();
+    if map.is_empty() {
+        Epochs::single(meta_epoch)
+    } else {
+        Epochs(map)
+    }
+}
+
+/// Makes `epochs` the map of a file being filled (salvaged records keep the
+/// epoch they were buffered under).
+pub(crate) fn write(tx: &Transaction<'_>, epochs: &Epochs) -> rusqlite::Result<()> {
+    tx.execute("DELETE FROM epochs", [])?;
+    for &(first, epoch) in &epochs.0 {
+        tx.execute(
+            "INSERT INTO epochs (first_seq, epoch, reason, created_us) VALUES (?1, ?2, 'salvaged', ?3)",
+            params![first, epoch.to_string(), now_us()],
+        )?;
+    }
+    if epochs.0.len() > 1 {
+        tx.execute(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES ('schema_version', ?1)",
+            [EPOCHS_SCHEMA_VERSION.to_string()],
+        )?;
+    }
+    Ok(())
+}
+
 /// Starts a new epoch at `next_seq` and returns it; `epochs` is the writer's
 /// copy, restored by the caller if the transaction does not commit.
 pub(crate) fn rotate(

@@ -136,7 +136,10 @@ pub fn stats(path: &Path) -> Result<Stats, BufferError> {
         dropped_total: meta("dropped_total"),
         dead_letter_total: meta("dead_letter_total"),
         streams,
-        key_ids: key_ids.into_iter().map(crate::seal::format_key_id).collect(),
+        key_ids: key_ids
+            .into_iter()
+            .map(crate::seal::format_key_id)
+            .collect(),
     })
 }
 
@@ -148,7 +151,7 @@ pub fn salvage(damaged: &Path, into: &Path, keyring: &Keyring) -> Result<Report,
 }
 
 /// Writes every record (buffered, then dead letters) as one NDJSON line:
-/// `{"state","seq","id","stream","ts","received","payload"[,"reason"]}`.
+/// `{"state","epoch","seq","id","stream","ts","received","payload"[,"reason"]}`.
 /// Rows that cannot be decoded are reported on `errors` and skipped; rows
 /// lost with a damaged page are counted in [`Exported::unreadable`].
 pub fn export(
@@ -169,6 +172,7 @@ pub fn export(
         .ok()
         .and_then(|e| e.parse().ok())
         .unwrap_or_default();
+    let epochs = crate::epochs::read(conn, epoch);
     let (mut written, mut skipped, mut buffered) = (0u64, 0u64, 0u64);
     // The first write error (a closed pipe, a full disk) ends the export.
     let mut failed: Option<std::io::Error> = None;
@@ -183,12 +187,14 @@ pub fn export(
             if failed.is_some() {
                 return Ok(());
             }
-            let written_row = match buffer::decode_row(row, keyring, &epoch) {
+            let seq: i64 = row.get(0)?;
+            let written_row = match buffer::decode_row(row, keyring, &epochs.of(seq)) {
                 Ok(r) => {
                     let reason: Option<String> = row.get(8).ok().flatten();
                     let payload = RawValue::from_string(r.payload.clone());
                     let line = serde_json::json!({
                         "state": state,
+                        "epoch": epochs.of(r.seq).to_string(),
                         "seq": r.seq,
                         "id": r.id,
                         "stream": r.stream,
@@ -216,9 +222,9 @@ pub fn export(
         })?;
     }
     if let Some(e) = failed {
-        return Err(BufferError::Sqlite(rusqlite::Error::ToSqlConversionFailure(
-            e.into(),
-        )));
+        return Err(BufferError::Sqlite(
+            rusqlite::Error::ToSqlConversionFailure(e.into()),
+        ));
     }
     Ok(Exported {
         written,

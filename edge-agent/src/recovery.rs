@@ -82,7 +82,6 @@ impl Report {
             recovered_file: None,
         }
     }
-
 }
 
 /// The state of recovery at start-up.
@@ -165,11 +164,9 @@ pub fn prepare(opts: &buffer::BufferOptions) -> Result<Prepared, BufferError> {
             &reason,
             shm_found.as_deref(),
         )
-        .map_err(|source| {
-            BufferError::Quarantine {
-                path: opts.path.clone(),
-                source,
-            }
+        .map_err(|source| BufferError::Quarantine {
+            path: opts.path.clone(),
+            source,
         })?;
     }
     let recovered_dir = recovered_dir(&opts.path);
@@ -310,7 +307,8 @@ impl Snapshot {
                 OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
             )
             .map_err(open_err)?;
-            conn.busy_timeout(Duration::from_secs(5)).map_err(open_err)?;
+            conn.busy_timeout(Duration::from_secs(5))
+                .map_err(open_err)?;
             return Ok(Snapshot { conn, work: None });
         }
         let io = |source| BufferError::Quarantine {
@@ -641,6 +639,9 @@ fn salvage_file(
     // Without its epoch no salvaged key can be kept: a new one is made, and
     // a record delivered just before the damage may then arrive twice.
     let target_epoch = epoch.unwrap_or_else(Uuid::new_v4);
+    // A file that moved to a new epoch holds records of each; every one
+    // keeps the key it was buffered under.
+    let epochs = crate::epochs::read(&src, target_epoch);
     report.epoch = epoch;
     report.held = expected_buffered(&src).or_else(|| {
         src.query_row("SELECT count(*) FROM records", [], |r| r.get::<_, i64>(0))
@@ -657,6 +658,7 @@ fn salvage_file(
     let target_path = recovered_dir.join(format!("{target_epoch}.db"));
     let mut dst = buffer::create_with_epoch(&target_path, target_epoch, keyring)?;
     let tx = dst.transaction()?;
+    crate::epochs::write(&tx, &epochs)?;
     let columns = "seq, id, stream, ts_us, received_us, size, payload";
     let mut found = 0u64;
     {
@@ -668,7 +670,8 @@ fn salvage_file(
             found += 1;
             // A row that does not decode is not salvaged: it is in `held`
             // and so counted as unreadable below.
-            if buffer::decode_row(row, keyring, &target_epoch).is_ok() {
+            let seq: i64 = row.get(0)?;
+            if buffer::decode_row(row, keyring, &epochs.of(seq)).is_ok() {
                 let values: Vec<rusqlite::types::Value> =
                     (0..8).map(|i| row.get(i)).collect::<Result<_, _>>()?;
                 report.salvaged += insert.execute(rusqlite::params_from_iter(values))? as u64;
