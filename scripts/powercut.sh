@@ -68,7 +68,8 @@ done
 
 TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 [[ "$TARGET_DIR" == /* ]] || TARGET_DIR="$ROOT/$TARGET_DIR"
-CACHE_ROOT=${DCS_POWERCUT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/dcs/powercut}
+HOME_DIR=${HOME:-$(getent passwd "$(id -u)" | cut -d: -f6)}
+CACHE_ROOT=${DCS_POWERCUT_CACHE:-${XDG_CACHE_HOME:-$HOME_DIR/.cache}/dcs/powercut}
 STARTED=$SECONDS
 
 # --- 1. tools -------------------------------------------------------------

@@ -29,8 +29,8 @@ rotate() {
     start_agent
 }
 
-say "boot $(cut -d' ' -f1 /proc/uptime)s after power-on; buffer files: $(ls /data/var 2>/dev/null | tr '\n' ' ')"
 mkdir -p /data/var
+say "boot $(cut -d' ' -f1 /proc/uptime)s after power-on; buffer files:" /data/var/*
 start_agent
 
 CTL=$(arg dcs.ctl)
