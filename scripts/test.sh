@@ -7,10 +7,12 @@
 # 2. tinyproxy, for the HTTP CONNECT proxy test (installed with apt if missing)
 # 3. cargo fmt --check and cargo clippy -D warnings (skipped with --quick)
 # 4. cargo build --workspace --bins (the tests run the real binaries)
-# 5. dcs-edge / dcs-aggregator check-config on config/examples/*.toml
-# 6. the monitoring files, the fuzz targets briefly, the OpenAPI document
+# 5. the power-cut scenarios: dcs-edge in a qemu VM whose power is cut
+#    (scripts/powercut.sh; installs qemu and builds a cached guest image)
+# 6. dcs-edge / dcs-aggregator check-config on config/examples/*.toml
+# 7. the monitoring files, the fuzz targets briefly, the OpenAPI document
 #    (scripts/check-openapi.sh) and the deployment files
-# 7. cargo test --workspace
+# 8. cargo test --workspace
 #
 # Exits non-zero as soon as a step fails.
 set -Eeuo pipefail
@@ -120,6 +122,10 @@ fi
 
 step "cargo build --workspace --bins"
 cargo build --workspace --bins
+
+step "Power cuts: dcs-edge in a qemu VM, kill -9 of qemu (scripts/powercut.sh)"
+# Never skipped: a machine that cannot run the VM fails this step.
+bash "$ROOT/scripts/powercut.sh"
 
 step "Example configs (config/examples)"
 check_example_configs

@@ -646,25 +646,16 @@ pub fn write_identity_files(
     };
     for ((path, contents), mode) in targets {
         let (dir, name) = split_target(path)?;
-        let result = DirBuilder::new()
-            .recursive(true)
-            .mode(DIR_MODE)
-            .create(&dir)
-            .map_err(|source| Error::Io {
-                action: "create directory",
-                path: dir.clone(),
-                source,
-            })
-            .and_then(|()| {
-                stage(
-                    &dir,
-                    &OutFile {
-                        name: &name,
-                        contents,
-                        mode,
-                    },
-                )
-            });
+        let result = create_dir_synced(&dir).and_then(|()| {
+            stage(
+                &dir,
+                &OutFile {
+                    name: &name,
+                    contents,
+                    mode,
+                },
+            )
+        });
         match result {
             Ok(tmp) => staged.push((tmp, path.to_owned())),
             Err(e) => {
@@ -797,15 +788,7 @@ impl<'a> OutFile<'a> {
 /// permissions) leaves the previous files untouched and no stray temporary
 /// files; the renames themselves are atomic per file.
 fn write_files(dir: &Path, files: &[OutFile<'_>]) -> Result<(), Error> {
-    DirBuilder::new()
-        .recursive(true)
-        .mode(DIR_MODE)
-        .create(dir)
-        .map_err(|source| Error::Io {
-            action: "create directory",
-            path: dir.to_owned(),
-            source,
-        })?;
+    create_dir_synced(dir)?;
 
     let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(files.len());
     let cleanup = |staged: &[(PathBuf, PathBuf)]| {
@@ -823,6 +806,44 @@ fn write_files(dir: &Path, files: &[OutFile<'_>]) -> Result<(), Error> {
         }
     }
     move_into_place(&staged)
+}
+
+/// Creates `dir` and its missing parents (0700), then fsyncs the parent of
+/// each directory it created: a new directory's entry would otherwise be
+/// lost in a power cut together with the files renamed into it.
+fn create_dir_synced(dir: &Path) -> Result<(), Error> {
+    let mut missing: Vec<&Path> = Vec::new();
+    let mut at = Some(dir);
+    while let Some(p) = at {
+        if p.as_os_str().is_empty() || p.exists() {
+            break;
+        }
+        missing.push(p);
+        at = p.parent();
+    }
+    DirBuilder::new()
+        .recursive(true)
+        .mode(DIR_MODE)
+        .create(dir)
+        .map_err(|source| Error::Io {
+            action: "create directory",
+            path: dir.to_owned(),
+            source,
+        })?;
+    for created in missing.iter().rev() {
+        let parent = match created.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        File::open(parent)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| Error::Io {
+                action: "sync directory",
+                path: parent.to_owned(),
+                source,
+            })?;
+    }
+    Ok(())
 }
 
 /// Renames staged files (temporary name, target) onto their targets, then

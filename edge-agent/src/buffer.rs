@@ -345,7 +345,7 @@ impl Buffer {
         if let Some(dir) = opts.path.parent()
             && !dir.as_os_str().is_empty()
         {
-            std::fs::create_dir_all(dir).map_err(|e| BufferError::Open {
+            crate::durable::create_dir_all(dir).map_err(|e| BufferError::Open {
                 path: opts.path.clone(),
                 source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
             })?;
@@ -357,6 +357,12 @@ impl Buffer {
         // how the next start tells a lost WAL from a clean stop.
         conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
             .map_err(open_err)?;
+        // A new file's directory entry (and its WAL's) survives a power cut
+        // only once the directory is fsynced.
+        crate::durable::sync_parent(&opts.path).map_err(|e| BufferError::Open {
+            path: opts.path.clone(),
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        })?;
         let reader = Connection::open_with_flags(
             &opts.path,
             OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,

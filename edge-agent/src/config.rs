@@ -253,8 +253,11 @@ fn default_capacity() -> ByteSize {
 fn default_overflow() -> Overflow {
     Overflow::Reject
 }
+/// `power-loss`: a record acknowledged with 2xx survives a power cut
+/// (issue 24 measured 14 % of acknowledged records lost on a cut under
+/// `process-crash`, for a few percent of throughput at realistic requests).
 fn default_durability() -> Durability {
-    Durability::ProcessCrash
+    Durability::PowerLoss
 }
 fn default_dedup_window() -> i64 {
     DEFAULT_DEDUP_WINDOW
@@ -609,7 +612,7 @@ mod tests {
         let c = Config::load_from(None, base_env(dir.path())).unwrap();
         assert_eq!(c.listen.address, DEFAULT_LISTEN);
         assert_eq!(c.buffer.overflow, Overflow::Reject);
-        assert_eq!(c.buffer.durability, Durability::ProcessCrash);
+        assert_eq!(c.buffer.durability, Durability::PowerLoss);
         assert_eq!(c.batch.max_records, DEFAULT_BATCH_MAX_RECORDS);
     }
 
@@ -619,14 +622,14 @@ mod tests {
         let file = dir.path().join("edge.toml");
         std::fs::write(
             &file,
-            "[buffer]\noverflow = \"drop-oldest\"\ndurability = \"power-loss\"\n[batch]\nmax_records = 10\nlinger = \"5ms\"\n",
+            "[buffer]\noverflow = \"drop-oldest\"\ndurability = \"process-crash\"\n[batch]\nmax_records = 10\nlinger = \"5ms\"\n",
         )
         .unwrap();
         let mut e = base_env(dir.path());
         e.extend(env(&[("DCS_EDGE_BATCH__MAX_RECORDS", "20")]));
         let c = Config::load_from(Some(&file), e).unwrap();
         assert_eq!(c.buffer.overflow, Overflow::DropOldest);
-        assert_eq!(c.buffer.durability, Durability::PowerLoss);
+        assert_eq!(c.buffer.durability, Durability::ProcessCrash);
         assert_eq!(c.batch.max_records, 20);
         assert_eq!(c.batch.linger, Duration::from_millis(5));
     }

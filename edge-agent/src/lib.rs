@@ -26,6 +26,7 @@
 
 pub mod buffer;
 pub mod config;
+pub mod durable;
 pub mod enroll;
 pub mod epochs;
 pub mod forwarder;

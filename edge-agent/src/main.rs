@@ -170,14 +170,25 @@ fn main() -> ExitCode {
             println!("configuration OK");
             ExitCode::SUCCESS
         }
-        Command::Run { .. } => match run(config) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                tracing::error!(message = "agent failed", error = format!("{e:#}"));
-                eprintln!("dcs-edge: {e:#}");
-                ExitCode::FAILURE
+        Command::Run { config: file } => {
+            // The configuration names the buffer's keys: like the key files
+            // (fsynced as they are read), it must not roll back in a power
+            // cut after records were sealed under it.
+            if let Some(file) = file
+                && let Err(e) = dcs_edge::durable::make_durable(&file)
+            {
+                eprintln!("dcs-edge: fsync {}: {e}", file.display());
+                return ExitCode::from(2);
             }
-        },
+            match run(config) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(message = "agent failed", error = format!("{e:#}"));
+                    eprintln!("dcs-edge: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -512,7 +512,9 @@ fn quarantine(
         ))
         .unwrap_or_default();
     let folder = quarantine_dir.join(format!("{name}-{stamp}-{:04x}", fastrand::u16(..)));
-    std::fs::create_dir_all(&folder)?;
+    // The new folder's entry (and the quarantine directory's, if new) is
+    // fsynced before anything is moved into it.
+    crate::durable::create_dir_all(&folder)?;
     write_synced(&folder.join(PENDING), reason.as_bytes())?;
     for suffix in ["-wal", ""] {
         let from = PathBuf::from(format!("{}{suffix}", path.display()));
@@ -651,7 +653,7 @@ fn salvage_file(
     let has_key_id = buffer::has_key_id(&src, "records").unwrap_or(false);
     let key_col = if has_key_id { "key_id" } else { "NULL" };
 
-    std::fs::create_dir_all(recovered_dir).map_err(|source| BufferError::Quarantine {
+    crate::durable::create_dir_all(recovered_dir).map_err(|source| BufferError::Quarantine {
         path: recovered_dir.to_owned(),
         source,
     })?;
@@ -717,6 +719,12 @@ fn salvage_file(
     if report.salvaged == 0 && report.dead_letters_salvaged == 0 {
         remove_buffer_files(&target_path);
     } else {
+        // The recovered file must outlive a power cut before the caller
+        // clears the pending marker that would salvage it again.
+        crate::durable::sync_dir(recovered_dir).map_err(|source| BufferError::Quarantine {
+            path: recovered_dir.to_owned(),
+            source,
+        })?;
         report.recovered_file = target_path
             .file_name()
             .map(|n| n.to_string_lossy().into_owned());

@@ -209,12 +209,19 @@ pub fn key_id(key: &[u8; 32]) -> KeyId {
     KeyId::from(u32::from_be_bytes([block[0], block[1], block[2], block[3]]))
 }
 
+/// Reads a key file and makes it durable (file and directory fsynced) before
+/// any payload is sealed or opened with it: a key written without an fsync
+/// (`openssl rand -hex 32 > key`) and a power cut soon after the agent
+/// started would otherwise leave a buffer sealed with a key that is gone.
 fn read_key_file(path: &Path) -> Result<[u8; 32], SealError> {
-    let bytes = std::fs::read(path).map_err(|source| SealError::ReadKey {
+    let read_err = |source| SealError::ReadKey {
         path: path.to_owned(),
         source,
-    })?;
-    parse_key(&bytes).map_err(|()| SealError::BadKey(path.display().to_string()))
+    };
+    let bytes = std::fs::read(path).map_err(read_err)?;
+    let key = parse_key(&bytes).map_err(|()| SealError::BadKey(path.display().to_string()))?;
+    crate::durable::make_durable(path).map_err(read_err)?;
+    Ok(key)
 }
 
 /// 32 raw bytes, or 64 hex digits, or base64 of 32 bytes (whitespace around

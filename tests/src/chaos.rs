@@ -70,6 +70,27 @@ impl Ledger {
     pub fn refused(&self) -> usize {
         self.refused.lock().expect("ledger").len()
     }
+    /// Records that `ids` were acknowledged (2xx).
+    pub fn add_acked(&self, ids: &[String]) {
+        self.acked
+            .lock()
+            .expect("ledger")
+            .extend(ids.iter().cloned());
+    }
+    /// Records that `ids` were refused (4xx or 5xx).
+    pub fn add_refused(&self, ids: &[String]) {
+        self.refused
+            .lock()
+            .expect("ledger")
+            .extend(ids.iter().cloned());
+    }
+    /// Records that `ids` got no definitive answer.
+    pub fn add_unknown(&self, ids: &[String]) {
+        self.unknown
+            .lock()
+            .expect("ledger")
+            .extend(ids.iter().cloned());
+    }
 }
 
 /// The verdict of one scenario.
@@ -290,6 +311,12 @@ pub async fn verify(pool: &PgPool, agent_url: &str, scenario: &str, ledger: &Led
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
+    compare(pool, scenario, ledger).await
+}
+
+/// Compares PostgreSQL with the ledger, without waiting for a drain.
+pub async fn compare(pool: &PgPool, scenario: &str, ledger: &Ledger) -> Report {
+    let acked: HashSet<String> = ledger.acked.lock().expect("ledger").clone();
     let rows: Vec<(String, i64)> = sqlx::query_as(
         "SELECT record_id, count(*) FROM records WHERE stream = $1 GROUP BY record_id",
     )

@@ -16,4 +16,5 @@ pub mod gate;
 pub mod netns;
 pub mod pg;
 pub mod pki;
+pub mod powercut;
 pub mod process;
