@@ -249,7 +249,12 @@ resource "aws_ecs_task_definition" "aggregator" {
         retries     = 3
         startPeriod = 20
       }
-      stopTimeout = 35 # the aggregator drains connections for up to 30 s
+      # SIGTERM drains: shutdown.drain_delay (5 s) with /ready failing, then
+      # up to shutdown.grace (30 s) for requests in flight.
+      stopTimeout = 40
+      # One descriptor per agent connection; connections.max_connections is
+      # 8192 per listener, far above the default soft limit of 1024.
+      ulimits = [{ name = "nofile", softLimit = 65536, hardLimit = 65536 }]
       logConfiguration = {
         logDriver = "awslogs"
         options = {
