@@ -414,12 +414,47 @@ fn service_for(
         .map_future(move |response| {
             let in_flight = activity.start();
             async move {
-                let response = response.await;
-                drop(in_flight);
-                response
+                // The request counts as in flight until its response body
+                // is sent (a long NDJSON export is not idle).
+                let response: Result<axum::response::Response, Infallible> = response.await;
+                response.map(|r| {
+                    r.map(|body| {
+                        Body::new(TrackedBody {
+                            inner: body,
+                            _in_flight: in_flight,
+                        })
+                    })
+                })
             }
         })
         .boxed_clone()
+}
+
+/// A response body that keeps its request counted as in flight until it is
+/// dropped (sent, or abandoned with its connection).
+struct TrackedBody {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn connection(
