@@ -237,6 +237,10 @@ resource "aws_ecs_task_definition" "aggregator" {
         # schema owner before a deployment (docs/OPERATIONS.md, "Upgrades");
         # the service connects as dcs_app, which may not change the schema.
         { name = "DCS_AGG_DATABASE__MIGRATE_ON_START", value = "false" },
+        # The NLB does not preserve client addresses for IP targets over TCP:
+        # agent connections come from a few NLB addresses, so a per-address
+        # cap here would cap the fleet.
+        { name = "DCS_AGG_CONNECTIONS__MAX_CONNECTIONS_PER_ADDRESS", value = "0" },
       ]
       secrets = [
         { name = "DCS_AGG_DATABASE__URL", valueFrom = aws_secretsmanager_secret.database_url.arn },
