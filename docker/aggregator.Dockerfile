@@ -47,6 +47,10 @@ COPY docker/aggregator.toml /etc/dcs/aggregator.toml
 ENV DCS_AGG_CONFIG=/etc/dcs/aggregator.toml
 USER 10001:10001
 EXPOSE 8443 9464
+# SIGTERM drains (docs/OPERATIONS.md, "Rolling upgrade"): give the container
+# at least shutdown.drain_delay + shutdown.grace (35 s by default) to stop.
+# An image cannot raise the descriptor limit: run it with --ulimit
+# nofile=65536 (compose and the ECS task definition do).
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=15s --timeout=5s --start-period=20s --retries=3 \
     CMD ["/usr/local/bin/dcs-healthcheck", "9464", "/health"]

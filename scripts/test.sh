@@ -13,6 +13,8 @@
 # 7. the monitoring files, the fuzz targets briefly, the OpenAPI document
 #    (scripts/check-openapi.sh) and the deployment files
 # 8. cargo test --workspace
+# 9. the scale-out scenarios: aggregator replicas behind HAProxy under load
+#    (HAProxy is installed with apt if missing)
 #
 # Exits non-zero as soon as a step fails.
 set -Eeuo pipefail
@@ -83,6 +85,25 @@ ensure_tinyproxy() {
     fi
 }
 
+# The scale-out test starts its own HAProxy (Debian package haproxy) with its
+# own configuration; the package's system-wide service is not needed.
+ensure_haproxy() {
+    local found
+    found=$(PATH="$PATH:/usr/sbin:/sbin" command -v haproxy || true)
+    if [[ -n "$found" ]]; then
+        say "haproxy is installed: $found"
+        return 0
+    fi
+    apt_install haproxy
+    PATH="$PATH:/usr/sbin:/sbin" command -v haproxy >/dev/null 2>&1 ||
+        die "haproxy was installed but is not on PATH or in /usr/sbin"
+    if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+        say "disabling the haproxy system service the package enabled (the test runs its own)"
+        as_root systemctl disable --now haproxy >/dev/null 2>&1 ||
+            warn "could not disable the haproxy service"
+    fi
+}
+
 # dcs-certs makes throw-away certificates; the examples are then checked with
 # only their certificate paths overridden from the environment.
 check_example_configs() {
@@ -109,6 +130,9 @@ bash "$ROOT/scripts/ensure-postgres.sh"
 
 step "tinyproxy (for tests/tests/proxy.rs)"
 ensure_tinyproxy
+
+step "HAProxy (for tests/tests/scaleout.rs)"
+ensure_haproxy
 
 if ((QUICK)); then
     section "cargo fmt / cargo clippy: skipped (--quick)"
@@ -159,7 +183,12 @@ print_scenarios() {
 }
 trap 'print_scenarios; printf "\n%s: FAILED in step: %s\n" "$DCS_SCRIPT_NAME" "$CURRENT_STEP" >&2' ERR
 cargo test --workspace --no-fail-fast
-trap - ERR
+trap 'printf "\n%s: FAILED in step: %s\n" "$DCS_SCRIPT_NAME" "$CURRENT_STEP" >&2' ERR
 print_scenarios
+
+step "Scale out: replicas behind HAProxy under load (restart, rolling restart, scale-out)"
+# Ignored in the workspace run (about a minute each); --nocapture puts each
+# scenario's "scenario=... balance=..." line in this log.
+cargo test -p dcs-tests --test scaleout -- --ignored --nocapture --test-threads=1
 
 section "All steps passed in $((SECONDS - STARTED))s"

@@ -61,6 +61,44 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
 /// Operators raise it with `RUST_LOG` when they need more.
 pub const DEFAULT_LOG_LEVEL: &str = "info";
+/// Agents keep one HTTP/2 connection for as long as it works, and an L4
+/// balancer only places new connections: without an age limit a restarted or
+/// added replica gets no agents. Two minutes moves a fleet within minutes at
+/// the cost of one TLS handshake per agent per two minutes.
+pub const DEFAULT_MAX_CONNECTION_AGE: Duration = Duration::from_secs(120);
+/// A batch in flight when the age limit is reached gets this long to finish
+/// before its connection is cut (it is then resent, idempotently).
+pub const DEFAULT_MAX_CONNECTION_AGE_GRACE: Duration = Duration::from_secs(30);
+/// Fraction of the age limit each connection's age deviates by, at random, so
+/// a fleet that connected together does not reconnect together.
+pub const MAX_CONNECTION_AGE_JITTER: f64 = 0.10;
+/// Long enough for a balancer's health check (e.g. HAProxy `inter 1s fall 2`)
+/// to see the failing `/ready` and stop sending new connections.
+pub const DEFAULT_DRAIN_DELAY: Duration = Duration::from_secs(5);
+/// Long enough for a batch that is being written to commit.
+pub const DEFAULT_SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// Far above what one replica serves (agents hold one connection each), and
+/// far below the packaged `LimitNOFILE` (65536), so running out of descriptors
+/// is refused at the door instead of failing accept().
+pub const DEFAULT_MAX_CONNECTIONS_PER_LISTENER: usize = 8192;
+/// One host rarely needs more. Behind a balancer without the PROXY protocol
+/// every connection comes from the balancer's address: raise it there.
+pub const DEFAULT_MAX_CONNECTIONS_PER_ADDRESS: usize = 1024;
+/// From TLS established to the first request's headers, and for each later
+/// HTTP/1.1 request's headers.
+pub const DEFAULT_HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+/// A request body must average at least this many bytes per second once
+/// [`BODY_RATE_GRACE`] has passed: a 1 byte/s trickle is cut long before
+/// `limits.request_timeout`, a cellular link is not.
+pub const DEFAULT_MIN_BODY_RATE: ByteSize = ByteSize(1024);
+/// How long a body may start slowly before the minimum rate applies.
+pub const BODY_RATE_GRACE: Duration = Duration::from_secs(5);
+/// A connection with no request for this long is closed; the agent reconnects
+/// for its next batch, which is not a failure.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// An agent sends one batch at a time; a few streams cover renewals and
+/// probes alongside it.
+pub const DEFAULT_MAX_CONCURRENT_STREAMS: u32 = 32;
 
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -85,6 +123,10 @@ pub struct Config {
     pub retention: RetentionConfig,
     #[serde(default)]
     pub enrollment: EnrollmentConfig,
+    #[serde(default)]
+    pub shutdown: ShutdownConfig,
+    #[serde(default)]
+    pub connections: ConnectionsConfig,
 }
 
 /// Daily partitions of `records` (see `retention`).
@@ -396,6 +438,72 @@ pub struct LimitsConfig {
     pub request_timeout: Duration,
     #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
     pub retry_after: Duration,
+    /// Agent connections older than this (±10 %) are closed gracefully:
+    /// GOAWAY on HTTP/2, `Connection: close` on HTTP/1.1. Zero turns it off.
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub max_connection_age: Duration,
+    /// How long requests in flight on such a connection may still take.
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub max_connection_age_grace: Duration,
+}
+
+/// How the aggregator stops on SIGTERM or Ctrl-C: readiness fails at once,
+/// batches are still taken for `drain_delay`, then every connection gets a
+/// GOAWAY and requests in flight get up to `grace` to finish.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownConfig {
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub drain_delay: Duration,
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub grace: Duration,
+}
+
+impl Default for ShutdownConfig {
+    fn default() -> Self {
+        ShutdownConfig {
+            drain_delay: DEFAULT_DRAIN_DELAY,
+            grace: DEFAULT_SHUTDOWN_GRACE,
+        }
+    }
+}
+
+/// Protections each TLS listener (agents, platform API) applies on its own,
+/// with its own counters. Every refusal is counted in
+/// `dcs_aggregator_connections_refused_total{listener, reason}`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ConnectionsConfig {
+    /// Open connections per listener; more are closed right after accept.
+    pub max_connections: usize,
+    /// Open connections per source IP address and listener (0: no cap).
+    pub max_connections_per_address: usize,
+    /// From the end of the TLS handshake to the first request's headers, and
+    /// for each later HTTP/1.1 request's headers. `limits.handshake_timeout`
+    /// bounds them too: the smaller applies.
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub header_timeout: Duration,
+    /// Bytes per second a request body must average after the first 5 s
+    /// (0: no minimum). The whole body is bounded by `limits.request_timeout`.
+    pub min_body_rate: ByteSize,
+    /// A connection without any request in flight for this long is closed.
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub idle_timeout: Duration,
+    /// HTTP/2 streams one connection may have open at once.
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for ConnectionsConfig {
+    fn default() -> Self {
+        ConnectionsConfig {
+            max_connections: DEFAULT_MAX_CONNECTIONS_PER_LISTENER,
+            max_connections_per_address: DEFAULT_MAX_CONNECTIONS_PER_ADDRESS,
+            header_timeout: DEFAULT_HEADER_TIMEOUT,
+            min_body_rate: DEFAULT_MIN_BODY_RATE,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            max_concurrent_streams: DEFAULT_MAX_CONCURRENT_STREAMS,
+        }
+    }
 }
 
 impl Default for LimitsConfig {
@@ -408,6 +516,8 @@ impl Default for LimitsConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             retry_after: DEFAULT_RETRY_AFTER,
+            max_connection_age: DEFAULT_MAX_CONNECTION_AGE,
+            max_connection_age_grace: DEFAULT_MAX_CONNECTION_AGE_GRACE,
         }
     }
 }
@@ -518,6 +628,43 @@ impl Config {
         ] {
             issues.check(!value.is_zero(), key, "must be greater than zero");
         }
+        issues.check(
+            l.max_connection_age.is_zero() || l.max_connection_age >= Duration::from_secs(1),
+            "limits.max_connection_age",
+            "must be \"0s\" (off) or at least 1s",
+        );
+        issues.check(
+            !l.max_connection_age_grace.is_zero(),
+            "limits.max_connection_age_grace",
+            "must be greater than zero",
+        );
+        issues.check(
+            !self.shutdown.grace.is_zero(),
+            "shutdown.grace",
+            "must be greater than zero",
+        );
+        let c = &self.connections;
+        issues.check(
+            c.max_connections >= 1,
+            "connections.max_connections",
+            "must be at least 1",
+        );
+        issues.check(
+            c.max_connections_per_address <= c.max_connections,
+            "connections.max_connections_per_address",
+            "must not exceed connections.max_connections (0 turns it off)",
+        );
+        for (key, value) in [
+            ("connections.header_timeout", c.header_timeout),
+            ("connections.idle_timeout", c.idle_timeout),
+        ] {
+            issues.check(!value.is_zero(), key, "must be greater than zero");
+        }
+        issues.check(
+            c.max_concurrent_streams >= 1,
+            "connections.max_concurrent_streams",
+            "must be at least 1",
+        );
         let p = &self.platform;
         if p.enabled {
             for (other, address) in [
@@ -682,6 +829,19 @@ mod tests {
         assert_eq!(config.limits.handshake_timeout, Duration::from_secs(10));
         assert_eq!(config.limits.request_timeout, Duration::from_secs(60));
         assert_eq!(config.limits.retry_after, Duration::from_secs(5));
+        assert_eq!(config.limits.max_connection_age, Duration::from_secs(120));
+        assert_eq!(
+            config.limits.max_connection_age_grace,
+            Duration::from_secs(30)
+        );
+        assert_eq!(config.shutdown.drain_delay, Duration::from_secs(5));
+        assert_eq!(config.shutdown.grace, Duration::from_secs(30));
+        assert_eq!(config.connections.max_connections, 8192);
+        assert_eq!(config.connections.max_connections_per_address, 1024);
+        assert_eq!(config.connections.header_timeout, Duration::from_secs(10));
+        assert_eq!(config.connections.min_body_rate, ByteSize(1024));
+        assert_eq!(config.connections.idle_timeout, Duration::from_secs(300));
+        assert_eq!(config.connections.max_concurrent_streams, 32);
         assert_eq!(config.log.format, LogFormat::Json);
         assert_eq!(config.log.level, "info");
     }
@@ -709,6 +869,18 @@ mod tests {
             handshake_timeout = "2s"
             request_timeout = "30s"
             retry_after = "1m"
+            max_connection_age = "0s"
+            max_connection_age_grace = "3s"
+            [shutdown]
+            drain_delay = "0s"
+            grace = "10s"
+            [connections]
+            max_connections = 100
+            max_connections_per_address = 10
+            header_timeout = "3s"
+            min_body_rate = "10KiB"
+            idle_timeout = "1m"
+            max_concurrent_streams = 4
             [log]
             format = "text"
             level = "debug"
@@ -726,6 +898,18 @@ mod tests {
         assert_eq!(config.limits.max_payload_bytes, ByteSize(1024));
         assert_eq!(config.limits.retry_after, Duration::from_secs(60));
         assert_eq!(config.log.format, LogFormat::Text);
+        assert!(config.limits.max_connection_age.is_zero());
+        assert_eq!(
+            config.limits.max_connection_age_grace,
+            Duration::from_secs(3)
+        );
+        assert!(config.shutdown.drain_delay.is_zero());
+        assert_eq!(config.shutdown.grace, Duration::from_secs(10));
+        assert_eq!(config.connections.max_connections, 100);
+        assert_eq!(config.connections.max_connections_per_address, 10);
+        assert_eq!(config.connections.min_body_rate, ByteSize(10 << 10));
+        assert_eq!(config.connections.idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.connections.max_concurrent_streams, 4);
     }
 
     #[test]

@@ -58,6 +58,9 @@ struct Inner {
     deny: DenyList,
     /// Signs renewals; `None` when `[enrollment]` is off.
     signer: Option<Arc<Signer>>,
+    /// Set when the process was asked to stop: `/ready` fails so balancers
+    /// take this replica out while it still accepts batches.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl AppState {
@@ -73,7 +76,15 @@ impl AppState {
             in_flight: Semaphore::new(config.database.max_connections as usize),
             deny,
             signer,
+            draining: std::sync::atomic::AtomicBool::new(false),
         }))
+    }
+
+    /// From now on `/ready` answers 503 `{"status":"draining"}`.
+    pub(crate) fn start_draining(&self) {
+        self.0
+            .draining
+            .store(true, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -384,10 +395,14 @@ async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok" }))
 }
 
-async fn ready(State(app): State<AppState>) -> Result<Json<serde_json::Value>, Error> {
+async fn ready(State(app): State<AppState>) -> Result<Response, Error> {
+    if app.0.draining.load(std::sync::atomic::Ordering::SeqCst) {
+        let body = Json(serde_json::json!({ "status": "draining" }));
+        return Ok((StatusCode::SERVICE_UNAVAILABLE, body).into_response());
+    }
     let probe = sqlx::query("SELECT 1").execute(&app.0.pool);
     match tokio::time::timeout(READY_TIMEOUT, probe).await {
-        Ok(Ok(_)) => Ok(Json(serde_json::json!({ "status": "ready" }))),
+        Ok(Ok(_)) => Ok(Json(serde_json::json!({ "status": "ready" })).into_response()),
         Ok(Err(error)) => {
             debug!(message = "readiness probe failed", %error);
             Err(Error::NotReady {
@@ -692,6 +707,11 @@ async fn read_body(body: Body, limits: &LimitsConfig) -> Result<Bytes, Error> {
         Ok(Ok(collected)) => Ok(collected.to_bytes()),
         Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
             Err(too_large_compressed(limits))
+        }
+        // Cut by the listener's minimum body rate: a timeout, which the
+        // agent retries, not a bad batch.
+        Ok(Err(error)) if crate::server::SlowBody::is_cause_of(error.as_ref()) => {
+            Err(Error::RequestTimeout)
         }
         Ok(Err(error)) => Err(Error::BodyRead(format!(
             "could not read the request body: {error}"

@@ -121,8 +121,10 @@ pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
     Ok(())
 }
 
-/// Serves agents on `listener` until `shutdown` completes, then stops
-/// accepting and lets requests in flight finish (bounded, see `server`).
+/// Serves agents on `listener` until `shutdown` completes, then drains:
+/// `/ready` fails at once, batches are accepted for `shutdown.drain_delay`,
+/// then every connection is closed gracefully and requests in flight get up
+/// to `shutdown.grace` to finish (see `server`).
 ///
 /// `pool` may come from [`connect`] or anywhere else; the schema must be
 /// migrated.
@@ -202,43 +204,62 @@ pub async fn serve_all(
     if let Ok(address) = admin.local_addr() {
         tracing::info!(message = "admin listener (metrics, health) on plain HTTP", %address);
     }
-    // One shutdown signal for both listeners.
+    let admin_app = http::admin_router(state.clone(), dcs_shared::metrics::install());
+    server::register_metrics();
+    // Stopping takes three steps, so that a balancer stops sending new
+    // connections before this replica stops taking work: readiness fails at
+    // once while batches are still accepted for drain_delay; then the TLS
+    // listeners close every connection gracefully (GOAWAY) and wait up to
+    // shutdown.grace for requests in flight; the admin listener goes last so
+    // the failing /ready stays visible throughout.
     let (stop, stopped) = tokio::sync::watch::channel(false);
+    let (admin_stop, admin_stopped) = tokio::sync::watch::channel(false);
+    let drain_delay = config.shutdown.drain_delay;
+    let draining = state.clone();
     tokio::spawn(async move {
         shutdown.await;
+        draining.start_draining();
+        tracing::info!(
+            message = "draining: /ready answers 503, batches still accepted",
+            drain_delay_secs = drain_delay.as_secs_f64(),
+        );
+        tokio::time::sleep(drain_delay).await;
         let _ = stop.send(true);
     });
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let admin_app = http::admin_router(state.clone(), dcs_shared::metrics::install());
     let admin_task = tokio::spawn(
         axum::serve(admin, admin_app)
-            .with_graceful_shutdown(wait(stopped.clone()))
+            .with_graceful_shutdown(wait(admin_stopped))
             .into_future(),
     );
     let platform_task = platform.map(|(tls, listener)| {
         let app = platform::router(platform::PlatformState::new(pool, deny).with_signer(signer));
-        let limits = config.limits;
+        let policy = server::Policy::new(
+            server::Kind::Platform,
+            &config.limits,
+            config.connections,
+            config.shutdown.grace,
+        );
         let stopped = wait(stopped.clone());
         tokio::spawn(async move {
-            server::run(listener, tls, app, &limits, server::Kind::Platform, stopped).await;
+            server::run(listener, tls, app, policy, stopped).await;
         })
     });
     let app = http::router(state);
-    server::run(
-        listeners.agents,
-        tls,
-        app,
-        &config.limits,
+    let policy = server::Policy::new(
         server::Kind::Agents,
-        wait(stopped),
-    )
-    .await;
-    let _ = admin_task.await;
+        &config.limits,
+        config.connections,
+        config.shutdown.grace,
+    );
+    server::run(listeners.agents, tls, app, policy, wait(stopped)).await;
     if let Some(task) = platform_task {
         let _ = task.await;
     }
+    let _ = admin_stop.send(true);
+    let _ = admin_task.await;
     deny_refresh.abort();
     cert_reload.abort();
     if let Some(watch) = cert_watch {

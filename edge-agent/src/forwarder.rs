@@ -700,15 +700,23 @@ impl Inner {
     }
 
     async fn post(&self, body: Bytes) -> Outcome {
-        let response = self
-            .client
-            .current()
-            .post(self.url.clone())
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .header(reqwest::header::CONTENT_ENCODING, "gzip")
-            .body(body)
-            .send()
-            .await;
+        let mut response = self.send(body.clone()).await;
+        // The aggregator closes connections gracefully (max connection age,
+        // drain before stop) so a balancer can move agents. A batch caught by
+        // that close is resent at once on a new connection: it is not a
+        // failure, so no retry is counted, no backoff taken, the link stays
+        // up. The (agent, epoch, seq) key makes the resend harmless. Bounded,
+        // so a replica that closes every connection is a failure again.
+        for _ in 0..GRACEFUL_CLOSE_RESENDS {
+            match &response {
+                Err(e) if closed_gracefully(e) => {
+                    tracing::debug!(message = "connection closed by the aggregator; resending on a new one", error = %error_chain(e));
+                    metrics::counter!("dcs_agent_graceful_resends_total").increment(1);
+                    response = self.send(body.clone()).await;
+                }
+                _ => break,
+            }
+        }
         let response = match response {
             Ok(r) => r,
             Err(e) => {
@@ -770,6 +778,52 @@ impl Inner {
             _ => Outcome::Permanent { reason, per_record },
         }
     }
+}
+
+/// Immediate resends of a batch whose connection the aggregator closed
+/// gracefully; more in a row means something else is wrong.
+const GRACEFUL_CLOSE_RESENDS: usize = 3;
+
+impl Inner {
+    async fn send(&self, body: Bytes) -> reqwest::Result<reqwest::Response> {
+        self.client
+            .current()
+            .post(self.url.clone())
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .header(reqwest::header::CONTENT_ENCODING, "gzip")
+            .body(body)
+            .send()
+            .await
+    }
+}
+
+/// Whether a send failed only because the server closed its connection on
+/// purpose: an HTTP/2 GOAWAY without an error (or the stream it refused), or
+/// an HTTP/1.1 connection closed after `Connection: close` before our request
+/// got an answer. Timeouts, refused connections and TLS errors are not.
+fn closed_gracefully(e: &reqwest::Error) -> bool {
+    if e.is_timeout() || e.is_connect() {
+        return false;
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(cause) = source {
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>()
+            && (hyper.is_incomplete_message() || hyper.is_canceled())
+        {
+            return true;
+        }
+        // h2's errors are not reachable by type from here; their text is
+        // stable: GOAWAY with NO_ERROR, and a stream refused before any
+        // processing (both safe to resend by the protocol's definition).
+        let text = cause.to_string();
+        if text.contains("not a result of an error")
+            || text.contains("refused stream before processing")
+        {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

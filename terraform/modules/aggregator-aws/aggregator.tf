@@ -237,6 +237,10 @@ resource "aws_ecs_task_definition" "aggregator" {
         # schema owner before a deployment (docs/OPERATIONS.md, "Upgrades");
         # the service connects as dcs_app, which may not change the schema.
         { name = "DCS_AGG_DATABASE__MIGRATE_ON_START", value = "false" },
+        # The NLB does not preserve client addresses for IP targets over TCP:
+        # agent connections come from a few NLB addresses, so a per-address
+        # cap here would cap the fleet.
+        { name = "DCS_AGG_CONNECTIONS__MAX_CONNECTIONS_PER_ADDRESS", value = "0" },
       ]
       secrets = [
         { name = "DCS_AGG_DATABASE__URL", valueFrom = aws_secretsmanager_secret.database_url.arn },
@@ -249,7 +253,12 @@ resource "aws_ecs_task_definition" "aggregator" {
         retries     = 3
         startPeriod = 20
       }
-      stopTimeout = 35 # the aggregator drains connections for up to 30 s
+      # SIGTERM drains: shutdown.drain_delay (5 s) with /ready failing, then
+      # up to shutdown.grace (30 s) for requests in flight.
+      stopTimeout = 40
+      # One descriptor per agent connection; connections.max_connections is
+      # 8192 per listener, far above the default soft limit of 1024.
+      ulimits = [{ name = "nofile", softLimit = 65536, hardLimit = 65536 }]
       logConfiguration = {
         logDriver = "awslogs"
         options = {
