@@ -127,6 +127,7 @@ pub fn router(state: PlatformState) -> Router {
         .merge(docs)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn(crate::error_shape::json_errors))
         .with_state(state)
 }
 
@@ -174,9 +175,12 @@ async fn authenticate(
             remote,
             details: serde_json::json!({ "role": principal.role.as_str() }),
         };
-        if let Err(error) = audit::append(&state.pool, &entry).await {
-            tracing::error!(message = "append audit entry for a refused call", %error);
-        }
+        // A token that may read but not act could otherwise write a row per
+        // request: refusals are throttled per token.
+        state
+            .refusals
+            .append_for_token(&state.pool, &principal.actor(), &entry)
+            .await;
     }
     response
 }
