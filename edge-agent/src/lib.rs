@@ -27,6 +27,7 @@
 pub mod buffer;
 pub mod config;
 pub mod enroll;
+pub mod file_mode;
 pub mod forwarder;
 pub mod fsck;
 pub mod identity;
