@@ -10,7 +10,9 @@
 # 5. dcs-edge / dcs-aggregator check-config on config/examples/*.toml
 # 6. the monitoring files, the fuzz targets briefly, the OpenAPI document
 #    (scripts/check-openapi.sh) and the deployment files
-# 7. cargo test --workspace
+# 7. the hostile-neighbours suite (tests/tests/hostile_neighbours.rs), its
+#    attack=... lines printed into the log
+# 8. cargo test --workspace
 #
 # Exits non-zero as soon as a step fails.
 set -Eeuo pipefail
@@ -135,6 +137,11 @@ bash "$ROOT/scripts/check-openapi.sh"
 
 step "Deployment: package install test, systemd unit, Terraform, checkov, compose and workflow schemas, cargo audit"
 bash "$ROOT/scripts/check-deploy.sh"
+
+step "Hostile neighbours: each attack while a victim tenant sends (docs/SECURITY.md)"
+# Its own step, with --nocapture, so the attack=... lines reach the CI log;
+# #[ignore]d in the workspace run below so it runs once.
+cargo test -p dcs-tests --test hostile_neighbours -- --ignored --nocapture
 
 step "cargo test --workspace"
 # NO_PROXY would let the agent bypass the proxy the proxy test configures.
