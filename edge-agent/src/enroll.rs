@@ -114,19 +114,28 @@ pub async fn enroll(
     Ok(issued)
 }
 
-/// Creates `path`'s directory if needed, then creates, syncs and removes a
-/// probe file beside `path` and syncs the directory: everything writing the
-/// identity will do, without touching an existing file at `path`.
+/// Creates, syncs and removes a probe file in `path`'s directory (or, when
+/// that does not exist yet, in its nearest existing ancestor, where the
+/// directories would be created) and syncs that directory: what writing the
+/// identity will do, without leaving anything behind or touching an
+/// existing file at `path`.
 fn check_writable(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::DirBuilderExt as _;
-    let dir = match path.parent() {
+    let mut dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o755)
-        .create(&dir)?;
+    while !dir.exists() {
+        dir = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+    }
+    if !dir.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            format!("{} is not a directory", dir.display()),
+        ));
+    }
     if path.is_dir() {
         return Err(std::io::Error::new(
             std::io::ErrorKind::IsADirectory,
@@ -248,9 +257,9 @@ mod tests {
         let nested = dir.path().join("new/sub/agent.pem");
         check_writable(&nested).unwrap();
         assert_eq!(
-            std::fs::read_dir(nested.parent().unwrap()).unwrap().count(),
+            std::fs::read_dir(dir.path()).unwrap().count(),
             0,
-            "the probe is removed"
+            "neither the probe nor a directory is left behind"
         );
         assert!(
             check_writable(dir.path()).is_err(),

@@ -270,7 +270,8 @@ async fn enrollment_and_renewal_work_with_the_application_roles_grants() {
     let (status, code) =
         refusal(enroll(&p.url, &token, &pki.ca, &paths(out.path(), "again")).await);
     assert_eq!((status, code.as_str()), (410, "token_used"));
-    let (status, body) = renew_with(&p, &agent_cert(&files)).await;
+    // A certificate inside its renewal window (half its lifetime passed).
+    let (status, body) = renew_with(&p, &pki.renewable_agent("acme", "edge-1")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = post(
         &p,
@@ -777,7 +778,7 @@ async fn an_agent_renews_only_as_itself_and_never_once_revoked() {
 /// Writes `issued` (a certificate just renewed) as an agent's files.
 fn renewed_cert(dir: &Path, name: &str, issued: &IssuedCertificate, key: &str) -> AgentCert {
     let files = paths(dir, name);
-    std::fs::create_dir_all(files.cert.parent().unwrap()).unwrap();
+    std::fs::create_dir_all(files.key.parent().unwrap()).unwrap();
     std::fs::write(&files.cert, &issued.certificate).unwrap();
     std::fs::write(&files.key, key).unwrap();
     std::fs::write(&files.ca, &issued.ca).unwrap();
