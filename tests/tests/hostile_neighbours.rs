@@ -273,7 +273,7 @@ fn tally(outcomes: &[(u16, String)]) -> String {
             None => counts.push((o.clone(), 1)),
         }
     }
-    counts.sort_by(|a, b| b.1.cmp(&a.1));
+    counts.sort_by_key(|c| std::cmp::Reverse(c.1));
     counts
         .iter()
         .map(|((s, c), n)| format!("{s}_{c}_x{n}").replace("__", "_"))

@@ -263,6 +263,23 @@ impl From<sqlx::Error> for ApiError {
                 tracing::warn!(message = "platform API: database unavailable", %error);
                 ApiError::Unavailable
             }
+            // Class 22, "data exception": a value of the request that
+            // PostgreSQL cannot hold (the NUL and cursor checks catch the
+            // known ones first, naming the field). The caller's input, not
+            // our bug: 400, never 500.
+            _ if error
+                .as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|code| code.starts_with("22")) =>
+            {
+                tracing::info!(message = "platform API: PostgreSQL refused a value", %error);
+                ApiError::BadRequest(format!(
+                    "a value of the request was refused by the database: {}",
+                    error
+                        .as_database_error()
+                        .map_or_else(String::new, |e| e.message().to_owned())
+                ))
+            }
             _ => {
                 tracing::error!(message = "platform API: database call failed", %error);
                 ApiError::Internal
