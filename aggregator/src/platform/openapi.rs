@@ -102,6 +102,7 @@ fn complete(doc: &mut Value) {
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
         })
     };
+    constrain_schemas(doc);
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
         return;
     };
@@ -154,6 +155,41 @@ fn complete(doc: &mut Value) {
                 for param in params {
                     constrain(path, param);
                 }
+            }
+        }
+    }
+}
+
+/// The constraints the handlers enforce on request bodies: the token roles,
+/// the tenant id rules (`dcs_shared::identity::validate_identifier`) and the
+/// forms a serial may be typed in.
+fn constrain_schemas(doc: &mut Value) {
+    let identifier = serde_json::json!({
+        "pattern": "^[a-z0-9][a-z0-9_.-]*$", "minLength": 1,
+        "maxLength": dcs_shared::identity::MAX_IDENTIFIER_LEN,
+    });
+    let rules = [
+        (
+            "NewToken",
+            "role",
+            serde_json::json!({ "enum": ["admin", "reader"] }),
+        ),
+        ("NewTenant", "id", identifier.clone()),
+        ("NewEnrollmentToken", "agent", identifier),
+        (
+            "NewRevokedSerial",
+            "serial",
+            serde_json::json!({ "pattern": "^\\s*(0[xX])?[0-9A-Fa-f:\\- ]+\\s*$" }),
+        ),
+    ];
+    for (schema, field, rule) in rules {
+        if let (Some(prop), Some(rule)) = (
+            doc.pointer_mut(&format!("/components/schemas/{schema}/properties/{field}"))
+                .and_then(Value::as_object_mut),
+            rule.as_object(),
+        ) {
+            for (k, v) in rule {
+                prop.insert(k.clone(), v.clone());
             }
         }
     }
@@ -395,6 +431,12 @@ mod tests {
             .unwrap();
         assert_eq!(limit["schema"]["minimum"], 1);
         assert_eq!(limit["schema"]["maximum"], 1000);
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(
+            schemas["NewToken"]["properties"]["role"]["enum"],
+            serde_json::json!(["admin", "reader"])
+        );
+        assert!(schemas["NewTenant"]["properties"]["id"]["pattern"].is_string());
     }
 
     #[test]
