@@ -12,8 +12,10 @@
 # 6. dcs-edge / dcs-aggregator check-config on config/examples/*.toml
 # 7. the monitoring files, the fuzz targets briefly, the OpenAPI document
 #    (scripts/check-openapi.sh) and the deployment files
-# 8. cargo test --workspace
-# 9. the scale-out scenarios: aggregator replicas behind HAProxy under load
+# 8. the hostile-neighbours suite (tests/tests/hostile_neighbours.rs), its
+#    attack=... lines printed into the log
+# 9. cargo test --workspace
+# 10. the scale-out scenarios: aggregator replicas behind HAProxy under load
 #    (HAProxy is installed with apt if missing)
 #
 # Exits non-zero as soon as a step fails.
@@ -165,6 +167,11 @@ bash "$ROOT/scripts/check-openapi.sh"
 
 step "Deployment: package install test, systemd unit, Terraform, checkov, compose and workflow schemas, cargo audit"
 bash "$ROOT/scripts/check-deploy.sh"
+
+step "Hostile neighbours: each attack while a victim tenant sends (docs/SECURITY.md)"
+# Its own step, with --nocapture, so the attack=... lines reach the CI log;
+# #[ignore]d in the workspace run below so it runs once.
+cargo test -p dcs-tests --test hostile_neighbours -- --ignored --nocapture
 
 step "cargo test --workspace"
 # NO_PROXY would let the agent bypass the proxy the proxy test configures.

@@ -41,8 +41,22 @@ pub const DEFAULT_ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// MiB of JSON in the worst case, so the decompressed cap below is what binds.
 pub const DEFAULT_MAX_COMPRESSED_BYTES: ByteSize = ByteSize(16 << 20);
 /// Bounds the memory a single batch (or a gzip bomb) can claim while it is
-/// parsed; 128 MiB fits 100 000 records of about 1 KiB with room to spare.
-pub const DEFAULT_MAX_DECOMPRESSED_BYTES: ByteSize = ByteSize(128 << 20);
+/// parsed. The agent sends batches of at most 4 MiB of JSON (`batch.max_bytes`);
+/// 20 MiB leaves room for a raised agent cap and is what OpenTelemetry's
+/// collector settled on after CVE-2024-36129.
+pub const DEFAULT_MAX_DECOMPRESSED_BYTES: ByteSize = ByteSize(20 << 20);
+/// An agent sends `batch.max_in_flight` (default 2) batches at once; twice
+/// that leaves room for a raised setting, and one agent still cannot take
+/// more than a quarter of the default 16 database slots.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_AGENT: usize = 4;
+/// Half of the default 16 database slots: the agents of one tenant can never
+/// starve every other tenant.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_TENANT: usize = 8;
+/// Every batch reserves its compressed body plus twice its decompressed size
+/// (the JSON and the rows encoded for COPY) from this budget before it holds
+/// them. 512 MiB keeps 16 full-size batches in memory and the aggregator's
+/// RSS well under its 1 GiB budget.
+pub const DEFAULT_MEMORY_BUDGET: ByteSize = ByteSize(512 << 20);
 /// Keeps one transaction (and the time a batch holds its row locks) bounded;
 /// COPY writes 100 000 rows in well under a second.
 pub const DEFAULT_MAX_RECORDS_PER_BATCH: usize = 100_000;
@@ -113,6 +127,8 @@ pub struct Config {
     pub database: DatabaseConfig,
     #[serde(default)]
     pub limits: LimitsConfig,
+    #[serde(default)]
+    pub admission: AdmissionConfig,
     #[serde(default)]
     pub log: LogConfig,
     #[serde(default)]
@@ -236,6 +252,10 @@ impl Default for RevocationConfig {
 #[serde(deny_unknown_fields, default)]
 pub struct AdminConfig {
     pub address: SocketAddr,
+    /// A file whose first line is the bearer token `GET /agents` requires
+    /// (it lists every tenant's agents). Without one, `/agents` answers only
+    /// on a loopback `address`.
+    pub agents_token_file: Option<PathBuf>,
 }
 
 /// The environment variable that names the configuration file.
@@ -249,6 +269,7 @@ impl Default for AdminConfig {
             address: DEFAULT_ADMIN_ADDRESS
                 .parse()
                 .expect("valid default address"),
+            agents_token_file: None,
         }
     }
 }
@@ -522,6 +543,30 @@ impl Default for LimitsConfig {
     }
 }
 
+/// What one agent, one tenant and all batches together may hold at once
+/// (see the `admission` module).
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdmissionConfig {
+    /// Batches of one agent being read, parsed or written at once; one more
+    /// is refused with 429 before its body is read.
+    pub max_in_flight_per_agent: usize,
+    /// Database slots the agents of one tenant hold at once.
+    pub max_in_flight_per_tenant: usize,
+    /// Bytes all batches in progress may hold in memory together.
+    pub memory_budget: ByteSize,
+}
+
+impl Default for AdmissionConfig {
+    fn default() -> Self {
+        AdmissionConfig {
+            max_in_flight_per_agent: DEFAULT_MAX_IN_FLIGHT_PER_AGENT,
+            max_in_flight_per_tenant: DEFAULT_MAX_IN_FLIGHT_PER_TENANT,
+            memory_budget: DEFAULT_MEMORY_BUDGET,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogConfig {
@@ -620,6 +665,28 @@ impl Config {
             l.max_payload_bytes <= l.max_decompressed_bytes,
             "limits.max_payload_bytes",
             "must not exceed limits.max_decompressed_bytes",
+        );
+        let a = &self.admission;
+        issues.check(
+            a.max_in_flight_per_agent >= 1,
+            "admission.max_in_flight_per_agent",
+            "must be at least 1",
+        );
+        issues.check(
+            a.max_in_flight_per_tenant >= 1,
+            "admission.max_in_flight_per_tenant",
+            "must be at least 1",
+        );
+        let largest_batch = l
+            .max_compressed_bytes
+            .0
+            .saturating_add(l.max_decompressed_bytes.0.saturating_mul(2));
+        issues.check(
+            a.memory_budget.0 >= largest_batch,
+            "admission.memory_budget",
+            format!(
+                "must hold at least one largest batch: limits.max_compressed_bytes plus twice limits.max_decompressed_bytes ({largest_batch} bytes)"
+            ),
         );
         for (key, value) in [
             ("limits.handshake_timeout", l.handshake_timeout),
@@ -823,7 +890,10 @@ mod tests {
         assert_eq!(config.database.acquire_timeout, Duration::from_secs(3));
         assert!(config.database.migrate_on_start);
         assert_eq!(config.limits.max_compressed_bytes, ByteSize(16 << 20));
-        assert_eq!(config.limits.max_decompressed_bytes, ByteSize(128 << 20));
+        assert_eq!(config.limits.max_decompressed_bytes, ByteSize(20 << 20));
+        assert_eq!(config.admission.max_in_flight_per_agent, 4);
+        assert_eq!(config.admission.max_in_flight_per_tenant, 8);
+        assert_eq!(config.admission.memory_budget, ByteSize(512 << 20));
         assert_eq!(config.limits.max_records_per_batch, 100_000);
         assert_eq!(config.limits.max_payload_bytes, ByteSize(64 << 10));
         assert_eq!(config.limits.handshake_timeout, Duration::from_secs(10));
@@ -881,6 +951,10 @@ mod tests {
             min_body_rate = "10KiB"
             idle_timeout = "1m"
             max_concurrent_streams = 4
+            [admission]
+            max_in_flight_per_agent = 2
+            max_in_flight_per_tenant = 3
+            memory_budget = "64MiB"
             [log]
             format = "text"
             level = "debug"
@@ -897,6 +971,9 @@ mod tests {
         assert_eq!(config.limits.max_decompressed_bytes, ByteSize(8 << 20));
         assert_eq!(config.limits.max_payload_bytes, ByteSize(1024));
         assert_eq!(config.limits.retry_after, Duration::from_secs(60));
+        assert_eq!(config.admission.max_in_flight_per_agent, 2);
+        assert_eq!(config.admission.max_in_flight_per_tenant, 3);
+        assert_eq!(config.admission.memory_budget, ByteSize(64 << 20));
         assert_eq!(config.log.format, LogFormat::Text);
         assert!(config.limits.max_connection_age.is_zero());
         assert_eq!(

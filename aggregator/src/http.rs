@@ -4,9 +4,12 @@
 //! - The status tells the agent what to do with the batch: 2xx = stored (only
 //!   after commit), 503 + `Retry-After` = keep it and retry, other 4xx = it can
 //!   never be stored (dead-letter it), 5xx = our bug (retry with backoff).
-//! - Cheap checks first: headers, then the body under a size cap and a time
-//!   limit, then decompression and validation on a blocking thread, and only
-//!   then a database connection.
+//! - Cheap checks first: headers, then the agent's share of batches in
+//!   progress, then the body under a size cap and a time limit, then
+//!   decompression and validation on a blocking thread, and only then a
+//!   database slot within the tenant's share (see [`crate::admission`]): a
+//!   slow body never holds a database slot, and every byte a batch holds is
+//!   reserved from the memory budget first.
 //! - The database write runs in its own task, so an agent that disconnects
 //!   mid-request cannot cancel a transaction (or a COPY) half-way.
 //! - Every error body is a [`dcs_shared::wire::ErrorBody`]; database details
@@ -27,9 +30,9 @@ use dcs_shared::record::{self, FieldError};
 use dcs_shared::wire::{self, BatchAck, ErrorBody};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use sqlx::PgPool;
-use tokio::sync::Semaphore;
 use tracing::{debug, error, info, warn};
 
+use crate::admission::{self, Admission, MemoryPermit, Refusal};
 use crate::config::{Config, LimitsConfig};
 use crate::platform::enrollment::{self, EnrollError, Signer};
 use crate::revocation::{Denied, DenyList, Verdict};
@@ -50,10 +53,9 @@ pub(crate) struct AppState(Arc<Inner>);
 struct Inner {
     pool: PgPool,
     limits: LimitsConfig,
-    /// Bounds the batches being read, decompressed or written at once: each
-    /// may hold up to max_compressed + max_decompressed bytes of memory, and
-    /// more of them than there are database connections would only queue.
-    in_flight: Semaphore,
+    /// Per-agent and per-tenant shares, the memory budget and the database
+    /// slots: more batches writing than there are connections would only queue.
+    admission: Admission,
     /// Revoked agents and serials, disabled tenants; refreshed in the background.
     deny: DenyList,
     /// Signs renewals; `None` when `[enrollment]` is off.
@@ -61,6 +63,71 @@ struct Inner {
     /// Set when the process was asked to stop: `/ready` fails so balancers
     /// take this replica out while it still accepts batches.
     draining: std::sync::atomic::AtomicBool,
+    /// How often each agent may renew.
+    renewals: enrollment::RenewalThrottle,
+    /// Who may read the admin listener's `/agents`.
+    agents_access: AgentsAccess,
+}
+
+/// `/agents` lists every tenant's agents; the admin listener has no other
+/// authentication (scrapers read `/metrics` there).
+enum AgentsAccess {
+    /// `admin.agents_token_file`: this bearer token.
+    Token(String),
+    /// No token and a loopback `admin.address`: whoever can reach it.
+    Loopback,
+    /// No token and another address: nobody.
+    Refused,
+}
+
+impl AgentsAccess {
+    fn from_config(config: &Config) -> Self {
+        match &config.admin.agents_token_file {
+            Some(path) => match std::fs::read_to_string(path) {
+                Ok(text) => match text.lines().next().map(str::trim) {
+                    Some(token) if !token.is_empty() => AgentsAccess::Token(token.to_owned()),
+                    _ => {
+                        error!(message = "admin.agents_token_file is empty; /agents is refused", path = %path.display());
+                        AgentsAccess::Refused
+                    }
+                },
+                Err(e) => {
+                    error!(message = "cannot read admin.agents_token_file; /agents is refused", path = %path.display(), error = %e);
+                    AgentsAccess::Refused
+                }
+            },
+            None if config.admin.address.ip().is_loopback() => AgentsAccess::Loopback,
+            None => AgentsAccess::Refused,
+        }
+    }
+
+    fn check(&self, headers: &HeaderMap) -> Result<(), Error> {
+        match self {
+            AgentsAccess::Loopback => Ok(()),
+            AgentsAccess::Refused => Err(Error::AdminForbidden(
+                "/agents needs admin.agents_token_file when admin.address is not a loopback address",
+            )),
+            AgentsAccess::Token(expected) => {
+                let given = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                // Constant time: the comparison must not tell how much matched.
+                let same = given.len() == expected.len()
+                    && given
+                        .bytes()
+                        .zip(expected.bytes())
+                        .fold(0u8, |diff, (a, b)| diff | (a ^ b))
+                        == 0;
+                if same {
+                    Ok(())
+                } else {
+                    Err(Error::AdminUnauthorized)
+                }
+            }
+        }
+    }
 }
 
 impl AppState {
@@ -73,10 +140,12 @@ impl AppState {
         AppState(Arc::new(Inner {
             pool,
             limits: config.limits,
-            in_flight: Semaphore::new(config.database.max_connections as usize),
+            admission: Admission::new(config.admission, config.database.max_connections as usize),
             deny,
             signer,
             draining: std::sync::atomic::AtomicBool::new(false),
+            renewals: enrollment::RenewalThrottle::default(),
+            agents_access: AgentsAccess::from_config(config),
         }))
     }
 
@@ -96,6 +165,7 @@ pub(crate) fn router(state: AppState) -> Router {
         .route("/ready", get(ready))
         .fallback(|| async { Error::NotFound })
         .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(axum::middleware::from_fn(crate::error_shape::json_errors))
         .layer(axum::middleware::from_fn(time_requests))
         .with_state(state)
 }
@@ -123,6 +193,8 @@ pub(crate) fn admin_router(
         .route("/ready", get(ready))
         .route("/agents", get(agents))
         .fallback(|| async { Error::NotFound })
+        .method_not_allowed_fallback(|| async { Error::MethodNotAllowed })
+        .layer(axum::middleware::from_fn(crate::error_shape::json_errors))
         .with_state(state)
 }
 
@@ -148,7 +220,11 @@ struct AgentView {
 /// silence is a real outage, not a pause.
 const LINK_DOWN_AFTER_SECS: i64 = 300;
 
-async fn agents(State(app): State<AppState>) -> Result<Json<Vec<AgentView>>, Error> {
+async fn agents(
+    State(app): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<Vec<AgentView>>, Error> {
+    app.0.agents_access.check(&headers)?;
     let rows = sqlx::query_as::<_, AgentView>(
         "SELECT tenant_id AS tenant, name AS agent,
                 to_char(first_seen AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS\"Z\"') AS first_seen,
@@ -194,6 +270,7 @@ fn batch_outcome(result: &Result<Json<BatchAck>, Error>) -> &'static str {
         Ok(_) => "accepted",
         Err(e) => match e.status_code_message().0 {
             StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+            StatusCode::TOO_MANY_REQUESTS => "throttled",
             StatusCode::CONFLICT => "conflict",
             StatusCode::SERVICE_UNAVAILABLE => "unavailable",
             StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => "unauthorized",
@@ -208,10 +285,12 @@ fn batch_outcome(result: &Result<Json<BatchAck>, Error>) -> &'static str {
 /// why, but it may not do anything.
 pub(crate) fn forbidden_router(reason: String) -> Router {
     let reason: Arc<str> = reason.into();
-    Router::new().fallback(move || {
-        let reason = reason.clone();
-        async move { Error::BadIdentity(reason) }
-    })
+    Router::new()
+        .fallback(move || {
+            let reason = reason.clone();
+            async move { Error::BadIdentity(reason) }
+        })
+        .layer(axum::middleware::from_fn(crate::error_shape::json_errors))
 }
 
 /// Why a request failed; each variant is one status and one `error` code.
@@ -240,7 +319,10 @@ pub(crate) enum Error {
     DatabaseUnavailable {
         retry_after: Duration,
     },
-    Overloaded {
+    /// Refused by [`crate::admission`]: 429 for the agent's own share, 503
+    /// for everything shared.
+    NotAdmitted {
+        refusal: Refusal,
         retry_after: Duration,
     },
     NotReady {
@@ -248,6 +330,9 @@ pub(crate) enum Error {
     },
     NotFound,
     MethodNotAllowed,
+    /// The admin `/agents` without the token it needs.
+    AdminUnauthorized,
+    AdminForbidden(&'static str),
     Internal,
 }
 
@@ -322,17 +407,40 @@ impl Error {
                 "database_unavailable",
                 "the database is unavailable; nothing was written, retry later".into(),
             ),
-            Error::Overloaded { .. } => (
-                S::SERVICE_UNAVAILABLE,
-                "overloaded",
-                "too many batches in progress; nothing was written, retry later".into(),
-            ),
+            Error::NotAdmitted { refusal, .. } => match refusal {
+                Refusal::AgentInFlight => (
+                    S::TOO_MANY_REQUESTS,
+                    "too_many_in_flight",
+                    "this agent already has its share of batches in progress; nothing was written, retry later".into(),
+                ),
+                Refusal::TenantInFlight => (
+                    S::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "this tenant's agents hold all the database slots it may use; nothing was written, retry later".into(),
+                ),
+                Refusal::MemoryBudget => (
+                    S::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "the aggregator's memory budget for batches is in use; nothing was written, retry later".into(),
+                ),
+                Refusal::DatabaseSlots => (
+                    S::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "too many batches in progress; nothing was written, retry later".into(),
+                ),
+            },
             Error::NotReady { .. } => (
                 S::SERVICE_UNAVAILABLE,
                 "not_ready",
                 "the database does not answer".into(),
             ),
             Error::NotFound => (S::NOT_FOUND, "not_found", "no such route".into()),
+            Error::AdminUnauthorized => (
+                S::UNAUTHORIZED,
+                "unauthorized",
+                "/agents needs Authorization: Bearer <the token in admin.agents_token_file>".into(),
+            ),
+            Error::AdminForbidden(why) => (S::FORBIDDEN, "forbidden", (*why).into()),
             Error::MethodNotAllowed => (
                 S::METHOD_NOT_ALLOWED,
                 "method_not_allowed",
@@ -349,7 +457,7 @@ impl Error {
     fn retry_after(&self) -> Option<Duration> {
         match self {
             Error::DatabaseUnavailable { retry_after }
-            | Error::Overloaded { retry_after }
+            | Error::NotAdmitted { retry_after, .. }
             | Error::NotReady { retry_after } => Some(*retry_after),
             _ => None,
         }
@@ -475,18 +583,24 @@ async fn renew(
     state: State<AppState>,
     agent: Extension<AgentIdentity>,
     presented: Option<Extension<PresentedCertificate>>,
+    peer: Option<Extension<crate::server::PeerAddr>>,
     request: Result<Json<dcs_certs::enroll::RenewRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<dcs_certs::enroll::IssuedCertificate>, EnrollError> {
     let Json(request) = request.map_err(enrollment::bad_body)?;
     let inner = &state.0.0;
     let presented = presented.map(|Extension(p)| p.cert);
+    let remote = peer.map(|Extension(p)| p.0.to_string());
     let issued = enrollment::renew(
         &inner.pool,
         inner.signer.as_deref(),
         &inner.deny,
-        &agent,
-        presented.as_deref(),
-        &request.csr,
+        &inner.renewals,
+        enrollment::Renewal {
+            identity: &agent,
+            presented: presented.as_deref(),
+            remote,
+            csr: &request.csr,
+        },
     )
     .await
     .inspect_err(|error| {
@@ -553,23 +667,33 @@ async fn handle_batch(
 ) -> Result<Json<BatchAck>, Error> {
     let started = Instant::now();
     let limits = app.0.limits;
+    // One deadline for reading the body and waiting for memory and a database
+    // slot: a client is owed an answer within the request timeout either way.
+    let deadline = tokio::time::Instant::now() + limits.request_timeout;
     check_headers(&headers, &limits).inspect_err(|e| log_refusal(e, &agent))?;
+    let admission = &app.0.admission;
+    let not_admitted = |refusal| Error::NotAdmitted {
+        refusal,
+        retry_after: limits.retry_after,
+    };
 
-    // Waiting for a slot counts against the request timeout as well: a client
-    // is owed an answer within it either way.
-    let permit = tokio::time::timeout(limits.request_timeout, app.0.in_flight.acquire())
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .ok_or(Error::Overloaded {
-            retry_after: limits.retry_after,
-        })
+    let _ticket = admission
+        .enter(&agent.to_string())
+        .map_err(not_admitted)
         .inspect_err(|e| log_refusal(e, &agent))?;
-
-    let compressed = read_body(body, &limits)
+    let (compressed, mut memory) = read_body(body, &limits, admission, deadline)
         .await
         .inspect_err(|e| log_refusal(e, &agent))?;
-    let prepared = tokio::task::spawn_blocking(move || prepare(&compressed, &limits))
+    // The JSON and the rows encoded for COPY, each at most the decompressed size.
+    let estimate = admission::decompressed_estimate(&compressed, limits.max_decompressed_bytes.0);
+    memory.merge(
+        admission
+            .reserve(estimate.saturating_mul(2), deadline)
+            .await
+            .map_err(not_admitted)
+            .inspect_err(|e| log_refusal(e, &agent))?,
+    );
+    let prepared = tokio::task::spawn_blocking(move || prepare(&compressed, &limits, estimate))
         .await
         .map_err(|error| {
             error!(message = "batch preparation panicked", %error, agent = %agent);
@@ -582,7 +706,6 @@ async fn handle_batch(
         // An empty batch is how an agent asks for its epoch's high-water
         // mark before it sends (see `BatchAck::high_seq`).
         let high_seq = store::high_seq(&app.0.pool, &agent, prepared.epoch).await;
-        drop(permit);
         return match high_seq {
             Ok(high_seq) => Ok(Json(BatchAck {
                 high_seq,
@@ -597,6 +720,11 @@ async fn handle_batch(
         };
     }
 
+    let slot = admission
+        .database_slot(&agent.tenant, deadline)
+        .await
+        .map_err(not_admitted)
+        .inspect_err(|e| log_refusal(e, &agent))?;
     let pool = app.0.pool.clone();
     let writer = agent.clone();
     let epoch = prepared.epoch;
@@ -608,7 +736,8 @@ async fn handle_batch(
         tokio::spawn(async move { store::write_batch(&pool, &writer, &prepared).await }).await;
     metrics::histogram!("dcs_aggregator_db_write_duration_seconds")
         .record(write_started.elapsed().as_secs_f64());
-    drop(permit);
+    drop(slot);
+    drop(memory);
 
     match written {
         Ok(Ok(store::Written::Conflict { seqs })) => {
@@ -700,30 +829,78 @@ fn too_large_compressed(limits: &LimitsConfig) -> Error {
     ))
 }
 
-async fn read_body(body: Body, limits: &LimitsConfig) -> Result<Bytes, Error> {
-    let limited = Limited::new(body, limits.max_compressed_bytes.as_usize());
-    match tokio::time::timeout(limits.request_timeout, limited.collect()).await {
+/// Reads the body under the compressed cap by `deadline`, reserving its bytes
+/// from the memory budget as they arrive.
+async fn read_body(
+    body: Body,
+    limits: &LimitsConfig,
+    admission: &Admission,
+    deadline: tokio::time::Instant,
+) -> Result<(Bytes, MemoryPermit), Error> {
+    let mut limited = Limited::new(body, limits.max_compressed_bytes.as_usize());
+    let mut memory = MemoryPermit::none();
+    let mut buffer = bytes::BytesMut::new();
+    let read = async {
+        while let Some(frame) = limited.frame().await {
+            let frame = frame.map_err(|error| {
+                if error.downcast_ref::<LengthLimitError>().is_some() {
+                    too_large_compressed(limits)
+                } else if crate::server::SlowBody::is_cause_of(error.as_ref()) {
+                    // Cut by the listener's minimum body rate: a timeout,
+                    // which the agent retries, not a bad batch.
+                    Error::RequestTimeout
+                } else {
+                    Error::BodyRead(format!("could not read the request body: {error}"))
+                }
+            })?;
+            if let Ok(data) = frame.into_data() {
+                let total = (buffer.len() + data.len()) as u64;
+                admission
+                    .grow(&mut memory, total, deadline)
+                    .await
+                    .map_err(|refusal| Error::NotAdmitted {
+                        refusal,
+                        retry_after: limits.retry_after,
+                    })?;
+                buffer.extend_from_slice(&data);
+            }
+        }
+        Ok::<_, Error>(())
+    };
+    match tokio::time::timeout_at(deadline, read).await {
         Err(_) => Err(Error::RequestTimeout),
-        Ok(Ok(collected)) => Ok(collected.to_bytes()),
-        Ok(Err(error)) if error.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(too_large_compressed(limits))
-        }
-        // Cut by the listener's minimum body rate: a timeout, which the
-        // agent retries, not a bad batch.
-        Ok(Err(error)) if crate::server::SlowBody::is_cause_of(error.as_ref()) => {
-            Err(Error::RequestTimeout)
-        }
-        Ok(Err(error)) => Err(Error::BodyRead(format!(
-            "could not read the request body: {error}"
-        ))),
+        Ok(Err(error)) => Err(error),
+        Ok(Ok(())) => Ok((buffer.freeze(), memory)),
     }
 }
 
 /// Decompresses, parses and validates a batch and encodes it for COPY. CPU-bound
 /// (up to max_decompressed_bytes of JSON): run it on a blocking thread.
-fn prepare(compressed: &[u8], limits: &LimitsConfig) -> Result<PreparedBatch, Error> {
-    let json = wire::gunzip_limited(compressed, limits.max_decompressed_bytes.as_usize())
-        .map_err(wire_error)?;
+/// `reserved` is what the memory budget holds for the JSON (see
+/// [`admission::decompressed_estimate`]); decompression stops there.
+fn prepare(
+    compressed: &[u8],
+    limits: &LimitsConfig,
+    reserved: u64,
+) -> Result<PreparedBatch, Error> {
+    let json = wire::gunzip_limited(compressed, reserved as usize).map_err(|error| {
+        match error {
+            // A gzip trailer states the decompressed size; a body larger than
+            // it says is corrupt, not merely large.
+            dcs_shared::Error::BatchTooLarge { .. }
+                if reserved < limits.max_decompressed_bytes.0 =>
+            {
+                Error::Malformed(
+                    "gzip: the body decompresses to more than its trailer states".into(),
+                )
+            }
+            dcs_shared::Error::BatchTooLarge { .. } => Error::BatchTooLarge(format!(
+                "the batch exceeds {} bytes once decompressed",
+                limits.max_decompressed_bytes
+            )),
+            other => wire_error(other),
+        }
+    })?;
     let batch = wire::parse_batch(&json).map_err(wire_error)?;
     if batch.records.len() > limits.max_records_per_batch {
         return Err(Error::BatchTooLarge(format!(
@@ -838,7 +1015,7 @@ mod tests {
             [rec(1, "a", "{}"), rec(2, "b", r#"{"x":1}"#)],
             1,
         );
-        let prepared = prepare(&body, &limits()).unwrap();
+        let prepared = prepare(&body, &limits(), u64::MAX).unwrap();
         assert_eq!(prepared.records, 2);
         assert_eq!(prepared.epoch, Uuid::nil());
     }
@@ -851,7 +1028,8 @@ mod tests {
             [rec(1, "ok", "{}"), rec(0, "Bad Stream", "[1]")],
             1,
         );
-        let Err(Error::InvalidRecords { total, details }) = prepare(&body, &limits()) else {
+        let Err(Error::InvalidRecords { total, details }) = prepare(&body, &limits(), u64::MAX)
+        else {
             panic!("expected invalid records");
         };
         assert_eq!(total, 3);
@@ -870,7 +1048,7 @@ mod tests {
             ..limits()
         };
         assert!(matches!(
-            prepare(&body, &small),
+            prepare(&body, &small, u64::MAX),
             Err(Error::BatchTooLarge(_))
         ));
     }
@@ -882,7 +1060,7 @@ mod tests {
             max_payload_bytes: ByteSize(8),
             ..limits()
         };
-        let Err(Error::InvalidRecords { details, .. }) = prepare(&body, &small) else {
+        let Err(Error::InvalidRecords { details, .. }) = prepare(&body, &small, u64::MAX) else {
             panic!("expected invalid records");
         };
         assert_eq!(
@@ -894,7 +1072,7 @@ mod tests {
     #[test]
     fn error_details_are_capped() {
         let body = wire::encode_batch(Uuid::nil(), None, (1..=500).map(|i| rec(i, "BAD", "{}")), 1);
-        let Err(error @ Error::InvalidRecords { .. }) = prepare(&body, &limits()) else {
+        let Err(error @ Error::InvalidRecords { .. }) = prepare(&body, &limits(), u64::MAX) else {
             panic!("expected invalid records");
         };
         let (_, _, message) = error.status_code_message();
@@ -945,13 +1123,16 @@ mod tests {
             max_compressed_bytes: ByteSize(10),
             ..limits()
         };
+        let admission = Admission::new(Default::default(), 1);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         let body = Body::from(vec![0u8; 11]);
         assert!(matches!(
-            read_body(body, &small).await,
+            read_body(body, &small, &admission, deadline).await,
             Err(Error::BatchTooLarge(_))
         ));
         let body = Body::from(vec![0u8; 10]);
-        assert_eq!(read_body(body, &small).await.unwrap().len(), 10);
+        let (read, _memory) = read_body(body, &small, &admission, deadline).await.unwrap();
+        assert_eq!(read.len(), 10);
     }
 
     #[tokio::test]
@@ -972,6 +1153,42 @@ mod tests {
                 body.message
             );
         }
+    }
+
+    #[test]
+    fn the_admin_agents_list_needs_a_token_or_a_loopback_bind() {
+        let mut config = Config::default();
+        config.admin.address = "127.0.0.1:9464".parse().unwrap();
+        assert!(
+            AgentsAccess::from_config(&config)
+                .check(&HeaderMap::new())
+                .is_ok()
+        );
+        config.admin.address = "0.0.0.0:9464".parse().unwrap();
+        assert!(matches!(
+            AgentsAccess::from_config(&config).check(&HeaderMap::new()),
+            Err(Error::AdminForbidden(_))
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        config.admin.agents_token_file = Some(file);
+        let access = AgentsAccess::from_config(&config);
+        assert!(matches!(
+            access.check(&HeaderMap::new()),
+            Err(Error::AdminUnauthorized)
+        ));
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer s3cre"),
+        );
+        assert!(access.check(&h).is_err());
+        h.insert(
+            header::AUTHORIZATION,
+            HeaderValue::from_static("Bearer s3cret"),
+        );
+        assert!(access.check(&h).is_ok());
     }
 
     #[test]

@@ -28,7 +28,9 @@
 //! - [`platform`]: the platform API (`/api/v1`): bearer tokens, RBAC, records,
 //!   agents, tenants, tokens and the audit trail.
 
+mod admission;
 pub mod config;
+mod error_shape;
 mod http;
 pub mod platform;
 pub mod retention;

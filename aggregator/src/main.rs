@@ -175,6 +175,10 @@ struct ConfigArg {
     /// TOML configuration; `DCS_AGG_SECTION__KEY` variables override it.
     #[arg(long, short, global = true, env = dcs_aggregator::config::ENV_CONFIG_FILE)]
     config: Option<PathBuf>,
+    /// Who is acting, for the audit trail; recorded as claimed, beside the
+    /// operating-system user, which is what the trail relies on.
+    #[arg(long, global = true, value_name = "NAME")]
+    actor: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -423,12 +427,28 @@ where
         Err(error) => return Ok(bad_config(&error)),
     };
     let pool = dcs_aggregator::connect(&config.database).await?;
-    let user = std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| "unknown".into());
-    let result = command(pool.clone(), format!("cli:{user}")).await;
+    let actor = cli_actor(arg.actor.as_deref());
+    let result = command(pool.clone(), actor).await;
     pool.close().await;
     result.map(|()| ExitCode::SUCCESS)
+}
+
+/// `cli:<user>` for the real user id of this process (`$USER` is whatever the
+/// caller sets), plus ` (claims NAME)` with `--actor NAME`.
+fn cli_actor(claimed: Option<&str>) -> String {
+    let uid = nix::unistd::getuid();
+    let user = match nix::unistd::User::from_uid(uid) {
+        Ok(Some(user)) => user.name,
+        _ => format!("uid:{uid}"),
+    };
+    match claimed {
+        // Bounded and on one line, so a claim cannot forge another entry.
+        Some(name) => {
+            let name: String = name.chars().filter(|c| !c.is_control()).take(64).collect();
+            format!("cli:{user} (claims {name})")
+        }
+        None => format!("cli:{user}"),
+    }
 }
 
 fn print_json(value: &impl serde::Serialize) -> anyhow::Result<()> {

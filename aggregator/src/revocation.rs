@@ -30,6 +30,8 @@ pub struct AgentCertificate {
     pub fingerprint: String,
     /// Serial number, lower-case hex without separators or leading zero bytes.
     pub serial: String,
+    /// Start of validity, seconds since the Unix epoch.
+    pub not_before: i64,
     /// End of validity, seconds since the Unix epoch.
     pub not_after: i64,
 }
@@ -42,6 +44,7 @@ impl AgentCertificate {
         Some(AgentCertificate {
             fingerprint,
             serial: normalize_serial(&hex(cert.raw_serial()))?,
+            not_before: cert.validity().not_before.timestamp(),
             not_after: cert.validity().not_after.timestamp(),
         })
     }
@@ -74,6 +77,25 @@ pub fn normalize_serial(input: &str) -> Option<String> {
     }
     let trimmed = digits.trim_start_matches('0');
     Some(if trimmed.is_empty() { "0" } else { trimmed }.to_owned())
+}
+
+/// A change to the deny list made on this replica; see [`DenyList::apply`].
+#[derive(Debug, Clone, Copy)]
+pub enum Change<'a> {
+    Tenant {
+        id: &'a str,
+        disabled: bool,
+    },
+    Agent {
+        tenant: &'a str,
+        agent: &'a str,
+        revoked: bool,
+    },
+    /// Only the serial itself: its descendants come with the reload.
+    Serial {
+        serial: &'a str,
+        revoked: bool,
+    },
 }
 
 /// Why an agent is refused.
@@ -157,9 +179,18 @@ impl DenyList {
             sqlx::query_as("SELECT tenant_id, name FROM agents WHERE revoked")
                 .fetch_all(pool)
                 .await?;
-        let serials: Vec<String> = sqlx::query_scalar("SELECT serial FROM revoked_serials")
-            .fetch_all(pool)
-            .await?;
+        // A revoked serial takes every certificate renewed from it along,
+        // however many renewals down.
+        let serials: Vec<String> = sqlx::query_scalar(
+            "WITH RECURSIVE revoked(serial) AS ( \
+                 SELECT serial FROM revoked_serials \
+                 UNION \
+                 SELECT c.serial FROM issued_certificates c \
+                 JOIN revoked r ON c.parent_serial = r.serial) \
+             SELECT serial FROM revoked",
+        )
+        .fetch_all(pool)
+        .await?;
         let tenants: Vec<String> = sqlx::query_scalar("SELECT id FROM tenants WHERE disabled")
             .fetch_all(pool)
             .await?;
@@ -176,6 +207,52 @@ impl DenyList {
             .write()
             .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(snapshot));
         Ok(())
+    }
+
+    /// Applies a change just committed here to the list in memory, so it
+    /// holds for every batch checked from now on even if the reload that
+    /// follows fails. On a list never loaded there is nothing to change: it
+    /// refuses everything until its first load anyway.
+    pub fn apply(&self, change: Change<'_>) {
+        let mut current = self
+            .0
+            .current
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Some(old) = current.as_ref() else {
+            return;
+        };
+        let mut next = Snapshot {
+            agents: old.agents.clone(),
+            serials: old.serials.clone(),
+            tenants: old.tenants.clone(),
+        };
+        let set = |on: bool, set: &mut HashSet<_>, key| {
+            if on {
+                set.insert(key);
+            } else {
+                set.remove(&key);
+            }
+        };
+        match change {
+            Change::Tenant { id, disabled } => set(disabled, &mut next.tenants, id.to_owned()),
+            Change::Agent {
+                tenant,
+                agent,
+                revoked,
+            } => {
+                let key = (tenant.to_owned(), agent.to_owned());
+                if revoked {
+                    next.agents.insert(key);
+                } else {
+                    next.agents.remove(&key);
+                }
+            }
+            Change::Serial { serial, revoked } => {
+                set(revoked, &mut next.serials, serial.to_owned())
+            }
+        }
+        *current = Some(Arc::new(next));
     }
 
     /// Reloads after a change made here, so the change applies to the very
@@ -253,6 +330,7 @@ mod tests {
         let cert = |serial: &str| AgentCertificate {
             fingerprint: String::new(),
             serial: serial.into(),
+            not_before: 0,
             not_after: 0,
         };
         let id = |t: &str, a: &str| AgentIdentity::new(t, a).unwrap();
@@ -272,5 +350,39 @@ mod tests {
             list.check(&id("acme", "edge-2"), Some(&cert("abd"))),
             Verdict::Allowed
         );
+    }
+
+    #[test]
+    fn a_change_made_here_applies_at_once() {
+        let list = DenyList::new();
+        let id = |t: &str, a: &str| AgentIdentity::new(t, a).unwrap();
+        list.apply(Change::Tenant {
+            id: "acme",
+            disabled: true,
+        });
+        assert_eq!(list.check(&id("acme", "edge-1"), None), Verdict::Unknown);
+        *list.0.current.write().unwrap() = Some(Arc::new(Snapshot::default()));
+        list.apply(Change::Tenant {
+            id: "acme",
+            disabled: true,
+        });
+        assert_eq!(
+            list.check(&id("acme", "edge-1"), None),
+            Verdict::Denied(Denied::TenantDisabled)
+        );
+        list.apply(Change::Agent {
+            tenant: "globex",
+            agent: "edge-9",
+            revoked: true,
+        });
+        assert_eq!(
+            list.check(&id("globex", "edge-9"), None),
+            Verdict::Denied(Denied::Agent)
+        );
+        list.apply(Change::Tenant {
+            id: "acme",
+            disabled: false,
+        });
+        assert_eq!(list.check(&id("acme", "edge-1"), None), Verdict::Allowed);
     }
 }

@@ -865,7 +865,12 @@ fn move_into_place(staged: &[(PathBuf, PathBuf)]) -> Result<(), Error> {
     }
     let mut synced: Vec<&Path> = Vec::new();
     for (_, target) in staged {
-        let dir = target.parent().unwrap_or(Path::new("."));
+        // A bare file name ("agent.pem") has the empty path as its parent,
+        // which cannot be opened: it means the current directory.
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
         if synced.contains(&dir) {
             continue;
         }

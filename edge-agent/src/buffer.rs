@@ -350,6 +350,10 @@ impl Buffer {
                 source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
             })?;
         }
+        crate::file_mode::owner_only(&opts.path).map_err(|e| BufferError::Open {
+            path: opts.path.clone(),
+            source: rusqlite::Error::ToSqlConversionFailure(Box::new(e)),
+        })?;
         let mut conn = Connection::open(&opts.path).map_err(open_err)?;
         configure(&conn, opts.durability).map_err(open_err)?;
         let (epochs, stats, next_seq) = init_schema(&mut conn, &opts.path, &opts.keyring)?;

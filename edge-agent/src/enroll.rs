@@ -41,6 +41,14 @@ pub enum CertRequestError {
     },
     #[error("unexpected answer from the aggregator ({status}): {body}")]
     BadAnswer { status: u16, body: String },
+    /// Checked before the token is sent, so a failure leaves it unspent.
+    #[error("cannot write {what} to {}: {source} (the token was not used)", path.display())]
+    NotWritable {
+        what: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("write {what}: {source}")]
     Write {
         what: &'static str,
@@ -67,6 +75,19 @@ pub async fn enroll(
     paths: &IdentityPaths,
 ) -> Result<IssuedCertificate, CertRequestError> {
     let client = server_tls_client(trust)?;
+    // The token is spent by the request: find out first that the answer can
+    // be written, or a retry would only hear "token used".
+    for (what, path) in [
+        ("the certificate", &paths.cert),
+        ("the private key", &paths.key),
+        ("the CA bundle", &paths.ca),
+    ] {
+        check_writable(path).map_err(|source| CertRequestError::NotWritable {
+            what,
+            path: path.clone(),
+            source,
+        })?;
+    }
     let (key, csr) = dcs_certs::enroll::new_key_and_csr()?;
     let endpoint = endpoint(url, ENROLL_PATH)?;
     let request = EnrollRequest {
@@ -91,6 +112,49 @@ pub async fn enroll(
         source,
     })?;
     Ok(issued)
+}
+
+/// Creates, syncs and removes a probe file in `path`'s directory (or, when
+/// that does not exist yet, in its nearest existing ancestor, where the
+/// directories would be created) and syncs that directory: what writing the
+/// identity will do, without leaving anything behind or touching an
+/// existing file at `path`.
+fn check_writable(path: &Path) -> std::io::Result<()> {
+    let mut dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+        _ => PathBuf::from("."),
+    };
+    while !dir.exists() {
+        dir = match dir.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
+            _ => PathBuf::from("."),
+        };
+    }
+    if !dir.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::NotADirectory,
+            format!("{} is not a directory", dir.display()),
+        ));
+    }
+    if path.is_dir() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::IsADirectory,
+            "is a directory",
+        ));
+    }
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let probe = dir.join(format!(".{name}.probe-{}", std::process::id()));
+    let written = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(&probe)
+        .and_then(|f| f.sync_all());
+    let _ = std::fs::remove_file(&probe);
+    written?;
+    std::fs::File::open(&dir)?.sync_all()
 }
 
 /// `base` (an `https://` URL, any path) with its path replaced by `path`.
@@ -186,6 +250,25 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn output_paths_are_checked_without_leaving_anything_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let nested = dir.path().join("new/sub/agent.pem");
+        check_writable(&nested).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            0,
+            "neither the probe nor a directory is left behind"
+        );
+        assert!(
+            check_writable(dir.path()).is_err(),
+            "a directory is no file"
+        );
+        let blocked = dir.path().join("file");
+        std::fs::write(&blocked, "x").unwrap();
+        assert!(check_writable(&blocked.join("agent.pem")).is_err());
+    }
 
     #[test]
     fn endpoints_replace_the_path_and_must_be_https() {

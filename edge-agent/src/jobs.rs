@@ -462,7 +462,13 @@ impl Jobs {
         let object: serde_json::Map<String, serde_json::Value> = map
             .into_iter()
             .map(|(k, v)| {
-                let v = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
+                let mut v = serde_json::from_str(&v).unwrap_or(serde_json::Value::String(v));
+                // A file checkpoint keeps the file's first bytes to detect
+                // truncation; they are the file's content, which the jobs API
+                // (open to every local user) must not show.
+                if let Some(fields) = v.as_object_mut() {
+                    fields.remove("prefix");
+                }
                 (k, v)
             })
             .collect();
@@ -588,7 +594,28 @@ impl From<TriggerError> for ApiError {
     }
 }
 
-async fn trigger_job(State(jobs): State<Arc<Jobs>>, body: Bytes) -> Result<Response, ApiError> {
+/// A trigger must say it is JSON: an HTML form (or any page a local browser
+/// loads) can post `text/plain` or a form body across origins without a
+/// preflight, but never `application/json`.
+async fn trigger_job(
+    State(jobs): State<Arc<Jobs>>,
+    headers: axum::http::HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let content_type = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    let essence = content_type.split(';').next().unwrap_or("").trim();
+    if !essence.eq_ignore_ascii_case("application/json") {
+        return Err(ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            format!(
+                "a trigger must be sent with Content-Type: application/json (got {content_type:?})"
+            ),
+        ));
+    }
     let request: TriggerRequest = serde_json::from_slice(&body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,

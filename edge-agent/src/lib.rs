@@ -29,6 +29,7 @@ pub mod config;
 pub mod durable;
 pub mod enroll;
 pub mod epochs;
+pub mod file_mode;
 pub mod forwarder;
 pub mod fsck;
 pub mod identity;

@@ -124,8 +124,12 @@ pub fn agent_client(cert: &AgentCert) -> reqwest::Client {
     build_client(tls)
 }
 
-/// A client that trusts `ca` but presents no certificate at all.
-pub fn client_without_certificate(ca: &Path) -> reqwest::Client {
+/// Like [`client_without_certificate`], with `adjust` applied to the
+/// builder (a local address to send from, a fixed resolution).
+pub fn client_from(
+    ca: &Path,
+    adjust: impl FnOnce(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+) -> reqwest::Client {
     dcs_shared::tls::install_crypto_provider();
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -138,7 +142,18 @@ pub fn client_without_certificate(ca: &Path) -> reqwest::Client {
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    build_client(tls)
+    adjust(
+        reqwest::Client::builder()
+            .tls_backend_preconfigured(tls)
+            .timeout(CLIENT_TIMEOUT),
+    )
+    .build()
+    .expect("reqwest client")
+}
+
+/// A client that trusts `ca` but presents no certificate at all.
+pub fn client_without_certificate(ca: &Path) -> reqwest::Client {
+    client_from(ca, |builder| builder)
 }
 
 fn build_client(tls: rustls::ClientConfig) -> reqwest::Client {

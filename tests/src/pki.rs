@@ -83,6 +83,22 @@ impl Pki {
         self.write_agent(&format!("expired-{tenant}-{agent}"), &pem)
     }
 
+    /// A valid certificate whose renewal window is open: issued 20 days ago,
+    /// valid for 10 more (the aggregator renews once half the lifetime passed).
+    pub fn renewable_agent(&self, tenant: &str, agent: &str) -> AgentCert {
+        let now = Validity::days_from_now(0).not_after;
+        let day = std::time::Duration::from_secs(24 * 60 * 60);
+        let validity = Validity {
+            not_before: now - 20 * day,
+            not_after: now + 10 * day,
+        };
+        let pem = self
+            .authority
+            .issue_agent(tenant, agent, validity)
+            .expect("renewable agent certificate");
+        self.write_agent(&format!("renewable-{tenant}-{agent}"), &pem)
+    }
+
     /// A well-formed agent certificate from an unrelated CA. The returned
     /// `ca` is still ours, so the agent trusts the real aggregator and only
     /// its own certificate is wrong.

@@ -28,7 +28,9 @@ async fn run(config: &Path, args: &[&str]) -> Output {
         .args(args)
         .arg("--config")
         .arg(config)
-        .env("USER", "alice")
+        // Not who the trail records: the real user id's name is.
+        .env("USER", "mallory")
+        .args(["--actor", "alice"])
         .env_remove("DCS_AGG_CONFIG")
         .output()
         .await
@@ -119,7 +121,14 @@ async fn operators_manage_tenants_tokens_and_agents_from_the_command_line() {
         trail.iter().map(|(_, a)| a.as_str()).collect::<Vec<_>>(),
         expected
     );
-    assert!(trail.iter().all(|(actor, _)| actor == "cli:alice"));
+    let me = nix::unistd::User::from_uid(nix::unistd::getuid())
+        .unwrap()
+        .map_or_else(|| format!("uid:{}", nix::unistd::getuid()), |u| u.name);
+    let expected_actor = format!("cli:{me} (claims alice)");
+    assert!(
+        trail.iter().all(|(actor, _)| *actor == expected_actor),
+        "{trail:?}"
+    );
 
     // Retention is off in this config (days = 0) unless asked for.
     assert!(

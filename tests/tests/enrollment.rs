@@ -270,7 +270,8 @@ async fn enrollment_and_renewal_work_with_the_application_roles_grants() {
     let (status, code) =
         refusal(enroll(&p.url, &token, &pki.ca, &paths(out.path(), "again")).await);
     assert_eq!((status, code.as_str()), (410, "token_used"));
-    let (status, body) = renew_with(&p, &agent_cert(&files)).await;
+    // A certificate inside its renewal window (half its lifetime passed).
+    let (status, body) = renew_with(&p, &pki.renewable_agent("acme", "edge-1")).await;
     assert_eq!(status, StatusCode::OK, "{body}");
     let (status, body) = post(
         &p,
@@ -334,6 +335,45 @@ async fn dcs_edge_enroll_writes_to_the_configured_paths_and_never_prints_the_key
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("token_used"));
     assert_eq!(std::fs::read_to_string(&files.key).unwrap(), key);
+    p.aggregator.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dcs_edge_enroll_works_in_its_default_mode_and_keeps_the_token_when_it_cannot_write() {
+    let pki = Pki::new();
+    let db = TestDb::new().await;
+    let p = start(&pki, &db, DAY).await;
+    let acme_admin = admin(&db, Some("acme")).await;
+    let token = enrollment_token(&p, &acme_admin, "acme", "edge-1", "1h").await;
+    let run = |dir: &Path, extra: &[&str]| {
+        std::process::Command::new(dcs_tests::process::binary("dcs-edge"))
+            .args(["enroll", "--url", &p.url, "--ca"])
+            .arg(&pki.ca)
+            .args(extra)
+            .current_dir(dir)
+            .env("DCS_ENROLL_TOKEN", &token)
+            .output()
+            .expect("run dcs-edge enroll")
+    };
+
+    // An output that cannot be written (its directory is a file): refused
+    // before the token is sent, so the token still works afterwards.
+    let out = tempfile::tempdir().unwrap();
+    std::fs::write(out.path().join("blocked"), "a file").unwrap();
+    let output = tokio::task::block_in_place(|| run(out.path(), &["--key-out", "blocked/key.pem"]));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("the token was not used"), "{stderr}");
+
+    // No --config and no --*-out: agent.pem, agent-key.pem and ca.pem in the
+    // current directory, as documented.
+    let output = tokio::task::block_in_place(|| run(out.path(), &[]));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stdout}{stderr}");
+    assert_eq!(identity_of(&out.path().join("agent.pem")), "acme/edge-1");
+    assert_eq!(mode(&out.path().join("agent-key.pem")), 0o600);
+    assert!(out.path().join("ca.pem").is_file());
     p.aggregator.stop().await;
 }
 
@@ -699,7 +739,7 @@ async fn an_agent_renews_only_as_itself_and_never_once_revoked() {
     let db = TestDb::new().await;
     let p = start(&pki, &db, DAY).await;
     tenant(&db, "acme").await;
-    let cert = pki.agent("acme", "edge-1");
+    let cert = pki.renewable_agent("acme", "edge-1");
 
     let (status, body) = renew_with(&p, &cert).await;
     assert_eq!(status, StatusCode::OK, "{body}");
@@ -731,6 +771,102 @@ async fn an_agent_renews_only_as_itself_and_never_once_revoked() {
             .iter()
             .all(|(_, o, r)| o == "denied" && r.as_deref() == Some("revoked")),
         "{renewals:?}"
+    );
+    p.aggregator.stop().await;
+}
+
+/// Writes `issued` (a certificate just renewed) as an agent's files.
+fn renewed_cert(dir: &Path, name: &str, issued: &IssuedCertificate, key: &str) -> AgentCert {
+    let files = paths(dir, name);
+    std::fs::create_dir_all(files.key.parent().unwrap()).unwrap();
+    std::fs::write(&files.cert, &issued.certificate).unwrap();
+    std::fs::write(&files.key, key).unwrap();
+    std::fs::write(&files.ca, &issued.ca).unwrap();
+    agent_cert(&files)
+}
+
+#[tokio::test]
+async fn renewal_is_refused_outside_its_window_and_too_often_and_revoking_a_serial_revokes_its_renewals()
+ {
+    let pki = Pki::new();
+    let db = TestDb::new().await;
+    let p = start(&pki, &db, DAY).await;
+    tenant(&db, "acme").await;
+
+    // A fresh certificate: its window opens in half its lifetime.
+    let fresh = pki.agent("acme", "edge-1");
+    let (status, body) = renew_with(&p, &fresh).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"], "renewal_not_due", "{body}");
+
+    // Inside the window: once, then not again so soon.
+    let old = pki.renewable_agent("acme", "edge-2");
+    let (key, csr) = new_key_and_csr().unwrap();
+    let response = agent_client(&old)
+        .post(p.aggregator.endpoint(RENEW_PATH))
+        .json(&json!({ "csr": csr }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let child: IssuedCertificate = response.json().await.unwrap();
+    let (status, body) = renew_with(&p, &old).await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS, "{body}");
+    assert_eq!(body["error"], "renewal_rate_limited", "{body}");
+
+    // The lineage is on record; revoking the parent's serial revokes the
+    // child it renewed into, though the child's serial was never named.
+    let parent: Option<String> =
+        sqlx::query_scalar("SELECT parent_serial FROM issued_certificates WHERE serial = $1")
+            .bind(&child.serial)
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let child_cert = renewed_cert(out.path(), "child", &child, &key);
+    let parent = parent.expect("a renewal records its parent serial");
+    let client = agent_client(&child_cert);
+    let url = p.aggregator.endpoint(dcs_shared::wire::BATCHES_PATH);
+    let batch = |client: reqwest::Client| {
+        let url = url.clone();
+        async move {
+            let body = dcs_shared::wire::encode_batch(
+                uuid::Uuid::now_v7(),
+                None,
+                Vec::<dcs_shared::wire::OutRecord>::new(),
+                1,
+            );
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    };
+    assert_eq!(batch(client.clone()).await, StatusCode::OK);
+    dcs_aggregator::platform::agents::revoke_serial_as(
+        &db.pool,
+        &dcs_aggregator::platform::agents::NewRevokedSerial {
+            serial: parent.clone(),
+            reason: Some("stolen".into()),
+        },
+        "test".into(),
+        None,
+    )
+    .await
+    .unwrap();
+    let refused = wait_until(Duration::from_secs(10), || {
+        let client = client.clone();
+        async move { batch(client).await == StatusCode::FORBIDDEN }
+    })
+    .await;
+    assert!(
+        refused,
+        "the renewed certificate outlived its parent's revocation"
     );
     p.aggregator.stop().await;
 }

@@ -316,3 +316,70 @@ async fn a_revocation_made_elsewhere_takes_effect_within_the_refresh_interval() 
     assert_eq!(send(&p, &cert, epoch, 100, 1).await.0, StatusCode::OK);
     p.aggregator.stop().await;
 }
+
+#[tokio::test]
+async fn a_tenant_disabled_through_the_api_is_refused_before_the_answer_here_and_within_the_refresh_interval_on_every_replica()
+ {
+    const REFRESH: Duration = Duration::from_millis(500);
+    let pki = Pki::new();
+    let db = TestDb::new().await;
+    // Two replicas on one database; the background refresh is made long on
+    // this one so that only "before the answer" can explain a refusal.
+    let here = start_platform_with(&pki, &db.url, |c| {
+        c.revocation.refresh_interval = Duration::from_secs(60);
+    })
+    .await;
+    let there = start_platform_with(&pki, &db.url, |c| {
+        c.revocation.refresh_interval = REFRESH;
+    })
+    .await;
+    let token = admin_token(&db).await;
+    let cert = pki.agent("globex", "edge-1");
+    let epoch = Uuid::new_v4();
+    assert_eq!(send(&here, &cert, epoch, 1, 1).await.0, StatusCode::OK);
+    assert_eq!(send(&there, &cert, epoch, 2, 1).await.0, StatusCode::OK);
+
+    let (status, body) = call(
+        &here,
+        &token,
+        reqwest::Method::POST,
+        "/api/v1/tenants/globex/disable",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let answered = Instant::now();
+    // This replica: the very next batch, with no wait.
+    let (status, body) = send(&here, &cert, epoch, 3, 1).await;
+    assert_revoked(status, &body);
+    // The other replica: within its refresh interval.
+    let mut seq = 4;
+    loop {
+        let (status, body) = send(&there, &cert, epoch, seq, 1).await;
+        if status == StatusCode::FORBIDDEN {
+            assert_revoked(status, &body);
+            break;
+        }
+        assert!(
+            answered.elapsed() < REFRESH + Duration::from_millis(1500),
+            "the other replica still accepts after {:?}",
+            answered.elapsed()
+        );
+        seq += 1;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Enabling applies the same way, before the answer here.
+    let (status, _) = call(
+        &here,
+        &token,
+        reqwest::Method::POST,
+        "/api/v1/tenants/globex/enable",
+        None,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(send(&here, &cert, epoch, 100, 1).await.0, StatusCode::OK);
+    here.aggregator.stop().await;
+    there.aggregator.stop().await;
+}

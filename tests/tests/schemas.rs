@@ -161,6 +161,7 @@ fn file_source(name: &str, stream: &str, dir: &Path) -> SourceConfig {
         file: Some(FileConfig {
             paths: vec![dir.join("*.ndjson").display().to_string()],
             format: Format::Ndjson,
+            follow_symlinks: false,
         }),
         database: None,
         http: None,

@@ -281,6 +281,7 @@ async fn jobs_agent() -> JobsAgent {
         file: Some(FileConfig {
             paths: vec![dir.path().join(sub).join(pattern).display().to_string()],
             format,
+            follow_symlinks: false,
         }),
         database: None,
         http: None,
@@ -367,6 +368,11 @@ async fn a_triggered_job_reports_status_result_and_checkpoints() {
     assert_eq!(after.len(), 1, "one file, one checkpoint: {after:?}");
     let file_cp = after.values().next().unwrap();
     assert_eq!(file_cp["offset"], std::fs::metadata(&big).unwrap().len());
+    // The checkpoint keeps the file's first bytes; the API never shows them.
+    assert!(
+        file_cp.get("prefix").is_none(),
+        "file content in a job result: {file_cp}"
+    );
 
     // The next run starts where the last one ended and reads only what is new.
     append(&big, events(50_000..50_010));
@@ -416,6 +422,29 @@ async fn the_jobs_api_answers_unknown_sources_jobs_and_bad_requests_with_json_er
         (code, body["error"].as_str()),
         (400, Some("malformed_request"))
     );
+    // A browser form can post these across origins without a preflight; a
+    // trigger is JSON or nothing.
+    for content_type in [
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data",
+    ] {
+        let r = a
+            .http
+            .post(a.agent.endpoint("/api/v1/jobs/trigger"))
+            .header("content-type", content_type)
+            .body(r#"{"source":"big"}"#)
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        assert_eq!(
+            (status, body["error"].as_str()),
+            (415, Some("unsupported_media_type")),
+            "{content_type}"
+        );
+    }
     let (code, body) = a.get("/api/v1/jobs/status/no-such-job").await;
     assert_eq!((code, body["error"].as_str()), (404, Some("unknown_job")));
     let (code, body) = a.get("/api/v1/jobs/result/no-such-job").await;
@@ -845,6 +874,7 @@ async fn http_agent(
         timeout: Duration::from_secs(5),
         retries: 3,
         max_pages: 100,
+        max_response_bytes: dcs_edge::sources::http::DEFAULT_MAX_RESPONSE_BYTES,
     };
     adjust(&mut http);
     config.sources = vec![SourceConfig {

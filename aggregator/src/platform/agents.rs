@@ -199,6 +199,11 @@ async fn revoke_by_id(
         remote,
     )
     .await?;
+    state.deny.apply(crate::revocation::Change::Agent {
+        tenant: &agent.tenant,
+        agent: &agent.agent,
+        revoked,
+    });
     state.deny.reload_after_change(&state.pool).await;
     Ok(Json(view))
 }
@@ -335,6 +340,10 @@ pub async fn revoke_serial(
 ) -> Result<(StatusCode, Json<RevokedSerialView>), ApiError> {
     principal.require_platform_admin()?;
     let view = revoke_serial_as(&state.pool, &new, principal.actor(), remote).await?;
+    state.deny.apply(crate::revocation::Change::Serial {
+        serial: &view.serial,
+        revoked: true,
+    });
     state.deny.reload_after_change(&state.pool).await;
     Ok((StatusCode::CREATED, Json(view)))
 }

@@ -77,40 +77,116 @@ impl Entry {
     }
 }
 
+/// Longest value stored in each text column, in bytes. A refused request's
+/// target is its path, which a caller chooses; without a bound one request
+/// could write a row of tens of KiB, and the application may never delete it.
+pub const MAX_ACTOR_BYTES: usize = 256;
+pub const MAX_ACTION_BYTES: usize = 128;
+pub const MAX_TENANT_BYTES: usize = 128;
+pub const MAX_TARGET_BYTES: usize = 512;
+pub const MAX_REMOTE_BYTES: usize = 128;
+/// `details` as JSON text; a larger object is replaced by its truncated text.
+pub const MAX_DETAILS_BYTES: usize = 2048;
+/// Ends every value that was cut, so nobody mistakes it for the whole.
+pub const TRUNCATED_MARKER: &str = "…[truncated]";
+
+/// `value` cut to at most `max` bytes (on a character boundary), marker
+/// included, when it is longer.
+pub fn bounded(value: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if value.len() <= max {
+        return value.into();
+    }
+    let mut end = max.saturating_sub(TRUNCATED_MARKER.len());
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{TRUNCATED_MARKER}", &value[..end]).into()
+}
+
 pub async fn append<'e>(
     executor: impl sqlx::PgExecutor<'e>,
     entry: &Entry,
 ) -> Result<(), sqlx::Error> {
-    let details = (!entry.details.is_null()).then(|| entry.details.to_string());
+    let details = (!entry.details.is_null()).then(|| {
+        let text = entry.details.to_string();
+        if text.len() <= MAX_DETAILS_BYTES {
+            text
+        } else {
+            serde_json::json!({ "truncated": bounded(&text, MAX_DETAILS_BYTES - 64) }).to_string()
+        }
+    });
+    let opt = |value: &Option<String>, max| value.as_deref().map(|v| bounded(v, max).into_owned());
     sqlx::query(
         "INSERT INTO audit (actor, action, tenant_id, target, outcome, remote, details) \
          VALUES ($1, $2, $3, $4, $5, $6, $7::jsonb)",
     )
-    .bind(&entry.actor)
-    .bind(&entry.action)
-    .bind(&entry.tenant)
-    .bind(&entry.target)
+    .bind(bounded(&entry.actor, MAX_ACTOR_BYTES).as_ref())
+    .bind(bounded(&entry.action, MAX_ACTION_BYTES).as_ref())
+    .bind(opt(&entry.tenant, MAX_TENANT_BYTES))
+    .bind(opt(&entry.target, MAX_TARGET_BYTES))
     .bind(entry.outcome.as_str())
-    .bind(&entry.remote)
+    .bind(opt(&entry.remote, MAX_REMOTE_BYTES))
     .bind(details)
     .execute(executor)
     .await?;
     Ok(())
 }
 
-/// Refusals of callers nobody has authenticated (a wrong bearer token, an
-/// unknown enrollment token) cost an attacker nothing, and each one used to
-/// be an audit row: a loop of bad requests could grow the table, which the
-/// application may never delete from, without bound. Per source address,
-/// the first [`RefusalThrottle::PER_WINDOW`] refusals of a window are
-/// audited one by one; the rest are counted, and the count is audited as
-/// one `*.suppressed` entry when that address is next refused after the
-/// window (or when the table of addresses is pruned). Metrics count every
+/// Refusals cost the caller nothing, and each one used to be an audit row:
+/// a loop of bad requests could grow the table, which the application may
+/// never delete from, without bound. Refusals are counted in windows, per
+/// scope:
+/// - of unauthenticated callers (a wrong bearer token, an unknown enrollment
+///   token) per source address *and* per address prefix (/24 for IPv4, /64
+///   for IPv6), since one host usually holds a whole prefix;
+/// - of authenticated callers (403s) per token.
+///
+/// The first refusals of a window are audited one by one
+/// ([`RefusalThrottle::PER_ADDRESS`], [`RefusalThrottle::PER_PREFIX`],
+/// [`RefusalThrottle::PER_TOKEN`]); the rest are counted, and the count is
+/// audited as one `*.suppressed` entry when that scope is next refused after
+/// the window (or when the table of scopes is pruned). Metrics count every
 /// refusal either way.
 #[derive(Clone, Debug)]
 pub struct RefusalThrottle {
-    inner: Arc<Mutex<HashMap<Option<IpAddr>, Window>>>,
+    inner: Arc<Mutex<HashMap<Scope, Window>>>,
     window: Duration,
+}
+
+/// What a window counts.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Scope {
+    Address(Option<IpAddr>),
+    Prefix(IpAddr),
+    Token(String),
+}
+
+impl Scope {
+    fn limit(&self) -> u32 {
+        match self {
+            Scope::Address(_) => RefusalThrottle::PER_ADDRESS,
+            Scope::Prefix(_) => RefusalThrottle::PER_PREFIX,
+            Scope::Token(_) => RefusalThrottle::PER_TOKEN,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Scope::Address(_) => "address",
+            Scope::Prefix(_) => "prefix",
+            Scope::Token(_) => "token",
+        }
+    }
+
+    /// The /24 or /64 an address belongs to.
+    fn prefix_of(ip: IpAddr) -> Scope {
+        Scope::Prefix(match ip {
+            IpAddr::V4(v4) => IpAddr::from(std::net::Ipv4Addr::from(u32::from(v4) & 0xffff_ff00)),
+            IpAddr::V6(v6) => IpAddr::from(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -118,8 +194,10 @@ struct Window {
     started: Instant,
     audited: u32,
     suppressed: u64,
-    /// The action and remote of the suppressed refusals, for their summary.
+    /// The action, actor and remote of the suppressed refusals, for their
+    /// summary.
     action: String,
+    actor: String,
     remote: Option<String>,
 }
 
@@ -138,10 +216,16 @@ impl Default for RefusalThrottle {
 }
 
 impl RefusalThrottle {
-    /// Audited one by one per address and window.
-    pub const PER_WINDOW: u32 = 20;
-    /// Addresses remembered before windows that ended are pruned.
-    const MAX_ADDRESSES: usize = 10_000;
+    /// Audited one by one per source address and window.
+    pub const PER_ADDRESS: u32 = 20;
+    /// Audited one by one per /24 or /64 and window, all its addresses together.
+    pub const PER_PREFIX: u32 = 50;
+    /// Audited one by one per token and window (403s).
+    pub const PER_TOKEN: u32 = 20;
+    /// Kept for callers that knew only one limit.
+    pub const PER_WINDOW: u32 = Self::PER_ADDRESS;
+    /// Scopes remembered before windows that ended are pruned.
+    const MAX_SCOPES: usize = 10_000;
 
     pub fn new(window: Duration) -> Self {
         RefusalThrottle {
@@ -150,34 +234,69 @@ impl RefusalThrottle {
         }
     }
 
-    /// Records a refusal of `entry` from `ip` and says what to append.
+    /// Records a refusal of an unauthenticated caller at `ip` and says what
+    /// to append.
     pub fn admit(&self, ip: Option<IpAddr>, entry: &Entry) -> Admitted {
+        let mut scopes = vec![Scope::Address(ip)];
+        scopes.extend(ip.map(Scope::prefix_of));
+        self.admit_in(&scopes, entry)
+    }
+
+    /// Records a refusal of the caller holding `token` (its audit actor).
+    pub fn admit_token(&self, token: &str, entry: &Entry) -> Admitted {
+        self.admit_in(&[Scope::Token(token.to_owned())], entry)
+    }
+
+    fn admit_in(&self, scopes: &[Scope], entry: &Entry) -> Admitted {
         let now = Instant::now();
         let mut summaries = Vec::new();
         let mut windows = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if windows.len() >= Self::MAX_ADDRESSES && !windows.contains_key(&ip) {
-            windows.retain(|_, w| {
+        if windows.len() + scopes.len() > Self::MAX_SCOPES
+            && scopes.iter().any(|s| !windows.contains_key(s))
+        {
+            windows.retain(|scope, w| {
                 let live = now.duration_since(w.started) < self.window;
                 if !live && w.suppressed > 0 {
-                    summaries.push(w.summary(self.window));
+                    summaries.push(w.summary(scope, self.window));
                 }
                 live
             });
         }
-        let window = windows.entry(ip).or_insert_with(|| Window::new(now, entry));
-        if now.duration_since(window.started) >= self.window {
-            if window.suppressed > 0 {
-                summaries.push(window.summary(self.window));
+        for scope in scopes {
+            let window = windows
+                .entry(scope.clone())
+                .or_insert_with(|| Window::new(now, scope, entry));
+            if now.duration_since(window.started) >= self.window {
+                if window.suppressed > 0 {
+                    summaries.push(window.summary(scope, self.window));
+                }
+                *window = Window::new(now, scope, entry);
             }
-            *window = Window::new(now, entry);
         }
-        let write_entry = if window.audited < Self::PER_WINDOW {
-            window.audited += 1;
-            true
-        } else {
-            window.suppressed += 1;
-            metrics::counter!("dcs_aggregator_platform_refusals_unaudited_total").increment(1);
-            false
+        // Written only when every scope has room; otherwise counted once, in
+        // the first scope that is full.
+        let full = scopes.iter().find(|scope| {
+            windows
+                .get(*scope)
+                .is_some_and(|w| w.audited >= scope.limit())
+        });
+        let write_entry = match full {
+            None => {
+                for scope in scopes {
+                    if let Some(w) = windows.get_mut(scope) {
+                        w.audited += 1;
+                    }
+                }
+                true
+            }
+            Some(scope) => {
+                if let Some(w) = windows.get_mut(scope) {
+                    w.suppressed += 1;
+                }
+                metrics::counter!("dcs_aggregator_platform_refusals_unaudited_total", "scope" => scope.name())
+                    .increment(1);
+                false
+            }
         };
         Admitted {
             write_entry,
@@ -190,32 +309,52 @@ impl RefusalThrottle {
     /// is answered whether or not its audit row could be written.
     pub async fn append(&self, pool: &PgPool, ip: Option<IpAddr>, entry: &Entry) {
         let admitted = self.admit(ip, entry);
-        let entries = admitted
-            .summaries
-            .iter()
-            .chain(admitted.write_entry.then_some(entry));
-        for entry in entries {
-            if let Err(error) = append(pool, entry).await {
-                tracing::error!(message = "append audit entry for a refused request", action = %entry.action, %error);
-            }
+        write_admitted(pool, admitted, entry).await;
+    }
+
+    /// Appends `entry` (a refusal of an authenticated caller) as
+    /// [`RefusalThrottle::admit_token`] decides.
+    pub async fn append_for_token(&self, pool: &PgPool, token: &str, entry: &Entry) {
+        let admitted = self.admit_token(token, entry);
+        write_admitted(pool, admitted, entry).await;
+    }
+}
+
+async fn write_admitted(pool: &PgPool, admitted: Admitted, entry: &Entry) {
+    let entries = admitted
+        .summaries
+        .iter()
+        .chain(admitted.write_entry.then_some(entry));
+    for entry in entries {
+        if let Err(error) = append(pool, entry).await {
+            tracing::error!(message = "append audit entry for a refused request", action = %entry.action, %error);
         }
     }
 }
 
 impl Window {
-    fn new(started: Instant, entry: &Entry) -> Self {
+    fn new(started: Instant, scope: &Scope, entry: &Entry) -> Self {
         Window {
             started,
             audited: 0,
             suppressed: 0,
             action: entry.action.clone(),
-            remote: entry.remote.clone(),
+            actor: match scope {
+                Scope::Token(_) => entry.actor.clone(),
+                _ => "anonymous".into(),
+            },
+            remote: match scope {
+                Scope::Prefix(net) => {
+                    Some(format!("{net}/{}", if net.is_ipv4() { 24 } else { 64 }))
+                }
+                _ => entry.remote.clone(),
+            },
         }
     }
 
-    fn summary(&self, window: Duration) -> Entry {
+    fn summary(&self, scope: &Scope, window: Duration) -> Entry {
         Entry {
-            actor: "anonymous".into(),
+            actor: self.actor.clone(),
             action: format!("{}.suppressed", self.action),
             tenant: None,
             target: None,
@@ -223,8 +362,9 @@ impl Window {
             remote: self.remote.clone(),
             details: serde_json::json!({
                 "refusals": self.suppressed,
+                "scope": scope.name(),
                 "window_secs": window.as_secs(),
-                "audited_individually": RefusalThrottle::PER_WINDOW,
+                "audited_individually": scope.limit(),
             }),
         }
     }
@@ -417,8 +557,9 @@ mod tests {
         for _ in 0..RefusalThrottle::PER_WINDOW + 3 {
             throttle.admit(ip("192.0.2.1"), &entry);
         }
-        for n in 0..RefusalThrottle::MAX_ADDRESSES as u32 {
-            let addr = IpAddr::from(std::net::Ipv6Addr::from(u128::from(n) + 1));
+        // Each in its own /64, so no prefix window fills up.
+        for n in 0..RefusalThrottle::MAX_SCOPES as u32 / 2 {
+            let addr = IpAddr::from(std::net::Ipv6Addr::from((u128::from(n) + 1) << 64));
             throttle.admit(Some(addr), &entry);
         }
         std::thread::sleep(Duration::from_millis(600));
@@ -429,5 +570,63 @@ mod tests {
             .map(|s| s.details["refusals"].as_u64().unwrap())
             .collect();
         assert_eq!(suppressed, [3]);
+    }
+
+    #[test]
+    fn a_prefix_shares_one_allowance_among_all_its_addresses() {
+        let throttle = RefusalThrottle::new(Duration::from_secs(3600));
+        // 50 loopback-like addresses of one /24, 5 refusals each.
+        let written: usize = (1..=50)
+            .flat_map(|host| (0..5).map(move |_| host))
+            .filter(|host| {
+                let addr = format!("192.0.2.{host}");
+                throttle.admit(ip(&addr), &refusal(&addr)).write_entry
+            })
+            .count();
+        assert_eq!(written, RefusalThrottle::PER_PREFIX as usize);
+        // Another /24 still has its own.
+        assert!(
+            throttle
+                .admit(ip("198.51.100.1"), &refusal("198.51.100.1"))
+                .write_entry
+        );
+        let v6 = |last: u16| format!("2001:db8::{last:x}");
+        let written_v6 = (1..=100)
+            .filter(|n| throttle.admit(ip(&v6(*n)), &refusal(&v6(*n))).write_entry)
+            .count();
+        assert_eq!(written_v6, RefusalThrottle::PER_PREFIX as usize, "one /64");
+    }
+
+    #[test]
+    fn authenticated_refusals_are_throttled_per_token_and_summarised() {
+        let throttle = RefusalThrottle::new(Duration::from_millis(100));
+        let mut entry = refusal("192.0.2.1");
+        entry.actor = "token:7:reader".into();
+        entry.action = "access.denied".into();
+        let written = (0..100)
+            .filter(|_| throttle.admit_token("token:7:reader", &entry).write_entry)
+            .count();
+        assert_eq!(written, RefusalThrottle::PER_TOKEN as usize);
+        assert!(throttle.admit_token("token:8:other", &entry).write_entry);
+        std::thread::sleep(Duration::from_millis(150));
+        let next = throttle.admit_token("token:7:reader", &entry);
+        assert_eq!(next.summaries.len(), 1);
+        let summary = &next.summaries[0];
+        assert_eq!(summary.action, "access.denied.suppressed");
+        assert_eq!(summary.actor, "token:7:reader");
+        assert_eq!(summary.details["refusals"], 80);
+        assert_eq!(summary.details["scope"], "token");
+    }
+
+    #[test]
+    fn long_values_are_cut_with_a_marker() {
+        let path = "/".repeat(60_000);
+        let cut = bounded(&path, MAX_TARGET_BYTES);
+        assert!(cut.len() <= MAX_TARGET_BYTES);
+        assert!(cut.ends_with(TRUNCATED_MARKER));
+        assert_eq!(bounded("short", MAX_TARGET_BYTES), "short");
+        // Never inside a character.
+        let wide = "é".repeat(1000);
+        assert!(bounded(&wide, 101).ends_with(TRUNCATED_MARKER));
     }
 }

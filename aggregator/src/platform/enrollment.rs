@@ -135,6 +135,14 @@ pub enum EnrollError {
     /// The agent (or, on renewal, its certificate) is on the deny list.
     Revoked(&'static str),
     InvalidCsr(String),
+    /// A renewal before half of the presented certificate's lifetime passed.
+    RenewalNotDue {
+        retry_after: u64,
+    },
+    /// A renewal sooner than the agent's last one allows.
+    RenewalTooSoon {
+        retry_after: u64,
+    },
     Api(ApiError),
 }
 
@@ -182,6 +190,18 @@ impl EnrollError {
                 "invalid_csr",
                 format!("the certificate signing request cannot be signed: {reason}"),
             ),
+            EnrollError::RenewalNotDue { retry_after } => (
+                S::TOO_MANY_REQUESTS,
+                "renewal_not_due",
+                format!(
+                    "a certificate may be renewed once half of its lifetime has passed; retry in {retry_after} s"
+                ),
+            ),
+            EnrollError::RenewalTooSoon { retry_after } => (
+                S::TOO_MANY_REQUESTS,
+                "renewal_rate_limited",
+                format!("this agent renewed too recently; retry in {retry_after} s"),
+            ),
             EnrollError::Api(error) => {
                 let (status, code, message) = error.status_code_message();
                 (status, code, message)
@@ -201,7 +221,19 @@ impl IntoResponse for EnrollError {
             EnrollError::Api(error) => error.into_response(),
             other => {
                 let (status, code, message) = other.status_code_message();
-                (status, Json(ErrorBody::new(code, message))).into_response()
+                let retry_after = match other {
+                    EnrollError::RenewalNotDue { retry_after }
+                    | EnrollError::RenewalTooSoon { retry_after } => Some(retry_after.max(1)),
+                    _ => None,
+                };
+                let mut response = (status, Json(ErrorBody::new(code, message))).into_response();
+                if let Some(secs) = retry_after {
+                    response.headers_mut().insert(
+                        axum::http::header::RETRY_AFTER,
+                        axum::http::HeaderValue::from(secs),
+                    );
+                }
+                response
             }
         }
     }
@@ -644,6 +676,7 @@ async fn spend_and_sign(
         // Unreachable under the row lock; refuse rather than issue twice.
         return Err(EnrollError::TokenUsed);
     }
+    record_lineage(&mut *tx, &issued, None).await?;
     let entry = Entry::ok(
         refused.actor.clone(),
         "agent.enroll",
@@ -660,33 +693,42 @@ async fn spend_and_sign(
 }
 
 /// Signs a renewal for the agent whose verified client certificate made the
-/// request (`identity`, `serial`). Refused if the deny list refuses the
-/// agent, its certificate or its tenant. Audited either way.
+/// request (`identity`, `presented`). Refused if the deny list refuses the
+/// agent, its certificate or its tenant; refused with 429 before half of the
+/// presented certificate's lifetime has passed (agents renew when a third is
+/// left) and sooner than `throttle` allows. The new certificate's parent is
+/// the presented one, so revoking either serial revokes the new one too.
+/// Audited either way, with the caller's address when the listener knows it.
 pub(crate) async fn renew(
     pool: &PgPool,
     signer: Option<&Signer>,
     deny: &DenyList,
-    identity: &AgentIdentity,
-    presented: Option<&crate::revocation::AgentCertificate>,
-    csr: &str,
+    throttle: &RenewalThrottle,
+    request: Renewal<'_>,
 ) -> Result<IssuedCertificate, EnrollError> {
+    let Renewal {
+        identity,
+        presented,
+        remote,
+        csr,
+    } = request;
     let signer = signer.ok_or(EnrollError::Disabled)?;
     let actor = format!("agent:dcs://{}/{}", identity.tenant, identity.agent);
     let refusal = RefusalAudit {
         actor: actor.clone(),
         tenant: Some(identity.tenant.clone()),
         target: Some(format!("dcs://{}/{}", identity.tenant, identity.agent)),
-        remote: None,
+        remote: remote.clone(),
     };
     let verdict = match deny.check(identity, presented) {
         Verdict::Allowed => Ok(()),
         Verdict::Denied(why) => Err(EnrollError::Revoked(why.as_str())),
         Verdict::Unknown => Err(EnrollError::Api(ApiError::Unavailable)),
     };
-    let result = match verdict {
-        Ok(()) => signer.sign(csr, identity),
-        Err(error) => Err(error),
-    };
+    let result = verdict
+        .and_then(|()| renewal_due(presented, unix_now()))
+        .and_then(|()| throttle.admit(identity, presented))
+        .and_then(|()| signer.sign(csr, identity));
     let issued = match result {
         Ok(issued) => issued,
         Err(error) => {
@@ -698,20 +740,161 @@ pub(crate) async fn renew(
             return Err(error);
         }
     };
-    // The certificate is only handed out once the renewal is on record.
+    // The certificate is only handed out once the renewal and its lineage
+    // are on record.
     let entry = Entry::ok(
         actor,
         "agent.renew",
         Some(&identity.tenant),
         format!("dcs://{}/{}", identity.tenant, identity.agent),
     )
+    .with_remote(remote)
     .with_details(serde_json::json!({
         "serial": issued.serial,
         "previous_serial": presented.map(|p| p.serial.clone()),
         "not_after": issued.not_after,
     }));
-    audit::append(pool, &entry).await?;
+    let mut tx = pool.begin().await?;
+    record_lineage(&mut *tx, &issued, presented.map(|p| p.serial.as_str())).await?;
+    audit::append(&mut *tx, &entry).await?;
+    tx.commit().await?;
     metrics::counter!("dcs_aggregator_certificates_issued_total", "kind" => "renew").increment(1);
     tracing::info!(message = "agent certificate renewed", agent = %identity, serial = %issued.serial);
     Ok(issued)
+}
+
+/// Who asks for a renewal, with what.
+pub(crate) struct Renewal<'a> {
+    /// From the verified client certificate.
+    pub identity: &'a AgentIdentity,
+    /// That certificate, when the listener read it.
+    pub presented: Option<&'a crate::revocation::AgentCertificate>,
+    /// The caller's address, when the listener passes it on.
+    pub remote: Option<String>,
+    pub csr: &'a str,
+}
+
+fn unix_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The renewal window opens when half of the presented certificate's
+/// lifetime has passed. Agents renew when a third is left, so the window
+/// leaves them a sixth of the lifetime of slack, while a stolen key can no
+/// longer chain renewals faster than certificates age.
+fn renewal_due(
+    presented: Option<&crate::revocation::AgentCertificate>,
+    now: i64,
+) -> Result<(), EnrollError> {
+    let Some(cert) = presented else {
+        return Ok(());
+    };
+    let opens = cert.not_before + (cert.not_after - cert.not_before).max(0) / 2;
+    if now < opens {
+        return Err(EnrollError::RenewalNotDue {
+            retry_after: (opens - now) as u64,
+        });
+    }
+    Ok(())
+}
+
+/// One renewal per agent per tenth of its certificate's lifetime (between
+/// 1 s and 1 h), per aggregator replica: a certificate inside its window
+/// cannot be turned into a stream of sibling certificates.
+#[derive(Default)]
+pub(crate) struct RenewalThrottle {
+    last: std::sync::Mutex<std::collections::HashMap<AgentIdentity, std::time::Instant>>,
+}
+
+const RENEWAL_INTERVAL_MIN: Duration = Duration::from_secs(1);
+const RENEWAL_INTERVAL_MAX: Duration = Duration::from_secs(3600);
+
+impl RenewalThrottle {
+    fn admit(
+        &self,
+        identity: &AgentIdentity,
+        presented: Option<&crate::revocation::AgentCertificate>,
+    ) -> Result<(), EnrollError> {
+        let lifetime = presented.map_or(RENEWAL_INTERVAL_MAX * 10, |c| {
+            Duration::from_secs((c.not_after - c.not_before).max(0) as u64)
+        });
+        let interval = (lifetime / 10).clamp(RENEWAL_INTERVAL_MIN, RENEWAL_INTERVAL_MAX);
+        let now = std::time::Instant::now();
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(at) = last.get(identity)
+            && now.duration_since(*at) < interval
+        {
+            let wait = interval - now.duration_since(*at);
+            return Err(EnrollError::RenewalTooSoon {
+                retry_after: wait.as_secs().max(1),
+            });
+        }
+        // Forget what no longer limits anyone, so the map stays as large
+        // as the set of agents renewing within the last hour.
+        last.retain(|_, at| now.duration_since(*at) < RENEWAL_INTERVAL_MAX);
+        last.insert(identity.clone(), now);
+        Ok(())
+    }
+}
+
+/// Records `issued` with the serial it was renewed from (`None` at enrollment).
+async fn record_lineage(
+    executor: impl sqlx::PgExecutor<'_>,
+    issued: &IssuedCertificate,
+    parent: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO issued_certificates (serial, tenant_id, agent_name, parent_serial, not_after) \
+         VALUES ($1, $2, $3, $4, $5::text::timestamptz) ON CONFLICT (serial) DO NOTHING",
+    )
+    .bind(&issued.serial)
+    .bind(&issued.tenant)
+    .bind(&issued.agent)
+    .bind(parent)
+    .bind(&issued.not_after)
+    .execute(executor)
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod renewal_tests {
+    use super::*;
+    use crate::revocation::AgentCertificate;
+
+    fn cert(not_before: i64, not_after: i64) -> AgentCertificate {
+        AgentCertificate {
+            fingerprint: String::new(),
+            serial: "abc".into(),
+            not_before,
+            not_after,
+        }
+    }
+
+    #[test]
+    fn renewal_opens_at_half_the_lifetime() {
+        let c = cert(1000, 1100);
+        assert!(matches!(
+            renewal_due(Some(&c), 1010),
+            Err(EnrollError::RenewalNotDue { retry_after: 40 })
+        ));
+        assert!(renewal_due(Some(&c), 1050).is_ok());
+        assert!(renewal_due(Some(&c), 1099).is_ok());
+    }
+
+    #[test]
+    fn one_renewal_per_tenth_of_the_lifetime_per_agent() {
+        let throttle = RenewalThrottle::default();
+        let day = cert(0, 10 * 3600);
+        let a = AgentIdentity::new("acme", "edge-1").unwrap();
+        let b = AgentIdentity::new("acme", "edge-2").unwrap();
+        assert!(throttle.admit(&a, Some(&day)).is_ok());
+        assert!(matches!(
+            throttle.admit(&a, Some(&day)),
+            Err(EnrollError::RenewalTooSoon { .. })
+        ));
+        assert!(throttle.admit(&b, Some(&day)).is_ok());
+    }
 }

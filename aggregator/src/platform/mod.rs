@@ -127,6 +127,7 @@ pub fn router(state: PlatformState) -> Router {
         .merge(docs)
         .fallback(|| async { ApiError::NotFound("no such route".into()) })
         .method_not_allowed_fallback(|| async { ApiError::MethodNotAllowed })
+        .layer(axum::middleware::from_fn(crate::error_shape::json_errors))
         .with_state(state)
 }
 
@@ -174,9 +175,12 @@ async fn authenticate(
             remote,
             details: serde_json::json!({ "role": principal.role.as_str() }),
         };
-        if let Err(error) = audit::append(&state.pool, &entry).await {
-            tracing::error!(message = "append audit entry for a refused call", %error);
-        }
+        // A token that may read but not act could otherwise write a row per
+        // request: refusals are throttled per token.
+        state
+            .refusals
+            .append_for_token(&state.pool, &principal.actor(), &entry)
+            .await;
     }
     response
 }
@@ -258,6 +262,23 @@ impl From<sqlx::Error> for ApiError {
             crate::store::Failure::Unavailable => {
                 tracing::warn!(message = "platform API: database unavailable", %error);
                 ApiError::Unavailable
+            }
+            // Class 22, "data exception": a value of the request that
+            // PostgreSQL cannot hold (the NUL and cursor checks catch the
+            // known ones first, naming the field). The caller's input, not
+            // our bug: 400, never 500.
+            _ if error
+                .as_database_error()
+                .and_then(|e| e.code())
+                .is_some_and(|code| code.starts_with("22")) =>
+            {
+                tracing::info!(message = "platform API: PostgreSQL refused a value", %error);
+                ApiError::BadRequest(format!(
+                    "a value of the request was refused by the database: {}",
+                    error
+                        .as_database_error()
+                        .map_or_else(String::new, |e| e.message().to_owned())
+                ))
             }
             _ => {
                 tracing::error!(message = "platform API: database call failed", %error);

@@ -73,9 +73,147 @@ impl utoipa::Modify for BearerAuth {
     }
 }
 
-/// The document as served at `/openapi.json`.
+/// The document as served at `/openapi.json`: the handlers' annotations,
+/// completed with what every operation can answer whatever its handler
+/// does (see [`complete`]).
 pub fn document() -> utoipa::openapi::OpenApi {
-    ApiDoc::openapi()
+    let doc = ApiDoc::openapi();
+    let Ok(mut value) = serde_json::to_value(&doc) else {
+        return doc;
+    };
+    complete(&mut value);
+    serde_json::from_value(value).unwrap_or(doc)
+}
+
+/// Adds to every operation the statuses it can answer before or after its
+/// handler runs, and to well-known parameters their constraints:
+/// - 400: a path or query parameter that does not parse, or holds a NUL
+///   (refused by the `error_shape` layer);
+/// - 401: a missing, unknown, expired or revoked bearer token (every
+///   operation with bearer security);
+/// - 413, 415 and 422: on operations with a JSON body: too large, not
+///   `application/json`, or JSON of the wrong shape (unknown fields);
+/// - 404: on operations with a path parameter;
+/// - 503: the database did not answer; nothing was changed.
+fn complete(doc: &mut Value) {
+    let error = |description: &str| {
+        serde_json::json!({
+            "description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+        })
+    };
+    constrain_schemas(doc);
+    let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
+        return;
+    };
+    for (path, item) in paths.iter_mut() {
+        let Some(item) = item.as_object_mut() else {
+            continue;
+        };
+        for (method, op) in item.iter_mut() {
+            if !matches!(method.as_str(), "get" | "post" | "put" | "patch" | "delete") {
+                continue;
+            }
+            let public = op["security"].as_array().is_some_and(|s| {
+                s.iter()
+                    .all(|r| r.as_object().is_some_and(|o| o.is_empty()))
+            });
+            let has_body = op.get("requestBody").is_some();
+            let mut add = |status: &str, description: &str| {
+                if let Some(responses) = op["responses"].as_object_mut() {
+                    responses
+                        .entry(status)
+                        .or_insert_with(|| error(description));
+                }
+            };
+            add(
+                "400",
+                "a parameter or the body is invalid (the message names it)",
+            );
+            if !public {
+                add(
+                    "401",
+                    "no bearer token, or one that is unknown, expired or revoked",
+                );
+            }
+            if path.contains('{') {
+                add("404", "not found, or outside the token's scope");
+            }
+            if has_body {
+                add("413", "the body is larger than 2 MiB");
+                add("415", "the body is not sent as application/json");
+                add(
+                    "422",
+                    "the body is JSON of the wrong shape (a missing or unknown field)",
+                );
+            }
+            add(
+                "503",
+                "the database is unavailable; nothing was changed, retry later",
+            );
+            if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+                for param in params {
+                    constrain(path, param);
+                }
+            }
+        }
+    }
+}
+
+/// The constraints the handlers enforce on request bodies: the token roles,
+/// the tenant id rules (`dcs_shared::identity::validate_identifier`) and the
+/// forms a serial may be typed in.
+fn constrain_schemas(doc: &mut Value) {
+    let identifier = serde_json::json!({
+        "pattern": "^[a-z0-9][a-z0-9_.-]*$", "minLength": 1,
+        "maxLength": dcs_shared::identity::MAX_IDENTIFIER_LEN,
+    });
+    let rules = [
+        (
+            "NewToken",
+            "role",
+            serde_json::json!({ "enum": ["admin", "reader"] }),
+        ),
+        ("NewTenant", "id", identifier.clone()),
+        ("NewEnrollmentToken", "agent", identifier),
+        (
+            "NewRevokedSerial",
+            "serial",
+            serde_json::json!({ "pattern": "^\\s*(0[xX])?[0-9A-Fa-f:\\- ]+\\s*$" }),
+        ),
+    ];
+    for (schema, field, rule) in rules {
+        if let (Some(prop), Some(rule)) = (
+            doc.pointer_mut(&format!("/components/schemas/{schema}/properties/{field}"))
+                .and_then(Value::as_object_mut),
+            rule.as_object(),
+        ) {
+            for (k, v) in rule {
+                prop.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+/// The constraints the handlers enforce, on the parameters that have them.
+fn constrain(path: &str, param: &mut Value) {
+    let name = param["name"].as_str().unwrap_or("").to_owned();
+    let Some(schema) = param.get_mut("schema").and_then(Value::as_object_mut) else {
+        return;
+    };
+    match name.as_str() {
+        "limit" => {
+            schema.insert("minimum".into(), 1.into());
+            // The NDJSON export takes any count; pages are capped.
+            if path != "/api/v1/records" {
+                schema.insert("maximum".into(), super::MAX_PAGE.into());
+            }
+        }
+        "from" | "to" => {
+            schema.insert("format".into(), "date-time".into());
+        }
+        _ => {}
+    }
 }
 
 /// The HTML page served at `/api/docs`.
@@ -264,6 +402,41 @@ mod tests {
                 "missing schema {name}"
             );
         }
+    }
+
+    #[test]
+    fn every_operation_lists_the_statuses_it_can_answer() {
+        let doc = serde_json::to_value(document()).unwrap();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for (method, op) in item.as_object().unwrap() {
+                let responses = op["responses"].as_object().unwrap();
+                let what = format!("{method} {path}");
+                for status in ["400", "503"] {
+                    assert!(responses.contains_key(status), "{what}: no {status}");
+                }
+                let public = path == "/api/v1/enroll";
+                assert!(responses.contains_key("401") || public, "{what}: no 401");
+                if op.get("requestBody").is_some() {
+                    for status in ["413", "415", "422"] {
+                        assert!(responses.contains_key(status), "{what}: no {status}");
+                    }
+                }
+            }
+        }
+        let limit = doc["paths"]["/api/v1/audit"]["get"]["parameters"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["name"] == "limit")
+            .unwrap();
+        assert_eq!(limit["schema"]["minimum"], 1);
+        assert_eq!(limit["schema"]["maximum"], 1000);
+        let schemas = &doc["components"]["schemas"];
+        assert_eq!(
+            schemas["NewToken"]["properties"]["role"]["enum"],
+            serde_json::json!(["admin", "reader"])
+        );
+        assert!(schemas["NewTenant"]["properties"]["id"]["pattern"].is_string());
     }
 
     #[test]

@@ -72,6 +72,11 @@ pub struct RecordsPage {
     pub next_cursor: Option<String>,
 }
 
+/// 0001-01-01T00:00:00Z and 9999-12-31T23:59:59.999999Z: every timestamp a
+/// row can have, well inside what PostgreSQL's interval arithmetic takes.
+const MIN_CURSOR_US: i64 = -62_135_596_800_000_000;
+const MAX_CURSOR_US: i64 = 253_402_300_799_999_999;
+
 /// A row's position in the order: `(ts, agent_id, epoch, seq)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Key {
@@ -100,6 +105,11 @@ impl Key {
             epoch: next()?.parse().map_err(|_| bad())?,
             seq: next()?.parse().map_err(|_| bad())?,
         };
+        // PostgreSQL's timestamps end long before i64 microseconds do; a
+        // crafted cursor must be a 400 here, not "interval out of range" there.
+        if !(MIN_CURSOR_US..=MAX_CURSOR_US).contains(&key.ts_us) {
+            return Err(bad());
+        }
         Ok(key)
     }
 }
@@ -343,5 +353,7 @@ mod tests {
         };
         assert_eq!(Key::decode(&key.encode()).unwrap(), key);
         assert!(Key::decode(&super::super::encode_cursor("1:2:3")).is_err());
+        let far = format!("{}:1:{}:1", i64::MAX, Uuid::nil());
+        assert!(Key::decode(&super::super::encode_cursor(&far)).is_err());
     }
 }

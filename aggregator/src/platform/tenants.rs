@@ -156,9 +156,15 @@ pub async fn disable(
     Path(id): Path<String>,
 ) -> Result<Json<TenantView>, ApiError> {
     principal.require_platform_admin()?;
-    Ok(Json(
-        set_disabled(&state.pool, &id, true, principal.actor(), remote).await?,
-    ))
+    let view = set_disabled(&state.pool, &id, true, principal.actor(), remote).await?;
+    // Before the answer: this replica refuses (or accepts) the tenant's next
+    // batch; other replicas follow within revocation.refresh_interval.
+    state.deny.apply(crate::revocation::Change::Tenant {
+        id: &id,
+        disabled: true,
+    });
+    state.deny.reload_after_change(&state.pool).await;
+    Ok(Json(view))
 }
 
 /// Enable a disabled tenant (platform admins).
@@ -171,7 +177,13 @@ pub async fn enable(
     Path(id): Path<String>,
 ) -> Result<Json<TenantView>, ApiError> {
     principal.require_platform_admin()?;
-    Ok(Json(
-        set_disabled(&state.pool, &id, false, principal.actor(), remote).await?,
-    ))
+    let view = set_disabled(&state.pool, &id, false, principal.actor(), remote).await?;
+    // Before the answer: this replica refuses (or accepts) the tenant's next
+    // batch; other replicas follow within revocation.refresh_interval.
+    state.deny.apply(crate::revocation::Change::Tenant {
+        id: &id,
+        disabled: false,
+    });
+    state.deny.reload_after_change(&state.pool).await;
+    Ok(Json(view))
 }

@@ -18,6 +18,13 @@
 //!   whose first bytes differ from the stored prefix (a new file that reused
 //!   the inode), is read again from the start.
 //!
+//! # Symbolic links
+//! A symlink in a watched directory is skipped unless `follow_symlinks =
+//! true`, and even then only a link whose target (resolved in full) lies
+//! inside that directory is read: a link to the agent's own key, or to
+//! `/etc/shadow`, is never read and shipped. A name swapped for a link after
+//! the directory was listed is caught by the identity check at open.
+//!
 //! A file truncated and then refilled past the old offset with the same
 //! first bytes before a run sees it cannot be told from an appended file;
 //! the lines between are missed. Short intervals make that window small.
@@ -52,6 +59,9 @@ pub struct FileConfig {
     /// `/var/log/app/*.log`.
     pub paths: Vec<String>,
     pub format: Format,
+    /// Read symlinks whose target is inside the pattern's directory.
+    #[serde(default)]
+    pub follow_symlinks: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -147,8 +157,28 @@ struct Candidate {
     modified: std::time::SystemTime,
 }
 
-fn candidate(path: PathBuf) -> Option<Candidate> {
-    let meta = std::fs::metadata(&path).ok()?;
+/// A regular file to read at `path`, or `None`. A symlink counts only with
+/// `follow` and only when its resolved target lies inside `dir` (itself
+/// resolved); the identity is then the target's.
+fn candidate(path: PathBuf, dir: &Path, follow: bool) -> Option<Candidate> {
+    let mut meta = std::fs::symlink_metadata(&path).ok()?;
+    if meta.file_type().is_symlink() {
+        if !follow {
+            tracing::debug!(message = "symlink skipped (follow_symlinks = false)", path = %path.display());
+            return None;
+        }
+        let target = std::fs::canonicalize(&path).ok()?;
+        let root = std::fs::canonicalize(dir).ok()?;
+        if !target.starts_with(&root) {
+            tracing::warn!(
+                message = "symlink to outside its directory skipped",
+                path = %path.display(),
+                target = %target.display()
+            );
+            return None;
+        }
+        meta = std::fs::metadata(&target).ok()?;
+    }
     meta.is_file().then(|| Candidate {
         identity: (meta.dev(), meta.ino()),
         modified: meta.modified().unwrap_or(std::time::UNIX_EPOCH),
@@ -192,7 +222,9 @@ pub fn collect(
                         .file_name()
                         .and_then(|n| n.to_str())
                         .is_some_and(|n| matches(&name, n));
-                    if let Some(c) = matched.then(|| candidate(path)).flatten()
+                    if let Some(c) = matched
+                        .then(|| candidate(path, &dir, cfg.follow_symlinks))
+                        .flatten()
                         && seen.insert(c.identity)
                     {
                         files.push(c);
@@ -209,14 +241,13 @@ pub fn collect(
         if files.iter().any(|c| key_of(c.identity) == *key) {
             continue;
         }
-        let found = cp
-            .path
-            .parent()
-            .and_then(|dir| list_dir(dir).ok())
-            .into_iter()
-            .flatten()
-            .filter_map(candidate)
-            .find(|c| key_of(c.identity) == *key);
+        let found = cp.path.parent().and_then(|dir| {
+            list_dir(dir)
+                .ok()?
+                .into_iter()
+                .filter_map(|path| candidate(path, dir, cfg.follow_symlinks))
+                .find(|c| key_of(c.identity) == *key)
+        });
         match found {
             Some(c) if seen.insert(c.identity) => files.push(c),
             Some(_) => {}
@@ -493,6 +524,32 @@ mod tests {
             split_csv(r#"a,"b,c","say ""hi""",,"#),
             ["a", "b,c", "say \"hi\"", "", ""]
         );
+    }
+
+    #[test]
+    fn symlinks_are_read_only_when_followed_and_only_inside_the_directory() {
+        use std::os::unix::fs::symlink;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("logs");
+        std::fs::create_dir(&dir).unwrap();
+        let secret = root.path().join("agent-key.pem");
+        std::fs::write(&secret, "-----BEGIN PRIVATE KEY-----\n").unwrap();
+        std::fs::write(dir.join("app.log"), "{}\n").unwrap();
+        symlink(dir.join("app.log"), dir.join("inside.log")).unwrap();
+        symlink(&secret, dir.join("key.log")).unwrap();
+        symlink("../agent-key.pem", dir.join("relative.log")).unwrap();
+
+        let found = |name: &str, follow: bool| candidate(dir.join(name), &dir, follow).is_some();
+        assert!(found("app.log", false));
+        assert!(!found("inside.log", false), "a link is skipped by default");
+        assert!(found("inside.log", true));
+        for outside in ["key.log", "relative.log"] {
+            assert!(!found(outside, false), "{outside}");
+            assert!(
+                !found(outside, true),
+                "{outside}: a link out of the directory"
+            );
+        }
     }
 
     #[test]

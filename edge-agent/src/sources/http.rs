@@ -15,6 +15,14 @@
 //! Each page is stored with its checkpoint in one transaction, so a crash
 //! between pages neither loses nor repeats a page.
 //!
+//! # Credentials stay with the configured origin
+//! `Authorization` and the custom `headers` are meant for `url`'s origin
+//! (scheme, host and port) only. A redirect to another origin, or a `Link`
+//! `rel="next"` naming one, fails the run: following it would hand the
+//! credentials to a host the operator never named, and saving it as the
+//! checkpoint would keep doing so. No `Referer` is ever sent, and an answer
+//! larger than `max_response_bytes` fails the run instead of filling memory.
+//!
 //! # Errors
 //! 408, 429, 5xx and transport errors are retried within the run with
 //! exponential backoff (`retries` times, from 200 ms); other statuses fail
@@ -29,7 +37,7 @@ use reqwest::header::{
 };
 use serde::{Deserialize, Serialize};
 
-use dcs_shared::config::{Issues, duration};
+use dcs_shared::config::{ByteSize, Issues, duration};
 
 use super::{RunContext, RunReport, SourceConfig, SourceError};
 use crate::buffer::{Rejected, SourceBatch};
@@ -42,6 +50,11 @@ const RETRY_INITIAL: Duration = Duration::from_millis(200);
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bounds one run: a server whose `next` never ends cannot keep it going.
 pub const DEFAULT_MAX_PAGES: u32 = 1000;
+/// One page is held in memory while its items are split out; 32 MiB is far
+/// beyond a paginated API's page and far below what would hurt the agent.
+pub const DEFAULT_MAX_RESPONSE_BYTES: ByteSize = ByteSize(32 << 20);
+/// Redirects followed within the origin before the request fails.
+const MAX_REDIRECTS: usize = 10;
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,6 +94,9 @@ pub struct HttpConfig {
     pub retries: u32,
     #[serde(default = "default_max_pages")]
     pub max_pages: u32,
+    /// Largest answer read; a larger one fails the run.
+    #[serde(default = "default_max_response_bytes")]
+    pub max_response_bytes: ByteSize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -112,6 +128,9 @@ fn default_retries() -> u32 {
 }
 fn default_max_pages() -> u32 {
     DEFAULT_MAX_PAGES
+}
+fn default_max_response_bytes() -> ByteSize {
+    DEFAULT_MAX_RESPONSE_BYTES
 }
 
 impl HttpConfig {
@@ -166,6 +185,11 @@ impl HttpConfig {
             !cursor || self.cursor_param.as_deref().is_some_and(|p| !p.is_empty()),
             &k("cursor_param"),
             "pagination = \"cursor\" needs the query parameter to send it as",
+        );
+        issues.check(
+            self.max_response_bytes.0 >= 1,
+            &k("max_response_bytes"),
+            "must be at least 1 byte",
         );
         issues.check(
             (1..=100_000).contains(&self.max_pages),
@@ -224,10 +248,8 @@ pub async fn collect(
         Some(v) => serde_json::from_str(v).unwrap_or_default(),
         None => HttpCheckpoint::default(),
     };
-    let client = reqwest::Client::builder()
-        .timeout(cfg.timeout)
-        .build()
-        .map_err(|e| failed(format!("build HTTP client: {e}")))?;
+    let base = reqwest::Url::parse(&cfg.url).map_err(|e| failed(e.to_string()))?;
+    let client = client(cfg, &base)?;
     let mut headers = HeaderMap::new();
     for (name, value) in &cfg.headers {
         let name = HeaderName::from_bytes(name.as_bytes()).map_err(|e| failed(e.to_string()))?;
@@ -240,7 +262,6 @@ pub async fn collect(
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    let base = reqwest::Url::parse(&cfg.url).map_err(|e| failed(e.to_string()))?;
     let with_cursor = |cursor: &Option<String>| {
         let mut url = base.clone();
         if let (Pagination::Cursor, Some(c), Some(param)) =
@@ -252,11 +273,15 @@ pub async fn collect(
     };
     // A resumed link run skips the conditional request: its pages are not
     // the resource the ETag describes.
-    let (mut url, mut conditional) = match (&cp.next, cfg.pagination) {
-        (Some(next), Pagination::Link) => (
-            reqwest::Url::parse(next).map_err(|e| failed(e.to_string()))?,
-            false,
-        ),
+    // A saved page of another origin (written before origins were checked)
+    // is not resumed: the run starts at `url` again.
+    let resume = cp
+        .next
+        .as_deref()
+        .and_then(|n| reqwest::Url::parse(n).ok())
+        .filter(|n| n.origin() == base.origin());
+    let (mut url, mut conditional) = match (resume, cfg.pagination) {
+        (Some(next), Pagination::Link) => (next, false),
         _ => (with_cursor(&cp.cursor), true),
     };
     for _ in 0..cfg.max_pages {
@@ -292,11 +317,11 @@ pub async fn collect(
             cp.etag = header(ETAG);
             cp.last_modified = header(LAST_MODIFIED);
         }
-        let link_next = header(LINK).and_then(|l| next_link(&l, &url));
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| failed(format!("read {url}: {e}")))?;
+        let link_next = header(LINK)
+            .and_then(|l| next_link(&l, &url))
+            .map(|next| same_origin(next, &base, "a Link rel=\"next\""))
+            .transpose()?;
+        let body = read_capped(response, cfg.max_response_bytes.0, &url).await?;
         let (items, next_cursor) = items(cfg, &body)?;
         let mut batch = SourceBatch {
             source: source.name.clone(),
@@ -370,6 +395,77 @@ fn with_id(
     dcs_shared::record::validate_id(&id).map_err(|e| format!("id: {e}"))?;
     record.id = Some(id);
     Ok(record)
+}
+
+/// The client of one source: no `Referer`, and redirects only within the
+/// configured origin (credentials travel with every request it sends).
+fn client(cfg: &HttpConfig, base: &reqwest::Url) -> Result<reqwest::Client, SourceError> {
+    let origin = base.origin();
+    let policy = reqwest::redirect::Policy::custom(move |attempt| {
+        if attempt.url().origin() != origin {
+            let refused = format!(
+                "a redirect to another origin ({}) was refused: the source's credentials are for {} only",
+                attempt.url().origin().ascii_serialization(),
+                origin.ascii_serialization()
+            );
+            attempt.error(refused)
+        } else if attempt.previous().len() > MAX_REDIRECTS {
+            attempt.error(format!("more than {MAX_REDIRECTS} redirects"))
+        } else {
+            attempt.follow()
+        }
+    });
+    reqwest::Client::builder()
+        .timeout(cfg.timeout)
+        .redirect(policy)
+        .referer(false)
+        .build()
+        .map_err(|e| failed(format!("build HTTP client: {e}")))
+}
+
+/// `next` if it is on `base`'s origin; otherwise the run fails naming both.
+fn same_origin(
+    next: reqwest::Url,
+    base: &reqwest::Url,
+    what: &str,
+) -> Result<reqwest::Url, SourceError> {
+    if next.origin() == base.origin() {
+        Ok(next)
+    } else {
+        Err(failed(format!(
+            "{what} to another origin ({}) was refused: the source's credentials are for {} only",
+            next.origin().ascii_serialization(),
+            base.origin().ascii_serialization()
+        )))
+    }
+}
+
+/// The whole body, or an error as soon as it passes `cap` bytes.
+async fn read_capped(
+    mut response: reqwest::Response,
+    cap: u64,
+    url: &reqwest::Url,
+) -> Result<Vec<u8>, SourceError> {
+    let too_large = || {
+        failed(format!(
+            "GET {url}: the answer exceeds max_response_bytes ({cap} bytes)"
+        ))
+    };
+    if response.content_length().is_some_and(|n| n > cap) {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| failed(format!("read {url}: {e}")))?
+    {
+        if (body.len() + chunk.len()) as u64 > cap {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// GET with retries on 408, 429, 5xx and transport errors.
@@ -482,5 +578,94 @@ mod tests {
         );
         assert_eq!(next.unwrap().as_str(), "http://h/api/items?page=3");
         assert!(next_link(r#"<x>; rel="last""#, &base).is_none());
+    }
+
+    #[test]
+    fn a_next_page_on_another_origin_is_refused() {
+        let base = reqwest::Url::parse("https://api.example/items").unwrap();
+        for foreign in [
+            "http://api.example/items?page=2",
+            "https://other.example/items?page=2",
+            "https://api.example:8443/items?page=2",
+        ] {
+            let next = reqwest::Url::parse(foreign).unwrap();
+            let error = same_origin(next, &base, "a Link").unwrap_err().to_string();
+            assert!(error.contains("another origin"), "{foreign}: {error}");
+        }
+        let next = reqwest::Url::parse("https://api.example/items?page=2").unwrap();
+        assert!(same_origin(next, &base, "a Link").is_ok());
+    }
+
+    /// Two origins on loopback: `home` redirects `/away` to `foreign`, and
+    /// serves `/big` larger than the cap; `foreign` records what reached it.
+    #[tokio::test]
+    async fn credentials_never_leave_the_origin_and_big_answers_are_cut() {
+        dcs_shared::tls::install_crypto_provider();
+        use std::sync::{Arc, Mutex};
+        let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+        let foreign = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let foreign_url = format!("http://{}", foreign.local_addr().unwrap());
+        let record = seen.clone();
+        let foreign_app = axum::Router::new().fallback(move |headers: axum::http::HeaderMap| {
+            let record = record.clone();
+            async move {
+                let mut names: Vec<String> =
+                    headers.keys().map(|k| k.as_str().to_owned()).collect();
+                names.sort();
+                record.lock().unwrap().push(names.join(","));
+                "[]"
+            }
+        });
+        tokio::spawn(async move { axum::serve(foreign, foreign_app).await });
+        let home = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let home_url = format!("http://{}", home.local_addr().unwrap());
+        let target = foreign_url.clone();
+        let home_app = axum::Router::new()
+            .route(
+                "/away",
+                axum::routing::get(move || {
+                    let target = target.clone();
+                    async move { axum::response::Redirect::temporary(&format!("{target}/x")) }
+                }),
+            )
+            .route(
+                "/here",
+                axum::routing::get(|| async { axum::response::Redirect::temporary("/items") }),
+            )
+            .route("/items", axum::routing::get(|| async { "[1]" }))
+            .route("/big", axum::routing::get(|| async { vec![b' '; 4096] }));
+        tokio::spawn(async move { axum::serve(home, home_app).await });
+
+        let cfg: HttpConfig = toml::from_str(&format!(
+            "url = \"{home_url}/away\"\nmax_response_bytes = 1024\n[headers]\nx-api-key = \"secret\"\n"
+        ))
+        .unwrap();
+        let base = reqwest::Url::parse(&cfg.url).unwrap();
+        let client = client(&cfg, &base).unwrap();
+        let error = client
+            .get(base.clone())
+            .header("x-api-key", "secret")
+            .header("authorization", "Bearer secret")
+            .send()
+            .await
+            .unwrap_err();
+        assert!(error.is_redirect(), "{error}");
+        assert!(
+            seen.lock().unwrap().is_empty(),
+            "the foreign origin was reached"
+        );
+
+        // Within the origin, redirects are followed, with no Referer.
+        let here = reqwest::Url::parse(&format!("{home_url}/here")).unwrap();
+        let response = client.get(here.clone()).send().await.unwrap();
+        assert_eq!(read_capped(response, 1024, &here).await.unwrap(), b"[1]");
+
+        let big = reqwest::Url::parse(&format!("{home_url}/big")).unwrap();
+        let response = client.get(big.clone()).send().await.unwrap();
+        let error = read_capped(response, 1024, &big)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("max_response_bytes"), "{error}");
     }
 }

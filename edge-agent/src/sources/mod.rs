@@ -387,6 +387,7 @@ mod tests {
             file: Some(file::FileConfig {
                 paths: vec!["/var/log/x/*.log".into()],
                 format: file::Format::Lines,
+                follow_symlinks: false,
             }),
             database: None,
             http: None,

@@ -1,0 +1,304 @@
+//! Who may hold what while a batch is in progress.
+//!
+//! Design constraints:
+//! - **A slow body holds nothing scarce.** The body is read before a database
+//!   slot is taken, so a client trickling bytes holds a connection and the
+//!   bytes it has sent, never one of the `database.max_connections` slots.
+//! - **One agent cannot take more than its share.** Each agent may have
+//!   `admission.max_in_flight_per_agent` batches in progress (read, parsed or
+//!   written); one more is refused at once with 429, before any body is read.
+//!   Each tenant may hold `admission.max_in_flight_per_tenant` database slots,
+//!   so the agents of one tenant cannot starve every other tenant.
+//! - **Peak memory is set by configuration, not by connection count.** Every
+//!   byte a batch holds (the compressed body, the decompressed JSON and the
+//!   rows encoded for COPY) is reserved first from one budget of
+//!   `admission.memory_budget` bytes, a semaphore on bytes.
+//! - Refusals are counted by reason in
+//!   `dcs_aggregator_admission_refused_total{reason}`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+use crate::config::AdmissionConfig;
+
+/// The budget counts KiB, so `acquire_many` (a `u32`) covers terabytes.
+const UNIT: u64 = 1024;
+
+/// Why a batch was not admitted; each is one status and one reason label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// The agent already has its share of batches in progress (429).
+    AgentInFlight,
+    /// The tenant's agents hold all its database slots and none freed in time (503).
+    TenantInFlight,
+    /// The memory budget had no room in time (503).
+    MemoryBudget,
+    /// No database slot freed in time (503).
+    DatabaseSlots,
+}
+
+impl Refusal {
+    pub(crate) fn reason(self) -> &'static str {
+        match self {
+            Refusal::AgentInFlight => "agent_in_flight",
+            Refusal::TenantInFlight => "tenant_in_flight",
+            Refusal::MemoryBudget => "memory_budget",
+            Refusal::DatabaseSlots => "database_slots",
+        }
+    }
+
+    fn count(self) -> Self {
+        metrics::counter!("dcs_aggregator_admission_refused_total", "reason" => self.reason())
+            .increment(1);
+        self
+    }
+}
+
+pub(crate) struct Admission {
+    config: AdmissionConfig,
+    agents: Arc<Mutex<HashMap<String, usize>>>,
+    tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
+    memory: Arc<Semaphore>,
+    database: Arc<Semaphore>,
+}
+
+impl Admission {
+    pub(crate) fn new(config: AdmissionConfig, database_slots: usize) -> Self {
+        Admission {
+            config,
+            agents: Arc::default(),
+            tenants: Mutex::default(),
+            memory: Arc::new(Semaphore::new(units(config.memory_budget.0) as usize)),
+            database: Arc::new(Semaphore::new(database_slots)),
+        }
+    }
+
+    /// Counts one more batch of `agent` in progress, or refuses it at once.
+    pub(crate) fn enter(&self, agent: &str) -> Result<AgentTicket, Refusal> {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let count = agents.entry(agent.to_owned()).or_insert(0);
+        if *count >= self.config.max_in_flight_per_agent {
+            return Err(Refusal::AgentInFlight.count());
+        }
+        *count += 1;
+        Ok(AgentTicket {
+            agents: self.agents.clone(),
+            agent: agent.to_owned(),
+        })
+    }
+
+    /// Reserves `bytes` of the memory budget, waiting until `deadline`.
+    pub(crate) async fn reserve(
+        &self,
+        bytes: u64,
+        deadline: Instant,
+    ) -> Result<MemoryPermit, Refusal> {
+        let wanted = units(bytes);
+        if wanted == 0 {
+            return Ok(MemoryPermit(None));
+        }
+        match tokio::time::timeout_at(deadline, self.memory.clone().acquire_many_owned(wanted))
+            .await
+        {
+            Ok(Ok(permit)) => Ok(MemoryPermit(Some(permit))),
+            _ => Err(Refusal::MemoryBudget.count()),
+        }
+    }
+
+    /// Grows `permit` until it covers `total` bytes, waiting until `deadline`:
+    /// a body is reserved as it arrives, so a slow one holds only what it sent.
+    pub(crate) async fn grow(
+        &self,
+        permit: &mut MemoryPermit,
+        total: u64,
+        deadline: Instant,
+    ) -> Result<(), Refusal> {
+        let held = permit.0.as_ref().map_or(0, |p| p.num_permits() as u64);
+        let missing = u64::from(units(total)).saturating_sub(held);
+        if missing > 0 {
+            permit.merge(self.reserve(missing * UNIT, deadline).await?);
+        }
+        Ok(())
+    }
+
+    /// A database slot within the tenant's share, waiting until `deadline`.
+    pub(crate) async fn database_slot(
+        &self,
+        tenant: &str,
+        deadline: Instant,
+    ) -> Result<DatabaseSlot, Refusal> {
+        let semaphore = {
+            let mut tenants = self.tenants.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget tenants nobody is writing for, so the map stays as large
+            // as the set of tenants writing right now.
+            tenants.retain(|_, s| Arc::strong_count(s) > 1);
+            tenants
+                .entry(tenant.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.config.max_in_flight_per_tenant)))
+                .clone()
+        };
+        let tenant_permit = tokio::time::timeout_at(deadline, semaphore.acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(Refusal::TenantInFlight)
+            .map_err(Refusal::count)?;
+        let database = tokio::time::timeout_at(deadline, self.database.clone().acquire_owned())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(Refusal::DatabaseSlots)
+            .map_err(Refusal::count)?;
+        Ok(DatabaseSlot {
+            _tenant: tenant_permit,
+            _database: database,
+        })
+    }
+
+    /// Bytes of the budget free right now (for tests and metrics).
+    #[cfg(test)]
+    fn memory_free(&self) -> u64 {
+        self.memory.available_permits() as u64 * UNIT
+    }
+}
+
+/// Whole KiB, rounded up, saturating at what one `acquire_many` can take.
+fn units(bytes: u64) -> u32 {
+    bytes.div_ceil(UNIT).min(u64::from(u32::MAX)) as u32
+}
+
+/// One batch of one agent in progress; released on drop.
+pub(crate) struct AgentTicket {
+    agents: Arc<Mutex<HashMap<String, usize>>>,
+    agent: String,
+}
+
+impl Drop for AgentTicket {
+    fn drop(&mut self) {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = agents.get_mut(&self.agent) {
+            *count -= 1;
+            if *count == 0 {
+                agents.remove(&self.agent);
+            }
+        }
+    }
+}
+
+/// Bytes of the memory budget; returned on drop.
+pub(crate) struct MemoryPermit(Option<OwnedSemaphorePermit>);
+
+impl MemoryPermit {
+    pub(crate) fn none() -> Self {
+        MemoryPermit(None)
+    }
+
+    /// Adds `more` to this reservation.
+    pub(crate) fn merge(&mut self, more: MemoryPermit) {
+        match (&mut self.0, more.0) {
+            (Some(mine), Some(theirs)) => mine.merge(theirs),
+            (mine @ None, theirs) => *mine = theirs,
+            (Some(_), None) => {}
+        }
+    }
+}
+
+/// A database slot within the tenant's share; released on drop.
+pub(crate) struct DatabaseSlot {
+    _tenant: OwnedSemaphorePermit,
+    _database: OwnedSemaphorePermit,
+}
+
+/// What a batch needs once its body is read: the JSON and the rows encoded
+/// for COPY, each at most the decompressed size. The gzip trailer states the
+/// decompressed size (mod 2^32); a body that lies about it is cut off at the
+/// reservation and refused, so the reservation is also the cap.
+pub(crate) fn decompressed_estimate(compressed: &[u8], max_decompressed: u64) -> u64 {
+    let trailer = compressed
+        .len()
+        .checked_sub(4)
+        .map(|at| u32::from_le_bytes(compressed[at..].try_into().unwrap_or([0; 4])))
+        .unwrap_or(0);
+    u64::from(trailer).min(max_decompressed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dcs_shared::config::ByteSize;
+    use std::time::Duration;
+
+    fn admission(per_agent: usize, per_tenant: usize, budget: u64, slots: usize) -> Admission {
+        Admission::new(
+            AdmissionConfig {
+                max_in_flight_per_agent: per_agent,
+                max_in_flight_per_tenant: per_tenant,
+                memory_budget: ByteSize(budget),
+            },
+            slots,
+        )
+    }
+
+    fn soon() -> Instant {
+        Instant::now() + Duration::from_millis(50)
+    }
+
+    #[test]
+    fn an_agent_past_its_share_is_refused_and_freed_on_drop() {
+        let a = admission(2, 8, 1 << 20, 4);
+        let one = a.enter("acme/edge-01").unwrap();
+        let _two = a.enter("acme/edge-01").unwrap();
+        assert_eq!(a.enter("acme/edge-01").err(), Some(Refusal::AgentInFlight));
+        // Another agent, even of the same tenant, has its own share.
+        let _other = a.enter("acme/edge-02").unwrap();
+        drop(one);
+        assert!(a.enter("acme/edge-01").is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_tenant_cannot_hold_more_than_its_database_slots() {
+        let a = admission(8, 2, 1 << 20, 4);
+        let _one = a.database_slot("acme", soon()).await.unwrap();
+        let _two = a.database_slot("acme", soon()).await.unwrap();
+        assert_eq!(
+            a.database_slot("acme", soon()).await.err(),
+            Some(Refusal::TenantInFlight)
+        );
+        // The victim tenant still finds the slots acme may not take.
+        let _victim = a.database_slot("victim", soon()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_memory_budget_bounds_what_is_reserved_at_once() {
+        let a = admission(8, 8, 10 << 10, 4);
+        let mut first = a.reserve(6 << 10, soon()).await.unwrap();
+        assert_eq!(
+            a.reserve(6 << 10, soon()).await.err(),
+            Some(Refusal::MemoryBudget)
+        );
+        first.merge(a.reserve(1, soon()).await.unwrap());
+        assert_eq!(a.memory_free(), 3 << 10);
+        // Growing to a total reserves only the difference.
+        a.grow(&mut first, 8 << 10, soon()).await.unwrap();
+        assert_eq!(a.memory_free(), 2 << 10);
+        drop(first);
+        assert_eq!(a.memory_free(), 10 << 10);
+        assert!(a.reserve(10 << 10, soon()).await.is_ok());
+    }
+
+    #[test]
+    fn the_estimate_is_the_gzip_trailer_capped_by_the_limit() {
+        let body = dcs_shared::wire::encode_batch(
+            uuid::Uuid::nil(),
+            None,
+            Vec::<dcs_shared::wire::OutRecord>::new(),
+            1,
+        );
+        let json = dcs_shared::wire::gunzip_limited(&body, 1 << 20).unwrap();
+        assert_eq!(decompressed_estimate(&body, 1 << 20), json.len() as u64);
+        assert_eq!(decompressed_estimate(&body, 3), 3);
+        assert_eq!(decompressed_estimate(b"x", 1 << 20), 0);
+    }
+}
