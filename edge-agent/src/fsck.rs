@@ -136,7 +136,10 @@ pub fn stats(path: &Path) -> Result<Stats, BufferError> {
         dropped_total: meta("dropped_total"),
         dead_letter_total: meta("dead_letter_total"),
         streams,
-        key_ids: key_ids.into_iter().map(crate::seal::format_key_id).collect(),
+        key_ids: key_ids
+            .into_iter()
+            .map(crate::seal::format_key_id)
+            .collect(),
     })
 }
 
@@ -216,9 +219,9 @@ pub fn export(
         })?;
     }
     if let Some(e) = failed {
-        return Err(BufferError::Sqlite(rusqlite::Error::ToSqlConversionFailure(
-            e.into(),
-        )));
+        return Err(BufferError::Sqlite(
+            rusqlite::Error::ToSqlConversionFailure(e.into()),
+        ));
     }
     Ok(Exported {
         written,

@@ -67,7 +67,13 @@ impl Site {
         self.fill(OLD).await;
         let log = self.dir.path().join("killed.log");
         let mut process = AgentProcess::spawn(&self.config(), &log).await;
-        push_all(&reqwest::Client::new(), &process.url, "walonly", 0..WAL_ONLY).await;
+        push_all(
+            &reqwest::Client::new(),
+            &process.url,
+            "walonly",
+            0..WAL_ONLY,
+        )
+        .await;
         process.kill();
         assert!(
             dcs_edge::recovery::wal_of(&self.buffer()).exists(),
@@ -189,10 +195,7 @@ fn every_command_changes_nothing(path: &Path, into: &Path) -> (i32, Value, usize
             "`buffer {command}` left the directory listing as it was"
         );
         for (name, bytes) in &before {
-            assert!(
-                &after[name] == bytes,
-                "`buffer {command}` changed {name}"
-            );
+            assert!(&after[name] == bytes, "`buffer {command}` changed {name}");
         }
     };
     let (check, _, _) = dcs_edge(&["buffer", "check", "--path", p]);
@@ -279,7 +282,11 @@ async fn lost_wal(check_first: bool) {
             let (code, out, _) = dcs_edge(&["buffer", "check", "--path", buffer.to_str().unwrap()]);
             assert_eq!(code, 1, "check run {run} finds the lost WAL: {out}");
             assert!(out.contains("write-ahead log is missing"), "{out}");
-            assert_eq!(tree(&site.buffer_dir()), found, "check run {run} changed nothing");
+            assert_eq!(
+                tree(&site.buffer_dir()),
+                found,
+                "check run {run} changed nothing"
+            );
         }
     }
 
@@ -369,7 +376,12 @@ async fn quarantine_keeps_the_file_its_wal_and_its_shm_byte_identical_and_counts
     assert_eq!(salvaged + unreadable, held, "{report}");
     assert_eq!(status["recovered"]["records"], salvaged, "{status}");
     assert_eq!(
-        metric(&http, &process.url, "dcs_agent_buffer_unsalvageable_records_total").await,
+        metric(
+            &http,
+            &process.url,
+            "dcs_agent_buffer_unsalvageable_records_total"
+        )
+        .await,
         Some(unreadable as f64)
     );
     drop(process);
@@ -383,7 +395,10 @@ async fn quarantine_keeps_the_file_its_wal_and_its_shm_byte_identical_and_counts
         .chain((0..WAL_ONLY).map(|i| format!("walonly-{i}")))
         .filter(|id| !ids.contains(id))
         .count();
-    assert_eq!(missing as u64, unreadable, "the count is the records missing");
+    assert_eq!(
+        missing as u64, unreadable,
+        "the count is the records missing"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
