@@ -367,13 +367,53 @@ fn private_dir() -> std::io::Result<PathBuf> {
     }
 }
 
-/// Whether an SQLite connection in another process has `path` open: each
-/// WAL-mode connection holds a shared lock on byte 128 of the `-shm` file
-/// (SQLite's "dead man switch") for as long as it is open. Asked with
-/// `F_GETLK`, which takes no lock and changes nothing.
+/// Whether an SQLite connection has `path` open: each WAL-mode connection
+/// holds a shared lock on byte 128 of the `-shm` file (SQLite's "dead man
+/// switch") for as long as it is open.
+///
+/// Read from `/proc/locks`, which lists every lock, this process's too, and
+/// needs no descriptor on the file: closing one would drop every POSIX lock
+/// this process holds on it (an agent in the same process would lose its
+/// own). Where `/proc/locks` cannot be read, asked with `F_GETLK` on the
+/// file, which is safe in a process of its own (the `dcs-edge buffer`
+/// commands) and sees other processes' locks.
 fn held_open(path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt as _;
+    let shm = shm_of(path);
+    let Ok(meta) = std::fs::metadata(&shm) else {
+        return false;
+    };
+    match std::fs::read_to_string("/proc/locks") {
+        Ok(locks) => {
+            let (major, minor) = (
+                nix::libc::major(meta.dev()) as u64,
+                nix::libc::minor(meta.dev()) as u64,
+            );
+            let file = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+            locks.lines().any(|line| {
+                // "1: POSIX  ADVISORY  READ 1234 fe:00:5678 128 128"
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let Some(at) = f.iter().position(|x| *x == file) else {
+                    return false;
+                };
+                let start = f.get(at + 1).and_then(|v| v.parse::<u64>().ok());
+                let end = f.get(at + 2).map(|v| {
+                    if *v == "EOF" {
+                        u64::MAX
+                    } else {
+                        v.parse().unwrap_or(0)
+                    }
+                });
+                matches!((start, end), (Some(s), Some(e)) if s <= 128 && 128 <= e)
+            })
+        }
+        Err(_) => locked_by_another_process(&shm),
+    }
+}
+
+fn locked_by_another_process(shm: &Path) -> bool {
     use std::os::fd::AsRawFd as _;
-    let Ok(shm) = std::fs::File::open(format!("{}-shm", path.display())) else {
+    let Ok(file) = std::fs::File::open(shm) else {
         return false;
     };
     // SAFETY: a zeroed flock is a valid value for every field.
@@ -385,7 +425,7 @@ fn held_open(path: &Path) -> bool {
     // SAFETY: F_GETLK only fills in `lock`, which outlives the call.
     let rc = unsafe {
         nix::libc::fcntl(
-            shm.as_raw_fd(),
+            file.as_raw_fd(),
             nix::libc::F_GETLK,
             &mut lock as *mut nix::libc::flock,
         )
@@ -949,4 +989,34 @@ fn modified_rfc3339(path: &Path) -> String {
         .unwrap_or_else(|_| time::OffsetDateTime::now_utc());
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_open_buffer_is_seen_as_held_open_and_a_closed_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("buffer.db");
+        let buffer = buffer::Buffer::open(buffer::BufferOptions {
+            path: path.clone(),
+            capacity_bytes: 1 << 30,
+            overflow: buffer::Overflow::Reject,
+            durability: buffer::Durability::ProcessCrash,
+            dedup_window: 1000,
+            min_free_disk: 0,
+            quarantine_dir: dir.path().join("quarantine"),
+            keyring: Keyring::disabled(),
+        })
+        .unwrap();
+        assert!(
+            held_open(&path),
+            "a running agent's buffer is read in place"
+        );
+        // Asking did not take the agent's lock away.
+        assert!(held_open(&path));
+        buffer.close().await;
+        assert!(!held_open(&path), "nobody holds a closed buffer");
+    }
 }

@@ -60,18 +60,33 @@ fn null_positions(rows: i64, page: i64) -> Vec<i64> {
     at
 }
 
-/// Runs the source over a table of `rows` rows (made by `fill`, with the
-/// row at index `null_at` holding NULL in `updated_at`) and checks that the
-/// job fails naming the column, with no later run succeeding past it.
+/// Runs the source over a table (made by `fill(rows, null_at)`: ids
+/// `0..rows`, the row `null_at` with NULL in `updated_at`) and checks that
+/// the job fails naming the column, with no later run succeeding past it:
+/// with the NULL there from the start, and appearing after a run has
+/// moved the cursor past the first page (where SQLite and MariaDB, which
+/// sort NULLs first, would otherwise never see it again).
 async fn fails_on_every_page<F, Fut>(url: &str, table: &str, fill: F)
 where
-    F: Fn(i64) -> Fut,
+    F: Fn(i64, Option<i64>) -> Fut,
     Fut: std::future::Future<Output = ()>,
 {
     const ROWS: i64 = 4;
     const PAGE: u32 = 2;
-    for null_at in null_positions(ROWS, i64::from(PAGE)) {
-        fill(null_at).await;
+    let cases = null_positions(ROWS, i64::from(PAGE))
+        .into_iter()
+        .map(|at| (false, at))
+        .chain(
+            null_positions(ROWS + 2, i64::from(PAGE))
+                .into_iter()
+                .map(|at| (true, at)),
+        );
+    for (after_a_run, null_at) in cases {
+        if after_a_run {
+            fill(ROWS, None).await;
+        } else {
+            fill(ROWS, Some(null_at)).await;
+        }
         let dir = tempfile::tempdir().unwrap();
         let url_file = dir.path().join("db.url");
         std::fs::write(&url_file, url).unwrap();
@@ -84,11 +99,17 @@ where
             schemas: Default::default(),
         };
         let source = source(&url_file, table, PAGE);
+        if after_a_run {
+            let (report, result) = collect(source.clone(), ctx.clone()).await;
+            result.unwrap();
+            assert_eq!(report.collected, ROWS as u64);
+            fill(ROWS + 2, Some(null_at)).await;
+        }
         for run in 0..2 {
             let (_, result) = collect(source.clone(), ctx.clone()).await;
             let error = result
                 .expect_err(&format!(
-                    "NULL at row {null_at} of {ROWS} (pages of {PAGE}), run {run}: the job must fail"
+                    "NULL at row {null_at} (after a run: {after_a_run}, pages of {PAGE}), run {run}: the job must fail"
                 ))
                 .to_string();
             assert!(
@@ -110,19 +131,19 @@ async fn a_null_cursor_fails_the_job_on_any_page_on_postgres() {
         .await
         .unwrap();
     let pool = db.pool.clone();
-    fails_on_every_page(&db.url, "events", |null_at| {
+    fails_on_every_page(&db.url, "events", |rows, null_at| {
         let pool = pool.clone();
         async move {
             sqlx::query("DELETE FROM events")
                 .execute(&pool)
                 .await
                 .unwrap();
-            for id in 0..4i64 {
+            for id in 0..rows {
                 sqlx::query(
                     "INSERT INTO events VALUES ($1, CASE WHEN $2 THEN NULL ELSE to_timestamp($1) END, 'row')",
                 )
                 .bind(id)
-                .bind(id == null_at)
+                .bind(Some(id) == null_at)
                 .execute(&pool)
                 .await
                 .unwrap();
@@ -145,19 +166,19 @@ async fn a_null_cursor_fails_the_job_on_any_page_on_mariadb() {
     .await
     .unwrap();
     let (p, t) = (pool.clone(), table.clone());
-    fails_on_every_page(MARIADB, &table, |null_at| {
+    fails_on_every_page(MARIADB, &table, |rows, null_at| {
         let (pool, table) = (p.clone(), t.clone());
         async move {
             sqlx::query(sqlx::AssertSqlSafe(format!("DELETE FROM {table}")))
                 .execute(&pool)
                 .await
                 .unwrap();
-            for id in 0..4i64 {
+            for id in 0..rows {
                 sqlx::query(sqlx::AssertSqlSafe(format!(
                     "INSERT INTO {table} VALUES (?, IF(?, NULL, TIMESTAMP('2026-01-01') + INTERVAL ? SECOND), 'row')"
                 )))
                 .bind(id)
-                .bind(id == null_at)
+                .bind(Some(id) == null_at)
                 .bind(id)
                 .execute(&pool)
                 .await
@@ -177,15 +198,15 @@ async fn a_null_cursor_fails_the_job_on_any_page_on_sqlite() {
     let db = dir.path().join("app.db");
     let conn = rusqlite_connection(&db);
     let url = format!("sqlite://{}", db.display());
-    fails_on_every_page(&url, "events", |null_at| {
+    fails_on_every_page(&url, "events", |rows, null_at| {
         let db = db.clone();
         async move {
             let conn = rusqlite_connection(&db);
             conn.execute_batch("DELETE FROM events").unwrap();
-            for id in 0..4i64 {
+            for id in 0..rows {
                 conn.execute(
                     "INSERT INTO events VALUES (?1, CASE WHEN ?2 THEN NULL ELSE '2026-01-0' || (?1 + 1) END, 'row')",
-                    (id, id == null_at),
+                    (id, Some(id) == null_at),
                 )
                 .unwrap();
             }
