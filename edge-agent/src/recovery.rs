@@ -778,7 +778,9 @@ fn salvage_file(
 /// `records` only counted as delivered, dropped or dead-lettered (source
 /// records refused at validation get a sequence number and go straight to
 /// `dead_letters`, counted too). `seq_gaps` counts numbers never stored
-/// (a recovered buffer's holes). `None` when the counters cannot be read.
+/// (a recovered buffer's holes), and `rekeyed_total` the numbers a record
+/// left when it was moved to a new epoch under a fresh one
+/// ([`crate::epochs::rekey`]). `None` when the counters cannot be read.
 pub fn expected_buffered(conn: &Connection) -> Option<u64> {
     let meta = |key: &str| -> Option<Option<i64>> {
         conn.query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| {
@@ -795,6 +797,7 @@ pub fn expected_buffered(conn: &Connection) -> Option<u64> {
         "dropped_total",
         "dead_letter_total",
         "seq_gaps",
+        "rekeyed_total",
     ] {
         gone = gone.checked_add(meta(key)?.unwrap_or(0))?;
     }
