@@ -393,6 +393,8 @@ fn service_for(
                 debug!(message = "agent connected", %peer, agent = %agent);
                 app.map_request(move |mut request: hyper::Request<Body>| {
                     request.extensions_mut().insert(agent.clone());
+                    // Renewal audit rows name the caller's address.
+                    request.extensions_mut().insert(PeerAddr(peer));
                     if let Some(presented) = &presented {
                         request.extensions_mut().insert(presented.clone());
                     }

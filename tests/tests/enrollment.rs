@@ -772,6 +772,18 @@ async fn an_agent_renews_only_as_itself_and_never_once_revoked() {
             .all(|(_, o, r)| o == "denied" && r.as_deref() == Some("revoked")),
         "{renewals:?}"
     );
+    // Every renewal row names the caller's address.
+    let remotes: Vec<Option<String>> =
+        sqlx::query_scalar("SELECT remote FROM audit WHERE action = 'agent.renew'")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        remotes
+            .iter()
+            .all(|r| r.as_deref().is_some_and(|r| r.starts_with("127.0.0.1:"))),
+        "{remotes:?}"
+    );
     p.aggregator.stop().await;
 }
 
