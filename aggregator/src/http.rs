@@ -559,7 +559,11 @@ async fn post_batch(
         }
     }
     let result = handle_batch(state.clone(), agent.clone(), headers, body).await;
-    if result.is_ok()
+    // An empty batch (an agent asking for its high-water mark) creates no
+    // agent row, so there would be nothing to record the certificate on.
+    if result
+        .as_ref()
+        .is_ok_and(|Json(ack)| ack.accepted + ack.duplicates > 0)
         && let Some(presented) = presented
     {
         record_certificate(&state.0.0.pool, &agent, &presented).await;

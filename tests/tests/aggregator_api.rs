@@ -961,11 +961,11 @@ async fn concurrent_batches_that_reuse_keys_store_each_key_once() {
         1,
         "{statuses:?}"
     );
-    assert!(
-        statuses
-            .iter()
-            .all(|s| *s == StatusCode::OK || *s == StatusCode::CONFLICT)
-    );
+    // Past the per-agent in-flight limit, admission answers 429 first.
+    assert!(statuses.iter().all(|s| matches!(
+        *s,
+        StatusCode::OK | StatusCode::CONFLICT | StatusCode::TOO_MANY_REQUESTS
+    )));
     assert_eq!(db.count("records").await, 50);
     let versions: i64 = sqlx::query_scalar("SELECT count(DISTINCT payload) FROM records")
         .fetch_one(&db.pool)
