@@ -76,23 +76,11 @@ pub(crate) fn init(tx: &Transaction<'_>, meta_epoch: Uuid) -> rusqlite::Result<E
          SELECT 0, ?1, 'created', ?2 WHERE NOT EXISTS (SELECT 1 FROM epochs)",
         params![meta_epoch.to_string(), now_us()],
     )?;
-    let mut stmt = tx.prepare("SELECT first_seq, epoch FROM epochs ORDER BY first_seq")?;
-    let rows = stmt
-        .query_map([], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let map = rows
-        .into_iter()
-        .filter_map(|(first, e)| e.parse::<Uuid>().ok().map(|e| (first, e)))
-        .collect::<Vec<_>>();
-    Ok(if map.is_empty() {
-        Epochs::single(meta_epoch)
-    } else {
-        Epochs(map)
-    })
+    Ok(read(tx, meta_epoch))
 }
 
-/// The map of a file opened only to be read (a tool, a damaged copy):
-/// whatever of `epochs` can be read, else `meta_epoch` for every seq.
+/// The map of a file: whatever of `epochs` can be read (a tool or a
+/// damaged copy may find less), else `meta_epoch` for every seq.
 pub(crate) fn read(conn: &rusqlite::Connection, meta_epoch: Uuid) -> Epochs {
     let rows = conn
         .prepare("SELECT first_seq, epoch FROM epochs ORDER BY first_seq")

@@ -55,6 +55,12 @@ impl Rig {
             .unwrap()
     }
 
+    /// Pushes NDJSON to the agent; the agent must take it (200).
+    async fn push_ndjson(&self, body: String) {
+        let pushed = push(&self.http, &self.agent.url, "application/x-ndjson", body).await;
+        assert_eq!(pushed.status(), 200);
+    }
+
     async fn rows(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM records")
             .fetch_one(&self.db.pool)
@@ -71,14 +77,7 @@ async fn a_permanent_refusal_moves_the_batch_to_dead_letters_with_the_reason() {
         retry_after_secs: 0,
         pass_every: 0,
     }));
-    let pushed = push(
-        &r.http,
-        &r.agent.url,
-        "application/x-ndjson",
-        agent::ndjson("s", "d", 0..20),
-    )
-    .await;
-    assert_eq!(pushed.status(), 200);
+    r.push_ndjson(agent::ndjson("s", "d", 0..20)).await;
     assert!(
         wait_until(Duration::from_secs(20), || async {
             r.status().await["dead_letters"]["records"] == 20
@@ -103,13 +102,7 @@ async fn a_permanent_refusal_moves_the_batch_to_dead_letters_with_the_reason() {
     assert_eq!(got["state"], "dead_letter");
     // Later records are not held up by the dead batch.
     r.gate.overload(None);
-    push(
-        &r.http,
-        &r.agent.url,
-        "application/x-ndjson",
-        agent::ndjson("s", "ok", 0..10),
-    )
-    .await;
+    r.push_ndjson(agent::ndjson("s", "ok", 0..10)).await;
     assert!(wait_until(Duration::from_secs(20), || async { r.rows().await == 10 }).await);
 }
 
@@ -118,13 +111,7 @@ async fn a_413_splits_the_batch_until_it_fits_and_everything_arrives() {
     let r = rig(|c| c.batch.linger = Duration::from_millis(300)).await;
     // About 40 records fit under the gate's limit; the agent batches 1000.
     r.gate.max_body(Some(2_000));
-    push(
-        &r.http,
-        &r.agent.url,
-        "application/x-ndjson",
-        agent::ndjson("s", "big", 0..1000),
-    )
-    .await;
+    r.push_ndjson(agent::ndjson("s", "big", 0..1000)).await;
     assert!(
         wait_until(Duration::from_secs(60), || async { r.rows().await == 1000 }).await,
         "rows: {} status: {}",
@@ -145,13 +132,7 @@ async fn a_403_keeps_the_data_and_delivery_resumes_when_the_agent_is_let_back_in
         retry_after_secs: 0,
         pass_every: 0,
     }));
-    push(
-        &r.http,
-        &r.agent.url,
-        "application/x-ndjson",
-        agent::ndjson("s", "k", 0..50),
-    )
-    .await;
+    r.push_ndjson(agent::ndjson("s", "k", 0..50)).await;
     assert!(
         wait_until(Duration::from_secs(10), || async {
             r.gate.seen().iter().filter(|s| s.status == 403).count() >= 3
@@ -170,13 +151,7 @@ async fn a_403_keeps_the_data_and_delivery_resumes_when_the_agent_is_let_back_in
 async fn a_key_taken_at_the_aggregator_re_keys_only_that_record_and_nothing_becomes_a_dead_letter()
 {
     let r = rig(|c| c.batch.linger = Duration::from_millis(200)).await;
-    push(
-        &r.http,
-        &r.agent.url,
-        "application/x-ndjson",
-        agent::ndjson("s", "a", 0..1),
-    )
-    .await;
+    r.push_ndjson(agent::ndjson("s", "a", 0..1)).await;
     assert!(wait_until(Duration::from_secs(20), || async { r.rows().await == 1 }).await);
     // Hold the next records in the buffer while the aggregator is "busy".
     r.gate.overload(Some(Overload {
@@ -184,14 +159,7 @@ async fn a_key_taken_at_the_aggregator_re_keys_only_that_record_and_nothing_beco
         retry_after_secs: 0,
         pass_every: 0,
     }));
-    let pushed = push(
-        &r.http,
-        &r.agent.url,
-        "application/x-ndjson",
-        agent::ndjson("s", "b", 0..20),
-    )
-    .await;
-    assert_eq!(pushed.status(), 200);
+    r.push_ndjson(agent::ndjson("s", "b", 0..20)).await;
     // Another version of seq 6 (the fifth record, b-4) is already stored under
     // its full key, receive time included: any batch holding it gets a 409.
     let mut export = Vec::new();
@@ -262,14 +230,7 @@ async fn a_key_taken_at_the_aggregator_re_keys_only_that_record_and_nothing_beco
 async fn a_refusal_that_blames_one_record_dead_letters_only_that_record() {
     let r = rig(|c| c.batch.linger = Duration::from_millis(200)).await;
     r.gate.blame(Some("b-4"));
-    let pushed = push(
-        &r.http,
-        &r.agent.url,
-        "application/x-ndjson",
-        agent::ndjson("b", "b", 0..20),
-    )
-    .await;
-    assert_eq!(pushed.status(), 200);
+    r.push_ndjson(agent::ndjson("b", "b", 0..20)).await;
     assert!(
         wait_until(Duration::from_secs(30), || async {
             r.status().await["buffer"]["records"] == 0
