@@ -32,6 +32,7 @@ Usage: scripts/powercut.sh [--scenario NAME|all] [--records N] [--rebuild-image]
 
   --scenario NAME   power-cut, power-cut-during-rotation,
                     power-cut-during-delivery, power-cut-process-crash-mode,
+                    power-cut-during-renewal, power-cut-during-pull,
                     or all (the default); may be repeated
   --records N       records acknowledged before each cut (default 20000)
   --rebuild-image   build the guest image even if a cached one matches

@@ -627,44 +627,188 @@ pub fn write_agent_bundle(dir: &Path, agent: &Pem, ca_cert_pem: &str) -> Result<
 /// Missing directories are created (0700). `ca` is optional: a renewal keeps
 /// the trust anchor the agent already has.
 ///
-/// Every file is staged beside its target first and only then renamed into
-/// place, so a failure leaves the previous identity whole. A reader between
-/// two renames can see the new certificate with the old key; readers that
-/// must not (the agent's renewal) load the pair and check that it matches.
+/// The files change together or not at all, even across a power cut:
+/// 1. each file is staged beside its target as `.NAME.next` in the order
+///    ca, key, cert, each fsynced and its directory fsynced before the next
+///    one starts, so a staged certificate means everything before it is
+///    staged and durable;
+/// 2. the staged files are renamed into place in the same order, the
+///    certificate last, and the directories fsynced.
+///
+/// A crash between two renames leaves the new key beside the old
+/// certificate; [`recover_identity_files`], which the agent runs before it
+/// loads its identity, completes the move from the staged files.
 pub fn write_identity_files(
     cert: (&Path, &str),
     key: (&Path, &str),
     ca: Option<(&Path, &str)>,
 ) -> Result<(), Error> {
-    let mut targets = vec![(cert, CERT_MODE), (key, KEY_MODE)];
+    let mut targets: Vec<((&Path, &str), u32)> = Vec::with_capacity(3);
     targets.extend(ca.map(|ca| (ca, CERT_MODE)));
+    targets.push((key, KEY_MODE));
+    targets.push((cert, CERT_MODE));
     let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(targets.len());
-    let cleanup = |staged: &[(PathBuf, PathBuf)]| {
-        for (tmp, _) in staged {
-            let _ = fs::remove_file(tmp);
-        }
-    };
     for ((path, contents), mode) in targets {
         let (dir, name) = split_target(path)?;
-        let result = create_dir_synced(&dir).and_then(|()| {
-            stage(
-                &dir,
-                &OutFile {
-                    name: &name,
-                    contents,
-                    mode,
-                },
-            )
-        });
-        match result {
-            Ok(tmp) => staged.push((tmp, path.to_owned())),
-            Err(e) => {
-                cleanup(&staged);
-                return Err(e);
+        let next = dir.join(next_name(&name));
+        let result = create_dir_synced(&dir)
+            .and_then(|()| {
+                stage_as(
+                    &next,
+                    &OutFile {
+                        name: &name,
+                        contents,
+                        mode,
+                    },
+                )
+            })
+            .and_then(|()| sync_dir(&dir));
+        if let Err(e) = result {
+            // Nothing is renamed yet: the previous identity is whole.
+            for (next, _) in &staged {
+                let _ = fs::remove_file(next);
+            }
+            let _ = fs::remove_file(&next);
+            return Err(e);
+        }
+        staged.push((next, path.to_owned()));
+    }
+    let last = staged.len() - 1;
+    for (i, (next, target)) in staged.iter().enumerate() {
+        if i == last {
+            failpoint("identity-between-renames");
+        }
+        // On a failure here the staged files stay: the next start's
+        // recovery finishes what was begun (some renames may be done).
+        fs::rename(next, target).map_err(|source| Error::Io {
+            action: "move into place",
+            path: target.clone(),
+            source,
+        })?;
+    }
+    sync_dirs_of(staged.iter().map(|(_, target)| target.as_path()))
+}
+
+/// What [`recover_identity_files`] found beside the identity files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdentityRecovery {
+    /// No staged files: the last write finished, or there was none.
+    Clean,
+    /// A write was cut after its files were staged: it is now complete, and
+    /// the new identity is in place.
+    RolledForward,
+    /// A write was cut while it staged its files: they were removed, and
+    /// the previous identity is in place.
+    DiscardedPartial,
+}
+
+/// Finishes or undoes a [`write_identity_files`] that a crash or power cut
+/// interrupted, so the certificate, its key and the CA on disk belong
+/// together again. A staged certificate that matches the staged (or, if that
+/// was already renamed, the installed) key means staging had completed: the
+/// remaining renames are done. Anything else staged is an incomplete write
+/// and is removed, leaving the previous identity.
+pub fn recover_identity_files(
+    cert: &Path,
+    key: &Path,
+    ca: Option<&Path>,
+) -> Result<IdentityRecovery, Error> {
+    let next_of = |path: &Path| -> Result<PathBuf, Error> {
+        let (dir, name) = split_target(path)?;
+        Ok(dir.join(next_name(&name)))
+    };
+    let mut pairs = Vec::with_capacity(3);
+    if let Some(ca) = ca {
+        pairs.push((next_of(ca)?, ca.to_owned()));
+    }
+    pairs.push((next_of(key)?, key.to_owned()));
+    pairs.push((next_of(cert)?, cert.to_owned()));
+    let present = |p: &Path| fs::symlink_metadata(p).is_ok();
+    if !pairs.iter().any(|(next, _)| present(next)) {
+        return Ok(IdentityRecovery::Clean);
+    }
+    let (cert_next, key_next) = (&pairs[pairs.len() - 1].0, &pairs[pairs.len() - 2].0);
+    let key_now = if present(key_next) { key_next } else { key };
+    let complete = match (fs::read_to_string(cert_next), fs::read_to_string(key_now)) {
+        (Ok(c), Ok(k)) => enroll::check_pair(&c, &k).is_ok(),
+        _ => false,
+    };
+    let outcome = if complete {
+        for (next, target) in &pairs {
+            if present(next) {
+                fs::rename(next, target).map_err(|source| Error::Io {
+                    action: "move into place",
+                    path: target.clone(),
+                    source,
+                })?;
             }
         }
+        IdentityRecovery::RolledForward
+    } else {
+        for (next, _) in &pairs {
+            match fs::remove_file(next) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => {
+                    return Err(Error::Io {
+                        action: "remove",
+                        path: next.clone(),
+                        source,
+                    });
+                }
+            }
+        }
+        IdentityRecovery::DiscardedPartial
+    };
+    sync_dirs_of(pairs.iter().map(|(_, target)| target.as_path()))?;
+    Ok(outcome)
+}
+
+/// The staging name of an identity file: hidden, and never a valid target
+/// name itself ([`validate_file_stem`] refuses a leading '.').
+fn next_name(name: &str) -> String {
+    format!(".{name}.next")
+}
+
+/// Pauses the calling thread for good when the environment variable
+/// `DCS_TEST_FAILPOINT` names this point, after saying so on stderr. The
+/// power-cut tests use it to cut the power at an exact moment; nothing sets
+/// it in production.
+fn failpoint(name: &str) {
+    if std::env::var_os("DCS_TEST_FAILPOINT").is_some_and(|v| v == name) {
+        eprintln!("failpoint {name}: reached, pausing");
+        loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        }
     }
-    move_into_place(&staged)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), Error> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| Error::Io {
+            action: "sync directory",
+            path: dir.to_owned(),
+            source,
+        })
+}
+
+/// Fsyncs the directory of each path once.
+fn sync_dirs_of<'a>(paths: impl Iterator<Item = &'a Path>) -> Result<(), Error> {
+    let mut synced: Vec<&Path> = Vec::new();
+    for path in paths {
+        // A bare file name ("agent.pem") has the empty path as its parent,
+        // which cannot be opened: it means the current directory.
+        let dir = match path.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        if !synced.contains(&dir) {
+            sync_dir(dir)?;
+            synced.push(dir);
+        }
+    }
+    Ok(())
 }
 
 /// The directory and file name of a target path, refusing a path without a
@@ -863,27 +1007,7 @@ fn move_into_place(staged: &[(PathBuf, PathBuf)]) -> Result<(), Error> {
             });
         }
     }
-    let mut synced: Vec<&Path> = Vec::new();
-    for (_, target) in staged {
-        // A bare file name ("agent.pem") has the empty path as its parent,
-        // which cannot be opened: it means the current directory.
-        let dir = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        if synced.contains(&dir) {
-            continue;
-        }
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|source| Error::Io {
-                action: "sync directory",
-                path: dir.to_owned(),
-                source,
-            })?;
-        synced.push(dir);
-    }
-    Ok(())
+    sync_dirs_of(staged.iter().map(|(_, target)| target.as_path()))
 }
 
 /// Writes one file under a fresh temporary name and returns that name.
@@ -897,14 +1021,27 @@ fn stage(dir: &Path, file: &OutFile<'_>) -> Result<PathBuf, Error> {
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ));
     let tmp = dir.join(tmp_name);
+    stage_as(&tmp, file)?;
+    Ok(tmp)
+}
+
+/// Writes one file at `tmp`, replacing what an interrupted earlier write
+/// left there, with its final mode, and fsyncs it.
+fn stage_as(tmp: &Path, file: &OutFile<'_>) -> Result<(), Error> {
     let io_err = |action| {
-        let path = tmp.clone();
+        let path = tmp.to_owned();
         move |source| Error::Io {
             action,
             path,
             source,
         }
     };
+    // remove_file removes a symlink planted at the name, never its target.
+    match fs::remove_file(tmp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("remove")(e)),
+    }
     // The mode applies at creation, so a private key is never readable by
     // others, not even for an instant. create_new refuses to follow a
     // symlink planted at the temporary name.
@@ -912,7 +1049,7 @@ fn stage(dir: &Path, file: &OutFile<'_>) -> Result<PathBuf, Error> {
         .write(true)
         .create_new(true)
         .mode(file.mode)
-        .open(&tmp)
+        .open(tmp)
         .map_err(io_err("create"))?;
     let result = (|| {
         // The umask may have stripped bits (a 0644 certificate created under
@@ -925,10 +1062,10 @@ fn stage(dir: &Path, file: &OutFile<'_>) -> Result<PathBuf, Error> {
         out.sync_all().map_err(io_err("sync"))
     })();
     if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(tmp);
         return Err(e);
     }
-    Ok(tmp)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -1366,6 +1503,121 @@ mod tests {
                 "no temporary files left in {sub}: {names:?}"
             );
         }
+    }
+
+    /// The identity files of one agent in `dir`, and a second identity (a
+    /// renewal) staged beside them the way [`write_identity_files`] stages.
+    struct CutRenewal {
+        cert: PathBuf,
+        key: PathBuf,
+        ca: PathBuf,
+        old: Pem,
+        new: Pem,
+    }
+
+    impl CutRenewal {
+        fn new(dir: &Path) -> CutRenewal {
+            let ca = ca();
+            let old = ca.issue_agent("t1", "a1", Validity::days_from_now(1)).unwrap();
+            let new = ca.issue_agent("t1", "a1", Validity::days_from_now(2)).unwrap();
+            let r = CutRenewal {
+                cert: dir.join("agent.pem"),
+                key: dir.join("agent-key.pem"),
+                ca: dir.join("ca.pem"),
+                old,
+                new,
+            };
+            write_identity_files(
+                (&r.cert, &r.old.cert),
+                (&r.key, &r.old.key),
+                Some((&r.ca, ca.cert_pem())),
+            )
+            .unwrap();
+            r
+        }
+
+        fn next(path: &Path) -> PathBuf {
+            path.with_file_name(next_name(path.file_name().unwrap().to_str().unwrap()))
+        }
+
+        fn recover(&self) -> IdentityRecovery {
+            recover_identity_files(&self.cert, &self.key, Some(&self.ca)).unwrap()
+        }
+
+        fn installed(&self) -> (String, String) {
+            (
+                fs::read_to_string(&self.cert).unwrap(),
+                fs::read_to_string(&self.key).unwrap(),
+            )
+        }
+
+        fn leftovers(&self) -> Vec<PathBuf> {
+            [&self.cert, &self.key, &self.ca]
+                .iter()
+                .map(|p| CutRenewal::next(p))
+                .filter(|p| p.exists())
+                .collect()
+        }
+    }
+
+    #[test]
+    fn a_cut_while_staging_leaves_the_previous_identity() {
+        // Cut after the key was staged, before the certificate was.
+        let dir = tempfile::tempdir().unwrap();
+        let r = CutRenewal::new(dir.path());
+        fs::write(CutRenewal::next(&r.key), &r.new.key).unwrap();
+        assert_eq!(r.recover(), IdentityRecovery::DiscardedPartial);
+        assert_eq!(r.installed(), (r.old.cert.clone(), r.old.key.clone()));
+        assert!(r.leftovers().is_empty());
+
+        // Cut while the certificate was written: half of it on disk.
+        fs::write(CutRenewal::next(&r.key), &r.new.key).unwrap();
+        fs::write(
+            CutRenewal::next(&r.cert),
+            &r.new.cert[..r.new.cert.len() / 2],
+        )
+        .unwrap();
+        assert_eq!(r.recover(), IdentityRecovery::DiscardedPartial);
+        assert_eq!(r.installed(), (r.old.cert.clone(), r.old.key.clone()));
+        assert!(r.leftovers().is_empty());
+    }
+
+    #[test]
+    fn a_cut_after_staging_completes_the_new_identity() {
+        // Everything staged, nothing renamed yet.
+        let dir = tempfile::tempdir().unwrap();
+        let r = CutRenewal::new(dir.path());
+        fs::write(CutRenewal::next(&r.key), &r.new.key).unwrap();
+        fs::write(CutRenewal::next(&r.cert), &r.new.cert).unwrap();
+        assert_eq!(r.recover(), IdentityRecovery::RolledForward);
+        assert_eq!(r.installed(), (r.new.cert.clone(), r.new.key.clone()));
+        assert!(r.leftovers().is_empty());
+    }
+
+    #[test]
+    fn a_cut_between_the_renames_completes_the_new_identity() {
+        // The worst moment: the new key is in place beside the old
+        // certificate, which no TLS handshake can use.
+        let dir = tempfile::tempdir().unwrap();
+        let r = CutRenewal::new(dir.path());
+        fs::write(&r.key, &r.new.key).unwrap();
+        fs::write(CutRenewal::next(&r.cert), &r.new.cert).unwrap();
+        assert!(enroll::check_pair(&r.old.cert, &r.new.key).is_err());
+        assert_eq!(r.recover(), IdentityRecovery::RolledForward);
+        assert_eq!(r.installed(), (r.new.cert.clone(), r.new.key.clone()));
+        assert_eq!(mode(&r.key), 0o600);
+        assert!(r.leftovers().is_empty());
+        assert_eq!(r.recover(), IdentityRecovery::Clean, "idempotent");
+    }
+
+    #[test]
+    fn identity_writes_leave_no_staged_files_behind() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = CutRenewal::new(dir.path());
+        write_identity_files((&r.cert, &r.new.cert), (&r.key, &r.new.key), None).unwrap();
+        assert!(r.leftovers().is_empty());
+        assert_eq!(r.recover(), IdentityRecovery::Clean);
+        assert_eq!(r.installed(), (r.new.cert.clone(), r.new.key.clone()));
     }
 
     fn parse_csr(pem: &str) -> Vec<u8> {

@@ -18,6 +18,11 @@
 //!   min(validity / 10, 1 h) (or sooner, when the renewal time comes); a
 //!   failed renewal is retried with backoff and jitter, capped at that
 //!   interval, until it succeeds or the agent stops.
+//! - **A cut mid-write is finished at the next start.** [`recover_files`]
+//!   runs before anything loads the identity: files that a power cut left
+//!   half renamed (the new key beside the old certificate) are completed
+//!   from their staged copies, and an incomplete staging is discarded
+//!   ([`dcs_certs::write_identity_files`]).
 //! - The private key is never logged; the log line names the serials and the
 //!   new expiry.
 
@@ -43,6 +48,26 @@ const RETRY_INITIAL: Duration = Duration::from_secs(1);
 pub fn renew_at(info: &CertificateInfo) -> i64 {
     let lifetime = (info.not_after - info.not_before).max(0);
     info.not_after - lifetime / 3
+}
+
+/// Completes or undoes a certificate write (enrollment or renewal) that a
+/// crash or power cut interrupted, so the agent loads a certificate and key
+/// that belong together.
+pub fn recover_files(config: &Config) -> Result<(), dcs_certs::Error> {
+    let a = &config.aggregator;
+    let outcome = dcs_certs::recover_identity_files(&a.cert, &a.key, Some(&a.ca))?;
+    match outcome {
+        dcs_certs::IdentityRecovery::Clean => {}
+        dcs_certs::IdentityRecovery::RolledForward => tracing::warn!(
+            message = "a certificate write was cut short (crash or power cut); completed it from the staged files",
+            cert = %a.cert.display()
+        ),
+        dcs_certs::IdentityRecovery::DiscardedPartial => tracing::warn!(
+            message = "a certificate write was cut short while staging (crash or power cut); kept the previous certificate",
+            cert = %a.cert.display()
+        ),
+    }
+    Ok(())
 }
 
 /// How often the certificate file is re-read.

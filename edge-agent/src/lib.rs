@@ -99,6 +99,8 @@ pub async fn run(
         bytes = stats.bytes
     );
     let link = Arc::new(forwarder::Link::default());
+    identity::recover_files(&config)
+        .map_err(|e| Error::Startup(format!("recover the agent's certificate files: {e}")))?;
     // One client for every forwarder, so a renewed certificate reaches all.
     let client = forwarder::SharedClient::new(forwarder::http_client(&config)?);
     let forwarder =

@@ -6,12 +6,19 @@
 #   rotate   rotate the buffer's encryption key the way an operator would:
 #            a new key file and a new configuration written with plain shell
 #            redirections (no fsync), then a restart of the agent
+# With dcs.failpoint=NAME on the kernel command line, the agent pauses at
+# that point (DCS_TEST_FAILPOINT) so the harness can cut the power there.
 # The power cut is the harness's kill -9 of qemu; nothing here shuts down.
 set -u
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 
 arg() { tr ' ' '\n' </proc/cmdline | sed -n "s/^$1=//p"; }
 say() { echo "guest: $*"; }
+
+FAILPOINT=$(arg dcs.failpoint)
+if [[ -n "$FAILPOINT" ]]; then
+    export DCS_TEST_FAILPOINT="$FAILPOINT"
+fi
 
 AGENT_PID=
 start_agent() {

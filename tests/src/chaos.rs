@@ -316,10 +316,34 @@ pub async fn verify(pool: &PgPool, agent_url: &str, scenario: &str, ledger: &Led
 
 /// Compares PostgreSQL with the ledger, without waiting for a drain.
 pub async fn compare(pool: &PgPool, scenario: &str, ledger: &Ledger) -> Report {
+    compare_on(pool, scenario, ledger, RecordKey::RecordId).await
+}
+
+/// What identifies a record of a scenario in PostgreSQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RecordKey {
+    /// The record's `id` (pushed records).
+    RecordId,
+    /// The payload's `k` field (pulled records carry no id).
+    PayloadK,
+}
+
+impl RecordKey {
+    pub fn sql(self) -> &'static str {
+        match self {
+            RecordKey::RecordId => "record_id",
+            RecordKey::PayloadK => "payload->>'k'",
+        }
+    }
+}
+
+/// [`compare`], with the records told apart by `key`.
+pub async fn compare_on(pool: &PgPool, scenario: &str, ledger: &Ledger, key: RecordKey) -> Report {
     let acked: HashSet<String> = ledger.acked.lock().expect("ledger").clone();
-    let rows: Vec<(String, i64)> = sqlx::query_as(
-        "SELECT record_id, count(*) FROM records WHERE stream = $1 GROUP BY record_id",
-    )
+    let key = key.sql();
+    let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT {key}, count(*) FROM records WHERE stream = $1 AND {key} IS NOT NULL GROUP BY 1"
+    )))
     .bind(STREAM)
     .fetch_all(pool)
     .await

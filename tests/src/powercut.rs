@@ -20,7 +20,7 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::chaos::{Ledger, Report, STREAM};
+use crate::chaos::{Ledger, RecordKey, Report, STREAM};
 use crate::pg::TestDb;
 use crate::pki::Pki;
 use crate::process::{Service, binary, free_port};
@@ -30,7 +30,17 @@ pub const SCENARIOS: &[&str] = &[
     "power-cut-during-rotation",
     "power-cut-during-delivery",
     "power-cut-process-crash-mode",
+    "power-cut-during-renewal",
+    "power-cut-during-pull",
 ];
+
+/// Where the pulled records are, in the guest.
+const PULL_DIR: &str = "/data/in";
+
+/// Where the agent pauses, in the renewal scenario, until the power is cut:
+/// the renewed key is in place, the renewed certificate not yet
+/// (`dcs_certs::write_identity_files`).
+const RENEWAL_FAILPOINT: &str = "identity-between-renames";
 
 /// The agent's port inside the guest.
 const GUEST_AGENT_PORT: u16 = 8780;
@@ -120,6 +130,29 @@ pub async fn run_named(name: &str, opts: &Options) -> anyhow::Result<Report> {
             )
             .await?
         }
+        "power-cut-during-renewal" => {
+            power_cut(
+                opts,
+                Mode {
+                    aggregator_up: true,
+                    renewal: true,
+                    ..Mode::default()
+                },
+                name,
+            )
+            .await?
+        }
+        "power-cut-during-pull" => {
+            power_cut(
+                opts,
+                Mode {
+                    pull: true,
+                    ..Mode::default()
+                },
+                name,
+            )
+            .await?
+        }
         other => bail!(
             "unknown scenario {other:?}; known: {}",
             SCENARIOS.join(", ")
@@ -134,7 +167,10 @@ pub async fn run_named(name: &str, opts: &Options) -> anyhow::Result<Report> {
 /// is what it measures).
 pub fn passes(name: &str, report: &Report) -> bool {
     let pushed = report.acked > 0;
-    if name == "power-cut-process-crash-mode" {
+    let noted = |key: &str, value: &str| report.notes.iter().any(|(k, v)| k == key && v == value);
+    if name == "power-cut-during-renewal" {
+        pushed && report.ok() && noted("identity", "rolled-forward") && noted("renewed", "true")
+    } else if name == "power-cut-process-crash-mode" {
         pushed && report.duplicated == 0 && report.refused_present == 0
     } else {
         pushed && report.ok()
@@ -150,6 +186,22 @@ struct Mode {
     rotate: bool,
     /// `buffer.durability = "process-crash"` instead of the default.
     process_crash: bool,
+    /// The agent's certificate is due for renewal at boot, and the power is
+    /// cut between the renames of the renewed key and certificate.
+    renewal: bool,
+    /// No producers: a file source reads a file of records, and the power
+    /// is cut while it stores them with its checkpoint.
+    pull: bool,
+}
+
+impl Mode {
+    fn key(self) -> RecordKey {
+        if self.pull {
+            RecordKey::PayloadK
+        } else {
+            RecordKey::RecordId
+        }
+    }
 }
 
 async fn power_cut(opts: &Options, mode: Mode, name: &str) -> anyhow::Result<Report> {
@@ -161,40 +213,57 @@ async fn power_cut(opts: &Options, mode: Mode, name: &str) -> anyhow::Result<Rep
     let db = TestDb::try_new().await?;
     let pki = Pki::new();
     let agg_port = free_port();
-    let mut aggregator = aggregator_service(&pki, &db, agg_port, dir.path())?;
+    let mut aggregator = aggregator_service(&pki, &db, agg_port, dir.path(), mode)?;
     if mode.aggregator_up {
         aggregator.start().await;
     }
 
     let data = dir.path().join("data.img");
-    stage_data_disk(opts, &pki, agg_port, mode, &dir.path().join("stage"), &data)?;
+    let first_serial = stage_data_disk(opts, &pki, agg_port, mode, &dir.path().join("stage"), &data)?;
     let agent_port = free_port();
     let agent_url = format!("http://127.0.0.1:{agent_port}");
     let ctl = TcpListener::bind("127.0.0.1:0").await?;
     let ctl_port = ctl.local_addr()?.port();
 
     // Boot 1: push until enough records are acknowledged, then cut.
+    let failpoint = mode.renewal.then_some(RENEWAL_FAILPOINT);
     let mut vm = Vm::boot(
         opts,
         &data,
         agent_port,
         ctl_port,
+        failpoint,
         &dir.path().join("serial-1.log"),
     )?;
     let mut control = Control::accept(&ctl, &mut vm).await?;
     vm.wait_agent(&agent_url).await?;
     let ledger = Arc::new(Ledger::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let producers: Vec<_> = (0..4)
-        .map(|p| tokio::spawn(produce(agent_url.clone(), p, ledger.clone(), stop.clone())))
-        .collect();
+    let producers: Vec<_> = if mode.pull {
+        // Every line of the file is owed to PostgreSQL exactly once.
+        ledger.add_acked(&pulled_keys(opts.records));
+        Vec::new()
+    } else {
+        (0..4)
+            .map(|p| tokio::spawn(produce(agent_url.clone(), p, ledger.clone(), stop.clone())))
+            .collect()
+    };
     let before_rotation = if mode.rotate { opts.records / 2 } else { 0 };
     if mode.rotate {
         wait_acked(&ledger, before_rotation, &mut vm).await?;
         control.send("rotate").await?;
         control.expect("rotated", &mut vm).await?;
     }
-    wait_acked(&ledger, opts.records, &mut vm).await?;
+    let stored_at_cut = if mode.pull {
+        Some(wait_pull_started(&agent_url, &mut vm).await?)
+    } else {
+        wait_acked(&ledger, opts.records, &mut vm).await?;
+        None
+    };
+    if let Some(point) = failpoint {
+        vm.wait_console(&format!("failpoint {point}: reached"))
+            .await?;
+    }
     // The cut: producers still pushing, commits still being written.
     stop.store(true, Ordering::SeqCst);
     vm.cut();
@@ -210,6 +279,7 @@ async fn power_cut(opts: &Options, mode: Mode, name: &str) -> anyhow::Result<Rep
         &data,
         agent_port,
         ctl_port,
+        None,
         &dir.path().join("serial-2.log"),
     )?;
     let _control = Control::accept(&ctl, &mut vm).await?;
@@ -217,7 +287,7 @@ async fn power_cut(opts: &Options, mode: Mode, name: &str) -> anyhow::Result<Rep
     for p in producers {
         p.await.context("producer")?;
     }
-    let report = drain_and_verify(&db, &agent_url, name, &ledger, &mut vm).await;
+    let report = drain_and_verify(&db, &agent_url, name, &ledger, mode.key(), &mut vm).await;
     let mut report = report?;
     if mode.process_crash {
         report.note("lost", report.missing);
@@ -225,6 +295,24 @@ async fn power_cut(opts: &Options, mode: Mode, name: &str) -> anyhow::Result<Rep
     report.note("acked_at_cut", acked_at_cut);
     if mode.rotate {
         report.note("acked_before_rotation", before_rotation);
+    }
+    if let Some(stored) = stored_at_cut {
+        report.note("stored_at_cut", stored);
+    }
+    if mode.renewal {
+        // The agent started on a whole identity: the renewal finished from
+        // its staged files, and the aggregator now sees the renewed serial.
+        let console = std::fs::read_to_string(dir.path().join("serial-2.log")).unwrap_or_default();
+        let rolled = console.contains("completed it from the staged files");
+        report.note("identity", if rolled { "rolled-forward" } else { "unchanged" });
+        let serial: Option<String> =
+            sqlx::query_scalar("SELECT cert_serial FROM agents WHERE name = $1")
+                .bind(POWERCUT_AGENT)
+                .fetch_optional(&db.pool)
+                .await?
+                .flatten();
+        let renewed = serial.is_some_and(|s| s != first_serial);
+        report.note("renewed", renewed);
     }
     vm.cut();
     aggregator.terminate();
@@ -243,14 +331,20 @@ async fn power_cut(opts: &Options, mode: Mode, name: &str) -> anyhow::Result<Rep
 
 /// The aggregator on the host's loopback, with a server certificate that
 /// also names 10.0.2.2 (the address the guest dials).
-fn aggregator_service(pki: &Pki, db: &TestDb, port: u16, dir: &Path) -> anyhow::Result<Service> {
+fn aggregator_service(
+    pki: &Pki,
+    db: &TestDb,
+    port: u16,
+    dir: &Path,
+    mode: Mode,
+) -> anyhow::Result<Service> {
     let server = pki.authority().issue_server(
         &["localhost".to_owned()],
         &[IpAddr::V4(Ipv4Addr::LOCALHOST), IpAddr::V4(HOST_FROM_GUEST)],
         dcs_certs::Validity::days_from_now(30),
     )?;
     dcs_certs::write_pair(dir, "server", &server)?;
-    let env = [
+    let mut env = vec![
         ("LISTEN__ADDRESS", format!("127.0.0.1:{port}")),
         ("ADMIN__ADDRESS", "127.0.0.1:0".into()),
         ("TLS__CA", pki.ca.display().to_string()),
@@ -261,10 +355,22 @@ fn aggregator_service(pki: &Pki, db: &TestDb, port: u16, dir: &Path) -> anyhow::
         ("DATABASE__MAX_CONNECTIONS", "4".into()),
         ("LIMITS__RETRY_AFTER", "\"1s\"".into()),
         ("LOG__FORMAT", "json".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("DCS_AGG_{k}"), v))
-    .collect();
+    ];
+    if mode.renewal {
+        env.extend([
+            ("ENROLLMENT__ENABLED", "true".into()),
+            ("ENROLLMENT__CA_CERT", pki.ca.display().to_string()),
+            (
+                "ENROLLMENT__CA_KEY",
+                pki.path().join(dcs_certs::CA_KEY_FILE).display().to_string(),
+            ),
+            ("ENROLLMENT__VALIDITY", "\"1h\"".into()),
+        ]);
+    }
+    let env = env
+        .into_iter()
+        .map(|(k, v)| (format!("DCS_AGG_{k}"), v))
+        .collect();
     Ok(Service::new(
         "dcs-aggregator",
         &["serve"],
@@ -296,6 +402,20 @@ min_free_disk = "16MiB"
             previous.join(", ")
         ));
     }
+    if mode.pull {
+        toml.push_str(&format!(
+            r#"
+[[sources]]
+name = "powercut-file"
+kind = "file"
+stream = "{STREAM}"
+schedule = "1s"
+[sources.file]
+paths = ["{PULL_DIR}/*.ndjson"]
+format = "ndjson"
+"#
+        ));
+    }
     toml.push_str(&format!(
         r#"
 [aggregator]
@@ -322,8 +442,12 @@ level = "warn"
     toml
 }
 
+/// The agent's name in its certificate.
+const POWERCUT_AGENT: &str = "powercut-1";
+
 /// Writes the data disk: dcs-edge, its configuration and certificates, the
-/// guest program, an empty buffer directory.
+/// guest program, an empty buffer directory. Returns the serial of the
+/// agent's certificate.
 fn stage_data_disk(
     opts: &Options,
     pki: &Pki,
@@ -331,7 +455,7 @@ fn stage_data_disk(
     mode: Mode,
     stage: &Path,
     image: &Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<String> {
     let etc = stage.join("etc");
     std::fs::create_dir_all(&etc)?;
     std::fs::create_dir_all(stage.join("bin"))?;
@@ -350,7 +474,12 @@ fn stage_data_disk(
         std::fs::copy(binary("dcs-edge"), &edge)?;
     }
     std::fs::copy(&opts.guest_script, stage.join("guest.sh"))?;
-    let cert = pki.agent("acme", "powercut-1");
+    let cert = if mode.renewal {
+        pki.renewable_agent("acme", POWERCUT_AGENT)
+    } else {
+        pki.agent("acme", POWERCUT_AGENT)
+    };
+    let serial = dcs_certs::enroll::certificate_info(&std::fs::read_to_string(&cert.cert)?)?.serial;
     std::fs::copy(&cert.cert, etc.join("agent.pem"))?;
     std::fs::copy(&cert.key, etc.join("agent-key.pem"))?;
     std::fs::copy(&cert.ca, etc.join("ca.pem"))?;
@@ -372,13 +501,22 @@ fn stage_data_disk(
         edge_toml(agg_port, mode, None)
     };
     std::fs::write(etc.join("edge.toml"), config)?;
+    if mode.pull {
+        let dir = stage.join(PULL_DIR.trim_start_matches("/data/"));
+        std::fs::create_dir_all(&dir)?;
+        let lines: String = pulled_keys(opts.records)
+            .iter()
+            .map(|k| format!("{{\"k\":\"{k}\",\"note\":\"power-cut pulled record\"}}\n"))
+            .collect();
+        std::fs::write(dir.join("records.ndjson"), lines)?;
+    }
     run(Command::new("mkfs.ext4")
         .args(["-q", "-F", "-L", "dcs-data", "-d"])
         .arg(stage)
         .arg(image)
         .arg("1G"))
     .context("mkfs.ext4 -d (e2fsprogs) for the data disk")?;
-    Ok(())
+    Ok(serial)
 }
 
 fn run(command: &mut Command) -> anyhow::Result<()> {
@@ -406,12 +544,16 @@ impl Vm {
         data: &Path,
         agent_port: u16,
         ctl_port: u16,
+        failpoint: Option<&str>,
         serial: &Path,
     ) -> anyhow::Result<Vm> {
-        let append = format!(
+        let mut append = format!(
             "console=ttyS0 root=/dev/vda ro rootfstype=ext4 init=/sbin/dcs-powercut-init \
              panic=-1 quiet dcs.ctl={ctl_port}"
         );
+        if let Some(point) = failpoint {
+            append.push_str(&format!(" dcs.failpoint={point}"));
+        }
         let child = Command::new("qemu-system-x86_64")
             .args([
                 "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1",
@@ -481,6 +623,25 @@ impl Vm {
             );
         }
         Ok(())
+    }
+
+    /// Waits until the guest's console shows `text`.
+    async fn wait_console(&mut self, text: &str) -> anyhow::Result<()> {
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            let console = std::fs::read(&self.serial).unwrap_or_default();
+            if String::from_utf8_lossy(&console).contains(text) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "the console did not show {text:?} within {BOOT_TIMEOUT:?}:\n{}",
+                    tail(&self.serial, 40)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// Waits until the agent in the guest answers `/v1/status`.
@@ -572,6 +733,33 @@ impl Control {
     }
 }
 
+/// The keys of the file the pull scenario's source reads, one a line.
+fn pulled_keys(records: usize) -> Vec<String> {
+    (0..records).map(|i| format!("f-{i}")).collect()
+}
+
+/// Waits until the file source has stored its first records, and returns
+/// how many: the cut follows at once, while it stores the rest.
+async fn wait_pull_started(agent_url: &str, vm: &mut Vm) -> anyhow::Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        vm.check_alive()?;
+        let stored = crate::chaos::agent_status(agent_url).await["buffer"]["records"]
+            .as_u64()
+            .unwrap_or(0);
+        if stored > 0 {
+            return Ok(stored);
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the file source stored nothing in 300 s; console:\n{}",
+                tail(&vm.serial, 40)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 async fn wait_acked(ledger: &Ledger, target: usize, vm: &mut Vm) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(600);
     while ledger.acked() < target {
@@ -646,6 +834,7 @@ async fn drain_and_verify(
     agent_url: &str,
     name: &str,
     ledger: &Ledger,
+    key: RecordKey,
     vm: &mut Vm,
 ) -> anyhow::Result<Report> {
     // Drained: every acknowledged record arrived and the buffer is empty, or
@@ -655,12 +844,14 @@ async fn drain_and_verify(
     let (mut last, mut since) = (-1i64, Instant::now());
     loop {
         vm.check_alive()?;
-        let present: i64 =
-            sqlx::query_scalar("SELECT count(DISTINCT record_id) FROM records WHERE stream = $1")
-                .bind(STREAM)
-                .fetch_one(&db.pool)
-                .await
-                .unwrap_or(0);
+        let present: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT count(DISTINCT {}) FROM records WHERE stream = $1",
+            key.sql()
+        )))
+        .bind(STREAM)
+        .fetch_one(&db.pool)
+        .await
+        .unwrap_or(0);
         if present != last {
             (last, since) = (present, Instant::now());
         }
@@ -673,7 +864,7 @@ async fn drain_and_verify(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    Ok(crate::chaos::compare(&db.pool, name, ledger).await)
+    Ok(crate::chaos::compare_on(&db.pool, name, ledger, key).await)
 }
 
 fn tail(path: &Path, lines: usize) -> String {
