@@ -67,6 +67,8 @@ struct Inner {
     renewals: enrollment::RenewalThrottle,
     /// Who may read the admin listener's `/agents`.
     agents_access: AgentsAccess,
+    /// The latest replay request, put into every batch answer.
+    replay: crate::replay::ReplayNotice,
 }
 
 /// `/agents` lists every tenant's agents; the admin listener has no other
@@ -146,7 +148,12 @@ impl AppState {
             draining: std::sync::atomic::AtomicBool::new(false),
             renewals: enrollment::RenewalThrottle::default(),
             agents_access: AgentsAccess::from_config(config),
+            replay: crate::replay::ReplayNotice::default(),
         }))
+    }
+
+    pub(crate) fn replay_notice(&self) -> &crate::replay::ReplayNotice {
+        &self.0.replay
     }
 
     /// From now on `/ready` answers 503 `{"status":"draining"}`.
@@ -713,6 +720,7 @@ async fn handle_batch(
         return match high_seq {
             Ok(high_seq) => Ok(Json(BatchAck {
                 high_seq,
+                replay: app.0.replay.current(),
                 ..BatchAck::new(0, 0)
             })),
             Err(error) => {
@@ -754,7 +762,8 @@ async fn handle_batch(
             );
             Err(Error::ContentConflict { seqs })
         }
-        Ok(Ok(store::Written::Stored(ack))) => {
+        Ok(Ok(store::Written::Stored(mut ack))) => {
+            ack.replay = app.0.replay.current();
             debug!(
                 message = "batch written",
                 agent = %agent,

@@ -33,6 +33,7 @@ pub mod config;
 mod error_shape;
 mod http;
 pub mod platform;
+pub mod replay;
 pub mod retention;
 pub mod revocation;
 mod server;
@@ -181,6 +182,12 @@ pub async fn serve_all(
     let deny_refresh = deny.spawn_refresh(pool.clone(), config.revocation.refresh_interval);
     let maintenance = retention::spawn(pool.clone(), config.retention);
     let state = http::AppState::new(&config, pool.clone(), deny.clone(), signer.clone());
+    if let Err(error) = state.replay_notice().load(&pool).await {
+        tracing::warn!(message = "load the replay notice; the refresh will retry", %error);
+    }
+    let replay_refresh = state
+        .replay_notice()
+        .spawn_refresh(pool.clone(), config.revocation.refresh_interval);
     let admin = match listeners.admin {
         Some(admin) => admin,
         None => tokio::net::TcpListener::bind(config.admin.address)
@@ -263,6 +270,7 @@ pub async fn serve_all(
     let _ = admin_stop.send(true);
     let _ = admin_task.await;
     deny_refresh.abort();
+    replay_refresh.abort();
     cert_reload.abort();
     if let Some(watch) = cert_watch {
         watch.abort();

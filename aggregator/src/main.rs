@@ -78,6 +78,25 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Ask every agent to send again the records it acknowledged since a
+    /// time (after restoring PostgreSQL to that point in time). Agents that
+    /// retain delivered records (buffer.retain_delivered) resend them once;
+    /// what the database still holds is answered as a duplicate.
+    Replay {
+        /// RFC 3339, e.g. 2026-12-06T01:00:00Z: the restore's target time.
+        #[arg(long, value_parser = parse_rfc3339)]
+        since: time::OffsetDateTime,
+        /// Why, for the audit trail.
+        #[arg(long, default_value = "")]
+        reason: String,
+        #[command(flatten)]
+        config: ConfigArg,
+    },
+}
+
+fn parse_rfc3339(text: &str) -> Result<time::OffsetDateTime, String> {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|e| format!("not an RFC 3339 time ({e}); e.g. 2026-12-06T01:00:00Z"))
 }
 
 #[derive(Subcommand)]
@@ -279,6 +298,17 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                             .await?,
                     ),
                 }
+            })
+            .await
+        }
+        Command::Replay {
+            since,
+            reason,
+            config,
+        } => {
+            admin(config, |pool, actor| async move {
+                let request = dcs_aggregator::replay::request(&pool, since, actor, &reason).await?;
+                print_json(&request)
             })
             .await
         }

@@ -444,6 +444,7 @@ async fn attempt(
                 accepted,
                 duplicates: batch.records.saturating_sub(accepted),
                 high_seq: Some(high_seq),
+                replay: None,
             }))
         }
         Err(error) => {

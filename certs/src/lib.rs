@@ -1518,8 +1518,12 @@ mod tests {
     impl CutRenewal {
         fn new(dir: &Path) -> CutRenewal {
             let ca = ca();
-            let old = ca.issue_agent("t1", "a1", Validity::days_from_now(1)).unwrap();
-            let new = ca.issue_agent("t1", "a1", Validity::days_from_now(2)).unwrap();
+            let old = ca
+                .issue_agent("t1", "a1", Validity::days_from_now(1))
+                .unwrap();
+            let new = ca
+                .issue_agent("t1", "a1", Validity::days_from_now(2))
+                .unwrap();
             let r = CutRenewal {
                 cert: dir.join("agent.pem"),
                 key: dir.join("agent-key.pem"),

@@ -48,6 +48,9 @@
 //!   epoch keys records ([`crate::epochs`]); `meta.epoch` is the last one.
 //! - `meta.rekeyed_total`: records moved to a new epoch because their key was
 //!   taken at the aggregator.
+//! - `delivered(...)`, `meta.replay_done`, `meta.replay_pending`: acknowledged
+//!   records kept for `buffer.retain_delivered`, and their replay
+//!   ([`crate::replay`]).
 //!
 //! # Write path
 //! One writer thread owns the only write connection. Ingest requests, acks and
@@ -131,6 +134,9 @@ pub struct BufferOptions {
     pub quarantine_dir: PathBuf,
     /// Seals new payloads when enabled; opens sealed ones.
     pub keyring: Keyring,
+    /// How long acknowledged records are kept for a replay
+    /// ([`crate::replay`]); zero deletes them at once.
+    pub retain_delivered: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,6 +191,10 @@ pub struct Stats {
     pub delivered_total: u64,
     /// Records moved to a new epoch because their key was taken.
     pub rekeyed_total: u64,
+    /// Acknowledged records kept for a replay (`buffer.retain_delivered`),
+    /// not counted in `records`/`bytes`.
+    pub retained: u64,
+    pub retained_bytes: u64,
 }
 
 /// What an append did, per record in request order.
@@ -390,6 +400,7 @@ impl Buffer {
             opts: opts.clone(),
             next_seq,
             epochs,
+            last_retain_prune: std::time::Instant::now(),
         };
         let handle = std::thread::Builder::new()
             .name("dcs-buffer-writer".into())
@@ -591,12 +602,59 @@ impl Buffer {
         max_records: usize,
         max_bytes: u64,
     ) -> Result<(Vec<Buffered>, Vec<Unreadable>), BufferError> {
-        let conn = self.reader.lock().expect("reader lock");
-        let mut stmt = conn.prepare_cached(
+        self.read_rows(
             "SELECT seq, id, stream, ts_us, received_us, size, payload, key_id FROM records
              WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+            params![after, max_records as i64],
+            max_bytes,
+        )
+    }
+
+    /// Retained records (see [`crate::replay`]) delivered at or after
+    /// `since_us`, after seq `after`, in seq order and within one epoch, as
+    /// [`Buffer::read_and_claim`] reads the queue; claims nothing. A row
+    /// that cannot be read back is skipped (it was delivered once already).
+    /// Blocking.
+    pub fn read_retained(
+        &self,
+        after: i64,
+        since_us: i64,
+        max_records: usize,
+        max_bytes: u64,
+    ) -> Result<Vec<Buffered>, BufferError> {
+        let (batch, unreadable) = self.read_rows(
+            "SELECT seq, id, stream, ts_us, received_us, size, payload, key_id FROM delivered
+             WHERE seq > ?1 AND delivered_us >= ?3 ORDER BY seq LIMIT ?2",
+            params![after, max_records as i64, since_us],
+            max_bytes,
         )?;
-        let mut rows = stmt.query(params![after, max_records as i64])?;
+        for (seq, reason) in unreadable {
+            tracing::warn!(message = "a retained record cannot be read back; not replayed", seq, %reason);
+        }
+        Ok(batch)
+    }
+
+    /// The replay state in `meta` ([`crate::replay::State`]). Blocking.
+    pub fn replay_state(&self) -> Result<crate::replay::State, BufferError> {
+        self.read_with(crate::replay::State::load)
+    }
+
+    /// Stores the replay state.
+    pub async fn set_replay_state(&self, state: crate::replay::State) -> Result<(), BufferError> {
+        self.exec(move |tx| state.store(tx)).await
+    }
+
+    /// Rows of `sql` (the columns of `records`, in seq order) up to
+    /// `max_bytes`, stopping where the first row's epoch ends.
+    fn read_rows(
+        &self,
+        sql: &'static str,
+        params: impl rusqlite::Params,
+        max_bytes: u64,
+    ) -> Result<(Vec<Buffered>, Vec<Unreadable>), BufferError> {
+        let conn = self.reader.lock().expect("reader lock");
+        let mut stmt = conn.prepare_cached(sql)?;
+        let mut rows = stmt.query(params)?;
         let mut out = Vec::new();
         let mut unreadable = Vec::new();
         let mut bytes = 0u64;
@@ -852,6 +910,7 @@ fn init_schema(
              checkpoint_before TEXT, checkpoint_after TEXT);
          CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_us);",
     )?;
+    tx.execute_batch(crate::replay::SCHEMA)?;
     // Schema 1 files lack key_id; adding a nullable column rewrites nothing.
     for table in ["records", "dead_letters"] {
         if !has_key_id(&tx, table)? {
@@ -898,7 +957,10 @@ fn init_schema(
         [],
         |r| Ok((r.get(0)?, r.get(1)?)),
     )?;
+    let (retained, retained_bytes) = crate::replay::totals(&tx)?;
     let stats = Stats {
+        retained,
+        retained_bytes,
         records: records as u64,
         bytes: bytes as u64,
         dropped_total: counter("dropped_total")?,
@@ -911,7 +973,8 @@ fn init_schema(
     let max_seen: i64 = tx.query_row(
         "SELECT max(coalesce((SELECT max(seq) FROM records), 0),
                     coalesce((SELECT max(seq) FROM ids), 0),
-                    coalesce((SELECT max(seq) FROM dead_letters), 0))",
+                    coalesce((SELECT max(seq) FROM dead_letters), 0),
+                    coalesce((SELECT max(seq) FROM delivered), 0))",
         [],
         |r| r.get(0),
     )?;
@@ -929,6 +992,8 @@ struct Writer {
     next_seq: i64,
     /// Includes a rotation of the open transaction; restored if it fails.
     epochs: Epochs,
+    /// When retained records were last aged out.
+    last_retain_prune: std::time::Instant,
 }
 
 /// What a group changed, applied to the in-memory counters only after commit.
@@ -940,6 +1005,8 @@ struct Delta {
     dead: u64,
     delivered: u64,
     rekeyed: u64,
+    retained: i64,
+    retained_bytes: i64,
     appended: bool,
 }
 
@@ -950,6 +1017,8 @@ impl Delta {
         self.dropped += other.dropped;
         self.dead += other.dead;
         self.delivered += other.delivered;
+        self.retained += other.retained;
+        self.retained_bytes += other.retained_bytes;
         self.rekeyed += other.rekeyed;
         self.appended |= other.appended;
     }
@@ -1015,7 +1084,8 @@ impl Writer {
                         replies.push(reply_with(reply, outcome));
                     }
                     Command::Ack { first, last, reply } => {
-                        let outcome = ack(&tx, first, last, &mut delta);
+                        let retain = !self.opts.retain_delivered.is_zero();
+                        let outcome = ack(&tx, first, last, retain, &mut delta);
                         replies.push(reply_with(reply, outcome));
                     }
                     Command::DeadLetter {
@@ -1073,6 +1143,13 @@ impl Writer {
                     }
                 }
             }
+            prune_retained(
+                &tx,
+                &self.shared,
+                &self.opts,
+                &mut self.last_retain_prune,
+                &mut delta,
+            )?;
             store_counters(&tx, &delta, self.next_seq)?;
             if self.next_seq / PRUNE_EVERY != start_seq / PRUNE_EVERY {
                 prune_ids(&tx, self.next_seq - self.opts.dedup_window)?;
@@ -1093,6 +1170,8 @@ impl Writer {
                 s.dead_letter_total += delta.dead;
                 s.delivered_total += delta.delivered;
                 s.rekeyed_total += delta.rekeyed;
+                s.retained = (s.retained as i64 + delta.retained).max(0) as u64;
+                s.retained_bytes = (s.retained_bytes as i64 + delta.retained_bytes).max(0) as u64;
                 drop(s);
                 if self.epochs != start_epochs {
                     *self.shared.epochs.lock().expect("epochs lock") = self.epochs.clone();
@@ -1523,12 +1602,52 @@ fn evict_oldest(
     Ok(freed)
 }
 
+/// Ages retained records out (at most once a second) and trims them
+/// whenever queue and retained records together exceed the capacity:
+/// retained records always yield to undelivered ones. Turning retention
+/// off drops what is retained at the next commit.
+fn prune_retained(
+    tx: &rusqlite::Transaction<'_>,
+    shared: &Shared,
+    opts: &BufferOptions,
+    last_prune: &mut std::time::Instant,
+    delta: &mut Delta,
+) -> Result<(), BufferError> {
+    let (queued, retained) = {
+        let s = shared.stats.lock().expect("stats lock");
+        (
+            (s.bytes as i64 + delta.bytes).max(0) as u64,
+            (s.retained_bytes as i64 + delta.retained_bytes).max(0) as u64,
+        )
+    };
+    if retained == 0 {
+        return Ok(());
+    }
+    let keep = opts.capacity_bytes.saturating_sub(queued);
+    let due = opts.retain_delivered.is_zero() || last_prune.elapsed() >= Duration::from_secs(1);
+    if !due && retained <= keep {
+        return Ok(());
+    }
+    *last_prune = std::time::Instant::now();
+    let older_than = now_us().saturating_sub(opts.retain_delivered.as_micros() as i64);
+    let (n, bytes) = crate::replay::prune(tx, older_than, retained, keep)?;
+    delta.retained -= n as i64;
+    delta.retained_bytes -= bytes as i64;
+    Ok(())
+}
+
 fn ack(
     tx: &rusqlite::Transaction<'_>,
     first: i64,
     last: i64,
+    retain: bool,
     delta: &mut Delta,
 ) -> Result<u64, BufferError> {
+    if retain {
+        let (n, bytes) = crate::replay::retain(tx, first, last, now_us())?;
+        delta.retained += n as i64;
+        delta.retained_bytes += bytes as i64;
+    }
     let mut stmt =
         tx.prepare_cached("DELETE FROM records WHERE seq BETWEEN ?1 AND ?2 RETURNING size")?;
     let sizes: Vec<i64> = stmt
@@ -1594,6 +1713,7 @@ mod tests {
             min_free_disk: 0,
             quarantine_dir: dir.join("quarantine"),
             keyring: Keyring::disabled(),
+            retain_delivered: std::time::Duration::ZERO,
         }
     }
 
@@ -1660,6 +1780,98 @@ mod tests {
         assert_eq!(left, [1, 2, 6, 7, 8, 9, 10]);
         let s = b.stats();
         assert_eq!((s.records, s.delivered_total), (7, 3));
+    }
+
+    fn retaining(dir: &Path, capacity: u64, retain: Duration) -> BufferOptions {
+        BufferOptions {
+            retain_delivered: retain,
+            ..opts(dir, capacity, Overflow::Reject)
+        }
+    }
+
+    #[tokio::test]
+    async fn acknowledged_records_are_retained_readable_and_survive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(retaining(dir.path(), 1 << 30, Duration::from_secs(3600))).unwrap();
+        b.append(many(10)).await.unwrap();
+        let before = now_us();
+        b.ack(1, 6).await.unwrap();
+        let s = b.stats();
+        assert_eq!((s.records, s.retained, s.delivered_total), (4, 6, 6));
+        let replayed: Vec<i64> = b
+            .read_retained(2, before, 100, u64::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(replayed, [3, 4, 5, 6], "after seq 2, in seq order");
+        assert!(
+            b.read_retained(0, now_us() + 1, 100, u64::MAX)
+                .unwrap()
+                .is_empty(),
+            "nothing delivered after a later time"
+        );
+        // Not forwarded again: the queue holds only what was never acked.
+        let queued: Vec<i64> = b
+            .read_and_claim(0, 100, u64::MAX)
+            .unwrap()
+            .iter()
+            .map(|r| r.seq)
+            .collect();
+        assert_eq!(queued, [7, 8, 9, 10]);
+        b.close().await;
+        let b = Buffer::open(retaining(dir.path(), 1 << 30, Duration::from_secs(3600))).unwrap();
+        assert_eq!(b.stats().retained, 6);
+        assert_eq!(b.next_seq(), 11, "retained seqs are never reused");
+    }
+
+    #[tokio::test]
+    async fn retained_records_age_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(retaining(dir.path(), 1 << 30, Duration::from_millis(1))).unwrap();
+        b.append(many(5)).await.unwrap();
+        b.ack(1, 5).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        // The next commit ages them out.
+        b.append(many(1)).await.unwrap();
+        assert_eq!(b.stats().retained, 0);
+        assert!(b.read_retained(0, 0, 100, u64::MAX).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn retained_records_yield_to_undelivered_ones_within_the_capacity() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(retaining(dir.path(), 2000, Duration::from_secs(3600))).unwrap();
+        b.append(many(20)).await.unwrap();
+        let full = b.stats().bytes;
+        b.ack(1, 20).await.unwrap();
+        assert_eq!(b.stats().retained_bytes, full);
+        // New records take the space back: never refused, never evicted
+        // because of retained ones.
+        b.append(many(20)).await.unwrap();
+        let s = b.stats();
+        assert_eq!(s.records, 20);
+        assert!(
+            s.bytes + s.retained_bytes <= 2000,
+            "queue {} + retained {} within 2000",
+            s.bytes,
+            s.retained_bytes
+        );
+        assert!(s.retained < 20, "the oldest retained records went first");
+        let oldest = b.read_retained(0, 0, 1, u64::MAX).unwrap();
+        assert!(oldest.is_empty() || oldest[0].seq > 1);
+    }
+
+    #[tokio::test]
+    async fn turning_retention_off_drops_what_was_retained() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Buffer::open(retaining(dir.path(), 1 << 30, Duration::from_secs(3600))).unwrap();
+        b.append(many(5)).await.unwrap();
+        b.ack(1, 5).await.unwrap();
+        b.close().await;
+        let b = Buffer::open(opts(dir.path(), 1 << 30, Overflow::Reject)).unwrap();
+        b.append(many(1)).await.unwrap();
+        assert_eq!(b.stats().retained, 0);
     }
 
     #[tokio::test]

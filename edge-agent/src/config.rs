@@ -143,6 +143,12 @@ pub struct BufferConfig {
     pub quarantine_dir: Option<PathBuf>,
     #[serde(default)]
     pub encryption: EncryptionConfig,
+    /// Keep acknowledged records this long (within `capacity`, always
+    /// yielding to undelivered ones) so they can be sent again after the
+    /// central database is restored to an earlier point in time
+    /// (`dcs-aggregator replay`). "0s" (the default) deletes them at once.
+    #[serde(default, with = "duration")]
+    pub retain_delivered: Duration,
 }
 
 /// Encryption at rest of buffered payloads (AES-256-GCM), off unless a key is
@@ -211,6 +217,11 @@ pub struct BatchConfig {
     pub compression_level: u32,
     #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
+    /// An agent with nothing to send posts an empty batch this often, so
+    /// the aggregator sees it alive and the agent learns of a replay request
+    /// (`dcs-aggregator replay`) without waiting for its next record.
+    #[serde(default = "default_heartbeat", with = "duration")]
+    pub heartbeat: Duration,
 }
 
 /// Retries never give up: an outage of days must not lose data. These bound
@@ -283,6 +294,9 @@ fn default_batch_max_records() -> usize {
 fn default_batch_max_bytes() -> ByteSize {
     ByteSize(DEFAULT_BATCH_MAX_BYTES)
 }
+fn default_heartbeat() -> Duration {
+    Duration::from_secs(60)
+}
 fn default_linger() -> Duration {
     DEFAULT_LINGER
 }
@@ -325,6 +339,7 @@ impl Default for BufferConfig {
             min_free_disk: default_min_free_disk(),
             quarantine_dir: None,
             encryption: EncryptionConfig::default(),
+            retain_delivered: Duration::ZERO,
         }
     }
 }
@@ -344,6 +359,7 @@ impl Default for BatchConfig {
             linger: default_linger(),
             compression_level: default_compression_level(),
             max_in_flight: default_max_in_flight(),
+            heartbeat: default_heartbeat(),
         }
     }
 }
@@ -516,6 +532,11 @@ impl Config {
             "must be between 1 and 64",
         );
         issues.check(
+            self.batch.heartbeat >= Duration::from_millis(100),
+            "batch.heartbeat",
+            "must be at least 100ms",
+        );
+        issues.check(
             !self.retry.initial.is_zero(),
             "retry.initial",
             "must be greater than zero",
@@ -553,6 +574,7 @@ impl Config {
             min_free_disk: self.buffer.min_free_disk.0,
             quarantine_dir: self.quarantine_dir(),
             keyring: self.buffer.encryption.keyring()?,
+            retain_delivered: self.buffer.retain_delivered,
         })
     }
 

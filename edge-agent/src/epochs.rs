@@ -273,6 +273,7 @@ mod tests {
             min_free_disk: 0,
             quarantine_dir: dir.join("quarantine"),
             keyring,
+            retain_delivered: std::time::Duration::ZERO,
         }
     }
 

@@ -244,6 +244,17 @@ struct Inner {
     compression_level: u32,
     retry_initial: Duration,
     retry_max: Duration,
+    /// Whether delivered records are retained, so a replay can resend them.
+    retains: bool,
+    /// The replay state as last stored ([`crate::replay`]); `None` until
+    /// read at start.
+    replay: std::sync::Mutex<Option<crate::replay::State>>,
+    /// Wakes the replay task when an answer starts a replay.
+    replay_wake: tokio::sync::Notify,
+    /// An idle agent posts an empty batch this often.
+    heartbeat: Duration,
+    /// When the aggregator last answered with a 2xx.
+    last_answer: std::sync::Mutex<std::time::Instant>,
 }
 
 pub struct Forwarder {
@@ -312,6 +323,11 @@ impl Forwarder {
                 compression_level: config.batch.compression_level,
                 retry_initial: config.retry.initial,
                 retry_max: config.retry.max,
+                retains: !config.buffer.retain_delivered.is_zero(),
+                replay: std::sync::Mutex::new(None),
+                replay_wake: tokio::sync::Notify::new(),
+                heartbeat: config.batch.heartbeat,
+                last_answer: std::sync::Mutex::new(std::time::Instant::now()),
             }),
             max_in_flight: config.batch.max_in_flight,
             shutdown_grace: config.retry.shutdown_grace,
@@ -324,7 +340,21 @@ impl Forwarder {
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
         let inner = self.inner;
         inner.buffer.reset_claims();
+        register_replay_metrics();
+        let state = {
+            let buffer = inner.buffer.clone();
+            tokio::task::spawn_blocking(move || buffer.replay_state()).await
+        };
+        match state {
+            Ok(Ok(state)) => *inner.replay.lock().expect("replay lock") = Some(state),
+            Ok(Err(error)) => {
+                tracing::error!(message = "read the replay state; replays wait for a restart", %error)
+            }
+            Err(error) => tracing::error!(message = "read the replay state", %error),
+        }
+        let replaying = tokio::spawn(inner.clone().run_replays(stop.clone()));
         if !inner.check_high_water(&mut stop).await {
+            replaying.abort();
             return;
         }
         let slots = Arc::new(Semaphore::new(self.max_in_flight));
@@ -367,6 +397,8 @@ impl Forwarder {
             );
             in_flight.shutdown().await;
         }
+        replaying.abort();
+        let _ = replaying.await;
     }
 }
 
@@ -436,6 +468,7 @@ impl Inner {
                 Outcome::Delivered(ack) => {
                     self.link.up();
                     self.notice_high_water(epoch, ack.high_seq).await;
+                    self.notice_replay(ack.replay).await;
                     return true;
                 }
                 Outcome::Retry {
@@ -561,6 +594,7 @@ impl Inner {
                         self.settle(&mut stop, |b| async move { b.ack(first, last).await })
                             .await;
                         self.notice_high_water(epoch, ack.high_seq).await;
+                        self.notice_replay(ack.replay).await;
                         break;
                     }
                     Outcome::Conflict { seqs, reason } => {
@@ -862,5 +896,202 @@ mod tests {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
         let delays: std::collections::HashSet<_> = (0..20).map(|_| b.next_delay()).collect();
         assert!(delays.len() > 10, "delays are not spread: {delays:?}");
+    }
+}
+
+/// Replays of retained records ([`crate::replay`]).
+impl Inner {
+    /// An answer named a replay request: a new one is stored as pending and
+    /// the replay task woken.
+    async fn notice_replay(&self, replay: Option<wire::Replay>) {
+        *self.last_answer.lock().expect("answer lock") = std::time::Instant::now();
+        let Some(replay) = replay else { return };
+        let started = {
+            let mut guard = self.replay.lock().expect("replay lock");
+            let Some(state) = guard.as_mut() else { return };
+            let Some(pending) = state.begin(replay.id, replay.since_us) else {
+                return;
+            };
+            state.pending = Some(pending);
+            *state
+        };
+        if !self.retains {
+            tracing::warn!(
+                message = "the aggregator asks for a replay (its database was restored), but buffer.retain_delivered is 0: nothing delivered was kept to send again",
+                replay_id = replay.id
+            );
+        } else {
+            tracing::warn!(
+                message = "the aggregator asks for a replay (its database was restored): sending retained records again",
+                replay_id = replay.id,
+                since_us = replay.since_us
+            );
+        }
+        if let Err(error) = self.buffer.set_replay_state(started).await {
+            tracing::error!(message = "store the replay state", %error);
+        }
+        self.replay_wake.notify_one();
+    }
+
+    /// Sends the pending replay's records, batch by batch, until none is
+    /// left or `stop`; then waits for the next request.
+    async fn run_replays(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        loop {
+            let pending = self
+                .replay
+                .lock()
+                .expect("replay lock")
+                .and_then(|s| s.pending);
+            let Some(pending) = pending else {
+                let idle_for = self.last_answer.lock().expect("answer lock").elapsed();
+                let next_beat = self.heartbeat.saturating_sub(idle_for);
+                let beat = tokio::select! {
+                    _ = stop.wait_for(|s| *s) => return,
+                    () = self.replay_wake.notified() => false,
+                    () = tokio::time::sleep(next_beat) => true,
+                };
+                if beat && self.last_answer.lock().expect("answer lock").elapsed() >= self.heartbeat
+                {
+                    self.beat().await;
+                }
+                continue;
+            };
+            let buffer = self.buffer.clone();
+            let (max_records, max_bytes) = (self.max_records, self.max_bytes);
+            let batch = tokio::task::spawn_blocking(move || {
+                buffer.read_retained(pending.after_seq, pending.since_us, max_records, max_bytes)
+            })
+            .await;
+            let batch = match batch {
+                Ok(Ok(batch)) => batch,
+                Ok(Err(error)) => {
+                    tracing::error!(message = "read retained records to replay", %error);
+                    tokio::time::sleep(self.retry_max.min(Duration::from_secs(5))).await;
+                    continue;
+                }
+                Err(_) => return,
+            };
+            let next = match batch.last() {
+                None => crate::replay::State {
+                    done: pending.id,
+                    pending: None,
+                },
+                Some(last) => {
+                    if !self.replay_batch(&batch, &mut stop).await {
+                        return;
+                    }
+                    crate::replay::State {
+                        done: self
+                            .replay
+                            .lock()
+                            .expect("replay lock")
+                            .map_or(0, |s| s.done),
+                        pending: Some(crate::replay::Pending {
+                            after_seq: last.seq,
+                            ..pending
+                        }),
+                    }
+                }
+            };
+            if next.pending.is_none() {
+                tracing::info!(message = "replay complete", replay_id = pending.id);
+            }
+            // A newer request that arrived meanwhile wins.
+            {
+                let mut guard = self.replay.lock().expect("replay lock");
+                if guard.and_then(|s| s.pending).map(|p| p.id) != Some(pending.id) {
+                    continue;
+                }
+                *guard = Some(next);
+            }
+            if let Err(error) = self.buffer.set_replay_state(next).await {
+                tracing::error!(message = "store the replay state", %error);
+            }
+        }
+    }
+
+    /// One empty batch, answered like any other (high-water mark, replay
+    /// request); a failure waits for the next beat (the queue's own retries
+    /// report the link).
+    async fn beat(&self) {
+        let epoch = self.buffer.epoch();
+        let body = Bytes::from(wire::encode_batch(
+            epoch,
+            None,
+            std::iter::empty(),
+            self.compression_level,
+        ));
+        match self.post(body).await {
+            Outcome::Delivered(ack) => {
+                self.notice_high_water(epoch, ack.high_seq).await;
+                self.notice_replay(ack.replay).await;
+            }
+            other => {
+                // Not again before the next interval.
+                *self.last_answer.lock().expect("answer lock") = std::time::Instant::now();
+                tracing::debug!(message = "heartbeat not answered", outcome = other.label());
+            }
+        }
+    }
+
+    /// Sends one batch of retained records until answered for good; they
+    /// stay retained whatever the answer. False if stopped first.
+    async fn replay_batch(&self, batch: &[Buffered], stop: &mut watch::Receiver<bool>) -> bool {
+        let body = self.encode(batch);
+        let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
+        loop {
+            let outcome = tokio::select! {
+                _ = stop.wait_for(|s| *s) => return false,
+                o = self.post(body.clone()) => o,
+            };
+            let delay = match outcome {
+                Outcome::Delivered(ack) => {
+                    self.link.success();
+                    metrics::counter!("dcs_agent_replayed_records_total", "outcome" => "restored")
+                        .increment(ack.accepted);
+                    metrics::counter!("dcs_agent_replayed_records_total", "outcome" => "duplicate")
+                        .increment(ack.duplicates);
+                    return true;
+                }
+                Outcome::Retry {
+                    reason,
+                    retry_after,
+                    link_down,
+                } => {
+                    self.link.failure(&reason, link_down);
+                    let d = backoff.next_delay();
+                    retry_after.map_or(d, |ra| ra.min(self.retry_max).max(d))
+                }
+                Outcome::Unauthorized(reason) => {
+                    self.link.failure(&reason, true);
+                    self.retry_max
+                }
+                other => {
+                    // Delivered once already; a refusal now (a conflict, a
+                    // record the aggregator no longer accepts) is logged and
+                    // the replay moves on.
+                    metrics::counter!("dcs_agent_replayed_records_total", "outcome" => "refused")
+                        .increment(batch.len() as u64);
+                    tracing::warn!(
+                        message = "replayed batch refused; skipped",
+                        outcome = other.label(),
+                        first_seq = batch[0].seq,
+                        records = batch.len()
+                    );
+                    return true;
+                }
+            };
+            tokio::select! {
+                _ = stop.wait_for(|s| *s) => return false,
+                () = tokio::time::sleep(delay) => {}
+            }
+        }
+    }
+}
+
+/// Exported at 0 from the start, so a dashboard shows a replay's first batch.
+fn register_replay_metrics() {
+    for outcome in ["restored", "duplicate", "refused"] {
+        metrics::counter!("dcs_agent_replayed_records_total", "outcome" => outcome).increment(0);
     }
 }

@@ -638,6 +638,10 @@ pub struct BufferStatus {
     /// Records moved to a new epoch because their key was taken at the
     /// aggregator (the buffer went back in time); never lost or dead-lettered.
     pub rekeyed_total: u64,
+    /// Acknowledged records kept for a replay (`buffer.retain_delivered`),
+    /// and their bytes; not part of `records`/`bytes`.
+    pub retained: u64,
+    pub retained_bytes: u64,
 }
 
 async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError> {
@@ -656,6 +660,8 @@ async fn status(State(state): State<AppState>) -> Result<Json<Status>, ApiError>
             dropped_total: stats.dropped_total,
             delivered_total: stats.delivered_total,
             rekeyed_total: stats.rekeyed_total,
+            retained: stats.retained,
+            retained_bytes: stats.retained_bytes,
         },
         dead_letters: dead,
         delivery: state.link.snapshot(),

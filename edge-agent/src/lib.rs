@@ -37,6 +37,7 @@ pub mod ingest;
 pub mod jobs;
 pub mod listener;
 pub mod recovery;
+pub mod replay;
 pub mod schema;
 pub mod seal;
 pub mod sources;

@@ -1011,6 +1011,7 @@ mod tests {
             min_free_disk: 0,
             quarantine_dir: dir.path().join("quarantine"),
             keyring: Keyring::disabled(),
+            retain_delivered: std::time::Duration::ZERO,
         })
         .unwrap();
         assert!(

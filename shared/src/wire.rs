@@ -188,6 +188,24 @@ pub struct BatchAck {
     /// aggregators older than the field, and for an epoch with no record.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub high_seq: Option<i64>,
+    /// The latest replay an operator asked for (`dcs-aggregator replay`),
+    /// typically after restoring PostgreSQL to a point in time: records an
+    /// agent acknowledged after `since_us` may be gone from the database, and
+    /// an agent that retains delivered records (`buffer.retain_delivered`)
+    /// sends them again, once per `id`. Redelivery is idempotent, so records
+    /// that survived the restore are counted as duplicates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay: Option<Replay>,
+}
+
+/// See [`BatchAck::replay`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Replay {
+    /// Increases with every request; an agent acts on each id once.
+    pub id: i64,
+    /// Microseconds since the Unix epoch, the database's clock: records
+    /// acknowledged from then on are sent again.
+    pub since_us: i64,
 }
 
 impl BatchAck {
@@ -196,6 +214,7 @@ impl BatchAck {
             accepted,
             duplicates,
             high_seq: None,
+            replay: None,
         }
     }
 }

@@ -219,7 +219,8 @@ async fn power_cut(opts: &Options, mode: Mode, name: &str) -> anyhow::Result<Rep
     }
 
     let data = dir.path().join("data.img");
-    let first_serial = stage_data_disk(opts, &pki, agg_port, mode, &dir.path().join("stage"), &data)?;
+    let first_serial =
+        stage_data_disk(opts, &pki, agg_port, mode, &dir.path().join("stage"), &data)?;
     let agent_port = free_port();
     let agent_url = format!("http://127.0.0.1:{agent_port}");
     let ctl = TcpListener::bind("127.0.0.1:0").await?;
@@ -304,7 +305,14 @@ async fn power_cut(opts: &Options, mode: Mode, name: &str) -> anyhow::Result<Rep
         // its staged files, and the aggregator now sees the renewed serial.
         let console = std::fs::read_to_string(dir.path().join("serial-2.log")).unwrap_or_default();
         let rolled = console.contains("completed it from the staged files");
-        report.note("identity", if rolled { "rolled-forward" } else { "unchanged" });
+        report.note(
+            "identity",
+            if rolled {
+                "rolled-forward"
+            } else {
+                "unchanged"
+            },
+        );
         let serial: Option<String> =
             sqlx::query_scalar("SELECT cert_serial FROM agents WHERE name = $1")
                 .bind(POWERCUT_AGENT)
@@ -362,7 +370,10 @@ fn aggregator_service(
             ("ENROLLMENT__CA_CERT", pki.ca.display().to_string()),
             (
                 "ENROLLMENT__CA_KEY",
-                pki.path().join(dcs_certs::CA_KEY_FILE).display().to_string(),
+                pki.path()
+                    .join(dcs_certs::CA_KEY_FILE)
+                    .display()
+                    .to_string(),
             ),
             ("ENROLLMENT__VALIDITY", "\"1h\"".into()),
         ]);

@@ -553,5 +553,7 @@ async fn with_default_settings_a_restarted_replica_takes_its_share_within_150_s(
         LIMIT.as_secs()
     );
     assert!(ok, "not within 30-70 % after {took} s: {shares:?}");
-    world.finish("restart-default-settings", &shares, false).await;
+    world
+        .finish("restart-default-settings", &shares, false)
+        .await;
 }

@@ -44,6 +44,7 @@ fn buffer(dir: &Path) -> Buffer {
         min_free_disk: 0,
         quarantine_dir: dir.join("quarantine"),
         keyring: dcs_edge::seal::Keyring::disabled(),
+        retain_delivered: std::time::Duration::ZERO,
     })
     .unwrap()
 }

@@ -676,6 +676,7 @@ mod tests {
             min_free_disk: 0,
             quarantine_dir: dir.path().join("q"),
             keyring: crate::seal::Keyring::disabled(),
+            retain_delivered: std::time::Duration::ZERO,
         })
         .unwrap();
         let ctx = RunContext {
