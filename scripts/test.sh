@@ -9,6 +9,8 @@
 # 4. cargo build --workspace --bins (the tests run the real binaries)
 # 5. the power-cut scenarios: dcs-edge in a qemu VM whose power is cut
 #    (scripts/powercut.sh; installs qemu and builds a cached guest image)
+# 5a. the disaster-recovery drill: pgBackRest backup, point-in-time restore,
+#    replay (scripts/dr-drill.sh; installs pgbackrest)
 # 6. dcs-edge / dcs-aggregator check-config on config/examples/*.toml
 # 7. the monitoring files, the fuzz targets briefly, the OpenAPI document
 #    (scripts/check-openapi.sh) and the deployment files
@@ -152,6 +154,9 @@ cargo build --workspace --bins
 step "Power cuts: dcs-edge in a qemu VM, kill -9 of qemu (scripts/powercut.sh)"
 # Never skipped: a machine that cannot run the VM fails this step.
 bash "$ROOT/scripts/powercut.sh"
+
+step "Disaster recovery: pgBackRest point-in-time restore and replay (scripts/dr-drill.sh)"
+bash "$ROOT/scripts/dr-drill.sh"
 
 step "Example configs (config/examples)"
 check_example_configs

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod aggregator;
 pub mod chaos;
+pub mod drill;
 pub mod faultproxy;
 pub mod gate;
 pub mod netns;
