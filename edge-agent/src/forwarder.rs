@@ -875,30 +875,6 @@ fn now_us() -> i64 {
     dcs_shared::record::unix_micros(time::OffsetDateTime::now_utc())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_to_the_cap_and_stays_within_it() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
-        for attempt in 0..50 {
-            let d = b.next_delay();
-            let ceiling = Duration::from_millis(100)
-                .saturating_mul(1 << attempt.min(20))
-                .min(Duration::from_secs(2));
-            assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
-        }
-    }
-
-    #[test]
-    fn backoff_is_jittered() {
-        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
-        let delays: std::collections::HashSet<_> = (0..20).map(|_| b.next_delay()).collect();
-        assert!(delays.len() > 10, "delays are not spread: {delays:?}");
-    }
-}
-
 /// Replays of retained records ([`crate::replay`]).
 impl Inner {
     /// An answer named a replay request: a new one is stored as pending and
@@ -1093,5 +1069,29 @@ impl Inner {
 fn register_replay_metrics() {
     for outcome in ["restored", "duplicate", "refused"] {
         metrics::counter!("dcs_agent_replayed_records_total", "outcome" => outcome).increment(0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_to_the_cap_and_stays_within_it() {
+        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
+        for attempt in 0..50 {
+            let d = b.next_delay();
+            let ceiling = Duration::from_millis(100)
+                .saturating_mul(1 << attempt.min(20))
+                .min(Duration::from_secs(2));
+            assert!(d <= ceiling, "attempt {attempt}: {d:?} > {ceiling:?}");
+        }
+    }
+
+    #[test]
+    fn backoff_is_jittered() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(1));
+        let delays: std::collections::HashSet<_> = (0..20).map(|_| b.next_delay()).collect();
+        assert!(delays.len() > 10, "delays are not spread: {delays:?}");
     }
 }
