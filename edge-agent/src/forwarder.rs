@@ -202,6 +202,11 @@ impl Outcome {
             Outcome::Conflict { .. } => "conflict",
         }
     }
+
+    /// Worth sending again after a wait: the batch was not refused for good.
+    fn is_retry(&self) -> bool {
+        matches!(self, Outcome::Retry { .. } | Outcome::Unauthorized(_))
+    }
 }
 
 /// The mutual-TLS client every forwarder of this process posts with,
@@ -458,32 +463,14 @@ impl Inner {
         let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
         loop {
             let epoch = self.buffer.epoch();
-            let body = Bytes::from(wire::encode_batch(
-                epoch,
-                None,
-                std::iter::empty(),
-                self.compression_level,
-            ));
-            let delay = match self.post(body).await {
+            let delay = match self.post(self.empty_batch(epoch)).await {
                 Outcome::Delivered(ack) => {
                     self.link.up();
                     self.notice_high_water(epoch, ack.high_seq).await;
                     self.notice_replay(ack.replay).await;
                     return true;
                 }
-                Outcome::Retry {
-                    reason,
-                    retry_after,
-                    link_down,
-                } => {
-                    self.link.failure(&reason, link_down);
-                    let d = backoff.next_delay();
-                    retry_after.map_or(d, |ra| ra.min(self.retry_max).max(d))
-                }
-                Outcome::Unauthorized(reason) => {
-                    self.link.failure(&reason, true);
-                    self.retry_max
-                }
+                other if other.is_retry() => self.wait_after(other, &mut backoff),
                 // An aggregator that refuses empty batches predates the
                 // high-water mark; batches still learn it from their answers.
                 other => {
@@ -991,13 +978,7 @@ impl Inner {
     /// report the link).
     async fn beat(&self) {
         let epoch = self.buffer.epoch();
-        let body = Bytes::from(wire::encode_batch(
-            epoch,
-            None,
-            std::iter::empty(),
-            self.compression_level,
-        ));
-        match self.post(body).await {
+        match self.post(self.empty_batch(epoch)).await {
             Outcome::Delivered(ack) => {
                 self.notice_high_water(epoch, ack.high_seq).await;
                 self.notice_replay(ack.replay).await;
@@ -1029,19 +1010,7 @@ impl Inner {
                         .increment(ack.duplicates);
                     return true;
                 }
-                Outcome::Retry {
-                    reason,
-                    retry_after,
-                    link_down,
-                } => {
-                    self.link.failure(&reason, link_down);
-                    let d = backoff.next_delay();
-                    retry_after.map_or(d, |ra| ra.min(self.retry_max).max(d))
-                }
-                Outcome::Unauthorized(reason) => {
-                    self.link.failure(&reason, true);
-                    self.retry_max
-                }
+                other if other.is_retry() => self.wait_after(other, &mut backoff),
                 other => {
                     // Delivered once already; a refusal now (a conflict, a
                     // record the aggregator no longer accepts) is logged and
@@ -1061,6 +1030,40 @@ impl Inner {
                 _ = stop.wait_for(|s| *s) => return false,
                 () = tokio::time::sleep(delay) => {}
             }
+        }
+    }
+}
+
+impl Inner {
+    /// An empty batch of `epoch`: asks for the high-water mark and the
+    /// replay request, writes nothing.
+    fn empty_batch(&self, epoch: Uuid) -> Bytes {
+        Bytes::from(wire::encode_batch(
+            epoch,
+            None,
+            std::iter::empty(),
+            self.compression_level,
+        ))
+    }
+
+    /// How long to wait after an answer worth retrying (see
+    /// [`Outcome::is_retry`]), noting the link's state on the way.
+    fn wait_after(&self, outcome: Outcome, backoff: &mut Backoff) -> Duration {
+        match outcome {
+            Outcome::Retry {
+                reason,
+                retry_after,
+                link_down,
+            } => {
+                self.link.failure(&reason, link_down);
+                let d = backoff.next_delay();
+                retry_after.map_or(d, |ra| ra.min(self.retry_max).max(d))
+            }
+            Outcome::Unauthorized(reason) => {
+                self.link.failure(&reason, true);
+                self.retry_max
+            }
+            _ => backoff.next_delay(),
         }
     }
 }

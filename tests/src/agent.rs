@@ -242,3 +242,27 @@ pub fn ndjson(stream: &str, prefix: &str, range: std::ops::Range<usize>) -> Stri
         })
         .collect()
 }
+
+/// A sample's value from the Prometheus text at `{url}/metrics`: the first
+/// line of metric `name` whose labels include every `label="value"` pair of
+/// `labels`; `None` if there is none or the endpoint does not answer.
+pub async fn metric_sample(url: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = reqwest::get(format!("{url}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .find(|l| {
+            labels
+                .iter()
+                .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
+        })
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}

@@ -251,17 +251,13 @@ async fn wait_present(pool: &PgPool, n: usize, timeout: Duration) {
 }
 
 async fn replayed_restored(agent_url: &str) -> u64 {
-    let Ok(r) = reqwest::get(format!("{agent_url}/metrics")).await else {
-        return 0;
-    };
-    let text = r.text().await.unwrap_or_default();
-    text.lines()
-        .find(|l| {
-            l.starts_with("dcs_agent_replayed_records_total") && l.contains("outcome=\"restored\"")
-        })
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+    agent::metric_sample(
+        agent_url,
+        "dcs_agent_replayed_records_total",
+        &[("outcome", "restored")],
+    )
+    .await
+    .unwrap_or(0.0) as u64
 }
 
 fn aggregator(pki: &Pki, db_url: &str, port: u16, dir: &Path) -> Service {
@@ -361,12 +357,12 @@ impl Cluster {
             ),
         )?;
         // The cluster runs as postgres: it owns the whole scratch tree.
-        check_run(
+        crate::process::run_checked(
             Command::new("chown")
                 .args(["-R", "postgres:postgres"])
                 .arg(root),
         )?;
-        check_run(Command::new("chmod").arg("0755").arg(root))?;
+        crate::process::run_checked(Command::new("chmod").arg("0755").arg(root))?;
         cluster.as_postgres(
             &format!("{PG_BIN}/initdb"),
             &[
@@ -461,25 +457,11 @@ impl Cluster {
     }
 
     fn as_postgres(&self, program: &str, args: &[&str]) -> anyhow::Result<()> {
-        check_run(
+        crate::process::run_checked(
             Command::new("runuser")
                 .args(["-u", "postgres", "--", program])
                 .args(args)
                 .current_dir(&self.root),
         )
     }
-}
-
-fn check_run(command: &mut Command) -> anyhow::Result<()> {
-    let out = command
-        .output()
-        .with_context(|| format!("run {command:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{command:?} failed: {}{}",
-            String::from_utf8_lossy(&out.stdout).trim(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }

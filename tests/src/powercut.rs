@@ -521,26 +521,15 @@ fn stage_data_disk(
             .collect();
         std::fs::write(dir.join("records.ndjson"), lines)?;
     }
-    run(Command::new("mkfs.ext4")
-        .args(["-q", "-F", "-L", "dcs-data", "-d"])
-        .arg(stage)
-        .arg(image)
-        .arg("1G"))
+    crate::process::run_checked(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-L", "dcs-data", "-d"])
+            .arg(stage)
+            .arg(image)
+            .arg("1G"),
+    )
     .context("mkfs.ext4 -d (e2fsprogs) for the data disk")?;
     Ok(serial)
-}
-
-fn run(command: &mut Command) -> anyhow::Result<()> {
-    let out = command
-        .output()
-        .with_context(|| format!("run {command:?}"))?;
-    if !out.status.success() {
-        bail!(
-            "{command:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
 }
 
 /// One boot of the guest.

@@ -193,3 +193,18 @@ impl Drop for Service {
         self.kill();
     }
 }
+
+/// Runs `command` to completion; an error with its output if it failed.
+pub fn run_checked(command: &mut Command) -> anyhow::Result<()> {
+    let out = command
+        .output()
+        .map_err(|e| anyhow::anyhow!("run {command:?}: {e}"))?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "{command:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}

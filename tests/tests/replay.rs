@@ -108,20 +108,13 @@ async fn replay_command(pki: &Pki, db: &TestDb, since: &str) -> serde_json::Valu
 }
 
 async fn replayed(agent_url: &str, outcome: &str) -> u64 {
-    let text = reqwest::get(format!("{agent_url}/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find(|l| {
-            l.starts_with("dcs_agent_replayed_records_total")
-                && l.contains(&format!("outcome=\"{outcome}\""))
-        })
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse::<f64>().ok())
-        .unwrap_or(0.0) as u64
+    agent::metric_sample(
+        agent_url,
+        "dcs_agent_replayed_records_total",
+        &[("outcome", outcome)],
+    )
+    .await
+    .unwrap_or(0.0) as u64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
