@@ -677,9 +677,7 @@ impl Inner {
                         retry_after,
                         link_down,
                     } => {
-                        self.link.failure(&reason, link_down);
-                        let d = backoff.next_delay();
-                        let d = retry_after.map_or(d, |ra| ra.min(self.retry_max).max(d));
+                        let d = self.retry_wait(&reason, retry_after, link_down, &mut backoff);
                         tracing::info!(
                             message = "delivery failed; will retry",
                             first_seq = first,
@@ -1054,17 +1052,27 @@ impl Inner {
                 reason,
                 retry_after,
                 link_down,
-            } => {
-                self.link.failure(&reason, link_down);
-                let d = backoff.next_delay();
-                retry_after.map_or(d, |ra| ra.min(self.retry_max).max(d))
-            }
+            } => self.retry_wait(&reason, retry_after, link_down, backoff),
             Outcome::Unauthorized(reason) => {
                 self.link.failure(&reason, true);
                 self.retry_max
             }
             _ => backoff.next_delay(),
         }
+    }
+
+    /// The next backoff delay, or the aggregator's Retry-After when longer
+    /// (capped at `retry.max`); the failure is noted on the link.
+    fn retry_wait(
+        &self,
+        reason: &str,
+        retry_after: Option<Duration>,
+        link_down: bool,
+        backoff: &mut Backoff,
+    ) -> Duration {
+        self.link.failure(reason, link_down);
+        let d = backoff.next_delay();
+        retry_after.map_or(d, |ra| ra.min(self.retry_max).max(d))
     }
 }
 
