@@ -205,4 +205,12 @@ step "Scale out: replicas behind HAProxy under load (restart, rolling restart, s
 # command in docs/OPERATIONS.md, not part of this step.
 cargo test -p dcs-tests --test scaleout -- --ignored --nocapture --test-threads=1 --skip default_settings
 
+step "PostgreSQL failover: Patroni, etcd and HAProxy under load (scripts/ha.sh)"
+# Three Patroni members in network namespaces (root), each scenario on a
+# fresh cluster (about a minute each); --nocapture puts each
+# "scenario=pg-... rto_s=..." line in this log, including the asynchronous
+# run's lost= figure (docs/DEPLOYMENT.md).
+as_root bash "$ROOT/scripts/ha.sh" install
+cargo test -p dcs-tests --test patroni -- --ignored --nocapture --test-threads=1
+
 section "All steps passed in $((SECONDS - STARTED))s"

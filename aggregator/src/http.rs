@@ -774,7 +774,7 @@ async fn handle_batch(
             );
             Ok(Json(ack))
         }
-        Ok(Err(db_error)) => Err(match store::classify(&db_error) {
+        Ok(Err(db_error)) => Err(match store::classify_write(&db_error) {
             Failure::Unavailable => {
                 warn!(message = "database unavailable, batch refused with 503", error = %db_error, agent = %agent);
                 Error::DatabaseUnavailable {

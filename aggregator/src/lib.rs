@@ -115,6 +115,11 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, Error> {
     Ok(PgPoolOptions::new()
         .max_connections(config.max_connections)
         .acquire_timeout(config.acquire_timeout)
+        // Behind HAProxy or a DNS name that follows the primary, a new
+        // connection may still land on a standby or a demoted primary for a
+        // moment after a failover; it is refused, and retried until the
+        // acquire timeout, so batches see 503 rather than 25006 errors.
+        .after_connect(|conn, _meta| Box::pin(store::is_writable(conn)))
         .connect_lazy_with(options))
 }
 

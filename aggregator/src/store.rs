@@ -30,6 +30,18 @@
 //!   seq, so the agent can move exactly those records to a new epoch.
 //! - Every answer carries the epoch's high-water mark (the highest stored
 //!   seq), which is how an agent notices that its buffer went back in time.
+//! - A batch whose COMMIT did not answer is never acknowledged: the
+//!   connection may have died after PostgreSQL committed (a failover, a
+//!   terminated backend, a reset), so the outcome is unknown and the agent
+//!   gets 503 and resends. The resend meets its own claimed range, goes
+//!   through staging and is answered as duplicates, never as a conflict,
+//!   because every delivery carries the same content and `received_at`.
+//! - A connection that may point at the wrong server is never reused: after
+//!   a read-only refusal (a demoted primary or a standby behind a stale
+//!   route), an administrator or crash shutdown, a connection exception or
+//!   any I/O error it is closed, and [`is_writable`] refuses new connections
+//!   to a server in recovery or read-only, so the pool only ever holds
+//!   connections to a writable primary.
 
 use std::borrow::Cow;
 use std::io::Write as _;
@@ -161,6 +173,63 @@ const CONFLICTING_SEQS: &str = "\
     WHERE (r.content_hash IS NOT NULL AND r.content_hash <> s.content_hash) \
         OR r.received_at <> s.received_at \
     ORDER BY s.seq";
+
+/// SQLSTATE `read_only_sql_transaction`: a standby, or a primary being demoted.
+const READ_ONLY: &str = "25006";
+
+/// Whether a new connection reached a server that can take writes: not a
+/// standby in recovery and not set read-only (a Patroni primary being
+/// demoted, or `default_transaction_read_only`). The same test libpq's
+/// `target_session_attrs=read-write` makes.
+const WRITABLE: &str = "SELECT NOT pg_is_in_recovery() \
+    AND current_setting('transaction_read_only') = 'off'";
+
+/// Refuses a connection to a server that cannot take writes; the pool's
+/// `after_connect` hook, so the pool closes it and keeps trying until its
+/// acquire timeout, and batches get 503 meanwhile.
+pub(crate) async fn is_writable(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
+    let writable: bool = sqlx::query_scalar(WRITABLE).fetch_one(&mut *conn).await?;
+    if writable {
+        Ok(())
+    } else {
+        Err(sqlx::Error::Protocol(
+            "the server is read-only (a standby or a primary being demoted)".into(),
+        ))
+    }
+}
+
+/// Why a write failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum WriteError {
+    /// The write failed before COMMIT was sent: nothing was stored.
+    #[error(transparent)]
+    Database(#[from] sqlx::Error),
+    /// COMMIT was sent and no success came back: the batch may or may not
+    /// be stored, so it must not be acknowledged.
+    #[error("commit outcome unknown: {0}")]
+    CommitOutcomeUnknown(sqlx::Error),
+}
+
+impl WriteError {
+    /// Whether the connection must be closed rather than returned to the pool.
+    fn connection_in_doubt(&self) -> bool {
+        match self {
+            WriteError::CommitOutcomeUnknown(_) => true,
+            WriteError::Database(sqlx::Error::Database(db)) => {
+                code_means_wrong_server(db.code().as_deref().unwrap_or(""))
+            }
+            // An I/O or protocol error may have struck mid-COPY or
+            // mid-message; the next batch must not inherit this connection.
+            WriteError::Database(_) => true,
+        }
+    }
+}
+
+/// SQLSTATEs after which a connection is useless or points at a server that
+/// is no longer the writable primary.
+fn code_means_wrong_server(code: &str) -> bool {
+    code == READ_ONLY || code.starts_with("08") || code.starts_with("57P")
+}
 
 /// What a write did.
 #[derive(Debug, PartialEq, Eq)]
@@ -331,6 +400,15 @@ pub(crate) enum Failure {
     Internal,
 }
 
+/// What a failed write means for the agent.
+pub(crate) fn classify_write(error: &WriteError) -> Failure {
+    match error {
+        // Whatever PostgreSQL said, the agent must keep the batch and resend.
+        WriteError::CommitOutcomeUnknown(_) => Failure::Unavailable,
+        WriteError::Database(error) => classify(error),
+    }
+}
+
 pub(crate) fn classify(error: &sqlx::Error) -> Failure {
     match error {
         sqlx::Error::PoolTimedOut
@@ -371,14 +449,12 @@ pub(crate) async fn write_batch(
     pool: &PgPool,
     agent: &AgentIdentity,
     batch: &PreparedBatch,
-) -> Result<Written, sqlx::Error> {
+) -> Result<Written, WriteError> {
     let mut conn = pool.acquire().await?;
     let result = write_in_transaction(&mut conn, agent, batch).await;
     if let Err(error) = &result
-        && !matches!(error, sqlx::Error::Database(_))
+        && error.connection_in_doubt()
     {
-        // An I/O or protocol error may have struck mid-COPY or mid-message;
-        // the next batch must not inherit this connection.
         conn.close_on_drop();
     }
     result
@@ -397,11 +473,11 @@ async fn write_in_transaction(
     conn: &mut PgConnection,
     agent: &AgentIdentity,
     batch: &PreparedBatch,
-) -> Result<Written, sqlx::Error> {
+) -> Result<Written, WriteError> {
     let mut result = attempt(conn, agent, batch, Path::Direct).await;
     for _ in 0..STAGED_ATTEMPTS {
         match &result {
-            Err(sqlx::Error::Database(db))
+            Err(WriteError::Database(sqlx::Error::Database(db)))
                 if matches!(
                     db.code().as_deref(),
                     Some(UNIQUE_VIOLATION | EXCLUSION_VIOLATION)
@@ -431,7 +507,7 @@ async fn attempt(
     agent: &AgentIdentity,
     batch: &PreparedBatch,
     path: Path,
-) -> Result<Written, sqlx::Error> {
+) -> Result<Written, WriteError> {
     let mut tx = conn.begin().await?;
     match write_steps(&mut tx, agent, batch, path).await {
         Ok(Steps::Conflict(seqs)) => {
@@ -439,7 +515,15 @@ async fn attempt(
             Ok(Written::Conflict { seqs })
         }
         Ok(Steps::Stored { accepted, high_seq }) => {
-            tx.commit().await?;
+            if let Err(error) = tx.commit().await {
+                tracing::warn!(
+                    message = "commit outcome unknown, batch not acknowledged",
+                    %error,
+                    agent = %agent,
+                    epoch = %batch.epoch
+                );
+                return Err(WriteError::CommitOutcomeUnknown(error));
+            }
             Ok(Written::Stored(BatchAck {
                 accepted,
                 duplicates: batch.records.saturating_sub(accepted),
@@ -455,7 +539,7 @@ async fn attempt(
             {
                 tracing::warn!(message = "rollback failed", error = %rollback, agent = %agent);
             }
-            Err(error)
+            Err(error.into())
         }
     }
 }
@@ -738,6 +822,36 @@ mod tests {
         );
         assert_eq!(classify(&sqlx::Error::PoolTimedOut), Failure::Unavailable);
         assert_eq!(classify(&sqlx::Error::RowNotFound), Failure::Internal);
+    }
+
+    #[test]
+    fn connections_to_a_read_only_or_dying_server_are_never_reused() {
+        for code in ["25006", "57P01", "57P02", "57P03", "08006", "08003"] {
+            assert!(code_means_wrong_server(code), "{code}");
+        }
+        for code in ["23505", "23P01", "22008", "40001", "42P01"] {
+            assert!(!code_means_wrong_server(code), "{code}");
+        }
+        let io = || sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset));
+        assert!(WriteError::Database(io()).connection_in_doubt());
+        assert!(WriteError::CommitOutcomeUnknown(io()).connection_in_doubt());
+        assert!(!WriteError::Database(sqlx::Error::RowNotFound).connection_in_doubt());
+    }
+
+    #[test]
+    fn a_commit_without_an_answer_is_never_acknowledged_and_never_dead_lettered() {
+        // Even an error that would mean a bug elsewhere: the batch may be
+        // stored, so the only safe answer is "resend" (503).
+        for error in [
+            sqlx::Error::RowNotFound,
+            sqlx::Error::Protocol("unexpected message".into()),
+            sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::ConnectionReset)),
+        ] {
+            assert_eq!(
+                classify_write(&WriteError::CommitOutcomeUnknown(error)),
+                Failure::Unavailable
+            );
+        }
     }
 
     #[test]

@@ -1,0 +1,359 @@
+//! What a PostgreSQL failover looks like from the aggregator, reproduced on
+//! a cluster the test owns (see `dcs_tests::pg::PgCluster`): the server turns
+//! read-only (a demoted primary, a standby behind a stale route), a backend
+//! is terminated mid-batch, and a COMMIT is lost after PostgreSQL committed.
+//! In each case the batch gets 503 with Retry-After and the usual JSON error,
+//! no connection to the wrong server is reused, the aggregator recovers
+//! without a restart, and a resend is stored exactly once.
+//!
+//! The whole-system scenarios with Patroni are in `tests/tests/patroni.rs`.
+
+use std::time::{Duration, Instant};
+
+use dcs_shared::wire::{self, BatchAck, ErrorBody, OutRecord};
+use dcs_tests::aggregator::{RunningAggregator, agent_client, start_aggregator_with};
+use dcs_tests::pg::{PgCluster, TestDb};
+use dcs_tests::pki::Pki;
+use reqwest::StatusCode;
+use sqlx::{Connection as _, PgConnection};
+use uuid::Uuid;
+
+const RETRY_AFTER_SECS: u64 = 2;
+
+fn batch(epoch: Uuid, seqs: std::ops::RangeInclusive<i64>) -> Vec<u8> {
+    let payloads: Vec<(i64, String)> = seqs.map(|s| (s, format!(r#"{{"n":{s}}}"#))).collect();
+    wire::encode_batch(
+        epoch,
+        None,
+        payloads.iter().map(|(seq, payload)| OutRecord {
+            seq: *seq,
+            id: "id",
+            stream: "s",
+            ts_us: 1_700_000_000_000_000,
+            payload,
+            received: Some(1_700_000_000_000_000 + seq),
+        }),
+        1,
+    )
+}
+
+struct Answer {
+    status: StatusCode,
+    retry_after: Option<String>,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn ack(&self) -> BatchAck {
+        assert_eq!(self.status, StatusCode::OK, "{}", self.text());
+        let ack: BatchAck = serde_json::from_slice(&self.body).expect("ack body");
+        BatchAck::new(ack.accepted, ack.duplicates)
+    }
+
+    /// A 503 the agent keeps the batch for: Retry-After and the JSON error.
+    fn assert_retry_later(&self) {
+        assert_eq!(
+            self.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            self.text()
+        );
+        assert_eq!(
+            self.retry_after.as_deref(),
+            Some(RETRY_AFTER_SECS.to_string().as_str())
+        );
+        let error: ErrorBody = serde_json::from_slice(&self.body).expect("JSON error body");
+        assert_eq!(error.error, "database_unavailable", "{}", self.text());
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+async fn post(client: &reqwest::Client, agg: &RunningAggregator, body: Vec<u8>) -> Answer {
+    let response = client
+        .post(agg.endpoint(wire::BATCHES_PATH))
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(body)
+        .send()
+        .await
+        .expect("request reaches the aggregator");
+    Answer {
+        status: response.status(),
+        retry_after: response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        body: response.bytes().await.unwrap().to_vec(),
+    }
+}
+
+/// Resends `body` until it is stored; every answer before that must be a 503
+/// (never a 409, a 500 or a 2xx that did not commit).
+async fn resend_until_stored(
+    client: &reqwest::Client,
+    agg: &RunningAggregator,
+    body: Vec<u8>,
+) -> BatchAck {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = post(client, agg, body.clone()).await;
+        if answer.status == StatusCode::OK {
+            return answer.ack();
+        }
+        answer.assert_retry_later();
+        assert!(Instant::now() < deadline, "the aggregator did not recover");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+struct Setup {
+    cluster: PgCluster,
+    db: TestDb,
+    agg: RunningAggregator,
+    client: reqwest::Client,
+    admin: PgConnection,
+    epoch: Uuid,
+}
+
+/// A cluster, an aggregator on it, and a first batch (seqs 1..=10) stored.
+async fn setup() -> Setup {
+    let cluster = PgCluster::start().await;
+    let db = TestDb::on_server(&cluster.url()).await.expect("test db");
+    let pki = Pki::new();
+    let agg = start_aggregator_with(&pki, &db.url, |config| {
+        config.database.acquire_timeout = Duration::from_secs(1);
+        config.limits.retry_after = Duration::from_secs(RETRY_AFTER_SECS);
+    })
+    .await;
+    let client = agent_client(&pki.agent("acme", "edge-01"));
+    let epoch = Uuid::now_v7();
+    assert_eq!(
+        post(&client, &agg, batch(epoch, 1..=10)).await.ack(),
+        BatchAck::new(10, 0)
+    );
+    let admin = PgConnection::connect(&cluster.url())
+        .await
+        .expect("admin connection");
+    Setup {
+        cluster,
+        db,
+        agg,
+        client,
+        admin,
+        epoch,
+    }
+}
+
+/// `ALTER SYSTEM` and a reload: the change reaches every open session too.
+async fn set_system(admin: &mut PgConnection, setting: &str) {
+    // Two statements: ALTER SYSTEM cannot run in the implicit transaction
+    // of a multi-statement query.
+    for sql in [
+        format!("ALTER SYSTEM {setting}"),
+        "SELECT pg_reload_conf()".into(),
+    ] {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+            .execute(&mut *admin)
+            .await
+            .unwrap_or_else(|e| panic!("ALTER SYSTEM {setting}: {e}"));
+    }
+    // Backends apply a reload when they next read a command.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+async fn aggregator_sessions(admin: &mut PgConnection) -> i64 {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dcs-aggregator'",
+    )
+    .fetch_one(&mut *admin)
+    .await
+    .expect("count sessions")
+}
+
+/// The aggregator's backend waiting on `wait_event`, once it is there.
+async fn backend_waiting_on(admin: &mut PgConnection, wait_event: &str) -> i32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let pid: Option<i32> = sqlx::query_scalar(
+            "SELECT pid FROM pg_stat_activity \
+             WHERE application_name = 'dcs-aggregator' AND wait_event = $1 LIMIT 1",
+        )
+        .bind(wait_event)
+        .fetch_optional(&mut *admin)
+        .await
+        .expect("find backend");
+        if let Some(pid) = pid {
+            return pid;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no aggregator backend waits on {wait_event}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn terminate(admin: &mut PgConnection, pid: i32) {
+    let done: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&mut *admin)
+        .await
+        .expect("pg_terminate_backend");
+    assert!(done, "backend {pid} was not terminated");
+}
+
+#[tokio::test]
+async fn a_read_only_server_gets_503_keeps_no_aggregator_session_and_writes_resume_without_a_restart()
+ {
+    let Setup {
+        cluster: _cluster,
+        db,
+        agg,
+        client,
+        mut admin,
+        epoch,
+    } = setup().await;
+    assert!(aggregator_sessions(&mut admin).await > 0);
+
+    // What a demoted primary looks like to sessions that stay connected.
+    set_system(&mut admin, "SET default_transaction_read_only = on").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        post(&client, &agg, batch(epoch, 11..=20))
+            .await
+            .assert_retry_later();
+        // Pooled sessions are closed after their 25006, new ones refused.
+        if aggregator_sessions(&mut admin).await == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the aggregator keeps sessions open on a read-only server"
+        );
+    }
+    let ready = client.get(agg.endpoint("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    set_system(&mut admin, "RESET default_transaction_read_only").await;
+    assert_eq!(
+        resend_until_stored(&client, &agg, batch(epoch, 11..=20)).await,
+        BatchAck::new(10, 0)
+    );
+    assert_eq!(db.count("records").await, 20);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn a_backend_terminated_mid_batch_gets_503_and_the_resend_is_stored_once() {
+    let Setup {
+        cluster: _cluster,
+        db,
+        agg,
+        client,
+        mut admin,
+        epoch,
+    } = setup().await;
+
+    // Hold the batch's seq range in an open transaction, so the batch's
+    // claim waits on it and the test can terminate the waiting backend.
+    let mut blocker = PgConnection::connect(&db.url).await.expect("blocker");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "BEGIN; INSERT INTO record_ranges (agent_id, epoch, first_seq, last_seq) \
+         SELECT id, '{epoch}', 11, 20 FROM agents WHERE name = 'edge-01'"
+    )))
+    .execute(&mut blocker)
+    .await
+    .expect("hold the range");
+    let sending = {
+        let client = client.clone();
+        let url = agg.endpoint(wire::BATCHES_PATH);
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(batch(epoch, 11..=20))
+                .send()
+                .await
+        })
+    };
+    let pid = backend_waiting_on(&mut admin, "transactionid").await;
+    terminate(&mut admin, pid).await;
+    let response = sending.await.unwrap().expect("an answer");
+    Answer {
+        status: response.status(),
+        retry_after: response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        body: response.bytes().await.unwrap().to_vec(),
+    }
+    .assert_retry_later();
+    sqlx::raw_sql("ROLLBACK")
+        .execute(&mut blocker)
+        .await
+        .expect("release the range");
+
+    assert_eq!(
+        resend_until_stored(&client, &agg, batch(epoch, 11..=20)).await,
+        BatchAck::new(10, 0)
+    );
+    assert_eq!(db.count("records").await, 20);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn a_commit_whose_answer_is_lost_is_not_acknowledged_and_its_resend_is_a_duplicate_success() {
+    let Setup {
+        cluster: _cluster,
+        db,
+        agg,
+        client,
+        mut admin,
+        epoch,
+    } = setup().await;
+
+    // A synchronous standby that never answers: COMMIT is written locally,
+    // then waits for it. Terminating the backend there is the failover case
+    // where PostgreSQL committed and the aggregator never heard so.
+    set_system(&mut admin, "SET synchronous_standby_names = 'nobody'").await;
+    let sending = {
+        let client = client.clone();
+        let url = agg.endpoint(wire::BATCHES_PATH);
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(batch(epoch, 11..=20))
+                .send()
+                .await
+        })
+    };
+    let pid = backend_waiting_on(&mut admin, "SyncRep").await;
+    terminate(&mut admin, pid).await;
+    let response = sending.await.unwrap().expect("an answer");
+    Answer {
+        status: response.status(),
+        retry_after: response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        body: response.bytes().await.unwrap().to_vec(),
+    }
+    .assert_retry_later();
+    // The outcome really was "committed": the 503 is what keeps it safe.
+    assert_eq!(db.count("records").await, 20);
+
+    set_system(&mut admin, "RESET synchronous_standby_names").await;
+    // The resend meets its own committed range: duplicates, not a 409.
+    assert_eq!(
+        resend_until_stored(&client, &agg, batch(epoch, 11..=20)).await,
+        BatchAck::new(0, 10)
+    );
+    assert_eq!(db.count("records").await, 20);
+    agg.stop().await;
+}
