@@ -33,6 +33,8 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 FROM scratch AS binaries-host
 COPY bin/dcs-aggregator bin/dcs-certs /out/
 
+# A stage of this file chosen by BINARIES, not an image (nothing to tag).
+# hadolint ignore=DL3006
 FROM binaries-${BINARIES} AS build
 
 FROM ${RUNTIME_IMAGE} AS runtime

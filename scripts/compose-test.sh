@@ -461,5 +461,7 @@ printf '%s\n' "$line"
 say "done in $((SECONDS - STARTED)) s"
 [[ "$missing" == 0 && "$duplicated" == 0 && "$unexpected" == 0 ]] || die "records lost or duplicated"
 [[ "$up" == "$total" ]] || die "Prometheus targets down"
-[[ "$healthy" == "$checked" ]] && ((checked >= 6)) || die "containers not healthy"
+if [[ "$healthy" != "$checked" ]] || ((checked < 6)); then
+    die "containers not healthy"
+fi
 [[ -z "$leftovers" ]] || die "down -v left resources behind"
