@@ -428,6 +428,8 @@ for x in t:
     if x["health"] != "up":
         print(x["scrapeUrl"], x["health"], x.get("lastError", ""), file=sys.stderr)'
 }
+up=0
+total=0
 deadline=$((SECONDS + 120))
 while :; do
     read -r up total < <(targets 2>"$WORK/targets.err") || true
