@@ -242,11 +242,22 @@ rm -rf "$ctx"
 
 # --- the stack -----------------------------------------------------------------------
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-AGENT_PORT=$(free_port)
-EDGE_PORT=$(free_port)
-PROM_PORT=$(free_port)
-GRAFANA_PORT=$(free_port)
+# Free ports below the ephemeral range: a port the kernel hands out for
+# bind(0) may be taken by someone's outgoing connection before podman binds
+# it (seen on a busy CI machine).
+read -r AGENT_PORT EDGE_PORT PROM_PORT GRAFANA_PORT < <(python3 -c 'import random, socket
+ports = []
+while len(ports) < 4:
+    p = random.randint(20000, 32000)
+    try:
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", p))
+    except OSError:
+        continue
+    if p not in ports:
+        ports.append(p)
+print(*ports)')
+[[ -n "${GRAFANA_PORT:-}" ]] || die "no free ports found"
 secret() { od -An -N16 -tx1 /dev/urandom | tr -d ' \n'; }
 # Only variables change: the images, the ports, the descriptor limit.
 cat >"$WORK/compose.env" <<EOF
@@ -272,11 +283,22 @@ container_of() {
         --filter "label=com.docker.compose.service=$1" --format '{{.Names}}' | head -n 1
 }
 
+# down -v, and the anonymous volumes of the stack's containers (db-app-role
+# runs the PostgreSQL image, whose VOLUME gives it one): docker compose's
+# down -v removes those, podman-compose's keeps them.
 teardown() {
+    local anonymous c
+    anonymous=$(for c in $("${PODMAN[@]}" ps -aq --filter label=io.podman.compose.project=dcs); do
+        "${PODMAN[@]}" inspect -f '{{range .Mounts}}{{if eq .Type "volume"}}{{.Name}} {{end}}{{end}}' "$c"
+    done | tr ' ' '\n' | grep -vE '^(dcs_|$)' || true)
     "${COMPOSE[@]}" down -v -t 5 >"$WORK/down.log" 2>&1 || {
         cat "$WORK/down.log" >&2
         return 1
     }
+    if [[ -n "$anonymous" ]]; then
+        # shellcheck disable=SC2086 # one volume name a word
+        "${PODMAN[@]}" volume rm -f $anonymous >/dev/null
+    fi
 }
 
 on_exit() {
@@ -298,6 +320,7 @@ trap on_exit EXIT
 section "Start the stack"
 # A previous run killed half-way may have left its containers and volumes.
 "${COMPOSE[@]}" down -v -t 5 >/dev/null 2>&1 || true
+VOLUMES_BEFORE=$("${PODMAN[@]}" volume ls -q | sort)
 t0=$SECONDS
 
 # Runs a container's healthcheck until it passes. podman runs healthchecks
@@ -451,6 +474,7 @@ else
     teardown || die "down -v failed"
     leftovers=$(
         "${PODMAN[@]}" ps -a --filter label=io.podman.compose.project=dcs --format 'container {{.Names}}'
+        comm -13 <(printf '%s\n' "$VOLUMES_BEFORE") <("${PODMAN[@]}" volume ls -q | sort) | sed 's/^/volume /'
         "${PODMAN[@]}" volume ls --format '{{.Name}}' | grep -E '^dcs_' | sed 's/^/volume /'
         "${PODMAN[@]}" network ls --format '{{.Name}}' | grep -E '^dcs_' | sed 's/^/network /'
         "${PODMAN[@]}" pod ls --format '{{.Name}}' | grep -E '^pod_dcs' | sed 's/^/pod /'
