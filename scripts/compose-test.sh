@@ -74,6 +74,7 @@ for b in dcs-aggregator dcs-certs dcs-edge; do
 done
 
 WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 mkdir -p "$CACHE"
 
 # --- tools ---------------------------------------------------------------------
@@ -312,6 +313,12 @@ on_exit() {
         done
         ((KEEP)) || teardown || true
     fi
+    # The DCS images are rebuilt on every run: do not let them pile up (the
+    # base and stand-in images stay, they are the cache).
+    if ((!KEEP)); then
+        "${PODMAN[@]}" rmi "$AGG_IMAGE" "$EDGE_IMAGE" >/dev/null 2>&1 || true
+        "${PODMAN[@]}" image prune -f >/dev/null 2>&1 || true
+    fi
     rm -rf "$WORK"
     exit "$rc"
 }
@@ -424,7 +431,12 @@ say "in PostgreSQL: missing=$missing duplicated=$duplicated unexpected=$unexpect
 victim=$(container_of aggregator-1)
 if [[ "$("${PODMAN[@]}" inspect -f '{{.State.Running}}' "$victim")" != true ]]; then
     say "$victim was not restarted by podman; starting it"
-    "${PODMAN[@]}" start "$victim" >/dev/null
+    # Without systemd podman complains it cannot schedule the healthcheck
+    # (they are run by hand below): keep that out of the log.
+    "${PODMAN[@]}" start "$victim" >/dev/null 2>"$WORK/start.log" || {
+        cat "$WORK/start.log" >&2
+        die "starting $victim again failed"
+    }
 fi
 
 # --- health and targets --------------------------------------------------------------
