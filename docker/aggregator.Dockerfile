@@ -11,8 +11,15 @@
 
 ARG RUST_IMAGE=rust:1.95.0-slim-bookworm
 ARG RUNTIME_IMAGE=debian:12.11-slim
+# Where the binaries come from. "cargo" (the default, and what production
+# images use) builds them with `cargo build --release` in RUST_IMAGE.
+# "host" copies binaries already built on the host from bin/ in the build
+# context, for machines that cannot pull a Rust image (docs/DEPLOYMENT.md,
+# "Installing at a site without registry access"). Either way the runtime
+# stage below is the same.
+ARG BINARIES=cargo
 
-FROM ${RUST_IMAGE} AS build
+FROM ${RUST_IMAGE} AS binaries-cargo
 WORKDIR /src
 COPY . .
 # The caches keep the crate downloads and the target directory between
@@ -22,6 +29,13 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     cargo build --release --locked -p dcs-aggregator -p dcs-certs --bins \
  && install -D -m 0755 target/release/dcs-aggregator /out/dcs-aggregator \
  && install -D -m 0755 target/release/dcs-certs /out/dcs-certs
+
+FROM scratch AS binaries-host
+COPY bin/dcs-aggregator bin/dcs-certs /out/
+
+# A stage of this file chosen by BINARIES, not an image (nothing to tag).
+# hadolint ignore=DL3006
+FROM binaries-${BINARIES} AS build
 
 FROM ${RUNTIME_IMAGE} AS runtime
 ARG VERSION=0.0.0-dev

@@ -12,14 +12,28 @@
 
 ARG RUST_IMAGE=rust:1.95.0-slim-bookworm
 ARG RUNTIME_IMAGE=debian:12.11-slim
+# Where the binaries come from. "cargo" (the default, and what production
+# images use) builds them with `cargo build --release` in RUST_IMAGE.
+# "host" copies binaries already built on the host from bin/ in the build
+# context, for machines that cannot pull a Rust image (docs/DEPLOYMENT.md,
+# "Installing at a site without registry access"). Either way the runtime
+# stage below is the same.
+ARG BINARIES=cargo
 
-FROM ${RUST_IMAGE} AS build
+FROM ${RUST_IMAGE} AS binaries-cargo
 WORKDIR /src
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
     cargo build --release --locked -p dcs-edge --bins \
  && install -D -m 0755 target/release/dcs-edge /out/dcs-edge
+
+FROM scratch AS binaries-host
+COPY bin/dcs-edge /out/
+
+# A stage of this file chosen by BINARIES, not an image (nothing to tag).
+# hadolint ignore=DL3006
+FROM binaries-${BINARIES} AS build
 
 FROM ${RUNTIME_IMAGE} AS runtime
 ARG VERSION=0.0.0-dev

@@ -14,6 +14,8 @@
 # 6. dcs-edge / dcs-aggregator check-config on config/examples/*.toml
 # 7. the monitoring files, the fuzz targets briefly, the OpenAPI document
 #    (scripts/check-openapi.sh) and the deployment files
+# 7a. the compose stack run for real on podman, every image built locally
+#    (scripts/compose-test.sh; installs podman and caches a base image)
 # 8. the hostile-neighbours suite (tests/tests/hostile_neighbours.rs), its
 #    attack=... lines printed into the log
 # 9. cargo test --workspace
@@ -172,6 +174,11 @@ bash "$ROOT/scripts/check-openapi.sh"
 
 step "Deployment: package install test, systemd unit, Terraform, checkov, compose and workflow schemas, cargo audit"
 bash "$ROOT/scripts/check-deploy.sh"
+
+step "Compose stack on podman, no registry: 10,000 records, a SIGKILLed aggregator (scripts/compose-test.sh)"
+# Uses the binaries of the build step above (debug; production images are
+# built from release binaries); its images are cached outside the checkout.
+DCS_BIN_DIR="$BIN_DIR" bash "$ROOT/scripts/compose-test.sh"
 
 step "Hostile neighbours: each attack while a victim tenant sends (docs/SECURITY.md)"
 # Its own step, with --nocapture, so the attack=... lines reach the CI log;
