@@ -216,12 +216,18 @@ pub(crate) struct DatabaseSlot {
 /// decompressed size (mod 2^32); a body that lies about it is cut off at the
 /// reservation and refused, so the reservation is also the cap.
 pub(crate) fn decompressed_estimate(compressed: &[u8], max_decompressed: u64) -> u64 {
+    stated_size(compressed).min(max_decompressed)
+}
+
+/// The decompressed size the last gzip member's trailer states (ISIZE, the
+/// size mod 2^32); 0 for a body too short to have one.
+pub(crate) fn stated_size(compressed: &[u8]) -> u64 {
     let trailer = compressed
         .len()
         .checked_sub(4)
         .map(|at| u32::from_le_bytes(compressed[at..].try_into().unwrap_or([0; 4])))
         .unwrap_or(0);
-    u64::from(trailer).min(max_decompressed)
+    u64::from(trailer)
 }
 
 #[cfg(test)]

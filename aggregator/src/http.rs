@@ -695,6 +695,18 @@ async fn handle_batch(
     let (compressed, mut memory) = read_body(body, &limits, admission, deadline)
         .await
         .inspect_err(|e| log_refusal(e, &agent))?;
+    // A member's true size is at least what its trailer states (the trailer
+    // holds it mod 2^32), so a stated size past the cap is refused before a
+    // byte is inflated: oversized batches and gzip bombs cost no CPU.
+    let stated = admission::stated_size(&compressed);
+    if compressed.starts_with(&[0x1f, 0x8b]) && stated > limits.max_decompressed_bytes.0 {
+        let error = Error::BatchTooLarge(format!(
+            "the gzip trailer states {stated} bytes decompressed, more than limits.max_decompressed_bytes ({})",
+            limits.max_decompressed_bytes.0
+        ));
+        log_refusal(&error, &agent);
+        return Err(error);
+    }
     // The JSON and the rows encoded for COPY, each at most the decompressed size.
     let estimate = admission::decompressed_estimate(&compressed, limits.max_decompressed_bytes.0);
     memory.merge(

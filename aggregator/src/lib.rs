@@ -243,11 +243,19 @@ pub async fn serve_all(
     let wait = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|s| *s).await;
     };
-    let admin_task = tokio::spawn(
-        axum::serve(admin, admin_app)
-            .with_graceful_shutdown(wait(admin_stopped))
-            .into_future(),
+    let admin_policy = server::Policy::new(
+        server::Kind::Admin,
+        &config.limits,
+        config.connections,
+        config.shutdown.grace,
     );
+    let admin_task = tokio::spawn(server::run(
+        admin,
+        None,
+        admin_app,
+        admin_policy,
+        wait(admin_stopped),
+    ));
     let platform_task = platform.map(|(tls, listener)| {
         let app = platform::router(platform::PlatformState::new(pool, deny).with_signer(signer));
         let policy = server::Policy::new(
@@ -258,7 +266,7 @@ pub async fn serve_all(
         );
         let stopped = wait(stopped.clone());
         tokio::spawn(async move {
-            server::run(listener, tls, app, policy, stopped).await;
+            server::run(listener, Some(tls), app, policy, stopped).await;
         })
     });
     let app = http::router(state);
@@ -268,7 +276,7 @@ pub async fn serve_all(
         config.connections,
         config.shutdown.grace,
     );
-    server::run(listeners.agents, tls, app, policy, wait(stopped)).await;
+    server::run(listeners.agents, Some(tls), app, policy, wait(stopped)).await;
     if let Some(task) = platform_task {
         let _ = task.await;
     }

@@ -1,4 +1,5 @@
-//! The agents' listener: TCP accept, TLS handshake, HTTP/1.1 or HTTP/2.
+//! The aggregator's listeners: TCP accept, TLS handshake (agents and the
+//! platform API; the admin listener is plain HTTP), HTTP/1.1 or HTTP/2.
 //!
 //! Design constraints:
 //! - Mutual TLS is enforced in the handshake (rustls verifies the client chain
@@ -84,6 +85,10 @@ pub(crate) enum Kind {
     /// The platform API over server TLS: requests carry the [`PeerAddr`] for
     /// the audit trail and authenticate with a bearer token.
     Platform,
+    /// The admin listener (metrics, health, `/agents`) over plain HTTP: the
+    /// same connection limits, so a flood of it cannot take the process's
+    /// descriptors from the other two.
+    Admin,
 }
 
 impl Kind {
@@ -91,6 +96,7 @@ impl Kind {
         match self {
             Kind::Agents => "agents",
             Kind::Platform => "platform",
+            Kind::Admin => "admin",
         }
     }
 }
@@ -102,7 +108,7 @@ pub(crate) fn register_metrics() {
         metrics::counter!("dcs_aggregator_connections_closed_total", "reason" => reason)
             .increment(0);
     }
-    for kind in [Kind::Agents, Kind::Platform] {
+    for kind in [Kind::Agents, Kind::Platform, Kind::Admin] {
         for reason in REFUSAL_REASONS {
             metrics::counter!("dcs_aggregator_connections_refused_total", "listener" => kind.label(), "reason" => reason)
                 .increment(0);
@@ -224,15 +230,15 @@ impl Drop for AddressSlot {
 
 /// Serves `listener` until `stop` completes, then closes every connection
 /// gracefully and waits up to the policy's shutdown grace for requests in
-/// flight.
+/// flight. `tls` is `None` for the plain-HTTP admin listener.
 pub(crate) async fn run(
     listener: TcpListener,
-    tls: Arc<rustls::ServerConfig>,
+    tls: Option<Arc<rustls::ServerConfig>>,
     app: Router,
     policy: Policy,
     stop: impl Future<Output = ()> + Send + 'static,
 ) {
-    let acceptor = TlsAcceptor::from(tls);
+    let acceptor = tls.map(TlsAcceptor::from);
     let builder = Arc::new(http_builder(&policy));
     let slots = Arc::new(Semaphore::new(policy.connections.max_connections));
     let per_address = Arc::new(PerAddress::default());
@@ -383,7 +389,7 @@ fn service_for(
 ) -> ConnService {
     let inner: BoxCloneService<hyper::Request<Body>, axum::response::Response, Infallible> =
         match identity {
-            _ if kind == Kind::Platform => app
+            _ if kind != Kind::Agents => app
                 .map_request(move |mut request: hyper::Request<Body>| {
                     request.extensions_mut().insert(PeerAddr(peer));
                     request
@@ -462,10 +468,10 @@ impl hyper::body::Body for TrackedBody {
 async fn connection(
     tcp: TcpStream,
     peer: SocketAddr,
-    acceptor: TlsAcceptor,
+    acceptor: Option<TlsAcceptor>,
     app: Router,
     builder: Arc<auto::Builder<TokioExecutor>>,
-    mut draining: watch::Receiver<bool>,
+    draining: watch::Receiver<bool>,
     policy: Policy,
 ) {
     let Policy {
@@ -474,6 +480,14 @@ async fn connection(
         ..
     } = policy;
     let _ = tcp.set_nodelay(true);
+    let Some(acceptor) = acceptor else {
+        // Plain HTTP (the admin listener): no identity to read.
+        let activity = Activity::new();
+        let identity = Err("plain HTTP".to_owned());
+        let service = service_for(app, kind, peer, identity, None, activity.clone(), &policy);
+        serve(tcp, peer, service, activity, builder, draining, policy).await;
+        return;
+    };
     let stream = match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
         Ok(Ok(stream)) => stream,
         Ok(Err(error)) => {
@@ -521,7 +535,24 @@ async fn connection(
         activity.clone(),
         &policy,
     );
+    serve(stream, peer, service, activity, builder, draining, policy).await;
+}
 
+/// Serves HTTP on an accepted (and, for TLS listeners, handshaken)
+/// connection until it ends, enforcing the header deadline, the idle
+/// timeout, the age limit and the listener's drain.
+async fn serve<I>(
+    stream: I,
+    peer: SocketAddr,
+    service: ConnService,
+    activity: Arc<Activity>,
+    builder: Arc<auto::Builder<TokioExecutor>>,
+    mut draining: watch::Receiver<bool>,
+    policy: Policy,
+) where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let kind = policy.kind;
     let io = TokioIo::new(stream);
     let conn = builder.serve_connection(io, TowerToHyperService::new(service));
     tokio::pin!(conn);
@@ -554,7 +585,7 @@ async fn connection(
             () = activity.first_request.notified(), if !seen => {}
             () = tokio::time::sleep_until(header_deadline), if !seen && closing.is_none() => {
                 refused(kind, "header_timeout");
-                info!(message = "no request within connections.header_timeout after TLS; closing", %peer);
+                info!(message = "no request within connections.header_timeout of connecting; closing", %peer);
                 open.decrement(1.0);
                 return;
             }
@@ -590,12 +621,32 @@ async fn connection(
         (Some(reason), _) => reason,
         (None, Ok(())) => "client",
         (None, Err(error)) => {
+            // hyper's own header deadline (HTTP/1.1 requests after the first,
+            // or a first request whose headers raced the deadline above).
+            if is_timeout(error.as_ref()) {
+                refused(kind, "header_timeout");
+            }
             debug!(message = "connection ended with an error", %peer, %error);
             "error"
         }
     };
     metrics::counter!("dcs_aggregator_connections_closed_total", "reason" => reason).increment(1);
     open.decrement(1.0);
+}
+
+/// Whether `error` (or anything it wraps) is hyper's header read timeout.
+fn is_timeout(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(error);
+    while let Some(error) = cause {
+        if error
+            .downcast_ref::<hyper::Error>()
+            .is_some_and(hyper::Error::is_timeout)
+        {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
 }
 
 async fn sleep_until_some(deadline: Option<Instant>) {

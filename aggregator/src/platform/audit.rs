@@ -420,6 +420,9 @@ struct AuditRow {
     details: Option<String>,
 }
 
+/// What a `cursor` of the audit trail may be: an entry id (or nothing).
+pub(crate) const CURSOR_PATTERN: &str = "^[0-9]{0,18}$";
+
 /// The audit trail, newest first (admins; a tenant's admin sees its tenant's entries).
 #[utoipa::path(get, path = "/api/v1/audit", tag = "audit", operation_id = "audit_list", params(AuditQuery),
     responses((status = 200, description = "OK", body = AuditPage), (status = 400, description = "a parameter or body is invalid", body = super::openapi::ErrorSchema), (status = 403, description = "the token's role or tenant scope does not allow this", body = super::openapi::ErrorSchema)))]
@@ -431,11 +434,17 @@ pub async fn list(
     principal.require_admin()?;
     let tenant = principal.tenant_scope(q.tenant.as_deref())?;
     let limit = super::page_limit(q.limit)?;
-    let before: Option<i64> = match &q.cursor {
+    // The cursor is the last entry's id ([`CURSOR_PATTERN`]); base64 of it
+    // (the earlier form) is still taken. An empty cursor is the first page.
+    let before: Option<i64> = match q.cursor.as_deref().filter(|c| !c.is_empty()) {
         Some(c) => Some(
-            super::decode_cursor(c)?
-                .parse()
-                .map_err(|_| ApiError::BadRequest("cursor is not one this API returned".into()))?,
+            if c.bytes().all(|b| b.is_ascii_digit()) {
+                c.to_owned()
+            } else {
+                super::decode_cursor(c)?
+            }
+            .parse()
+            .map_err(|_| ApiError::BadRequest("cursor is not one this API returned".into()))?,
         ),
         None => None,
     };
@@ -478,7 +487,7 @@ pub async fn list(
         .fetch_all(&state.pool)
         .await?;
     let next_cursor = (rows.len() as i64 == limit)
-        .then(|| rows.last().map(|r| super::encode_cursor(&r.id.to_string())))
+        .then(|| rows.last().map(|r| r.id.to_string()))
         .flatten();
     let entries = rows
         .into_iter()

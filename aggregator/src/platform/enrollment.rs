@@ -364,7 +364,7 @@ pub async fn create_enrollment_token(
         .fetch_one(&mut *tx)
         .await?;
     if !exists {
-        return Err(ApiError::BadRequest(format!("no tenant {tenant}")));
+        return Err(ApiError::NotFound(format!("no tenant {tenant}")));
     }
     let id: i64 = sqlx::query_scalar(
         "INSERT INTO enrollment_tokens (token_hash, tenant_id, agent_name, created_by, expires_at) \

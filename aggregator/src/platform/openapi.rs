@@ -103,6 +103,17 @@ fn complete(doc: &mut Value) {
         })
     };
     constrain_schemas(doc);
+    // Bodies with a `tenant` field: naming one that does not exist is 404.
+    let tenant_bodies: Vec<String> = doc["components"]["schemas"]
+        .as_object()
+        .map(|schemas| {
+            schemas
+                .iter()
+                .filter(|(_, s)| s["properties"].get("tenant").is_some())
+                .map(|(name, _)| format!("#/components/schemas/{name}"))
+                .collect()
+        })
+        .unwrap_or_default();
     let Some(paths) = doc.get_mut("paths").and_then(Value::as_object_mut) else {
         return;
     };
@@ -119,6 +130,7 @@ fn complete(doc: &mut Value) {
                     .all(|r| r.as_object().is_some_and(|o| o.is_empty()))
             });
             let has_body = op.get("requestBody").is_some();
+            let names_tenant = body_names_tenant(op, &tenant_bodies);
             let mut add = |status: &str, description: &str| {
                 if let Some(responses) = op["responses"].as_object_mut() {
                     responses
@@ -138,6 +150,9 @@ fn complete(doc: &mut Value) {
             }
             if path.contains('{') {
                 add("404", "not found, or outside the token's scope");
+            }
+            if names_tenant {
+                add("404", "the tenant the body names does not exist");
             }
             if has_body {
                 add("413", "the body is larger than 2 MiB");
@@ -160,9 +175,34 @@ fn complete(doc: &mut Value) {
     }
 }
 
+/// What every request string may hold but that no other rule constrains:
+/// anything but NUL, which is refused with 400 (see `error_shape`).
+const NO_NUL: &str = "^[^\\x00]*$";
+/// A serial as `normalize_serial` takes it: hex, with `:`/`-`/space
+/// separators or a `0x` prefix.
+const SERIAL: &str = "^\\s*(0[xX])?[0-9A-Fa-f:\\- ]*[0-9A-Fa-f][0-9A-Fa-f:\\- ]*\\s*$";
+/// A lifetime humantime reads, one to three parts such as `90d` or `1w 2d`,
+/// each below 10 000 so the expiry stays inside PostgreSQL's timestamps.
+const LIFETIME: &str = "^[1-9][0-9]{0,3}[smhdw]( [1-9][0-9]{0,3}[smhdw]){0,2}$";
+
+/// Whether a schema is a string (or nullable string) that no pattern,
+/// format or enum constrains yet.
+fn is_free_string(schema: &serde_json::Map<String, Value>) -> bool {
+    let string = match schema.get("type") {
+        Some(Value::String(t)) => t == "string",
+        Some(Value::Array(types)) => types.iter().any(|t| t == "string"),
+        _ => false,
+    };
+    string
+        && !["pattern", "format", "enum"]
+            .iter()
+            .any(|k| schema.contains_key(*k))
+}
+
 /// The constraints the handlers enforce on request bodies: the token roles,
-/// the tenant id rules (`dcs_shared::identity::validate_identifier`) and the
-/// forms a serial may be typed in.
+/// names and lifetimes, the tenant id rules
+/// (`dcs_shared::identity::validate_identifier`), the forms a serial may be
+/// typed in, and no NUL in any other string.
 fn constrain_schemas(doc: &mut Value) {
     let identifier = serde_json::json!({
         "pattern": "^[a-z0-9][a-z0-9_.-]*$", "minLength": 1,
@@ -177,9 +217,28 @@ fn constrain_schemas(doc: &mut Value) {
         ("NewTenant", "id", identifier.clone()),
         ("NewEnrollmentToken", "agent", identifier),
         (
+            "NewToken",
+            "name",
+            // 1 to 200 characters, not only whitespace (tokens::create_token).
+            serde_json::json!({
+                "minLength": 1, "maxLength": 200,
+                "pattern": "^[^\\x00]*[^\\s\\x00][^\\x00]*$",
+            }),
+        ),
+        (
+            "NewToken",
+            "expires_in",
+            serde_json::json!({ "pattern": LIFETIME }),
+        ),
+        (
+            "NewEnrollmentToken",
+            "expires_in",
+            serde_json::json!({ "pattern": LIFETIME }),
+        ),
+        (
             "NewRevokedSerial",
             "serial",
-            serde_json::json!({ "pattern": "^\\s*(0[xX])?[0-9A-Fa-f:\\- ]+\\s*$" }),
+            serde_json::json!({ "pattern": SERIAL }),
         ),
     ];
     for (schema, field, rule) in rules {
@@ -193,6 +252,44 @@ fn constrain_schemas(doc: &mut Value) {
             }
         }
     }
+    let Some(schemas) = doc
+        .pointer_mut("/components/schemas")
+        .and_then(Value::as_object_mut)
+    else {
+        return;
+    };
+    for name in REQUEST_BODIES {
+        let Some(schema) = schemas.get_mut(*name).and_then(Value::as_object_mut) else {
+            continue;
+        };
+        // Every request body type is `deny_unknown_fields`: an unknown
+        // field is 422 (or 400 when it holds a NUL), never accepted.
+        schema.insert("additionalProperties".into(), false.into());
+        let Some(props) = schema.get_mut("properties").and_then(Value::as_object_mut) else {
+            continue;
+        };
+        for prop in props.values_mut().filter_map(Value::as_object_mut) {
+            if is_free_string(prop) {
+                prop.insert("pattern".into(), NO_NUL.into());
+            }
+        }
+    }
+}
+
+/// The schemas of request bodies (responses never hold a NUL to refuse).
+const REQUEST_BODIES: &[&str] = &[
+    "NewToken",
+    "NewTenant",
+    "NewEnrollmentToken",
+    "NewRevokedSerial",
+    "EnrollRequest",
+];
+
+/// Whether the operation's JSON body is one of `schemas` (by reference).
+fn body_names_tenant(op: &Value, schemas: &[String]) -> bool {
+    op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        .as_str()
+        .is_some_and(|r| schemas.iter().any(|s| s == r))
 }
 
 /// The constraints the handlers enforce, on the parameters that have them.
@@ -204,13 +301,27 @@ fn constrain(path: &str, param: &mut Value) {
     match name.as_str() {
         "limit" => {
             schema.insert("minimum".into(), 1.into());
-            // The NDJSON export takes any count; pages are capped.
-            if path != "/api/v1/records" {
-                schema.insert("maximum".into(), super::MAX_PAGE.into());
-            }
+            // A page is capped; the NDJSON export of /api/v1/records takes
+            // any count (its description says so), which the document's one
+            // schema per parameter cannot tell apart from a page.
+            schema.insert("maximum".into(), super::MAX_PAGE.into());
         }
         "from" | "to" => {
             schema.insert("format".into(), "date-time".into());
+        }
+        "cursor" => {
+            let pattern = if path == "/api/v1/audit" {
+                super::audit::CURSOR_PATTERN
+            } else {
+                super::records::CURSOR_PATTERN
+            };
+            schema.insert("pattern".into(), pattern.into());
+        }
+        "serial" => {
+            schema.insert("pattern".into(), SERIAL.into());
+        }
+        _ if is_free_string(schema) => {
+            schema.insert("pattern".into(), NO_NUL.into());
         }
         _ => {}
     }

@@ -44,6 +44,9 @@ pub struct RecordsQuery {
     pub from: Option<String>,
     /// RFC 3339, exclusive.
     pub to: Option<String>,
+    /// Rows per page, 1 to 1000 (default 100). With
+    /// `Accept: application/x-ndjson` it caps the whole export instead, and
+    /// may be larger.
     pub limit: Option<i64>,
     pub cursor: Option<String>,
 }
@@ -77,6 +80,12 @@ pub struct RecordsPage {
 const MIN_CURSOR_US: i64 = -62_135_596_800_000_000;
 const MAX_CURSOR_US: i64 = 253_402_300_799_999_999;
 
+/// Every cursor [`Key::encode`] writes matches this, and every string that
+/// matches it is a position [`Key::decode`] accepts: microseconds within
+/// ±16 digits (years 1653 to 2286, inside the bounds below), an agent id,
+/// an epoch UUID and a sequence number.
+pub(crate) const CURSOR_PATTERN: &str = "^(-?[0-9]{1,16}\\.[0-9]{1,18}\\.[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\\.[0-9]{1,18})?$";
+
 /// A row's position in the order: `(ts, agent_id, epoch, seq)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Key {
@@ -87,17 +96,25 @@ struct Key {
 }
 
 impl Key {
+    /// `ts.agent_id.epoch.seq`: a grammar the OpenAPI document states
+    /// ([`CURSOR_PATTERN`]), so every cursor it allows names a position.
     fn encode(&self) -> String {
-        super::encode_cursor(&format!(
-            "{}:{}:{}:{}",
+        format!(
+            "{}.{}.{}.{}",
             self.ts_us, self.agent_id, self.epoch, self.seq
-        ))
+        )
     }
 
     fn decode(cursor: &str) -> Result<Key, ApiError> {
         let bad = || ApiError::BadRequest("cursor is not one this API returned".into());
-        let text = super::decode_cursor(cursor)?;
-        let mut parts = text.split(':');
+        // Cursors handed out before the dotted form were base64 of
+        // `ts:agent_id:epoch:seq`; they stay valid.
+        let (text, separator) = if cursor.contains('.') {
+            (cursor.to_owned(), '.')
+        } else {
+            (super::decode_cursor(cursor)?, ':')
+        };
+        let mut parts = text.split(separator);
         let mut next = || parts.next().ok_or_else(bad);
         let key = Key {
             ts_us: next()?.parse().map_err(|_| bad())?,
@@ -259,7 +276,13 @@ pub async fn list(
             .map(|v| super::parse_time("to", v))
             .transpose()?,
     };
-    let after = q.cursor.as_deref().map(Key::decode).transpose()?;
+    // An empty cursor is the first page, like none.
+    let after = q
+        .cursor
+        .as_deref()
+        .filter(|c| !c.is_empty())
+        .map(Key::decode)
+        .transpose()?;
     let wants_ndjson = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
@@ -352,6 +375,8 @@ mod tests {
             seq: 1 << 40,
         };
         assert_eq!(Key::decode(&key.encode()).unwrap(), key);
+        let old = super::super::encode_cursor(&format!("-5:9:{}:{}", key.epoch, key.seq));
+        assert_eq!(Key::decode(&old).unwrap(), key);
         assert!(Key::decode(&super::super::encode_cursor("1:2:3")).is_err());
         let far = format!("{}:1:{}:1", i64::MAX, Uuid::nil());
         assert!(Key::decode(&super::super::encode_cursor(&far)).is_err());

@@ -63,7 +63,8 @@ pub async fn create_token(
 ) -> Result<CreatedToken, ApiError> {
     let role = Role::parse(&new.role)
         .ok_or_else(|| ApiError::BadRequest("role must be admin or reader".into()))?;
-    if new.name.trim().is_empty() || new.name.len() > 200 {
+    // Characters, not bytes, as the OpenAPI document's maxLength counts.
+    if new.name.trim().is_empty() || new.name.chars().count() > 200 {
         return Err(ApiError::BadRequest(
             "name must be 1 to 200 characters".into(),
         ));
@@ -85,7 +86,7 @@ pub async fn create_token(
                 .fetch_one(&mut *tx)
                 .await?;
         if !exists {
-            return Err(ApiError::BadRequest(format!("no tenant {tenant}")));
+            return Err(ApiError::NotFound(format!("no tenant {tenant}")));
         }
     }
     let id: i64 = sqlx::query_scalar(
