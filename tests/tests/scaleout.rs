@@ -22,16 +22,15 @@
 //! of each replica is read from its own `dcs_aggregator_records_ingested_total`.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dcs_tests::agent::{self, RunningAgent};
+use dcs_tests::balancer::{Balancer, Replica};
 use dcs_tests::chaos::agent_status;
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::Pki;
-use dcs_tests::process::{Service, free_port};
 
 const AGENTS: usize = 50;
 /// Each agent's producer pushes this many records per tick.
@@ -45,150 +44,26 @@ const SETTLE: Duration = Duration::from_secs(10);
 const MIN_BALANCE: f64 = 0.6;
 const STREAM: &str = "scaleout";
 
-/// One `dcs-aggregator serve` process and its admin port (metrics, `/ready`).
-struct Replica {
-    service: Service,
-    admin: u16,
-}
-
-impl Replica {
-    fn new(dir: &Path, pki: &Pki, db_url: &str, n: usize) -> Replica {
-        let port = free_port();
-        let admin = free_port();
-        let env = [
-            ("LISTEN__ADDRESS", format!("127.0.0.1:{port}")),
-            ("ADMIN__ADDRESS", format!("127.0.0.1:{admin}")),
-            ("TLS__CA", pki.ca.display().to_string()),
-            ("TLS__CERT", pki.server_cert.display().to_string()),
-            ("TLS__KEY", pki.server_key.display().to_string()),
-            ("DATABASE__URL", db_url.to_owned()),
-            ("DATABASE__MIGRATE_ON_START", "false".into()),
+/// A replica as these scenarios run it: a short max age, a fast drain.
+fn replica(dir: &Path, pki: &Pki, db_url: &str, n: usize) -> Replica {
+    Replica::new(
+        dir,
+        pki,
+        db_url,
+        n,
+        &[
             ("DATABASE__MAX_CONNECTIONS", "4".into()),
-            ("LIMITS__RETRY_AFTER", "\"1s\"".into()),
             (
                 "LIMITS__MAX_CONNECTION_AGE",
                 format!("\"{}s\"", MAX_CONNECTION_AGE.as_secs()),
             ),
             ("LIMITS__MAX_CONNECTION_AGE_GRACE", "\"5s\"".into()),
-            // The balancer below checks every 500 ms and needs two failures:
-            // 2 s of draining is ample for it to take the replica out.
+            // The balancer checks every 500 ms and needs two failures: 2 s
+            // of draining is ample for it to take the replica out.
             ("SHUTDOWN__DRAIN_DELAY", "\"2s\"".into()),
             ("SHUTDOWN__GRACE", "\"10s\"".into()),
-            ("LOG__FORMAT", "text".into()),
-            ("LOG__LEVEL", "info".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("DCS_AGG_{k}"), v))
-        .collect();
-        let service = Service::new(
-            "dcs-aggregator",
-            &["serve"],
-            env,
-            port,
-            &dir.join(format!("aggregator-{n}.log")),
-        );
-        Replica { service, admin }
-    }
-
-    /// Records this replica has ingested since it started; `None` while down.
-    async fn ingested(&self, http: &reqwest::Client) -> Option<f64> {
-        if !self.service.is_running() {
-            return None;
-        }
-        let text = http
-            .get(format!("http://127.0.0.1:{}/metrics", self.admin))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        Some(
-            text.lines()
-                .find(|l| l.starts_with("dcs_aggregator_records_ingested_total"))
-                .and_then(|l| l.split_whitespace().last())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0),
-        )
-    }
-
-    async fn ready(&self, http: &reqwest::Client) -> bool {
-        http.get(format!("http://127.0.0.1:{}/ready", self.admin))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    }
-}
-
-/// HAProxy with its own configuration in the scenario's directory.
-struct Balancer {
-    child: Child,
-    port: u16,
-}
-
-impl Balancer {
-    async fn start(dir: &Path, replicas: &[Replica]) -> Balancer {
-        let binary = haproxy();
-        let port = free_port();
-        let servers: String = replicas
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                format!(
-                    "    server r{} 127.0.0.1:{} check port {}\n",
-                    i + 1,
-                    r.service.port,
-                    r.admin
-                )
-            })
-            .collect();
-        // As compose/haproxy/haproxy.cfg, with checks fast enough for a test:
-        // a draining replica is out within inter x fall = 1 s.
-        let config = format!(
-            "global\n    maxconn 4000\n\
-             defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 10m\n    timeout server 10m\n    timeout check 1s\n    retries 3\n    option redispatch\n\
-             frontend agents\n    bind 127.0.0.1:{port}\n    default_backend aggregators\n\
-             backend aggregators\n    balance leastconn\n    option httpchk\n    http-check send meth GET uri /ready ver HTTP/1.1 hdr Host localhost\n    http-check expect status 200\n    default-server inter 500ms fall 2 rise 1\n{servers}"
-        );
-        let path = dir.join("haproxy.cfg");
-        std::fs::write(&path, config).expect("write haproxy.cfg");
-        let log = std::fs::File::create(dir.join("haproxy.log")).expect("haproxy log");
-        let child = Command::new(&binary)
-            .arg("-db")
-            .arg("-f")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
-        let ready = agent::wait_until(Duration::from_secs(10), || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        })
-        .await;
-        assert!(ready, "haproxy did not listen on {port}");
-        Balancer { child, port }
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// HAProxy from PATH or /usr/sbin; scripts/test.sh installs the Debian package.
-fn haproxy() -> PathBuf {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join("haproxy"))
-        .find(|p| p.is_file())
-        .expect("haproxy not found: scripts/test.sh installs it (apt package haproxy)")
+        ],
+    )
 }
 
 /// Record ids the agents acknowledged (2xx to the producer).
@@ -219,7 +94,7 @@ impl World {
         let pki = Pki::new();
         let db = TestDb::new().await;
         let mut replicas: Vec<Replica> = (1..=declared)
-            .map(|n| Replica::new(dir.path(), &pki, &db.url, n))
+            .map(|n| replica(dir.path(), &pki, &db.url, n))
             .collect();
         for replica in replicas.iter_mut().take(running) {
             replica.service.start().await;
