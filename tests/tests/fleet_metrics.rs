@@ -51,6 +51,18 @@ fn exported(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The silent agent's last-seen gauge, whatever the label order.
+fn last_seen(text: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| {
+            l.starts_with("dcs_aggregator_agent_last_seen_timestamp_seconds{")
+                && l.contains("agent=\"silent-1\"")
+                && l.contains(&format!("tenant=\"{TENANT}\""))
+        })
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+}
+
 async fn scrape(http: &reqwest::Client, url: &str) -> String {
     http.get(url)
         .send()
@@ -70,6 +82,7 @@ async fn every_documented_counter_is_exported_at_zero_from_the_start() {
     let http = reqwest::Client::new();
     let mut replica = Replica::new(dir.path(), &pki, &db.url, 1, &[]);
     replica.service.start().await;
+    assert!(agent::wait_until(Duration::from_secs(20), || replica.ready(&http)).await);
     let aggregator = scrape(
         &http,
         &format!("http://127.0.0.1:{}/metrics", replica.admin),
@@ -144,6 +157,7 @@ async fn a_silent_agent_stays_visible_across_a_restart_and_on_every_replica() {
     let refresh = [("METRICS__AGENTS_REFRESH_INTERVAL", "\"1s\"".to_owned())];
     let mut first = Replica::new(dir.path(), &pki, &db.url, 1, &refresh);
     first.service.start().await;
+    assert!(agent::wait_until(Duration::from_secs(20), || first.ready(&http)).await);
 
     // One agent delivers through replica 1, then goes silent for good.
     let url = format!("https://localhost:{}", first.service.port);
@@ -169,17 +183,16 @@ async fn a_silent_agent_stays_visible_across_a_restart_and_on_every_replica() {
         "records not delivered"
     );
     edge.stop().await;
-    let series = format!(
-        "dcs_aggregator_agent_last_seen_timestamp_seconds{{agent=\"silent-1\",tenant=\"{TENANT}\"}}"
-    );
-    let before = metric_value(&first.metrics(&http).await.expect("metrics"), &series)
-        .expect("gauge set by the batch");
+    let before =
+        last_seen(&first.metrics(&http).await.expect("metrics")).expect("gauge set by the batch");
 
     // A restart loses the process's gauges; the table brings them back.
     first.service.kill();
     first.service.start().await;
+    assert!(agent::wait_until(Duration::from_secs(20), || first.ready(&http)).await);
     let mut second = Replica::new(dir.path(), &pki, &db.url, 2, &refresh);
     second.service.start().await;
+    assert!(agent::wait_until(Duration::from_secs(20), || second.ready(&http)).await);
     let mut unlabelled = Replica::new(
         dir.path(),
         &pki,
@@ -191,13 +204,14 @@ async fn a_silent_agent_stays_visible_across_a_restart_and_on_every_replica() {
         ],
     );
     unlabelled.service.start().await;
+    assert!(agent::wait_until(Duration::from_secs(20), || unlabelled.ready(&http)).await);
     for (name, replica) in [("restarted", &first), ("other", &second)] {
         agent::wait_until(Duration::from_secs(10), || async {
-            metric_value(&replica.metrics(&http).await.unwrap_or_default(), &series).is_some()
+            last_seen(&replica.metrics(&http).await.unwrap_or_default()).is_some()
         })
         .await;
         let text = replica.metrics(&http).await.unwrap_or_default();
-        let seen = metric_value(&text, &series)
+        let seen = last_seen(&text)
             .unwrap_or_else(|| panic!("{name} replica does not show the silent agent:\n{text}"));
         // The table's last_seen is the commit time of the batch, a moment
         // after the gauge was set in the handler.
