@@ -94,7 +94,8 @@ async fn every_documented_counter_is_exported_at_zero_from_the_start() {
         &url,
         &dir.path().join("buffer.db"),
     );
-    config.ingest.max_request_bytes = dcs_shared::config::ByteSize(4096);
+    // The smallest request cap the agent accepts: its payload cap.
+    config.ingest.max_request_bytes = config.ingest.max_payload_bytes;
     let edge = AgentProcess::spawn(&config, &dir.path().join("agent.log")).await;
     let agent_text = scrape(&http, &format!("{}/metrics", edge.url)).await;
 
@@ -132,7 +133,7 @@ async fn every_documented_counter_is_exported_at_zero_from_the_start() {
         &http,
         &edge.url,
         "application/x-ndjson",
-        ndjson("s", "big", 0..200),
+        ndjson("s", "big", 0..40_000),
     )
     .await;
     assert_eq!(refused.status(), 413);
