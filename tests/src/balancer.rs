@@ -114,6 +114,7 @@ impl Cluster {
         replicas: usize,
         extra: &[(&str, String)],
     ) -> Cluster {
+        dcs_shared::tls::install_crypto_provider();
         let mut replicas: Vec<Replica> = (1..=replicas)
             .map(|n| Replica::new(dir, pki, db_url, n, extra))
             .collect();
@@ -179,7 +180,7 @@ impl Balancer {
         // As compose/haproxy/haproxy.cfg, with checks fast enough for a test:
         // a draining replica is out within inter x fall = 1 s.
         let config = format!(
-            "global\n    maxconn 20000\n\
+            "global\n    maxconn 4000\n\
              defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 10m\n    timeout server 10m\n    timeout check 1s\n    retries 3\n    option redispatch\n\
              frontend agents\n    bind 127.0.0.1:{port}\n    default_backend aggregators\n\
              backend aggregators\n    balance leastconn\n    option httpchk\n    http-check send meth GET uri /ready ver HTTP/1.1 hdr Host localhost\n    http-check expect status 200\n    default-server inter 500ms fall 2 rise 1\n{servers}"
