@@ -15,6 +15,13 @@
 #
 # A later --out wins over the default one. DCS_TEST_PG_URL points the bench
 # at another server (it creates and drops one database per step there).
+#
+#   scripts/bench.sh --fleet [dcs-fleet flags...]
+#
+# runs the fleet benchmark instead (docs/PERFORMANCE.md, "Fleet"): N = 1, 10,
+# 100 and 1000 agents through HAProxy (installed with apt if missing) to two
+# aggregator replicas, a table, and one PASS/FAIL line per target; results in
+# target/fleet.json. E.g. `scripts/bench.sh --fleet --runs 3 --handshakes`.
 set -euo pipefail
 
 DCS_SCRIPT_NAME=bench
@@ -34,9 +41,24 @@ if [[ -z "${DCS_TEST_PG_URL:-}" ]]; then
     bash "$ROOT/scripts/ensure-postgres.sh"
 fi
 
+FLEET=0
+if [[ "${1:-}" == "--fleet" ]]; then
+    FLEET=1
+    shift
+    section "HAProxy"
+    ensure_haproxy
+    export PATH="$PATH:/usr/sbin:/sbin"
+fi
+
 section "build (release)"
 cargo build --release --workspace --bins
 
 section "benchmark"
 say "load average before the run: $(cut -d' ' -f1-3 /proc/loadavg) on $(nproc) cores"
+if ((FLEET)); then
+    # A thousand agents hold a buffer file and a connection each.
+    ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+    exec "$TARGET_DIR/release/dcs-fleet" --out "$TARGET_DIR/fleet.json" \
+        --certs "$TARGET_DIR/fleet-certs" "$@"
+fi
 exec "$TARGET_DIR/release/dcs-bench" --out "$TARGET_DIR/bench.json" "$@"

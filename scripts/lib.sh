@@ -47,3 +47,23 @@ apt_install() {
 port_in_use() {
     (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
 }
+
+# The scale-out and fleet tests and the fleet benchmark start their own HAProxy
+# (Debian package haproxy) with their own configuration; the package's
+# system-wide service is not needed.
+ensure_haproxy() {
+    local found
+    found=$(PATH="$PATH:/usr/sbin:/sbin" command -v haproxy || true)
+    if [[ -n "$found" ]]; then
+        say "haproxy is installed: $found"
+        return 0
+    fi
+    apt_install haproxy
+    PATH="$PATH:/usr/sbin:/sbin" command -v haproxy >/dev/null 2>&1 ||
+        die "haproxy was installed but is not on PATH or in /usr/sbin"
+    if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
+        say "disabling the haproxy system service the package enabled (the test runs its own)"
+        as_root systemctl disable --now haproxy >/dev/null 2>&1 ||
+            warn "could not disable the haproxy service"
+    fi
+}

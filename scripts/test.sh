@@ -22,6 +22,7 @@
 # 9. cargo test --workspace
 # 10. the scale-out scenarios: aggregator replicas behind HAProxy under load
 #    (HAProxy is installed with apt if missing)
+# 11. the fleet test: 100 agents through HAProxy to two replicas
 #
 # Exits non-zero as soon as a step fails.
 set -Eeuo pipefail
@@ -92,25 +93,6 @@ ensure_tinyproxy() {
     fi
 }
 
-# The scale-out test starts its own HAProxy (Debian package haproxy) with its
-# own configuration; the package's system-wide service is not needed.
-ensure_haproxy() {
-    local found
-    found=$(PATH="$PATH:/usr/sbin:/sbin" command -v haproxy || true)
-    if [[ -n "$found" ]]; then
-        say "haproxy is installed: $found"
-        return 0
-    fi
-    apt_install haproxy
-    PATH="$PATH:/usr/sbin:/sbin" command -v haproxy >/dev/null 2>&1 ||
-        die "haproxy was installed but is not on PATH or in /usr/sbin"
-    if [[ -d /run/systemd/system ]] && command -v systemctl >/dev/null 2>&1; then
-        say "disabling the haproxy system service the package enabled (the test runs its own)"
-        as_root systemctl disable --now haproxy >/dev/null 2>&1 ||
-            warn "could not disable the haproxy service"
-    fi
-}
-
 # dcs-certs makes throw-away certificates; the examples are then checked with
 # only their certificate paths overridden from the environment.
 check_example_configs() {
@@ -138,7 +120,7 @@ bash "$ROOT/scripts/ensure-postgres.sh"
 step "tinyproxy (for tests/tests/proxy.rs)"
 ensure_tinyproxy
 
-step "HAProxy (for tests/tests/scaleout.rs)"
+step "HAProxy (for tests/tests/scaleout.rs and tests/tests/fleet.rs)"
 ensure_haproxy
 
 if ((QUICK)); then
@@ -230,5 +212,9 @@ step "PostgreSQL failover: Patroni, etcd and HAProxy under load (scripts/ha.sh)"
 # run's lost= figure (docs/DEPLOYMENT.md).
 as_root bash "$ROOT/scripts/ha.sh" install
 cargo test -p dcs-tests --test patroni -- --ignored --nocapture --test-threads=1
+
+step "Fleet: 100 agents through HAProxy to two replicas, every acknowledged record exactly once"
+# About 40 s; prints "scenario=fleet-100 acked=... missing=0 duplicated=0 refused=...".
+cargo test -p dcs-tests --test fleet -- --ignored --nocapture
 
 section "All steps passed in $((SECONDS - STARTED))s"

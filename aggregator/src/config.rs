@@ -143,6 +143,37 @@ pub struct Config {
     pub shutdown: ShutdownConfig,
     #[serde(default)]
     pub connections: ConnectionsConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The per-agent gauges (`dcs_aggregator_agent_*`) on `/metrics`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Export the `dcs_aggregator_agent_*` gauges, labelled `tenant` and
+    /// `agent` (5 series per agent per replica). `false` drops them; the
+    /// fleet-wide `dcs_aggregator_agents{link}` counts remain.
+    pub per_agent: bool,
+    /// How often each replica re-reads the `agents` table to rebuild the
+    /// per-agent gauges (and at start-up), so an agent that went silent
+    /// stays visible after a restart and on every replica.
+    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    pub agents_refresh_interval: Duration,
+}
+
+/// One small indexed scan of `agents` per replica and interval; well inside
+/// DcsAgentSilent's 5 minutes, so a restarted replica reports a silent agent
+/// again within one Prometheus evaluation or two.
+pub const DEFAULT_AGENTS_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            per_agent: true,
+            agents_refresh_interval: DEFAULT_AGENTS_REFRESH_INTERVAL,
+        }
+    }
 }
 
 /// Daily partitions of `records` (see `retention`).
@@ -759,6 +790,11 @@ impl Config {
                 MAX_REVOCATION_REFRESH.as_secs()
             ),
         );
+        issues.check(
+            !self.metrics.agents_refresh_interval.is_zero(),
+            "metrics.agents_refresh_interval",
+            "must be greater than zero",
+        );
         let e = &self.enrollment;
         if e.enabled {
             issues.check(
@@ -1090,6 +1126,23 @@ mod tests {
         ))
         .unwrap();
         assert_eq!(config.enrollment.validity, Duration::from_secs(45));
+    }
+
+    #[test]
+    fn per_agent_gauges_are_on_by_default_and_can_be_dropped() {
+        let config = load_str(MINIMAL).unwrap();
+        assert!(config.metrics.per_agent);
+        assert_eq!(
+            config.metrics.agents_refresh_interval,
+            DEFAULT_AGENTS_REFRESH_INTERVAL
+        );
+        let config = load_with_env(MINIMAL, &[("DCS_AGG_METRICS__PER_AGENT", "false")]).unwrap();
+        assert!(!config.metrics.per_agent);
+        let err = load_str(&format!(
+            "{MINIMAL}\n[metrics]\nagents_refresh_interval = \"0s\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(keys(&err), ["metrics.agents_refresh_interval"]);
     }
 
     #[test]

@@ -33,6 +33,7 @@ use sqlx::PgPool;
 use tracing::{debug, error, info, warn};
 
 use crate::admission::{self, Admission, MemoryPermit, Refusal};
+use crate::agent_gauges::{AgentGauges, LINK_DOWN_AFTER_SECS};
 use crate::config::{Config, LimitsConfig};
 use crate::platform::enrollment::{self, EnrollError, Signer};
 use crate::revocation::{Denied, DenyList, Verdict};
@@ -69,6 +70,8 @@ struct Inner {
     agents_access: AgentsAccess,
     /// The latest replay request, put into every batch answer.
     replay: crate::replay::ReplayNotice,
+    /// The per-agent gauges; a refresh task rebuilds them from `agents`.
+    agent_gauges: AgentGauges,
 }
 
 /// `/agents` lists every tenant's agents; the admin listener has no other
@@ -138,6 +141,7 @@ impl AppState {
         pool: PgPool,
         deny: DenyList,
         signer: Option<Arc<Signer>>,
+        agent_gauges: AgentGauges,
     ) -> Self {
         AppState(Arc::new(Inner {
             pool,
@@ -149,6 +153,7 @@ impl AppState {
             renewals: enrollment::RenewalThrottle::default(),
             agents_access: AgentsAccess::from_config(config),
             replay: crate::replay::ReplayNotice::default(),
+            agent_gauges,
         }))
     }
 
@@ -222,11 +227,6 @@ struct AgentView {
     dropped_total: Option<i64>,
 }
 
-/// How long an agent may be silent before the center calls its link down;
-/// agents retry at most every `retry.max` (30 s by default), so five minutes of
-/// silence is a real outage, not a pause.
-const LINK_DOWN_AFTER_SECS: i64 = 300;
-
 async fn agents(
     State(app): State<AppState>,
     headers: HeaderMap,
@@ -269,6 +269,57 @@ async fn time_requests(request: axum::extract::Request, next: axum::middleware::
     )
     .record(started.elapsed().as_secs_f64());
     response
+}
+
+/// Every value of `dcs_aggregator_batches_total{outcome}`.
+const BATCH_OUTCOMES: [&str; 9] = [
+    "accepted",
+    "rejected",
+    "too_large",
+    "throttled",
+    "unavailable",
+    "error",
+    "unauthorized",
+    "revoked",
+    "conflict",
+];
+
+/// Exports the counters of the agents' listener and of the platform at 0, so
+/// `increase()` sees their first event and dashboards show 0, not "No data".
+pub(crate) fn register_metrics() {
+    for outcome in BATCH_OUTCOMES {
+        metrics::counter!("dcs_aggregator_batches_total", "outcome" => outcome).increment(0);
+    }
+    for name in [
+        "dcs_aggregator_records_ingested_total",
+        "dcs_aggregator_records_duplicate_total",
+        "dcs_aggregator_platform_auth_failures_total",
+        "dcs_aggregator_platform_refusals_unaudited_total",
+        "dcs_aggregator_partitions_dropped_total",
+    ] {
+        metrics::counter!(name).increment(0);
+    }
+    for why in [Denied::Agent, Denied::Serial, Denied::TenantDisabled] {
+        metrics::counter!("dcs_aggregator_batches_refused_revoked_total", "reason" => why.as_str())
+            .increment(0);
+    }
+    for refusal in [
+        Refusal::AgentInFlight,
+        Refusal::TenantInFlight,
+        Refusal::MemoryBudget,
+        Refusal::DatabaseSlots,
+    ] {
+        metrics::counter!("dcs_aggregator_admission_refused_total", "reason" => refusal.reason())
+            .increment(0);
+    }
+    for outcome in ["ok", "failed"] {
+        metrics::counter!("dcs_aggregator_server_cert_reloads_total", "outcome" => outcome)
+            .increment(0);
+    }
+    for kind in ["enroll", "renew"] {
+        metrics::counter!("dcs_aggregator_certificates_issued_total", "kind" => kind).increment(0);
+    }
+    enrollment::register_metrics();
 }
 
 /// The outcome label of a batch request, from its result.
@@ -649,27 +700,6 @@ async fn record_certificate(
     }
 }
 
-/// What the center knows of an agent: when it was last heard from and the
-/// backlog it reported, so a site with a trickle of delivery is still visible.
-fn record_agent_gauges(agent: &AgentIdentity, backlog: Option<&wire::Backlog>) {
-    let labels = [
-        ("tenant", agent.tenant.clone()),
-        ("agent", agent.agent.clone()),
-    ];
-    metrics::gauge!("dcs_aggregator_agent_last_seen_timestamp_seconds", &labels).set(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64()),
-    );
-    if let Some(b) = backlog {
-        metrics::gauge!("dcs_aggregator_agent_backlog_records", &labels).set(b.records as f64);
-        metrics::gauge!("dcs_aggregator_agent_backlog_bytes", &labels).set(b.bytes as f64);
-        metrics::gauge!("dcs_aggregator_agent_backlog_oldest_age_seconds", &labels)
-            .set(b.oldest_age_secs as f64);
-        metrics::gauge!("dcs_aggregator_agent_dropped_total", &labels).set(b.dropped_total as f64);
-    }
-}
-
 async fn handle_batch(
     State(app): State<AppState>,
     Extension(agent): Extension<AgentIdentity>,
@@ -724,7 +754,9 @@ async fn handle_batch(
         })?
         .inspect_err(|e| log_refusal(e, &agent))?;
 
-    record_agent_gauges(&agent, prepared.backlog.as_ref());
+    app.0
+        .agent_gauges
+        .record_batch(&agent, prepared.backlog.as_ref());
     if prepared.records == 0 {
         // An empty batch is how an agent asks for its epoch's high-water
         // mark before it sends (see `BatchAck::high_seq`).

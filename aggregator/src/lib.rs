@@ -20,6 +20,8 @@
 //! - `server`: the TLS accept loop and graceful shutdown.
 //! - `http`: routes, request checks and the error-to-status mapping.
 //! - `store`: the PostgreSQL write path (COPY into staging, then insert).
+//! - `agent_gauges`: the per-agent gauges, rebuilt from the `agents` table
+//!   at start-up and every `metrics.agents_refresh_interval`.
 //! - [`retention`]: daily partitions of `records`, created ahead and dropped
 //!   past retention.
 //! - [`server_cert`]: the server certificate, reloaded on SIGHUP or when its
@@ -29,6 +31,7 @@
 //!   agents, tenants, tokens and the audit trail.
 
 mod admission;
+mod agent_gauges;
 pub mod config;
 mod error_shape;
 mod http;
@@ -186,7 +189,21 @@ pub async fn serve_all(
     }
     let deny_refresh = deny.spawn_refresh(pool.clone(), config.revocation.refresh_interval);
     let maintenance = retention::spawn(pool.clone(), config.retention);
-    let state = http::AppState::new(&config, pool.clone(), deny.clone(), signer.clone());
+    // The recorder first: everything below may export at 0 from the start.
+    let metrics = dcs_shared::metrics::install();
+    server::register_metrics();
+    http::register_metrics();
+    let agent_gauges = agent_gauges::AgentGauges::new(config.metrics);
+    let gauge_refresh = agent_gauges
+        .clone()
+        .spawn_refresh(pool.clone(), config.metrics.agents_refresh_interval);
+    let state = http::AppState::new(
+        &config,
+        pool.clone(),
+        deny.clone(),
+        signer.clone(),
+        agent_gauges,
+    );
     if let Err(error) = state.replay_notice().load(&pool).await {
         tracing::warn!(message = "load the replay notice; the refresh will retry", %error);
     }
@@ -218,8 +235,7 @@ pub async fn serve_all(
     if let Ok(address) = admin.local_addr() {
         tracing::info!(message = "admin listener (metrics, health) on plain HTTP", %address);
     }
-    let admin_app = http::admin_router(state.clone(), dcs_shared::metrics::install());
-    server::register_metrics();
+    let admin_app = http::admin_router(state.clone(), metrics);
     // Stopping takes three steps, so that a balancer stops sending new
     // connections before this replica stops taking work: readiness fails at
     // once while batches are still accepted for drain_delay; then the TLS
@@ -284,6 +300,7 @@ pub async fn serve_all(
     let _ = admin_task.await;
     deny_refresh.abort();
     replay_refresh.abort();
+    gauge_refresh.abort();
     cert_reload.abort();
     if let Some(watch) = cert_watch {
         watch.abort();

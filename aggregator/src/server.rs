@@ -104,6 +104,10 @@ impl Kind {
 /// Exports every close and refusal reason at 0, so dashboards and alerts see
 /// the series before the first event.
 pub(crate) fn register_metrics() {
+    for reason in HANDSHAKE_FAILURE_REASONS {
+        metrics::counter!("dcs_aggregator_tls_handshake_failures_total", "reason" => reason)
+            .increment(0);
+    }
     for reason in CLOSE_REASONS {
         metrics::counter!("dcs_aggregator_connections_closed_total", "reason" => reason)
             .increment(0);
@@ -769,6 +773,15 @@ impl hyper::body::Body for PacedBody {
         self.inner.size_hint()
     }
 }
+
+/// Every value of `dcs_aggregator_tls_handshake_failures_total{reason}`.
+const HANDSHAKE_FAILURE_REASONS: [&str; 5] = [
+    "timeout",
+    "no_certificate",
+    "unknown_ca",
+    "expired",
+    "other",
+];
 
 /// A bounded label for why a handshake failed, from rustls's error text.
 fn handshake_failure_reason(error: &std::io::Error) -> &'static str {

@@ -203,7 +203,9 @@ pub async fn read_body_within(
     let read = http_body_util::Limited::new(body, limit).collect();
     let body = match tokio::time::timeout(deadline, read).await {
         Ok(Ok(collected)) => collected.to_bytes(),
+        // Answered before routing, so `count_requests` never sees them.
         Ok(Err(error)) if error.is::<http_body_util::LengthLimitError>() => {
+            count_refused_body(parts.uri.path(), StatusCode::PAYLOAD_TOO_LARGE);
             return ApiError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_too_large",
@@ -212,6 +214,7 @@ pub async fn read_body_within(
             .into_response();
         }
         Ok(Err(error)) => {
+            count_refused_body(parts.uri.path(), StatusCode::BAD_REQUEST);
             return ApiError::new(
                 StatusCode::BAD_REQUEST,
                 "unreadable_body",
@@ -240,6 +243,34 @@ pub async fn read_body_within(
     };
     next.run(Request::from_parts(parts, axum::body::Body::from(body)))
         .await
+}
+
+/// Counts a request refused for its body before the router matched it, in
+/// `dcs_agent_requests_total` like every other answer. The route label is
+/// the template the router would have matched: a raw path would let any
+/// client create series.
+fn count_refused_body(path: &str, status: StatusCode) {
+    metrics::counter!(
+        "dcs_agent_requests_total",
+        "route" => route_template(path),
+        "status" => status.as_u16().to_string()
+    )
+    .increment(1);
+}
+
+/// The route template of a local API path that takes a body.
+fn route_template(path: &str) -> &'static str {
+    match path {
+        "/v1/records" => "/v1/records",
+        "/api/v1/jobs/trigger" => "/api/v1/jobs/trigger",
+        p if p
+            .strip_prefix("/v1/records/")
+            .is_some_and(|id| !id.is_empty() && !id.contains('/')) =>
+        {
+            "/v1/records/{id}"
+        }
+        _ => "unmatched",
+    }
 }
 
 fn body_error(rejection: BytesRejection) -> ApiError {
@@ -724,6 +755,20 @@ mod tests {
             .map(|d| (d.index, d.field.as_str()))
             .collect();
         assert_eq!(fields, vec![(0, "payload"), (1, "stream")]);
+    }
+
+    #[test]
+    fn a_body_refused_before_routing_is_counted_under_its_route_template() {
+        for (path, route) in [
+            ("/v1/records", "/v1/records"),
+            ("/v1/records/abc-1", "/v1/records/{id}"),
+            ("/api/v1/jobs/trigger", "/api/v1/jobs/trigger"),
+            ("/v1/records/", "unmatched"),
+            ("/v1/records/a/b", "unmatched"),
+            ("/anything/else", "unmatched"),
+        ] {
+            assert_eq!(route_template(path), route, "{path}");
+        }
     }
 
     #[test]

@@ -19,6 +19,7 @@
 //!   and the `/api/v1/jobs` API.
 //! - [`transform`]: per-source field mappings applied to pulled records.
 //! - [`schema`]: per-stream JSON Schemas checked on pushed and pulled records.
+//! - `counters`: every documented counter, exported at 0 at start-up.
 //!
 //! **Architecture invariant:** the only path from a producer to the network
 //! goes through a committed buffer row; the forwarder never sees a record that
@@ -26,6 +27,7 @@
 
 pub mod buffer;
 pub mod config;
+mod counters;
 pub mod durable;
 pub mod enroll;
 pub mod epochs;
@@ -79,6 +81,7 @@ pub async fn run(
     // Installed before the buffer is checked, so the quarantine and salvage
     // counts recorded at start-up are exported.
     let metrics_handle = dcs_shared::metrics::install();
+    counters::register(&config.sources);
     let prepared = {
         let opts = opts.clone();
         tokio::task::spawn_blocking(move || recovery::prepare(&opts))

@@ -135,6 +135,10 @@ fn agent_env(config: &Config, port: u16) -> Vec<(String, String)> {
         ("AGGREGATOR__KEY", a.key.display().to_string()),
         ("AGGREGATOR__REQUEST_TIMEOUT", ms(a.request_timeout)),
         ("AGGREGATOR__CONNECT_TIMEOUT", ms(a.connect_timeout)),
+        (
+            "INGEST__MAX_REQUEST_BYTES",
+            config.ingest.max_request_bytes.0.to_string(),
+        ),
         ("BATCH__MAX_RECORDS", config.batch.max_records.to_string()),
         (
             "BATCH__MAX_IN_FLIGHT",

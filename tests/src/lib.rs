@@ -7,12 +7,17 @@
 //! - [`aggregator`]: start an in-process aggregator.
 //! - [`agent`]: start an in-process edge agent, or a `dcs-edge` process that a
 //!   test may kill.
+//! - [`balancer`]: `dcs-aggregator serve` replicas behind HAProxy.
+//! - [`fleet`]: many agents (simulated around the real forwarder, or
+//!   `dcs-edge` processes) with a ledger checked against PostgreSQL.
 
 pub mod agent;
 pub mod aggregator;
+pub mod balancer;
 pub mod chaos;
 pub mod drill;
 pub mod faultproxy;
+pub mod fleet;
 pub mod gate;
 pub mod netns;
 pub mod pg;

@@ -22,16 +22,15 @@
 //! of each replica is read from its own `dcs_aggregator_records_ingested_total`.
 
 use std::collections::{HashMap, HashSet};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use dcs_tests::agent::{self, RunningAgent};
+use dcs_tests::balancer::{self, Balancer, Replica};
 use dcs_tests::chaos::agent_status;
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::Pki;
-use dcs_tests::process::{Service, free_port};
 
 const AGENTS: usize = 50;
 /// Each agent's producer pushes this many records per tick.
@@ -45,178 +44,26 @@ const SETTLE: Duration = Duration::from_secs(10);
 const MIN_BALANCE: f64 = 0.6;
 const STREAM: &str = "scaleout";
 
-/// One `dcs-aggregator serve` process and its admin port (metrics, `/ready`).
-struct Replica {
-    service: Service,
-    admin: u16,
-}
-
-/// The settings a scenario runs with.
-#[derive(Clone, Copy)]
-struct Settings {
-    /// `limits.max_connection_age` and its grace; `None`: the defaults.
-    max_age: Option<(Duration, Duration)>,
-    /// HAProxy's health-check line for every server.
-    checks: &'static str,
-}
-
-/// Short max age and fast checks, so each scenario takes about a minute.
-const FAST: Settings = Settings {
-    max_age: Some((MAX_CONNECTION_AGE, Duration::from_secs(5))),
-    checks: "inter 500ms fall 2 rise 1",
-};
-
-/// What a deployment runs: the aggregator's defaults and the checks of
-/// compose/haproxy/haproxy.cfg.
-const DEFAULTS: Settings = Settings {
-    max_age: None,
-    checks: "inter 2s fall 2 rise 2",
-};
-
-impl Replica {
-    fn new(dir: &Path, pki: &Pki, db_url: &str, n: usize, settings: Settings) -> Replica {
-        let port = free_port();
-        let admin = free_port();
-        let mut env = vec![
-            ("LISTEN__ADDRESS", format!("127.0.0.1:{port}")),
-            ("ADMIN__ADDRESS", format!("127.0.0.1:{admin}")),
-            ("TLS__CA", pki.ca.display().to_string()),
-            ("TLS__CERT", pki.server_cert.display().to_string()),
-            ("TLS__KEY", pki.server_key.display().to_string()),
-            ("DATABASE__URL", db_url.to_owned()),
-            ("DATABASE__MIGRATE_ON_START", "false".into()),
-            ("DATABASE__MAX_CONNECTIONS", "4".into()),
-            ("LIMITS__RETRY_AFTER", "\"1s\"".into()),
-            // The balancer below checks every 500 ms and needs two failures:
-            // 2 s of draining is ample for it to take the replica out.
-            ("SHUTDOWN__DRAIN_DELAY", "\"2s\"".into()),
-            ("SHUTDOWN__GRACE", "\"10s\"".into()),
-            ("LOG__FORMAT", "text".into()),
-            ("LOG__LEVEL", "info".into()),
-        ];
-        if let Some((age, grace)) = settings.max_age {
-            env.push((
-                "LIMITS__MAX_CONNECTION_AGE",
-                format!("\"{}s\"", age.as_secs()),
-            ));
-            env.push((
-                "LIMITS__MAX_CONNECTION_AGE_GRACE",
-                format!("\"{}s\"", grace.as_secs()),
-            ));
-        }
-        let env = env
-            .into_iter()
-            .map(|(k, v)| (format!("DCS_AGG_{k}"), v))
-            .collect();
-        let service = Service::new(
-            "dcs-aggregator",
-            &["serve"],
-            env,
-            port,
-            &dir.join(format!("aggregator-{n}.log")),
-        );
-        Replica { service, admin }
+/// A replica as these scenarios run it: a short max age, a fast drain.
+/// Replica `n`: short max age and fast checks, so each scenario takes
+/// about a minute; with `defaults`, what a deployment runs (the
+/// aggregator's default max age and grace).
+fn replica(dir: &Path, pki: &Pki, db_url: &str, n: usize, defaults: bool) -> Replica {
+    let mut extra = vec![
+        ("DATABASE__MAX_CONNECTIONS", "4".to_owned()),
+        // The balancer checks every 500 ms and needs two failures: 2 s
+        // of draining is ample for it to take the replica out.
+        ("SHUTDOWN__DRAIN_DELAY", "\"2s\"".into()),
+        ("SHUTDOWN__GRACE", "\"10s\"".into()),
+    ];
+    if !defaults {
+        extra.push((
+            "LIMITS__MAX_CONNECTION_AGE",
+            format!("\"{}s\"", MAX_CONNECTION_AGE.as_secs()),
+        ));
+        extra.push(("LIMITS__MAX_CONNECTION_AGE_GRACE", "\"5s\"".into()));
     }
-
-    /// Records this replica has ingested since it started; `None` while down.
-    async fn ingested(&self, http: &reqwest::Client) -> Option<f64> {
-        if !self.service.is_running() {
-            return None;
-        }
-        let text = http
-            .get(format!("http://127.0.0.1:{}/metrics", self.admin))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
-        Some(
-            text.lines()
-                .find(|l| l.starts_with("dcs_aggregator_records_ingested_total"))
-                .and_then(|l| l.split_whitespace().last())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0.0),
-        )
-    }
-
-    async fn ready(&self, http: &reqwest::Client) -> bool {
-        http.get(format!("http://127.0.0.1:{}/ready", self.admin))
-            .send()
-            .await
-            .is_ok_and(|r| r.status().is_success())
-    }
-}
-
-/// HAProxy with its own configuration in the scenario's directory.
-struct Balancer {
-    child: Child,
-    port: u16,
-}
-
-impl Balancer {
-    async fn start(dir: &Path, replicas: &[Replica], checks: &str) -> Balancer {
-        let binary = haproxy();
-        let port = free_port();
-        let servers: String = replicas
-            .iter()
-            .enumerate()
-            .map(|(i, r)| {
-                format!(
-                    "    server r{} 127.0.0.1:{} check port {} {checks}\n",
-                    i + 1,
-                    r.service.port,
-                    r.admin
-                )
-            })
-            .collect();
-        // As compose/haproxy/haproxy.cfg, with checks fast enough for a test:
-        // a draining replica is out within inter x fall = 1 s.
-        let config = format!(
-            "global\n    maxconn 4000\n\
-             defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 10m\n    timeout server 10m\n    timeout check 1s\n    retries 3\n    option redispatch\n\
-             frontend agents\n    bind 127.0.0.1:{port}\n    default_backend aggregators\n\
-             backend aggregators\n    balance leastconn\n    option httpchk\n    http-check send meth GET uri /ready ver HTTP/1.1 hdr Host localhost\n    http-check expect status 200\n{servers}"
-        );
-        let path = dir.join("haproxy.cfg");
-        std::fs::write(&path, config).expect("write haproxy.cfg");
-        let log = std::fs::File::create(dir.join("haproxy.log")).expect("haproxy log");
-        let child = Command::new(&binary)
-            .arg("-db")
-            .arg("-f")
-            .arg(&path)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .unwrap_or_else(|e| panic!("start {}: {e}", binary.display()));
-        let ready = agent::wait_until(Duration::from_secs(10), || async {
-            tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-        })
-        .await;
-        assert!(ready, "haproxy did not listen on {port}");
-        Balancer { child, port }
-    }
-}
-
-impl Drop for Balancer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// HAProxy from PATH or /usr/sbin; scripts/test.sh installs the Debian package.
-fn haproxy() -> PathBuf {
-    std::env::var_os("PATH")
-        .into_iter()
-        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-        .map(|d| d.join("haproxy"))
-        .find(|p| p.is_file())
-        .expect("haproxy not found: scripts/test.sh installs it (apt package haproxy)")
+    Replica::new(dir, pki, db_url, n, &extra)
 }
 
 /// Record ids the agents acknowledged (2xx to the producer).
@@ -242,21 +89,28 @@ impl World {
     /// `declared` replicas behind the balancer, of which the first `running`
     /// are started; the fleet connects and pushes from then on.
     async fn start(declared: usize, running: usize) -> World {
-        World::start_with(declared, running, FAST).await
+        World::start_with(declared, running, false).await
     }
 
-    async fn start_with(declared: usize, running: usize, settings: Settings) -> World {
+    /// With `defaults`: the aggregator's default max age and the compose
+    /// file's health checks.
+    async fn start_with(declared: usize, running: usize, defaults: bool) -> World {
         dcs_shared::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let pki = Pki::new();
         let db = TestDb::new().await;
         let mut replicas: Vec<Replica> = (1..=declared)
-            .map(|n| Replica::new(dir.path(), &pki, &db.url, n, settings))
+            .map(|n| replica(dir.path(), &pki, &db.url, n, defaults))
             .collect();
         for replica in replicas.iter_mut().take(running) {
             replica.service.start().await;
         }
-        let balancer = Balancer::start(dir.path(), &replicas, settings.checks).await;
+        let checks = if defaults {
+            balancer::COMPOSE_CHECKS
+        } else {
+            balancer::FAST_CHECKS
+        };
+        let balancer = Balancer::start_with_checks(dir.path(), &replicas, checks).await;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
             .build()
@@ -537,7 +391,7 @@ async fn an_added_replica_takes_a_share_within_max_age() {
 #[ignore = "about three minutes: a documented command (docs/OPERATIONS.md), not in CI"]
 async fn with_default_settings_a_restarted_replica_takes_its_share_within_150_s() {
     const LIMIT: Duration = Duration::from_secs(150);
-    let mut world = World::start_with(2, 2, DEFAULTS).await;
+    let mut world = World::start_with(2, 2, true).await;
     tokio::time::sleep(Duration::from_secs(6)).await;
     world.replicas[0].service.kill();
     tokio::time::sleep(Duration::from_secs(10)).await;

@@ -146,6 +146,35 @@ pub enum EnrollError {
     Api(ApiError),
 }
 
+/// Exports `dcs_aggregator_certificate_requests_refused_total` at 0 for the
+/// refusals of each kind (enrollment with a token, renewal over mutual TLS),
+/// so the first refusal is seen by `increase()`.
+pub(crate) fn register_metrics() {
+    let enroll = [
+        EnrollError::Disabled,
+        EnrollError::UnknownToken,
+        EnrollError::TokenUsed,
+        EnrollError::TokenExpired,
+        EnrollError::TokenDisabled,
+        EnrollError::TenantDisabled,
+        EnrollError::Revoked(""),
+        EnrollError::InvalidCsr(String::new()),
+    ];
+    let renew = [
+        EnrollError::Disabled,
+        EnrollError::Revoked(""),
+        EnrollError::InvalidCsr(String::new()),
+        EnrollError::RenewalNotDue { retry_after: 0 },
+        EnrollError::RenewalTooSoon { retry_after: 0 },
+    ];
+    for (kind, errors) in [("enroll", &enroll[..]), ("renew", &renew[..])] {
+        for error in errors {
+            metrics::counter!("dcs_aggregator_certificate_requests_refused_total", "kind" => kind, "reason" => error.status_code_message().1)
+                .increment(0);
+        }
+    }
+}
+
 impl EnrollError {
     fn status_code_message(&self) -> (StatusCode, &'static str, String) {
         use StatusCode as S;
