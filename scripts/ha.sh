@@ -299,7 +299,9 @@ down() {
     for i in $(seq 1 $MEMBERS); do
         kill_pidfile "$dir/pg$i/patroni.pid"
         local pm; pm=$(postmaster_pid "$dir" "$i" || true)
-        [ -n "$pm" ] && kill -9 "$pm" 2>/dev/null || true
+        if [ -n "$pm" ]; then
+            kill -9 "$pm" 2>/dev/null || true
+        fi
     done
     kill_pidfile "$dir/etcd.pid"
     network_down
