@@ -700,6 +700,10 @@ async fn record_certificate(
     }
 }
 
+/// The most deflate can inflate one byte to (RFC 1951's longest match, 258
+/// bytes, in at least 2 bits: about 1032:1).
+const MAX_DEFLATE_RATIO: u64 = 1032;
+
 async fn handle_batch(
     State(app): State<AppState>,
     Extension(agent): Extension<AgentIdentity>,
@@ -729,6 +733,17 @@ async fn handle_batch(
     // holds it mod 2^32), so a stated size past the cap is refused before a
     // byte is inflated: oversized batches and gzip bombs cost no CPU.
     let stated = admission::stated_size(&compressed);
+    // Deflate inflates at most 1032:1: a larger stated size cannot be a
+    // complete stream's, so the trailer read is garbage (a body cut short,
+    // random bytes) and the body is malformed, not large.
+    if stated > (compressed.len() as u64).saturating_mul(MAX_DEFLATE_RATIO) {
+        let error = Error::Malformed(format!(
+            "gzip: the body is not a complete gzip stream (its last 4 bytes state {stated} bytes decompressed, more than {} compressed bytes can hold)",
+            compressed.len()
+        ));
+        log_refusal(&error, &agent);
+        return Err(error);
+    }
     if compressed.starts_with(&[0x1f, 0x8b]) && stated > limits.max_decompressed_bytes.0 {
         let error = Error::BatchTooLarge(format!(
             "the gzip trailer states {stated} bytes decompressed, more than limits.max_decompressed_bytes ({})",

@@ -218,8 +218,19 @@ impl WriteError {
             WriteError::Database(sqlx::Error::Database(db)) => {
                 code_means_wrong_server(db.code().as_deref().unwrap_or(""))
             }
-            // An I/O or protocol error may have struck mid-COPY or
-            // mid-message; the next batch must not inherit this connection.
+            // A row or a value the client could not decode leaves the
+            // connection in step with the server.
+            WriteError::Database(
+                sqlx::Error::RowNotFound
+                | sqlx::Error::ColumnNotFound(_)
+                | sqlx::Error::ColumnIndexOutOfBounds { .. }
+                | sqlx::Error::ColumnDecode { .. }
+                | sqlx::Error::Decode(_)
+                | sqlx::Error::TypeNotFound { .. },
+            ) => false,
+            // An I/O or protocol error (or one we do not know) may have
+            // struck mid-COPY or mid-message; the next batch must not
+            // inherit this connection.
             WriteError::Database(_) => true,
         }
     }
