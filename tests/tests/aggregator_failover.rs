@@ -267,30 +267,14 @@ async fn a_backend_terminated_mid_batch_gets_503_and_the_resend_is_stored_once()
     .execute(&mut blocker)
     .await
     .expect("hold the range");
-    let sending = {
-        let client = client.clone();
-        let url = agg.endpoint(wire::BATCHES_PATH);
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .header("content-type", "application/json")
-                .header("content-encoding", "gzip")
-                .body(batch(epoch, 11..=20))
-                .send()
-                .await
-        })
-    };
-    let pid = backend_waiting_on(&mut admin, "transactionid").await;
-    terminate(&mut admin, pid).await;
-    let response = sending.await.unwrap().expect("an answer");
-    Answer {
-        status: response.status(),
-        retry_after: response
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap().to_owned()),
-        body: response.bytes().await.unwrap().to_vec(),
-    }
+    cut_while_waiting(
+        &client,
+        &agg,
+        &mut admin,
+        batch(epoch, 11..=20),
+        "transactionid",
+    )
+    .await
     .assert_retry_later();
     sqlx::raw_sql("ROLLBACK")
         .execute(&mut blocker)
@@ -320,31 +304,9 @@ async fn a_commit_whose_answer_is_lost_is_not_acknowledged_and_its_resend_is_a_d
     // then waits for it. Terminating the backend there is the failover case
     // where PostgreSQL committed and the aggregator never heard so.
     set_system(&mut admin, "SET synchronous_standby_names = 'nobody'").await;
-    let sending = {
-        let client = client.clone();
-        let url = agg.endpoint(wire::BATCHES_PATH);
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .header("content-type", "application/json")
-                .header("content-encoding", "gzip")
-                .body(batch(epoch, 11..=20))
-                .send()
-                .await
-        })
-    };
-    let pid = backend_waiting_on(&mut admin, "SyncRep").await;
-    terminate(&mut admin, pid).await;
-    let response = sending.await.unwrap().expect("an answer");
-    Answer {
-        status: response.status(),
-        retry_after: response
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap().to_owned()),
-        body: response.bytes().await.unwrap().to_vec(),
-    }
-    .assert_retry_later();
+    cut_while_waiting(&client, &agg, &mut admin, batch(epoch, 11..=20), "SyncRep")
+        .await
+        .assert_retry_later();
     // The outcome really was "committed": the 503 is what keeps it safe.
     assert_eq!(db.count("records").await, 20);
 
@@ -356,4 +318,39 @@ async fn a_commit_whose_answer_is_lost_is_not_acknowledged_and_its_resend_is_a_d
     );
     assert_eq!(db.count("records").await, 20);
     agg.stop().await;
+}
+
+/// Posts `body`, terminates its backend once it waits on `wait_event`
+/// (`pg_stat_activity.wait_event`), and returns the answer.
+async fn cut_while_waiting(
+    client: &reqwest::Client,
+    agg: &RunningAggregator,
+    admin: &mut PgConnection,
+    body: Vec<u8>,
+    wait_event: &str,
+) -> Answer {
+    let sending = {
+        let client = client.clone();
+        let url = agg.endpoint(wire::BATCHES_PATH);
+        tokio::spawn(async move {
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(body)
+                .send()
+                .await
+        })
+    };
+    let pid = backend_waiting_on(admin, wait_event).await;
+    terminate(admin, pid).await;
+    let response = sending.await.unwrap().expect("an answer");
+    Answer {
+        status: response.status(),
+        retry_after: response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        body: response.bytes().await.unwrap().to_vec(),
+    }
 }
