@@ -13,12 +13,20 @@
 //!   byte a batch holds (the compressed body, the decompressed JSON and the
 //!   rows encoded for COPY) is reserved first from one budget of
 //!   `admission.memory_budget` bytes, a semaphore on bytes.
+//! - **A busy agent queues behind itself, not in front of others.** Inflating,
+//!   parsing and writing a batch is where its CPU goes. An agent alone may
+//!   run all its admitted batches through that stage at once (a lone agent
+//!   draining a backlog pipelines); once another agent has sent within the
+//!   last second, each agent runs at most `admission.fair_share` at once
+//!   (default: half the CPU cores, at least 1) and the rest of its admitted
+//!   batches wait their turn, body already read, without a database slot.
 //! - Refusals are counted by reason in
 //!   `dcs_aggregator_admission_refused_total{reason}`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use std::time::Duration;
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::config::AdmissionConfig;
@@ -37,6 +45,9 @@ pub(crate) enum Refusal {
     MemoryBudget,
     /// No database slot freed in time (503).
     DatabaseSlots,
+    /// The agent's earlier batches still held its fair share when the
+    /// request's deadline passed (503).
+    FairShare,
 }
 
 impl Refusal {
@@ -46,6 +57,7 @@ impl Refusal {
             Refusal::TenantInFlight => "tenant_in_flight",
             Refusal::MemoryBudget => "memory_budget",
             Refusal::DatabaseSlots => "database_slots",
+            Refusal::FairShare => "fair_share",
         }
     }
 
@@ -56,9 +68,35 @@ impl Refusal {
     }
 }
 
+/// How recently another agent must have sent for an agent to be held to its
+/// fair share: longer than the gap between a steady agent's batches.
+const ACTIVE_WINDOW: Duration = Duration::from_secs(1);
+/// How often a batch waiting for its turn looks again whether the other
+/// agents went quiet (a turn freed by the agent's own batch wakes it at once).
+const TURN_RECHECK: Duration = Duration::from_millis(50);
+
+/// One agent's batches in progress.
+#[derive(Default)]
+struct AgentLoad {
+    /// Admitted (holding a ticket).
+    in_flight: usize,
+    /// In the inflate-parse-write stage.
+    working: usize,
+    /// Woken when one of them leaves that stage.
+    turn_freed: Arc<Notify>,
+}
+
+type Agents = Arc<Mutex<HashMap<String, AgentLoad>>>;
+
 pub(crate) struct Admission {
     config: AdmissionConfig,
-    agents: Arc<Mutex<HashMap<String, usize>>>,
+    /// At most this many of one agent's batches work at once while other
+    /// agents are active.
+    fair_share: usize,
+    agents: Agents,
+    /// The two agents that sent most recently, with when: enough to tell
+    /// whether any agent other than a given one sent within ACTIVE_WINDOW.
+    recent: Mutex<[Option<(String, Instant)>; 2]>,
     tenants: Mutex<HashMap<String, Arc<Semaphore>>>,
     memory: Arc<Semaphore>,
     database: Arc<Semaphore>,
@@ -66,9 +104,16 @@ pub(crate) struct Admission {
 
 impl Admission {
     pub(crate) fn new(config: AdmissionConfig, database_slots: usize) -> Self {
+        let fair_share = match config.fair_share {
+            0 => std::thread::available_parallelism().map_or(1, |n| n.get() / 2),
+            n => n,
+        }
+        .clamp(1, config.max_in_flight_per_agent.max(1));
         Admission {
             config,
+            fair_share,
             agents: Arc::default(),
+            recent: Mutex::default(),
             tenants: Mutex::default(),
             memory: Arc::new(Semaphore::new(units(config.memory_budget.0) as usize)),
             database: Arc::new(Semaphore::new(database_slots)),
@@ -77,16 +122,81 @@ impl Admission {
 
     /// Counts one more batch of `agent` in progress, or refuses it at once.
     pub(crate) fn enter(&self, agent: &str) -> Result<AgentTicket, Refusal> {
+        self.seen(agent);
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        let count = agents.entry(agent.to_owned()).or_insert(0);
-        if *count >= self.config.max_in_flight_per_agent {
+        let load = agents.entry(agent.to_owned()).or_default();
+        if load.in_flight >= self.config.max_in_flight_per_agent {
             return Err(Refusal::AgentInFlight.count());
         }
-        *count += 1;
+        load.in_flight += 1;
         Ok(AgentTicket {
             agents: self.agents.clone(),
             agent: agent.to_owned(),
         })
+    }
+
+    fn seen(&self, agent: &str) {
+        let now = Instant::now();
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        match &mut *recent {
+            [Some((first, at)), _] if first == agent => *at = now,
+            [first, second] => {
+                let previous = first.take();
+                *second = match previous {
+                    Some((name, at)) if name != agent => Some((name, at)),
+                    _ => second.take().filter(|(name, _)| name != agent),
+                };
+                *first = Some((agent.to_owned(), now));
+            }
+        }
+    }
+
+    /// Whether an agent other than `agent` sent within ACTIVE_WINDOW.
+    fn others_active(&self, agent: &str) -> bool {
+        let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent
+            .iter()
+            .flatten()
+            .any(|(name, at)| name != agent && at.elapsed() < ACTIVE_WINDOW)
+    }
+
+    /// The turn of one of `ticket`'s batches in the inflate-parse-write
+    /// stage, waiting until `deadline` while the agent's earlier batches hold
+    /// its fair share (see the module documentation).
+    pub(crate) async fn turn(
+        &self,
+        ticket: &AgentTicket,
+        deadline: Instant,
+    ) -> Result<Turn, Refusal> {
+        loop {
+            let turn_freed;
+            let mut freed;
+            {
+                let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+                let load = agents.entry(ticket.agent.clone()).or_default();
+                let cap = if self.others_active(&ticket.agent) {
+                    self.fair_share
+                } else {
+                    self.config.max_in_flight_per_agent
+                };
+                if load.working < cap {
+                    load.working += 1;
+                    return Ok(Turn {
+                        agents: self.agents.clone(),
+                        agent: ticket.agent.clone(),
+                    });
+                }
+                turn_freed = load.turn_freed.clone();
+                // Registered before the lock is let go, so a turn freed in
+                // between is not missed.
+                freed = Box::pin(turn_freed.notified());
+                freed.as_mut().enable();
+            }
+            let recheck = (Instant::now() + TURN_RECHECK).min(deadline);
+            if tokio::time::timeout_at(recheck, freed).await.is_err() && recheck >= deadline {
+                return Err(Refusal::FairShare.count());
+            }
+        }
     }
 
     /// Reserves `bytes` of the memory budget, waiting until `deadline`.
@@ -171,16 +281,36 @@ fn units(bytes: u64) -> u32 {
 
 /// One batch of one agent in progress; released on drop.
 pub(crate) struct AgentTicket {
-    agents: Arc<Mutex<HashMap<String, usize>>>,
+    agents: Agents,
     agent: String,
 }
 
 impl Drop for AgentTicket {
     fn drop(&mut self) {
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(count) = agents.get_mut(&self.agent) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(load) = agents.get_mut(&self.agent) {
+            load.in_flight = load.in_flight.saturating_sub(1);
+            if load.in_flight == 0 && load.working == 0 {
+                agents.remove(&self.agent);
+            }
+        }
+    }
+}
+
+/// One of an agent's batches in the inflate-parse-write stage; the next one
+/// waiting gets its turn on drop.
+pub(crate) struct Turn {
+    agents: Agents,
+    agent: String,
+}
+
+impl Drop for Turn {
+    fn drop(&mut self) {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(load) = agents.get_mut(&self.agent) {
+            load.working = load.working.saturating_sub(1);
+            load.turn_freed.notify_waiters();
+            if load.in_flight == 0 && load.working == 0 {
                 agents.remove(&self.agent);
             }
         }
@@ -242,6 +372,7 @@ mod tests {
                 max_in_flight_per_agent: per_agent,
                 max_in_flight_per_tenant: per_tenant,
                 memory_budget: ByteSize(budget),
+                fair_share: 1,
             },
             slots,
         )
@@ -292,6 +423,43 @@ mod tests {
         drop(first);
         assert_eq!(a.memory_free(), 10 << 10);
         assert!(a.reserve(10 << 10, soon()).await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn an_agent_alone_works_on_all_its_batches_at_once() {
+        let a = admission(4, 8, 1 << 20, 4);
+        let tickets: Vec<_> = (0..4).map(|_| a.enter("acme/edge-01").unwrap()).collect();
+        let mut turns = Vec::new();
+        for ticket in &tickets {
+            turns.push(a.turn(ticket, soon()).await.unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn with_another_agent_active_a_busy_agent_works_on_its_fair_share() {
+        let a = admission(4, 8, 1 << 20, 4);
+        let _victim = a.enter("victim/edge-01").unwrap();
+        let first = a.enter("acme/edge-01").unwrap();
+        let second = a.enter("acme/edge-01").unwrap();
+        let working = a.turn(&first, soon()).await.unwrap();
+        // Its second batch waits for the first, and gives up at the deadline.
+        assert_eq!(
+            a.turn(&second, soon()).await.err(),
+            Some(Refusal::FairShare)
+        );
+        // The other agent's batch goes straight in.
+        let victim_ticket = a.enter("victim/edge-01").unwrap();
+        let _victim_turn = a.turn(&victim_ticket, soon()).await.unwrap();
+        // The first batch done, the second gets its turn at once.
+        let waiting = a.turn(&second, Instant::now() + Duration::from_secs(5));
+        let release = async {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            drop(working);
+        };
+        let started = Instant::now();
+        let (turn, ()) = tokio::join!(waiting, release);
+        assert!(turn.is_ok());
+        assert!(started.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

@@ -221,7 +221,15 @@ pub struct PlatformConfig {
     /// Server certificate and key; empty means the agents' `tls.cert`/`tls.key`.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// PostgreSQL connections the platform API may hold, in a pool of its
+    /// own: API callers (a slow records query, a flood of bad tokens) can
+    /// never take a connection a batch is waiting for.
+    pub max_db_connections: u32,
 }
+
+/// Enough for a handful of parallel API calls; the records query is the
+/// only heavy one and it is bounded by `limit`.
+pub const DEFAULT_PLATFORM_DB_CONNECTIONS: u32 = 4;
 
 /// Next to the agents' 8443, so firewall rules for DCS stay one range.
 pub const DEFAULT_PLATFORM_ADDRESS: &str = "0.0.0.0:8444";
@@ -235,6 +243,7 @@ impl Default for PlatformConfig {
                 .expect("valid default address"),
             cert: PathBuf::new(),
             key: PathBuf::new(),
+            max_db_connections: DEFAULT_PLATFORM_DB_CONNECTIONS,
         }
     }
 }
@@ -586,6 +595,10 @@ pub struct AdmissionConfig {
     pub max_in_flight_per_tenant: usize,
     /// Bytes all batches in progress may hold in memory together.
     pub memory_budget: ByteSize,
+    /// Batches of one agent inflated, parsed and written at once while other
+    /// agents are active (an agent alone may use all its in-flight
+    /// batches); 0 means half the CPU cores, at least 1.
+    pub fair_share: usize,
 }
 
 impl Default for AdmissionConfig {
@@ -594,6 +607,7 @@ impl Default for AdmissionConfig {
             max_in_flight_per_agent: DEFAULT_MAX_IN_FLIGHT_PER_AGENT,
             max_in_flight_per_tenant: DEFAULT_MAX_IN_FLIGHT_PER_TENANT,
             memory_budget: DEFAULT_MEMORY_BUDGET,
+            fair_share: 0,
         }
     }
 }
@@ -666,6 +680,11 @@ impl Config {
             !db.acquire_timeout.is_zero(),
             "database.acquire_timeout",
             "must be greater than zero",
+        );
+        issues.check(
+            self.platform.max_db_connections >= 1,
+            "platform.max_db_connections",
+            "must be at least 1",
         );
 
         let l = &self.limits;

@@ -299,6 +299,10 @@ pub(crate) fn register_metrics() {
     ] {
         metrics::counter!(name).increment(0);
     }
+    for scope in ["address", "prefix"] {
+        metrics::counter!("dcs_aggregator_platform_locked_out_total", "scope" => scope)
+            .increment(0);
+    }
     for why in [Denied::Agent, Denied::Serial, Denied::TenantDisabled] {
         metrics::counter!("dcs_aggregator_batches_refused_revoked_total", "reason" => why.as_str())
             .increment(0);
@@ -308,6 +312,7 @@ pub(crate) fn register_metrics() {
         Refusal::TenantInFlight,
         Refusal::MemoryBudget,
         Refusal::DatabaseSlots,
+        Refusal::FairShare,
     ] {
         metrics::counter!("dcs_aggregator_admission_refused_total", "reason" => refusal.reason())
             .increment(0);
@@ -485,6 +490,11 @@ impl Error {
                     S::SERVICE_UNAVAILABLE,
                     "overloaded",
                     "too many batches in progress; nothing was written, retry later".into(),
+                ),
+                Refusal::FairShare => (
+                    S::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    "this agent's earlier batches held its share of the aggregator until the request timed out; nothing was written, retry later".into(),
                 ),
             },
             Error::NotReady { .. } => (
@@ -722,7 +732,7 @@ async fn handle_batch(
         retry_after: limits.retry_after,
     };
 
-    let _ticket = admission
+    let ticket = admission
         .enter(&agent.to_string())
         .map_err(not_admitted)
         .inspect_err(|e| log_refusal(e, &agent))?;
@@ -761,6 +771,12 @@ async fn handle_batch(
             .map_err(not_admitted)
             .inspect_err(|e| log_refusal(e, &agent))?,
     );
+    // Held through inflating, parsing and writing: where the batch's CPU goes.
+    let turn = admission
+        .turn(&ticket, deadline)
+        .await
+        .map_err(not_admitted)
+        .inspect_err(|e| log_refusal(e, &agent))?;
     let prepared = tokio::task::spawn_blocking(move || prepare(&compressed, &limits, estimate))
         .await
         .map_err(|error| {
@@ -808,6 +824,7 @@ async fn handle_batch(
     metrics::histogram!("dcs_aggregator_db_write_duration_seconds")
         .record(write_started.elapsed().as_secs_f64());
     drop(slot);
+    drop(turn);
     drop(memory);
 
     match written {

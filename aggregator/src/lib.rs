@@ -126,6 +126,17 @@ pub async fn connect(config: &DatabaseConfig) -> Result<PgPool, Error> {
         .connect_lazy_with(options))
 }
 
+/// A pool of `max_connections` to the database `pool` connects to, with the
+/// same checks, for callers that must not compete with batches for `pool`'s
+/// connections (the platform API).
+pub fn sibling_pool(pool: &PgPool, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections)
+        .acquire_timeout(pool.options().get_acquire_timeout())
+        .after_connect(|conn, _meta| Box::pin(store::is_writable(conn)))
+        .connect_lazy_with((*pool.connect_options()).clone())
+}
+
 /// Applies the migrations in `migrations/` that this database has not seen.
 pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
     MIGRATOR.run(pool).await?;
@@ -273,6 +284,8 @@ pub async fn serve_all(
         wait(admin_stopped),
     ));
     let platform_task = platform.map(|(tls, listener)| {
+        // Its own pool: no API caller can hold a connection a batch waits for.
+        let pool = sibling_pool(&pool, config.platform.max_db_connections);
         let app = platform::router(platform::PlatformState::new(pool, deny).with_signer(signer));
         let policy = server::Policy::new(
             server::Kind::Platform,

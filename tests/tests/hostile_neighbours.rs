@@ -973,13 +973,29 @@ async fn audit_flood(b: Arc<Bench>) -> String {
         tasks.push(tokio::spawn(async move {
             let mut outcomes = Vec::new();
             for _ in 0..20 {
-                let status = client
+                let outcome = match client
                     .post(&url)
                     .bearer_auth("dcs_not_a_token")
                     .send()
                     .await
-                    .map_or(0, |r| r.status().as_u16());
-                outcomes.push((status, String::new()));
+                {
+                    Ok(r) => {
+                        let status = r.status().as_u16();
+                        let retry_after = r.headers().contains_key("retry-after");
+                        let code = r
+                            .json::<ErrorBody>()
+                            .await
+                            .map_or_else(|_| "?".into(), |b| b.error);
+                        let with_retry_after = if retry_after {
+                            ""
+                        } else {
+                            "_without_retry_after"
+                        };
+                        (status, format!("{code}{with_retry_after}"))
+                    }
+                    Err(_) => (0, "transport".to_owned()),
+                };
+                outcomes.push(outcome);
             }
             outcomes
         }));
@@ -993,9 +1009,19 @@ async fn audit_flood(b: Arc<Bench>) -> String {
         .fetch_one(&b.db.pool)
         .await
         .expect("audit widths");
+    // Refused with 401 until the prefix is locked out, then with 429 before
+    // any token lookup.
+    let unauthorized = outcomes.iter().filter(|(s, _)| *s == 401).count();
     assert!(
-        outcomes.iter().all(|(s, _)| *s == 401),
+        outcomes
+            .iter()
+            .all(|(s, c)| *s == 401 || (*s == 429 && c == "too_many_refusals")),
         "audit_flood: {}",
+        tally(&outcomes)
+    );
+    assert!(
+        unauthorized as u64 <= dcs_aggregator::platform::audit::RefusalThrottle::LOCKOUT_PER_PREFIX,
+        "audit_flood: {} looked up past the lockout",
         tally(&outcomes)
     );
     assert!(
@@ -1007,8 +1033,8 @@ async fn audit_flood(b: Arc<Bench>) -> String {
         "an audit target of {widest} bytes"
     );
     format!(
-        "401_x{}_audit_rows={rows}_widest_target={widest}",
-        outcomes.len()
+        "{}_audit_rows={rows}_widest_target={widest}",
+        tally(&outcomes)
     )
 }
 

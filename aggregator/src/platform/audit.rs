@@ -170,6 +170,16 @@ impl Scope {
         }
     }
 
+    /// Refusals in one window after which the scope is locked out until
+    /// the window ends; `None`: never (a token's refusals cost no lookup).
+    fn lockout(&self) -> Option<u64> {
+        match self {
+            Scope::Address(_) => Some(RefusalThrottle::LOCKOUT_PER_ADDRESS),
+            Scope::Prefix(_) => Some(RefusalThrottle::LOCKOUT_PER_PREFIX),
+            Scope::Token(_) => None,
+        }
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Scope::Address(_) => "address",
@@ -194,6 +204,8 @@ struct Window {
     started: Instant,
     audited: u32,
     suppressed: u64,
+    /// Every refusal of the window, audited or not: what a lockout counts.
+    refused: u64,
     /// The action, actor and remote of the suppressed refusals, for their
     /// summary.
     action: String,
@@ -222,6 +234,14 @@ impl RefusalThrottle {
     pub const PER_PREFIX: u32 = 50;
     /// Audited one by one per token and window (403s).
     pub const PER_TOKEN: u32 = 20;
+    /// Refused unauthenticated requests from one address in a window after
+    /// which every further request from it is refused (429) before its token
+    /// is looked up, until the window ends. A 256-bit token cannot be
+    /// guessed, so nobody legitimate gets near this; what it stops is a flood
+    /// that costs the database a lookup per request.
+    pub const LOCKOUT_PER_ADDRESS: u64 = 50;
+    /// The same for a /24 or /64, all its addresses together.
+    pub const LOCKOUT_PER_PREFIX: u64 = 100;
     /// Kept for callers that knew only one limit.
     pub const PER_WINDOW: u32 = Self::PER_ADDRESS;
     /// Scopes remembered before windows that ended are pruned.
@@ -273,6 +293,11 @@ impl RefusalThrottle {
                 *window = Window::new(now, scope, entry);
             }
         }
+        for scope in scopes {
+            if let Some(w) = windows.get_mut(scope) {
+                w.refused += 1;
+            }
+        }
         // Written only when every scope has room; otherwise counted once, in
         // the first scope that is full.
         let full = scopes.iter().find(|scope| {
@@ -302,6 +327,31 @@ impl RefusalThrottle {
             write_entry,
             summaries,
         }
+    }
+
+    /// How long the caller at `ip` stays locked out, if its address or
+    /// prefix was refused [`RefusalThrottle::LOCKOUT_PER_ADDRESS`] or
+    /// [`RefusalThrottle::LOCKOUT_PER_PREFIX`] times in the current window.
+    /// A request refused here is counted as a suppressed refusal of that
+    /// scope (its summary row says how many) and in
+    /// `dcs_aggregator_platform_locked_out_total{scope}`.
+    pub fn locked_out(&self, ip: Option<IpAddr>) -> Option<Duration> {
+        let ip = ip?;
+        let now = Instant::now();
+        let mut windows = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        for scope in [Scope::Address(Some(ip)), Scope::prefix_of(ip)] {
+            let Some(window) = windows.get_mut(&scope) else {
+                continue;
+            };
+            let age = now.duration_since(window.started);
+            if age < self.window && scope.lockout().is_some_and(|n| window.refused >= n) {
+                window.suppressed += 1;
+                metrics::counter!("dcs_aggregator_platform_locked_out_total", "scope" => scope.name())
+                    .increment(1);
+                return Some(self.window - age);
+            }
+        }
+        None
     }
 
     /// Appends `entry` (a refusal of an unauthenticated caller) as
@@ -338,6 +388,7 @@ impl Window {
             started,
             audited: 0,
             suppressed: 0,
+            refused: 0,
             action: entry.action.clone(),
             actor: match scope {
                 Scope::Token(_) => entry.actor.clone(),
@@ -540,6 +591,47 @@ mod tests {
         assert_eq!(written("192.0.2.1"), RefusalThrottle::PER_WINDOW as usize);
         assert_eq!(written("192.0.2.2"), RefusalThrottle::PER_WINDOW as usize);
         assert_eq!(written("192.0.2.1"), 0);
+    }
+
+    #[test]
+    fn an_address_refused_too_often_is_locked_out_until_its_window_ends() {
+        let throttle = RefusalThrottle::new(Duration::from_millis(300));
+        let entry = refusal("192.0.2.1");
+        for _ in 0..RefusalThrottle::LOCKOUT_PER_ADDRESS {
+            assert_eq!(throttle.locked_out(ip("192.0.2.1")), None);
+            throttle.admit(ip("192.0.2.1"), &entry);
+        }
+        let left = throttle.locked_out(ip("192.0.2.1")).expect("locked out");
+        assert!(left <= Duration::from_millis(300));
+        // Another /24 is not affected.
+        assert_eq!(throttle.locked_out(ip("198.51.100.1")), None);
+        std::thread::sleep(Duration::from_millis(350));
+        assert_eq!(throttle.locked_out(ip("192.0.2.1")), None);
+        // The lockouts are summarised with the other unaudited refusals.
+        let next = throttle.admit(ip("192.0.2.1"), &entry);
+        let unaudited =
+            RefusalThrottle::LOCKOUT_PER_ADDRESS - u64::from(RefusalThrottle::PER_ADDRESS) + 1;
+        assert_eq!(next.summaries[0].details["refusals"], unaudited);
+    }
+
+    #[test]
+    fn a_prefix_is_locked_out_by_all_its_addresses_together() {
+        let throttle = RefusalThrottle::new(Duration::from_secs(3600));
+        let per_host = RefusalThrottle::LOCKOUT_PER_ADDRESS / 2;
+        let hosts = RefusalThrottle::LOCKOUT_PER_PREFIX / per_host;
+        for host in 1..=hosts {
+            let addr = format!("192.0.2.{host}");
+            for _ in 0..per_host {
+                throttle.admit(ip(&addr), &refusal(&addr));
+            }
+        }
+        assert!(throttle.locked_out(ip("192.0.2.200")).is_some());
+        assert_eq!(throttle.locked_out(ip("192.0.3.1")), None);
+        assert_eq!(
+            throttle.locked_out(None),
+            None,
+            "an unknown peer has no scope"
+        );
     }
 
     #[test]

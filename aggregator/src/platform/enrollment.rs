@@ -578,6 +578,9 @@ pub(crate) async fn enroll(
     let peer = peer.map(|Extension(PeerAddr(addr))| addr);
     let remote = peer.map(|addr| addr.to_string());
     let signer = state.signer.clone().ok_or(EnrollError::Disabled)?;
+    if let Some(left) = state.refusals.locked_out(peer.map(|p| p.ip())) {
+        return Err(EnrollError::Api(ApiError::TooManyRefusals(left)));
+    }
     let Json(request) = request.map_err(bad_body)?;
     let mut refused = RefusalAudit {
         actor: "anonymous".into(),

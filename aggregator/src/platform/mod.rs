@@ -142,6 +142,11 @@ async fn authenticate(
     let remote = peer.map(|p| p.to_string());
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    // Before the lookup: a flood of bad tokens from one place costs the
+    // database nothing once that place is locked out.
+    if let Some(left) = state.refusals.locked_out(peer.map(|p| p.ip())) {
+        return ApiError::TooManyRefusals(left).into_response();
+    }
     let principal = match auth::authenticate(&state.pool, request.headers()).await {
         Ok(principal) => principal,
         Err(refusal) => {
@@ -200,6 +205,9 @@ pub enum ApiError {
     NotFound(String),
     Conflict(String),
     MethodNotAllowed,
+    /// The caller's address or prefix was refused too often in the current
+    /// window; retry after the time it holds (audit.rs, `locked_out`).
+    TooManyRefusals(std::time::Duration),
     /// The database did not answer; nothing was changed.
     Unavailable,
     Internal,
@@ -219,6 +227,14 @@ impl ApiError {
                 "method_not_allowed",
                 "method not allowed on this route".into(),
             ),
+            ApiError::TooManyRefusals(left) => (
+                S::TOO_MANY_REQUESTS,
+                "too_many_refusals",
+                format!(
+                    "too many refused requests from this address or its network; retry in {} s",
+                    retry_after_secs(*left)
+                ),
+            ),
             ApiError::Unavailable => (
                 S::SERVICE_UNAVAILABLE,
                 "database_unavailable",
@@ -237,6 +253,12 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, message) = self.status_code_message();
         let mut response = (status, Json(ErrorBody::new(code, message))).into_response();
+        if let ApiError::TooManyRefusals(left) = self {
+            response.headers_mut().insert(
+                header::RETRY_AFTER,
+                header::HeaderValue::from(retry_after_secs(left)),
+            );
+        }
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(
                 header::WWW_AUTHENTICATE,
@@ -245,6 +267,11 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Whole seconds, rounded up: a client that waits that long is let in.
+fn retry_after_secs(left: std::time::Duration) -> u64 {
+    left.as_secs() + u64::from(left.subsec_nanos() > 0)
 }
 
 impl std::fmt::Display for ApiError {

@@ -94,6 +94,8 @@ pub fn document() -> utoipa::openapi::OpenApi {
 /// - 413, 415 and 422: on operations with a JSON body: too large, not
 ///   `application/json`, or JSON of the wrong shape (unknown fields);
 /// - 404: on operations with a path parameter;
+/// - 429: the caller's address or network was refused too often in the
+///   current window (every operation that takes a token, enrollment too);
 /// - 503: the database did not answer; nothing was changed.
 fn complete(doc: &mut Value) {
     let error = |description: &str| {
@@ -160,6 +162,12 @@ fn complete(doc: &mut Value) {
                 add(
                     "422",
                     "the body is JSON of the wrong shape (a missing or unknown field)",
+                );
+            }
+            if !public || path.ends_with("/enroll") {
+                add(
+                    "429",
+                    "too many refused requests from the caller's address or network: retry after Retry-After seconds",
                 );
             }
             add(
