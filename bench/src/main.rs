@@ -1092,16 +1092,23 @@ async fn step_copy(
                 }
             }
             let written = copy.finish().await?;
-            let _ = conn.close().await;
-            anyhow::Ok(written)
+            anyhow::Ok((written, conn))
         });
     }
     let mut written = 0;
+    let mut open = Vec::new();
     while let Some(done) = tasks.join_next().await {
-        written += done.context("COPY task")??;
+        let (rows, conn) = done.context("COPY task")??;
+        written += rows;
+        open.push(conn);
     }
     let secs = t0.elapsed().as_secs_f64();
+    // Connections stay open until the backends' CPU is read: an exited
+    // backend's time is no longer charged to the database.
     let usage = meter.stop();
+    for conn in open {
+        let _ = conn.close().await;
+    }
     ensure!(
         written == rows,
         "COPY wrote {written} rows, expected {rows}"
