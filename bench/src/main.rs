@@ -1983,24 +1983,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         r.dcs_aggregator_stripped_bytes = agg_stripped;
         print_report(&r, k + 1);
         runs.push(r);
+        if let Some(out) = &args.out {
+            // After every run, so a later run's failure keeps the earlier ones.
+            write_json(out, &bench_doc(&args, &machine, &config, sizes, &runs))?;
+        }
     }
-    let headline = summary::headline(&runs);
-    let targets = summary::targets(&headline);
-    let started = std::time::SystemTime::now();
-    let doc = BenchDoc {
-        label: args.label.clone(),
-        commit: commit(),
-        date_utc: humantime::format_rfc3339_seconds(started).to_string(),
-        machine,
-        config: RunConfig {
-            duration_s: args.duration,
-            sizes: Some(sizes),
-            ..config
-        },
-        headline,
-        targets,
-        runs,
-    };
+    let doc = bench_doc(&args, &machine, &config, sizes, &runs);
     print_summary(&doc);
     if let Some(out) = &args.out {
         write_json(out, &doc)?;
@@ -2017,6 +2005,32 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(cluster);
     Ok(())
+}
+
+/// The runs so far with their headline and targets.
+fn bench_doc(
+    args: &Args,
+    machine: &Machine,
+    config: &RunConfig,
+    sizes: Sizes,
+    runs: &[Results],
+) -> BenchDoc {
+    let headline = summary::headline(runs);
+    let targets = summary::targets(&headline);
+    BenchDoc {
+        label: args.label.clone(),
+        commit: commit(),
+        date_utc: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        machine: machine.clone(),
+        config: RunConfig {
+            duration_s: args.duration,
+            sizes: Some(sizes),
+            ..config.clone()
+        },
+        headline,
+        targets,
+        runs: runs.to_vec(),
+    }
 }
 
 /// Records per step, sized so that each step runs about `--duration`.
