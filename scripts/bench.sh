@@ -5,15 +5,20 @@
 #
 # Builds every binary in release mode (dcs-bench runs the dcs-edge and
 # dcs-aggregator processes it finds beside itself in target/release), makes
-# sure PostgreSQL answers on 127.0.0.1:5432, then runs dcs-bench with the
-# default data set (200,000 records of ~200 bytes), printing a table and
-# writing the results to target/bench.json. Extra arguments go to dcs-bench,
-# e.g.
+# sure PostgreSQL answers on 127.0.0.1:5432, then runs dcs-bench: 3 runs of
+# every step, each step sized by a calibration to run about 20 seconds,
+# printing each run, the headline (median and min-max of the runs) and one
+# PASS/FAIL line per target, and writing everything to target/bench.json
+# (`target/release/dcs-bench report target/bench.json --doc
+# docs/PERFORMANCE.md` puts its headline table into the docs). Takes about
+# 20 minutes. Extra arguments go to dcs-bench, e.g.
 #
-#   scripts/bench.sh --records 10000000 --out target/bench-10m.json
+#   scripts/bench.sh --quick                 # smoke run: one run of 2-second steps
+#   scripts/bench.sh --runs 1 --records 10000000 --skip copy,copy-parallel,ingest,e2e,freshness,latency,wire \
+#       --out target/bench-10m.json          # the 10M-record drain
 #   scripts/bench.sh --skip copy,ingest,drain,latency,wire --max-in-flight 4
 #
-# A later --out wins over the default one. DCS_TEST_PG_URL points the bench
+# A later --out (or --runs) wins over the default one. DCS_TEST_PG_URL points the bench
 # at another server (it creates and drops one database per step there).
 #
 #   scripts/bench.sh --fleet [dcs-fleet flags...]
@@ -61,4 +66,4 @@ if ((FLEET)); then
     exec "$TARGET_DIR/release/dcs-fleet" --out "$TARGET_DIR/fleet.json" \
         --certs "$TARGET_DIR/fleet-certs" "$@"
 fi
-exec "$TARGET_DIR/release/dcs-bench" --out "$TARGET_DIR/bench.json" "$@"
+exec "$TARGET_DIR/release/dcs-bench" --runs 3 --out "$TARGET_DIR/bench.json" "$@"

@@ -99,14 +99,7 @@ fn world(
     bodies: &Bodies,
     generator: Generator,
 ) -> anyhow::Result<World> {
-    Ok(World {
-        args: args.clone(),
-        pg_admin: pg_admin.to_owned(),
-        pki: dcs_tests::pki::Pki::new(),
-        dir: tempfile::Builder::new().prefix("dcs-bench-").tempdir()?,
-        bodies: bodies.clone(),
-        generator,
-    })
+    World::new(args, pg_admin, bodies, generator)
 }
 
 pub async fn run(
@@ -115,7 +108,7 @@ pub async fn run(
     bodies: &Bodies,
     generator: Generator,
 ) -> anyhow::Result<Sweep> {
-    let n = base.records as f64;
+    let n = bodies.records as f64;
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
     let mut runs: Vec<Vec<crate::E2eResult>> = vec![Vec::new(); SETTINGS.len()];
     for rep in 0..base.sweep_repeats {
@@ -129,7 +122,7 @@ pub async fn run(
                 setting.name
             ));
             let w = world(&args, pg_admin, bodies, generator)?;
-            let e = step_e2e(&w, None).await?;
+            let e = step_e2e(&w, bodies, None).await?;
             progress(&format!("  {:.0} rec/s", e.records_per_s));
             runs[i].push(e);
         }
@@ -196,7 +189,7 @@ pub async fn run(
     println!();
     println!(
         "== Knob sweep: end to end, {} records, median of {} ==",
-        base.records, base.sweep_repeats
+        bodies.records, base.sweep_repeats
     );
     println!(
         "{:<28} {:>12} {:>8} {:>26} {:>9} {:>9} {:>9} {:>9} {:>7}",

@@ -261,3 +261,63 @@ impl ProcSnapshot {
         v.into_iter().map(|(c, s)| format!("{c} {s:.1}s")).collect()
     }
 }
+
+/// A field of `/proc/PID/status` in its own unit (kB for `Vm*`, a count for
+/// `Threads`).
+fn status_field(pid: u32, name: &str) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find(|l| l.strip_prefix(name).is_some_and(|r| r.starts_with(':')))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+}
+
+/// `VmRSS` (resident set now) of a process, in KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    status_field(pid, "VmRSS")
+}
+
+/// Threads of a process.
+pub fn threads(pid: u32) -> Option<u64> {
+    status_field(pid, "Threads")
+}
+
+/// Open file descriptors of a process (sockets, the SQLite files, pipes).
+pub fn open_fds(pid: u32) -> Option<u64> {
+    Some(std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.count() as u64)
+}
+
+/// CPU ticks of every live PostgreSQL backend serving database `db`, by pid.
+/// A backend's process title (`postgres: USER DB ADDR STATE`) names its
+/// database, so this leaves out other people's work on a shared server and the
+/// server's own background processes (WAL writer, checkpointer), which no
+/// single database can be charged for.
+pub fn postgres_backend_ticks(db: &str) -> std::collections::HashMap<u32, u64> {
+    let mut out = std::collections::HashMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        if comm.trim() != "postgres" {
+            continue;
+        }
+        let title = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let title = String::from_utf8_lossy(&title);
+        // `postgres: [CLUSTER: ]USER DB ADDR STATE`; Debian names its clusters.
+        if title.split_whitespace().take(5).any(|t| t == db)
+            && let Some(t) = cpu_ticks(pid)
+        {
+            out.insert(pid, t);
+        }
+    }
+    out
+}

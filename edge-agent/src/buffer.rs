@@ -385,6 +385,9 @@ impl Buffer {
         reader
             .busy_timeout(Duration::from_secs(5))
             .map_err(open_err)?;
+        reader
+            .pragma_update(None, "cache_size", -PAGE_CACHE_KIB)
+            .map_err(open_err)?;
 
         let shared = Arc::new(Shared {
             stats: Mutex::new(stats),
@@ -856,6 +859,13 @@ pub(crate) fn finish_created(tx: &rusqlite::Transaction<'_>) -> rusqlite::Result
     Ok(())
 }
 
+/// SQLite page cache per connection, in KiB (SQLite's default is 2,000).
+/// The writer appends to the end of two B-trees and the reader scans
+/// forward, so the hot pages are few; the operating system's page cache
+/// holds the rest, and the agent's resident memory stays small on a client's
+/// machine.
+const PAGE_CACHE_KIB: i64 = 1024;
+
 fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> {
     conn.busy_timeout(Duration::from_secs(5))?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
@@ -870,6 +880,8 @@ fn configure(conn: &Connection, durability: Durability) -> rusqlite::Result<()> 
     // Truncate the WAL after checkpoints so a drained buffer gives disk back.
     conn.pragma_update(None, "journal_size_limit", 64 * 1024 * 1024)?;
     conn.pragma_update(None, "foreign_keys", "OFF")?;
+    // A negative cache_size is KiB; see PAGE_CACHE_KIB.
+    conn.pragma_update(None, "cache_size", -PAGE_CACHE_KIB)?;
     Ok(())
 }
 

@@ -192,10 +192,22 @@ fn main() -> ExitCode {
     }
 }
 
+/// Async worker threads, whatever the number of cores: the agent runs on a
+/// client's machine beside the producers it serves, and its work (HTTP
+/// parsing, gzip, TLS) is done in a few tasks at a time; one worker per core
+/// of a 64-core host would only add threads, stacks and allocator arenas.
+const RUNTIME_WORKER_THREADS: usize = 2;
+/// Threads for blocking work (SQLite reads, request parsing, batch encoding),
+/// bounded so that a burst of producer requests queues instead of starting
+/// tokio's default of up to 512 threads, each with its own malloc arena.
+const RUNTIME_MAX_BLOCKING_THREADS: usize = 16;
+
 fn run(config: Config) -> anyhow::Result<()> {
     dcs_shared::tls::install_crypto_provider();
     dcs_shared::telemetry::init(config.log.format, &config.log.level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(RUNTIME_WORKER_THREADS)
+        .max_blocking_threads(RUNTIME_MAX_BLOCKING_THREADS)
         .enable_all()
         .build()
         .context("start runtime")?;

@@ -62,10 +62,17 @@ impl SchemaViolation {
     }
 }
 
+#[cfg(feature = "json-schema")]
+type Validator = jsonschema::Validator;
+
+/// Without the `json-schema` feature no schema compiles, so none exists.
+#[cfg(not(feature = "json-schema"))]
+enum Validator {}
+
 /// The compiled schemas by stream name.
 #[derive(Clone, Default)]
 pub struct Schemas {
-    by_stream: HashMap<String, Arc<jsonschema::Validator>>,
+    by_stream: HashMap<String, Arc<Validator>>,
 }
 
 impl std::fmt::Debug for Schemas {
@@ -141,15 +148,7 @@ impl Schemas {
                 }]);
             }
         };
-        let violations: Vec<SchemaViolation> = validator
-            .iter_errors(&value)
-            .take(MAX_ERRORS_PER_RECORD)
-            .map(|e| SchemaViolation {
-                instance_path: e.instance_path().as_str().to_owned(),
-                schema_path: e.schema_path().as_str().to_owned(),
-                message: e.to_string(),
-            })
-            .collect();
+        let violations = violations(validator, &value);
         if violations.is_empty() {
             Ok(())
         } else {
@@ -158,8 +157,32 @@ impl Schemas {
     }
 }
 
+#[cfg(not(feature = "json-schema"))]
+fn violations(validator: &Validator, _: &serde_json::Value) -> Vec<SchemaViolation> {
+    match *validator {}
+}
+
+#[cfg(feature = "json-schema")]
+fn violations(validator: &Validator, value: &serde_json::Value) -> Vec<SchemaViolation> {
+    validator
+        .iter_errors(value)
+        .take(MAX_ERRORS_PER_RECORD)
+        .map(|e| SchemaViolation {
+            instance_path: e.instance_path().as_str().to_owned(),
+            schema_path: e.schema_path().as_str().to_owned(),
+            message: e.to_string(),
+        })
+        .collect()
+}
+
+#[cfg(not(feature = "json-schema"))]
+fn compile_one(_: &str) -> Result<Validator, String> {
+    Err("this dcs-edge was built without JSON Schema support (cargo feature json-schema)".into())
+}
+
 /// Parses and compiles one schema, with `format` asserted.
-fn compile_one(text: &str) -> Result<jsonschema::Validator, String> {
+#[cfg(feature = "json-schema")]
+fn compile_one(text: &str) -> Result<Validator, String> {
     let schema: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
     if !schema.is_object() && !schema.is_boolean() {
@@ -180,7 +203,7 @@ pub fn dead_letter_reason(violations: &[SchemaViolation]) -> String {
         .join("; ")
 }
 
-#[cfg(test)]
+#[cfg(all(test, feature = "json-schema"))]
 mod tests {
     use super::*;
 
