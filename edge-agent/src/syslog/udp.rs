@@ -10,10 +10,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use super::{Sink, Spec, UDP_BATCH, commit, count, count_invalid, records};
 
+/// Batches read but not yet committed; beyond this, reading waits.
+const PENDING_BATCHES: usize = 8;
 /// How often the kernel's drop count is read.
 const DROPS_INTERVAL: Duration = Duration::from_secs(1);
 /// The largest UDP payload.
@@ -40,6 +42,19 @@ pub(super) async fn serve(
     mut stop: watch::Receiver<bool>,
 ) {
     tracing::info!(message = "syslog listener started", listener = %spec.name, protocol = "udp", address = %spec.listen);
+    // Reading and committing run side by side: while one batch commits (an
+    // fsync), the next is read, so the socket's queue drains at the speed
+    // of reading, not of the disk. When commits fall [`PENDING_BATCHES`]
+    // behind, reading waits and the kernel drops (and counts) the excess.
+    let (batches, mut pending) = mpsc::channel::<Batch>(PENDING_BATCHES);
+    let committer = {
+        let (spec, sink) = (spec.clone(), sink.clone());
+        tokio::spawn(async move {
+            while let Some(batch) = pending.recv().await {
+                commit_batch(&spec, &sink, batch).await;
+            }
+        })
+    };
     let inode = socket_inode(&socket);
     let mut drops_tick = tokio::time::interval(DROPS_INTERVAL);
     let mut datagram = vec![0u8; MAX_DATAGRAM];
@@ -52,7 +67,7 @@ pub(super) async fn serve(
             }
             received = socket.recv_from(&mut datagram) => received,
         };
-        let mut batch: Vec<(Vec<u8>, SocketAddr)> = Vec::new();
+        let mut batch: Batch = Vec::new();
         match first {
             Ok((n, from)) => batch.push((datagram[..n].to_vec(), from)),
             Err(error) => {
@@ -66,20 +81,32 @@ pub(super) async fn serve(
                 Err(_) => break,
             }
         }
-        let mut out = Vec::with_capacity(batch.len());
-        for (raw, from) in &batch {
-            if raw.len() > spec.max_message {
-                count("dcs_agent_syslog_messages_received_total", &spec, 1);
-                count_invalid(&spec, "framing", 1);
-                continue;
-            }
-            out.extend(records(&spec, &sink, *from, std::iter::once(raw.as_slice())));
-        }
-        if let Err(error) = commit(&spec, &sink, out, false).await {
-            tracing::warn!(message = "syslog UDP datagrams not written", listener = %spec.name, %error);
+        if batches.send(batch).await.is_err() {
+            break;
         }
     }
+    // What was read is committed before the listener reports stopped.
+    drop(batches);
+    let _ = committer.await;
     export_drops(&spec, inode);
+}
+
+/// Datagrams read together, with their senders.
+type Batch = Vec<(Vec<u8>, SocketAddr)>;
+
+async fn commit_batch(spec: &Spec, sink: &Sink, batch: Batch) {
+    let mut out = Vec::with_capacity(batch.len());
+    for (raw, from) in &batch {
+        if raw.len() > spec.max_message {
+            count("dcs_agent_syslog_messages_received_total", spec, 1);
+            count_invalid(spec, "framing", 1);
+            continue;
+        }
+        out.extend(records(spec, sink, *from, std::iter::once(raw.as_slice())));
+    }
+    if let Err(error) = commit(spec, sink, out, false).await {
+        tracing::warn!(message = "syslog UDP datagrams not written", listener = %spec.name, %error);
+    }
 }
 
 /// The socket's inode, which names it in `/proc/net/udp`.
