@@ -41,6 +41,7 @@ const STEPS: &[&str] = &[
     "copy",
     "ingest",
     "power-loss",
+    "syslog",
     "e2e",
     "drain",
     "latency",
@@ -259,6 +260,19 @@ struct IngestResult {
     usage: Usage,
 }
 
+/// Syslog over TCP into the agent's `[[syslog]]` listener, measured like
+/// the NDJSON ingest step: until the agent has committed every message.
+#[derive(Debug, Clone, Serialize)]
+struct SyslogResult {
+    durability: String,
+    messages: u64,
+    connections: usize,
+    secs: f64,
+    messages_per_s: f64,
+    agent_peak_rss_mb: Option<f64>,
+    usage: Usage,
+}
+
 #[derive(Debug, Clone, Serialize)]
 struct E2eResult {
     records: u64,
@@ -458,6 +472,7 @@ struct Results {
     config: RunConfig,
     copy: Option<CopyResult>,
     ingest: Vec<IngestResult>,
+    syslog: Option<SyslogResult>,
     e2e: Option<E2eResult>,
     drain: Option<DrainResult>,
     latency: Option<LatencyResult>,
@@ -611,6 +626,17 @@ struct World {
 
 impl World {
     fn agent_service(&self, name: &str, aggregator_port: u16, durability: &str) -> Service {
+        self.agent_service_with(name, aggregator_port, durability, Vec::new())
+    }
+
+    /// [`World::agent_service`] plus `extra` `DCS_EDGE_*` settings (without the prefix).
+    fn agent_service_with(
+        &self,
+        name: &str,
+        aggregator_port: u16,
+        durability: &str,
+        extra: Vec<(&str, String)>,
+    ) -> Service {
         let a = &self.args;
         let cert: AgentCert = self.pki.agent("bench", name);
         let port = free_port();
@@ -654,6 +680,7 @@ impl World {
         if let Some(v) = a.linger_ms {
             env.push(("BATCH__LINGER", format!("{v}ms")));
         }
+        env.extend(extra);
         let env = env
             .into_iter()
             .map(|(k, v)| (format!("{}{k}", dcs_edge::config::ENV_PREFIX), v))
@@ -911,6 +938,95 @@ async fn step_ingest(w: &World, durability: &str) -> anyhow::Result<IngestResult
         records_per_s: w.args.records as f64 / pushed.secs,
         request_p50_ms: percentile(&lat, 50.0),
         request_p99_ms: percentile(&lat, 99.0),
+        agent_peak_rss_mb: peak,
+        usage,
+    })
+}
+
+/// 2b. Syslog ingest: `--clients` TCP connections stream octet-counted
+/// RFC 5424 messages (the data set's payloads as message text) into a
+/// syslog listener; timed until the agent has committed all of them
+/// (`dcs_agent_syslog_messages_accepted_total`), the aggregator unreachable
+/// as in the NDJSON ingest step.
+async fn step_syslog(w: &World, durability: &str) -> anyhow::Result<SyslogResult> {
+    let dead_port = free_port();
+    let syslog_port = free_port();
+    let name = format!("syslog-{durability}");
+    let listener = format!(
+        "[{{ name = \"bench\", protocol = \"tcp\", listen = \"127.0.0.1:{syslog_port}\", stream = \"bench.${{appname}}\" }}]"
+    );
+    let mut agent = w.agent_service_with(&name, dead_port, durability, vec![("SYSLOG", listener)]);
+    let url = start_agent(&mut agent).await?;
+    let pid = agent.pid().context("agent pid")?;
+    let n = w.args.records;
+    let connections = w.args.clients.max(1);
+    // Each connection's whole stream, built before the clock starts.
+    let streams: Vec<Vec<u8>> = (0..connections as u64)
+        .map(|c| {
+            let mut bytes = Vec::new();
+            let mut k = c;
+            while k < n {
+                // The record's payload as the message text: the same
+                // bytes per message as the NDJSON step carries per record.
+                let record = w.generator.record(k);
+                let text = format!(
+                    "<14>1 2026-12-06T00:00:00.000000Z bench-host app{} {k} - - {}",
+                    k % 4,
+                    record.payload
+                );
+                bytes.extend_from_slice(format!("{} ", text.len()).as_bytes());
+                bytes.extend_from_slice(text.as_bytes());
+                k += connections as u64;
+            }
+            bytes
+        })
+        .collect();
+    let meter = Meter::start(Some(pid), None);
+    let started = Instant::now();
+    let mut senders = tokio::task::JoinSet::new();
+    for bytes in streams {
+        let address = format!("127.0.0.1:{syslog_port}");
+        senders.spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            let mut stream = tokio::net::TcpStream::connect(&address).await?;
+            stream.write_all(&bytes).await?;
+            stream.shutdown().await?;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(sent) = senders.join_next().await {
+        sent??;
+    }
+    let deadline = Instant::now() + delivery_timeout(n);
+    loop {
+        let accepted = dcs_tests::agent::metric_sample(
+            &url,
+            "dcs_agent_syslog_messages_accepted_total",
+            &[("listener", "bench")],
+        )
+        .await
+        .unwrap_or(0.0) as u64;
+        if accepted >= n {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "syslog step: only {accepted} of {n} messages committed; log:\n{}",
+            agent.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let usage = meter.stop();
+    let peak = kib_to_mb(sys::peak_rss_kib(pid));
+    agent.kill();
+    w.remove_buffer(&name);
+    Ok(SyslogResult {
+        durability: durability.to_owned(),
+        messages: n,
+        connections,
+        secs,
+        messages_per_s: n as f64 / secs,
         agent_peak_rss_mb: peak,
         usage,
     })
@@ -1302,6 +1418,24 @@ fn targets(r: &Results) -> Vec<Target> {
         target: ">= 2.00 x".into(),
         pass: ingest_pc.zip(e2e).map(|(i, e)| i >= 2.0 * e),
     });
+    if let Some(sl) = &r.syslog {
+        let ndjson = r
+            .ingest
+            .iter()
+            .find(|i| i.durability == sl.durability)
+            .map(|i| i.records_per_s);
+        t.push(Target {
+            name: format!(
+                "syslog TCP ingest ({}) >= 0.5 x NDJSON ingest",
+                sl.durability
+            ),
+            value: ndjson.map_or("not measured".into(), |i| {
+                format!("{:.2} x NDJSON", sl.messages_per_s / i)
+            }),
+            target: ">= 0.50 x".into(),
+            pass: ndjson.map(|i| sl.messages_per_s >= 0.5 * i),
+        });
+    }
     let drain = r.drain.as_ref();
     t.push(Target {
         name: "drain rate >= end-to-end rate".into(),
@@ -1390,6 +1524,15 @@ fn print_report(r: &Results) {
             format!("p99 {:.0}ms", i.request_p99_ms),
         );
         print_usage_line(&i.usage);
+    }
+    if let Some(sl) = &r.syslog {
+        line(
+            &format!("syslog TCP ingest, durability {}", sl.durability),
+            fmt_rate(sl.messages_per_s),
+            sl.secs,
+            format!("{} conns", sl.connections),
+        );
+        print_usage_line(&sl.usage);
     }
     if let Some(e) = &r.e2e {
         line(
@@ -1700,6 +1843,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config,
         copy: None,
         ingest: Vec::new(),
+        syslog: None,
         e2e: None,
         drain: None,
         latency: None,
@@ -1741,6 +1885,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             results.ingest.push(i);
         }
+    }
+    if args.runs("syslog") {
+        // Compared with the NDJSON ingest at the same durability: the
+        // default power-loss one when it ran, else process-crash.
+        let durability = if args.runs("ingest") && args.runs("power-loss") || !args.runs("ingest") {
+            "power-loss"
+        } else {
+            "process-crash"
+        };
+        progress(&format!("syslog TCP ingest at {durability}"));
+        let sl = step_syslog(&world, durability)
+            .await
+            .context("step syslog")?;
+        progress(&format!("syslog: {:.0} msg/s", sl.messages_per_s));
+        if sl.usage.noisy(cores) {
+            noisy.insert("syslog".to_owned());
+        }
+        results.syslog = Some(sl);
     }
     if args.runs("e2e") {
         progress("end to end");
