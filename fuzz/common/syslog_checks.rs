@@ -33,8 +33,14 @@ pub fn syslog_parse(data: &[u8]) {
         assert!(used <= data.len(), "split consumed more than its input");
         let mut end = 0;
         for frame in &frames {
-            assert!(frame.start >= end && frame.end <= used, "frames overlap or run past the consumed bytes");
-            assert!(frame.len() <= MAX_MESSAGE, "a frame is longer than the limit");
+            assert!(
+                frame.start >= end && frame.end <= used,
+                "frames overlap or run past the consumed bytes"
+            );
+            assert!(
+                frame.len() <= MAX_MESSAGE,
+                "a frame is longer than the limit"
+            );
             end = frame.end;
             check_message(&data[frame.clone()], sender, &recipe, &schemas);
         }
@@ -48,12 +54,17 @@ pub fn syslog_parse(data: &[u8]) {
 fn check_message(raw: &[u8], sender: std::net::SocketAddr, recipe: &Recipe, schemas: &Schemas) {
     match message::to_record(raw, sender, recipe, schemas) {
         Outcome::Record { record: r, .. } => {
-            assert!(record::validate_stream(&r.stream).is_ok(), "invalid stream {:?}", r.stream);
+            assert!(
+                record::validate_stream(&r.stream).is_ok(),
+                "invalid stream {:?}",
+                r.stream
+            );
             assert!(
                 record::validate_payload(&r.payload, &recipe.limits).is_ok(),
                 "payload refused by the record checks"
             );
-            let value: serde_json::Value = serde_json::from_str(&r.payload).expect("payload is JSON");
+            let value: serde_json::Value =
+                serde_json::from_str(&r.payload).expect("payload is JSON");
             assert!(value.is_object(), "payload is not an object");
             assert!(value.get("sender").is_some(), "payload has no sender");
         }

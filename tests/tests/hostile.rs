@@ -958,12 +958,7 @@ async fn buffered(http: &reqwest::Client, url: &str) -> u64 {
 }
 
 async fn assert_agent_unharmed(http: &reqwest::Client, url: &str, what: &str) {
-    let health = http
-        .get(format!("{url}/health"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{what}: /health failed: {e}"));
-    assert_eq!(health.status(), StatusCode::OK, "{what}: /health");
+    assert_agent_alive(http, url, what).await;
     assert_eq!(
         buffered(http, url).await,
         0,
@@ -1223,7 +1218,10 @@ async fn hostile_syslog_senders_lose_their_own_connection_and_nobody_elses_messa
     let health = agent.endpoint("/health");
     assert!(
         agent::wait_until(Duration::from_secs(20), || async {
-            http.get(&health).send().await.is_ok_and(|r| r.status().is_success())
+            http.get(&health)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
         })
         .await,
         "the agent did not start"
@@ -1237,9 +1235,18 @@ async fn hostile_syslog_senders_lose_their_own_connection_and_nobody_elses_messa
     let garbage: Vec<u8> = (0..65_536).map(|_| rng.u8(..)).collect();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("a line longer than max_message_bytes", vec![b'a'; 100_000]),
-        ("an octet count above max_message_bytes", b"99999999 <14>1 - h a - - - x".to_vec()),
-        ("an octet count that is not a number", b"12x4 <14>1 - h a - - - x".to_vec()),
-        ("an octet count with more digits than any length", b"123456789012345678 x".to_vec()),
+        (
+            "an octet count above max_message_bytes",
+            b"99999999 <14>1 - h a - - - x".to_vec(),
+        ),
+        (
+            "an octet count that is not a number",
+            b"12x4 <14>1 - h a - - - x".to_vec(),
+        ),
+        (
+            "an octet count with more digits than any length",
+            b"123456789012345678 x".to_vec(),
+        ),
         ("64 KiB of random bytes", garbage),
     ];
     for (what, bytes) in cases {
@@ -1248,7 +1255,9 @@ async fn hostile_syslog_senders_lose_their_own_connection_and_nobody_elses_messa
         let _ = hostile.write_all(&bytes).await;
         let _ = hostile.flush().await;
         assert!(
-            closed_within(&mut hostile, Duration::from_secs(3) + SLACK).await.is_ok()
+            closed_within(&mut hostile, Duration::from_secs(3) + SLACK)
+                .await
+                .is_ok()
                 || what.contains("random"),
             "{what}: the connection was not closed"
         );
@@ -1285,12 +1294,18 @@ async fn hostile_syslog_senders_lose_their_own_connection_and_nobody_elses_messa
     }
     let mut closed = 0;
     for stream in &mut held {
-        if closed_within(stream, Duration::from_millis(300)).await.is_ok() {
+        if closed_within(stream, Duration::from_millis(300))
+            .await
+            .is_ok()
+        {
             closed += 1;
         }
     }
     // The victim holds one slot.
-    assert!(closed >= 5, "only {closed} connections over max_connections were closed");
+    assert!(
+        closed >= 5,
+        "only {closed} connections over max_connections were closed"
+    );
     drop(held);
 
     victim
@@ -1299,15 +1314,28 @@ async fn hostile_syslog_senders_lose_their_own_connection_and_nobody_elses_messa
         .expect("the victim's connection survives");
     victim_sent += 1;
     let ok = agent::wait_until(Duration::from_secs(10), || async {
-        metric(&agent.url, "dcs_agent_syslog_messages_accepted_total", "hostile").await
+        metric(
+            &agent.url,
+            "dcs_agent_syslog_messages_accepted_total",
+            "hostile",
+        )
+        .await
             >= victim_sent as f64
     })
     .await;
     assert!(ok, "the victim's messages were not all accepted");
     for (name, labels, at_least) in [
         ("dcs_agent_syslog_connections_closed_total", "framing", 4.0),
-        ("dcs_agent_syslog_connections_closed_total", "frame_timeout", 1.0),
-        ("dcs_agent_syslog_connections_closed_total", "max_connections", 4.0),
+        (
+            "dcs_agent_syslog_connections_closed_total",
+            "frame_timeout",
+            1.0,
+        ),
+        (
+            "dcs_agent_syslog_connections_closed_total",
+            "max_connections",
+            4.0,
+        ),
     ] {
         let value = agent::metric_sample(
             &agent.url,

@@ -67,7 +67,9 @@ async fn pipeline(syslog: impl FnOnce(&Pki) -> Vec<Value>) -> Pipeline {
     let health = agent.endpoint("/health");
     assert!(
         wait_until(Duration::from_secs(20), || async {
-            reqwest::get(&health).await.is_ok_and(|r| r.status().is_success())
+            reqwest::get(&health)
+                .await
+                .is_ok_and(|r| r.status().is_success())
         })
         .await,
         "the agent did not start"
@@ -92,7 +94,11 @@ fn texts(scenario: &str) -> Vec<String> {
 /// Writes `texts` one per line to `in.log` in the pipeline's directory.
 fn input_file(p: &Pipeline, texts: &[String]) -> PathBuf {
     let path = p.dir.path().join("in.log");
-    std::fs::write(&path, texts.iter().map(|t| format!("{t}\n")).collect::<String>()).unwrap();
+    std::fs::write(
+        &path,
+        texts.iter().map(|t| format!("{t}\n")).collect::<String>(),
+    )
+    .unwrap();
     path
 }
 
@@ -148,8 +154,14 @@ impl Pipeline {
                     eprintln!("{log} (last lines, newest first):\n{}", tail.join("\n"));
                 }
             }
-            let absent: Vec<&String> = texts.iter().filter(|t| !got.contains_key(*t)).take(20).collect();
-            panic!("{line} extra={extra} arrived={arrived}; missing (first 20): {absent:?}; sample rows: {sample:?}");
+            let absent: Vec<&String> = texts
+                .iter()
+                .filter(|t| !got.contains_key(*t))
+                .take(20)
+                .collect();
+            panic!(
+                "{line} extra={extra} arrived={arrived}; missing (first 20): {absent:?}; sample rows: {sample:?}"
+            );
         }
         assert_eq!(duplicated, 0, "{line}");
     }
@@ -208,10 +220,7 @@ fn rsyslogd(p: &Pipeline, config: &str) -> Child {
     let conf = dir.join("rsyslog.conf");
     std::fs::write(
         &conf,
-        format!(
-            "global(workDirectory=\"{}\")\n{config}",
-            dir.display()
-        ),
+        format!("global(workDirectory=\"{}\")\n{config}", dir.display()),
     )
     .unwrap();
     let modules = root.join("usr/lib/x86_64-linux-gnu/rsyslog");
@@ -266,7 +275,8 @@ log {{ source(s_app); destination(d_dcs); }};
         url = p.agent.url,
     );
     let mut program = syslog_ng(&p, &config);
-    p.expect_each_once("syslog-ng-http", &texts, &mut program).await;
+    p.expect_each_once("syslog-ng-http", &texts, &mut program)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -321,11 +331,13 @@ action(type="omfwd" target="127.0.0.1" port="{port}" protocol="tcp" tcp_framing=
 #[ignore = "needs rsyslog from scripts/ensure-syslog-tools.sh; run by scripts/test.sh"]
 async fn rsyslog_omfwd_over_tcp_feeds_the_syslog_listener() {
     let port = free_port();
-    let p = pipeline(|_| vec![json!({"protocol": "tcp", "listen": format!("127.0.0.1:{port}")})]).await;
+    let p =
+        pipeline(|_| vec![json!({"protocol": "tcp", "listen": format!("127.0.0.1:{port}")})]).await;
     let texts = texts("rsyslog-tcp");
     let input = input_file(&p, &texts);
     let mut program = rsyslogd(&p, &rsyslog_forwarding(&input, port, ""));
-    p.expect_each_once("rsyslog-tcp", &texts, &mut program).await;
+    p.expect_each_once("rsyslog-tcp", &texts, &mut program)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -354,19 +366,31 @@ async fn rsyslog_omfwd_over_mutual_tls_feeds_the_syslog_listener() {
             r#"streamDriver="gtls" streamDriverMode="1" streamDriverAuthMode="x509/name" streamDriverPermittedPeers="localhost""#,
         );
     let mut program = rsyslogd(&p, &config);
-    p.expect_each_once("rsyslog-tls", &texts, &mut program).await;
+    p.expect_each_once("rsyslog-tls", &texts, &mut program)
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "run by scripts/test.sh with the other recipes"]
 async fn logger_rfc5424_over_tcp_feeds_the_syslog_listener() {
     let port = free_port();
-    let p = pipeline(|_| vec![json!({"protocol": "tcp", "listen": format!("127.0.0.1:{port}")})]).await;
+    let p =
+        pipeline(|_| vec![json!({"protocol": "tcp", "listen": format!("127.0.0.1:{port}")})]).await;
     let texts = texts("logger-tcp");
     let input = input_file(&p, &texts);
     let port = port.to_string();
     let mut program = Command::new("logger")
-        .args(["--rfc5424", "--tcp", "--octet-count", "-n", "127.0.0.1", "-P", &port, "-t", "app"])
+        .args([
+            "--rfc5424",
+            "--tcp",
+            "--octet-count",
+            "-n",
+            "127.0.0.1",
+            "-P",
+            &port,
+            "-t",
+            "app",
+        ])
         .stdin(std::fs::File::open(&input).unwrap())
         .kill_on_drop(true)
         .spawn()
@@ -389,7 +413,16 @@ async fn logger_over_udp_loses_only_what_the_kernel_counts_as_dropped() {
     let port_arg = port.to_string();
     let backlog_drops_before = backlog_drops();
     let status = Command::new("logger")
-        .args(["--rfc5424", "--udp", "-n", "127.0.0.1", "-P", &port_arg, "-t", "app"])
+        .args([
+            "--rfc5424",
+            "--udp",
+            "-n",
+            "127.0.0.1",
+            "-P",
+            &port_arg,
+            "-t",
+            "app",
+        ])
         .stdin(std::fs::File::open(&input).unwrap())
         .status()
         .await
@@ -397,23 +430,44 @@ async fn logger_over_udp_loses_only_what_the_kernel_counts_as_dropped() {
     assert!(status.success(), "logger failed: {status}");
     let url = p.agent.url.clone();
     let settled = |url: String| async move {
-        let received = metric_sample(&url, "dcs_agent_syslog_messages_received_total", &[("listener", "udp")]).await;
-        let drops = metric_sample(&url, "dcs_agent_syslog_udp_drops_total", &[("listener", "udp")]).await;
+        let received = metric_sample(
+            &url,
+            "dcs_agent_syslog_messages_received_total",
+            &[("listener", "udp")],
+        )
+        .await;
+        let drops = metric_sample(
+            &url,
+            "dcs_agent_syslog_udp_drops_total",
+            &[("listener", "udp")],
+        )
+        .await;
         (received.unwrap_or(0.0) + drops.unwrap_or(0.0)) as usize
     };
     // The drop count is read from the kernel every second.
-    wait_until(DELIVERY_TIMEOUT, || async { settled(url.clone()).await >= MESSAGES }).await;
-    let received = metric_sample(&url, "dcs_agent_syslog_messages_received_total", &[("listener", "udp")])
-        .await
-        .unwrap_or(0.0) as i64;
+    wait_until(DELIVERY_TIMEOUT, || async {
+        settled(url.clone()).await >= MESSAGES
+    })
+    .await;
+    let received = metric_sample(
+        &url,
+        "dcs_agent_syslog_messages_received_total",
+        &[("listener", "udp")],
+    )
+    .await
+    .unwrap_or(0.0) as i64;
     wait_until(DELIVERY_TIMEOUT, || async { p.rows().await >= received }).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let got = p.messages().await;
     let in_pg = texts.iter().filter(|t| got.contains_key(*t)).count();
     let duplicated = got.values().filter(|c| **c > 1).count();
-    let drops = metric_sample(&url, "dcs_agent_syslog_udp_drops_total", &[("listener", "udp")])
-        .await
-        .unwrap_or(-1.0) as usize;
+    let drops = metric_sample(
+        &url,
+        "dcs_agent_syslog_udp_drops_total",
+        &[("listener", "udp")],
+    )
+    .await
+    .unwrap_or(-1.0) as usize;
     let backlog = backlog_drops().saturating_sub(backlog_drops_before);
     let lost = MESSAGES - in_pg;
     let line = format!(

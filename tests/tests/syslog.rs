@@ -66,7 +66,9 @@ async fn messages_over_tcp_udp_and_tls_each_become_one_record_with_their_syslog_
     let mut config = agent::test_config(&cert, &aggregator.url, &dir.path().join("buffer.db"));
     let (tcp, udp, tls) = (free_port(), free_port(), free_port());
     config.syslog = vec![
-        listener(json!({"name": "tcp", "protocol": "tcp", "listen": local(tcp), "stream": "syslog.${appname}"})),
+        listener(
+            json!({"name": "tcp", "protocol": "tcp", "listen": local(tcp), "stream": "syslog.${appname}"}),
+        ),
         listener(json!({"name": "udp", "protocol": "udp", "listen": local(udp)})),
         listener(json!({
             "name": "tls", "protocol": "tls", "listen": local(tls),
@@ -79,7 +81,9 @@ async fn messages_over_tcp_udp_and_tls_each_become_one_record_with_their_syslog_
     let mut stream = connect(&local(tcp)).await;
     let mut bytes = Vec::new();
     for i in 0..50 {
-        let m = format!("<165>1 2026-12-06T03:04:05.000001Z web1 nginx 42 ACC [x@1 k=\"v\"] tcp-octet-{i}");
+        let m = format!(
+            "<165>1 2026-12-06T03:04:05.000001Z web1 nginx 42 ACC [x@1 k=\"v\"] tcp-octet-{i}"
+        );
         bytes.extend(format!("{} {m}", m.len()).as_bytes());
         bytes.extend(format!("<13>Dec  6 03:04:05 web2 cron[7]: tcp-lf-{i}\n").as_bytes());
     }
@@ -119,7 +123,10 @@ async fn messages_over_tcp_udp_and_tls_each_become_one_record_with_their_syslog_
     assert!(got.values().all(|n| *n == 1), "a message arrived twice");
     for prefix in ["tcp-octet", "tcp-lf", "udp", "tls"] {
         for i in 0..50 {
-            assert!(got.contains_key(&format!("{prefix}-{i}")), "{prefix}-{i} missing");
+            assert!(
+                got.contains_key(&format!("{prefix}-{i}")),
+                "{prefix}-{i} missing"
+            );
         }
     }
     let (stream, ts, payload): (String, String, Value) = sqlx::query_as(
@@ -137,7 +144,12 @@ async fn messages_over_tcp_udp_and_tls_each_become_one_record_with_their_syslog_
     assert_eq!(payload["facility"], "local4");
     assert_eq!(payload["severity"], "notice");
     assert_eq!(payload["structured_data"], json!({"x@1": {"k": "v"}}));
-    assert!(payload["sender"].as_str().unwrap().starts_with("127.0.0.1:"));
+    assert!(
+        payload["sender"]
+            .as_str()
+            .unwrap()
+            .starts_with("127.0.0.1:")
+    );
     for (listener, n) in [("tcp", 100.0), ("udp", 50.0), ("tls", 50.0)] {
         let accepted = metric_sample(
             &agent.url,
@@ -148,7 +160,12 @@ async fn messages_over_tcp_udp_and_tls_each_become_one_record_with_their_syslog_
         assert_eq!(accepted, Some(n), "{listener}");
     }
     assert_eq!(
-        metric_sample(&agent.url, "dcs_agent_syslog_udp_drops_total", &[("listener", "udp")]).await,
+        metric_sample(
+            &agent.url,
+            "dcs_agent_syslog_udp_drops_total",
+            &[("listener", "udp")]
+        )
+        .await,
         Some(0.0)
     );
     agent.stop().await;
@@ -156,7 +173,10 @@ async fn messages_over_tcp_udp_and_tls_each_become_one_record_with_their_syslog_
 
 /// One RFC 5424 message of fixed length carrying its sequence number.
 fn numbered(seq: usize) -> String {
-    let m = format!("<14>1 2026-12-06T00:00:00Z sender bench - - - seq-{seq:09} {}", "x".repeat(40));
+    let m = format!(
+        "<14>1 2026-12-06T00:00:00Z sender bench - - - seq-{seq:09} {}",
+        "x".repeat(40)
+    );
     format!("{} {m}", m.len())
 }
 
@@ -205,7 +225,8 @@ async fn a_sigkill_mid_stream_loses_at_most_the_documented_tcp_window_and_double
         wait_until(DELIVERY_TIMEOUT, || async {
             let before = rows(&db.pool).await;
             tokio::time::sleep(Duration::from_secs(1)).await;
-            before > 0 && rows(&db.pool).await == before
+            before > 0
+                && rows(&db.pool).await == before
                 && metric_sample(&agent.url, "dcs_agent_buffer_records", &[]).await == Some(0.0)
         })
         .await,
@@ -234,7 +255,10 @@ async fn a_sigkill_mid_stream_loses_at_most_the_documented_tcp_window_and_double
     );
     println!("{line}");
     log_scenario(&line);
-    assert!(sent > 10_000, "the stream was too short to mean anything: {line}");
+    assert!(
+        sent > 10_000,
+        "the stream was too short to mean anything: {line}"
+    );
     assert!(lost <= bound, "{line}");
     assert_eq!(duplicated, 0, "{line}");
 }

@@ -48,7 +48,10 @@ pub fn split(
             Framing::Auto => rest[0].is_ascii_digit(),
         };
         if counted {
-            let Some(space) = rest.iter().take(MAX_COUNT_DIGITS + 1).position(|b| *b == b' ')
+            let Some(space) = rest
+                .iter()
+                .take(MAX_COUNT_DIGITS + 1)
+                .position(|b| *b == b' ')
             else {
                 if rest.len() > MAX_COUNT_DIGITS || !rest.iter().all(u8::is_ascii_digit) {
                     return (frames, at, Some(FramingError::BadCount));
@@ -125,9 +128,17 @@ mod tests {
     #[test]
     fn lies_and_overlong_frames_are_framing_errors() {
         for (buf, framing, want) in [
-            (&b"99999 x"[..], Framing::OctetCounting, FramingError::TooLong(99999)),
+            (
+                &b"99999 x"[..],
+                Framing::OctetCounting,
+                FramingError::TooLong(99999),
+            ),
             (b"12x4 abc", Framing::OctetCounting, FramingError::BadCount),
-            (b"<13>no count", Framing::OctetCounting, FramingError::BadCount),
+            (
+                b"<13>no count",
+                Framing::OctetCounting,
+                FramingError::BadCount,
+            ),
             (b"123456789012 abc", Framing::Auto, FramingError::BadCount),
             (&[b'a'; 100][..], Framing::Lf, FramingError::LineTooLong),
         ] {

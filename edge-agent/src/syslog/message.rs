@@ -65,8 +65,10 @@ impl StreamTemplate {
                 .find(|(n, _)| *n == name)
                 .map(|(_, f)| *f)
                 .ok_or_else(|| {
-                    let known: Vec<String> =
-                        Field::ALL.iter().map(|(n, _)| format!("${{{n}}}")).collect();
+                    let known: Vec<String> = Field::ALL
+                        .iter()
+                        .map(|(n, _)| format!("${{{n}}}"))
+                        .collect();
                     format!("unknown field ${{{name}}}; use {}", known.join(", "))
                 })?;
             parts.push(Part::Field(field));
@@ -291,7 +293,12 @@ mod tests {
     }
 
     fn record(raw: &str, stream: &str) -> (Record, bool, bool, Value) {
-        match to_record(raw.as_bytes(), sender(), &recipe(stream), &Schemas::default()) {
+        match to_record(
+            raw.as_bytes(),
+            sender(),
+            &recipe(stream),
+            &Schemas::default(),
+        ) {
             Outcome::Record {
                 record,
                 fell_back,

@@ -232,11 +232,9 @@ impl SyslogConfig {
                 &key("tls"),
                 "is required with protocol = \"tls\" (cert and key)",
             ),
-            (Some(_), Protocol::Tcp | Protocol::Udp) => issues.check(
-                false,
-                &key("tls"),
-                "applies to protocol = \"tls\" only",
-            ),
+            (Some(_), Protocol::Tcp | Protocol::Udp) => {
+                issues.check(false, &key("tls"), "applies to protocol = \"tls\" only")
+            }
             (Some(tls), Protocol::Tls) => {
                 let files = [
                     ("tls.cert", Some(&tls.cert)),
@@ -279,11 +277,7 @@ impl SyslogConfig {
 
 /// Checks every `[[syslog]]` section: keys, files, and that no two
 /// listeners share a name or an address and protocol.
-pub(crate) fn compile(
-    configs: &[SyslogConfig],
-    limits: Limits,
-    issues: &mut Issues,
-) -> Vec<Spec> {
+pub(crate) fn compile(configs: &[SyslogConfig], limits: Limits, issues: &mut Issues) -> Vec<Spec> {
     let specs: Vec<Spec> = configs
         .iter()
         .enumerate()
@@ -298,7 +292,8 @@ pub(crate) fn compile(
         );
         issues.check(
             !earlier.iter().any(|s| {
-                s.listen == spec.listen && (s.protocol == Protocol::Udp) == (spec.protocol == Protocol::Udp)
+                s.listen == spec.listen
+                    && (s.protocol == Protocol::Udp) == (spec.protocol == Protocol::Udp)
             }),
             &format!("syslog[{i}].listen"),
             format!("{} is the address of another listener", spec.listen),
@@ -343,7 +338,13 @@ impl Listeners {
                 let acceptor = tcp::acceptor(&spec).map_err(|e| failed(&e))?;
                 let listener = tcp::bind(&spec).map_err(|e| failed(&e))?;
                 addresses.push(listener.local_addr().map_err(|e| failed(&e))?);
-                tasks.spawn(tcp::serve(listener, acceptor, spec, sink.clone(), stop_rx.clone()));
+                tasks.spawn(tcp::serve(
+                    listener,
+                    acceptor,
+                    spec,
+                    sink.clone(),
+                    stop_rx.clone(),
+                ));
             }
         }
         Ok(Listeners {
