@@ -44,6 +44,7 @@ const STEPS: &[&str] = &[
     "copy-parallel",
     "ingest",
     "power-loss",
+    "syslog",
     "e2e",
     "drain",
     "freshness",
@@ -393,6 +394,19 @@ struct IngestResult {
     usage: Usage,
 }
 
+/// Syslog over TCP into the agent's `[[syslog]]` listener, measured like
+/// the NDJSON ingest step: until the agent has committed every message.
+#[derive(Debug, Clone, Serialize)]
+struct SyslogResult {
+    durability: String,
+    messages: u64,
+    connections: usize,
+    secs: f64,
+    messages_per_s: f64,
+    agent_peak_rss_mb: Option<f64>,
+    usage: Usage,
+}
+
 #[derive(Debug, Clone, Serialize)]
 struct E2eResult {
     records: u64,
@@ -595,6 +609,7 @@ struct Results {
     /// COPY into `records` over 1, 2 and 4 connections, then into a bare table.
     copy: Vec<CopyResult>,
     ingest: Vec<IngestResult>,
+    syslog: Option<SyslogResult>,
     e2e: Option<E2eResult>,
     drain: Option<DrainResult>,
     /// Default batching first, then the linger/batch sweep.
@@ -1166,6 +1181,94 @@ async fn step_ingest(w: &World, bodies: &Bodies, durability: &str) -> anyhow::Re
     })
 }
 
+/// 2b. Syslog ingest: `--clients` TCP connections stream octet-counted
+/// RFC 5424 messages (the data set's payloads as message text) into a
+/// syslog listener; timed until the agent has committed all of them
+/// (`dcs_agent_syslog_messages_accepted_total`), the aggregator unreachable
+/// as in the NDJSON ingest step.
+async fn step_syslog(w: &World, durability: &str, n: u64) -> anyhow::Result<SyslogResult> {
+    let dead_port = free_port();
+    let syslog_port = free_port();
+    let name = format!("syslog-{durability}");
+    let listener = format!(
+        "[{{ name = \"bench\", protocol = \"tcp\", listen = \"127.0.0.1:{syslog_port}\", stream = \"bench.${{appname}}\" }}]"
+    );
+    let mut agent = w.agent_service_with(&name, dead_port, durability, &[("SYSLOG", listener)]);
+    let url = start_agent(&mut agent).await?;
+    let pid = agent.pid().context("agent pid")?;
+    let connections = w.args.clients.max(1);
+    // Each connection's whole stream, built before the clock starts.
+    let streams: Vec<Vec<u8>> = (0..connections as u64)
+        .map(|c| {
+            let mut bytes = Vec::new();
+            let mut k = c;
+            while k < n {
+                // The record's payload as the message text: the same
+                // bytes per message as the NDJSON step carries per record.
+                let record = w.generator.record(k);
+                let text = format!(
+                    "<14>1 2026-12-06T00:00:00.000000Z bench-host app{} {k} - - {}",
+                    k % 4,
+                    record.payload
+                );
+                bytes.extend_from_slice(format!("{} ", text.len()).as_bytes());
+                bytes.extend_from_slice(text.as_bytes());
+                k += connections as u64;
+            }
+            bytes
+        })
+        .collect();
+    let meter = Meter::start(Some(pid), None);
+    let started = Instant::now();
+    let mut senders = tokio::task::JoinSet::new();
+    for bytes in streams {
+        let address = format!("127.0.0.1:{syslog_port}");
+        senders.spawn(async move {
+            use tokio::io::AsyncWriteExt as _;
+            let mut stream = tokio::net::TcpStream::connect(&address).await?;
+            stream.write_all(&bytes).await?;
+            stream.shutdown().await?;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(sent) = senders.join_next().await {
+        sent??;
+    }
+    let deadline = Instant::now() + delivery_timeout(n);
+    loop {
+        let accepted = dcs_tests::agent::metric_sample(
+            &url,
+            "dcs_agent_syslog_messages_accepted_total",
+            &[("listener", "bench")],
+        )
+        .await
+        .unwrap_or(0.0) as u64;
+        if accepted >= n {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "syslog step: only {accepted} of {n} messages committed; log:\n{}",
+            agent.log_tail()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let usage = meter.stop();
+    let peak = kib_to_mb(sys::peak_rss_kib(pid));
+    agent.kill();
+    w.remove_buffer(&name);
+    Ok(SyslogResult {
+        durability: durability.to_owned(),
+        messages: n,
+        connections,
+        secs,
+        messages_per_s: n as f64 / secs,
+        agent_peak_rss_mb: peak,
+        usage,
+    })
+}
+
 /// 4. End to end: producers → agent → aggregator → PostgreSQL.
 async fn step_e2e(w: &World, bodies: &Bodies, copy_rate: Option<f64>) -> anyhow::Result<E2eResult> {
     let db = w.database().await?;
@@ -1592,6 +1695,15 @@ fn print_report(r: &Results, run: usize) {
         );
         cpu_line(&i.cpu);
         print_usage_line(&i.usage);
+    }
+    if let Some(sl) = &r.syslog {
+        line(
+            &format!("syslog TCP ingest, durability {}", sl.durability),
+            fmt_rate(sl.messages_per_s),
+            sl.secs,
+            format!("{} conns", sl.connections),
+        );
+        print_usage_line(&sl.usage);
     }
     if let Some(e) = &r.e2e {
         line(
@@ -2103,6 +2215,7 @@ async fn run_once(world: &World, sizes: &Sizes) -> anyhow::Result<Results> {
         load_avg_1m_end: 0.0,
         copy: Vec::new(),
         ingest: Vec::new(),
+        syslog: None,
         e2e: None,
         drain: None,
         freshness: Vec::new(),
@@ -2160,6 +2273,24 @@ async fn run_once(world: &World, sizes: &Sizes) -> anyhow::Result<Results> {
             }
             results.ingest.push(i);
         }
+    }
+    if args.wants("syslog") {
+        // Compared with the NDJSON ingest at the same durability: the
+        // default power-loss one when it ran, else process-crash.
+        let durability = if args.wants("ingest") && args.wants("power-loss") || !args.wants("ingest") {
+            "power-loss"
+        } else {
+            "process-crash"
+        };
+        progress(&format!("syslog TCP ingest at {durability}"));
+        let sl = step_syslog(world, durability, sizes.ingest)
+            .await
+            .context("step syslog")?;
+        progress(&format!("syslog: {:.0} msg/s", sl.messages_per_s));
+        if sl.usage.noisy(cores) {
+            noisy.insert("syslog".to_owned());
+        }
+        results.syslog = Some(sl);
     }
     if args.wants("e2e") {
         progress("end to end");

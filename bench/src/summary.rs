@@ -82,6 +82,21 @@ const METRICS: &[Metric] = &[
         get: |r| ingest(r, "process-crash"),
     },
     Metric {
+        key: "syslog",
+        name: "syslog TCP ingest (octet-counted RFC 5424)",
+        unit: "msg/s",
+        get: |r| r.syslog.as_ref().map(|s| s.messages_per_s),
+    },
+    Metric {
+        key: "syslog_ratio",
+        name: "syslog TCP ingest / NDJSON ingest at the same durability",
+        unit: "x",
+        get: |r| {
+            let s = r.syslog.as_ref()?;
+            Some(s.messages_per_s / ingest(r, &s.durability)?)
+        },
+    },
+    Metric {
         key: "ingest_pl",
         name: "edge ingest, `power-loss`",
         unit: "rec/s",
@@ -388,6 +403,12 @@ pub fn targets(h: &[Headline]) -> Vec<TargetLine> {
             "drain",
             "e2e",
             &|v| v >= 1.0,
+        ),
+        line(
+            "syslog TCP ingest >= 0.5 x NDJSON ingest",
+            ">= 0.50 x",
+            "syslog_ratio",
+            &|v| v >= 0.5,
         ),
         line("wire bytes <= 0.2 x raw JSON", "<= 0.200 x", "wire", &|v| {
             v <= 0.2

@@ -79,6 +79,9 @@ pub struct Config {
     /// payloads must match, see [`crate::schema`].
     #[serde(default)]
     pub streams: std::collections::BTreeMap<String, crate::schema::StreamConfig>,
+    /// Syslog listeners (`[[syslog]]`), see [`crate::syslog`].
+    #[serde(default)]
+    pub syslog: Vec<crate::syslog::SyslogConfig>,
 }
 
 /// A week of run history answers "did last night's runs work" on Monday
@@ -409,6 +412,7 @@ impl Config {
             sources: Vec::new(),
             jobs: JobsConfig::default(),
             streams: Default::default(),
+            syslog: Vec::new(),
         }
     }
 
@@ -553,7 +557,22 @@ impl Config {
         );
         crate::sources::validate(&self.sources, &mut issues);
         crate::schema::Schemas::compile(&self.streams, &mut issues);
+        crate::syslog::compile(&self.syslog, self.limits(), &mut issues);
         issues.into_result()
+    }
+
+    /// The record limits every ingest path enforces.
+    pub fn limits(&self) -> dcs_shared::record::Limits {
+        dcs_shared::record::Limits {
+            max_payload_bytes: self.ingest.max_payload_bytes.as_usize(),
+        }
+    }
+
+    /// The compiled `[[syslog]]` listeners.
+    pub(crate) fn syslog_listeners(&self) -> Result<Vec<crate::syslog::Spec>, ConfigError> {
+        let mut issues = Issues::default();
+        let specs = crate::syslog::compile(&self.syslog, self.limits(), &mut issues);
+        issues.into_result().map(|()| specs)
     }
 
     /// The compiled `[streams]` schemas (read again from their files).
@@ -811,6 +830,89 @@ schema = '{{"type": "object"}}'
             .unwrap_err()
             .to_string();
         assert!(err.contains("follow"), "{err}");
+    }
+
+    #[test]
+    fn syslog_listeners_are_read_from_the_file_and_each_bad_key_is_named() {
+        let dir = files();
+        let file = dir.path().join("edge.toml");
+        std::fs::write(
+            &file,
+            r#"
+[[syslog]]
+protocol = "tcp"
+listen = "0.0.0.0:1514"
+stream = "syslog.${appname}"
+[[syslog]]
+protocol = "udp"
+listen = "0.0.0.0:1514"
+receive_buffer = "4MiB"
+"#,
+        )
+        .unwrap();
+        let c = Config::load_from(Some(&file), base_env(dir.path())).unwrap();
+        assert_eq!(c.syslog_listeners().unwrap().len(), 2);
+
+        std::fs::write(
+            &file,
+            r#"
+[[syslog]]
+protocol = "tcp"
+listen = "somewhere"
+stream = "syslog.${program}"
+fallback_stream = "Syslog"
+max_message_bytes = "1MiB"
+[[syslog]]
+protocol = "udp"
+listen = "0.0.0.0:1514"
+framing = "lf"
+frame_timeout = "0s"
+[[syslog]]
+protocol = "tls"
+listen = "0.0.0.0:6514"
+[[syslog]]
+protocol = "tcp"
+listen = "0.0.0.0:6515"
+max_connections = 0
+[syslog.tls]
+cert = "/nonexistent/cert.pem"
+key = "/nonexistent/key.pem"
+"#,
+        )
+        .unwrap();
+        let err = Config::load_from(Some(&file), base_env(dir.path()))
+            .unwrap_err()
+            .to_string();
+        for key in [
+            "syslog[0].listen",
+            "syslog[0].stream",
+            "syslog[0].fallback_stream",
+            "syslog[0].max_message_bytes",
+            "syslog[1].framing",
+            "syslog[1].frame_timeout",
+            "syslog[2].tls",
+            "syslog[3].max_connections",
+            "syslog[3].tls",
+        ] {
+            assert!(err.contains(key), "{key} missing from: {err}");
+        }
+        assert!(err.contains("${program}"), "{err}");
+    }
+
+    #[test]
+    fn two_syslog_listeners_on_one_address_and_transport_are_refused() {
+        let dir = files();
+        let file = dir.path().join("edge.toml");
+        std::fs::write(
+            &file,
+            "[[syslog]]\nprotocol = \"tcp\"\nlisten = \"0.0.0.0:1514\"\n[[syslog]]\nprotocol = \"tls\"\nlisten = \"0.0.0.0:1514\"\nname = \"tcp:0.0.0.0:1514\"\n[syslog.tls]\ncert = \"/etc/hostname\"\nkey = \"/etc/hostname\"\n",
+        )
+        .unwrap();
+        let err = Config::load_from(Some(&file), base_env(dir.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("syslog[1].listen"), "{err}");
+        assert!(err.contains("syslog[1].name"), "{err}");
     }
 
     #[test]

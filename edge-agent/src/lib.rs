@@ -19,6 +19,8 @@
 //!   and the `/api/v1/jobs` API.
 //! - [`transform`]: per-source field mappings applied to pulled records.
 //! - [`schema`]: per-stream JSON Schemas checked on pushed and pulled records.
+//! - [`syslog`]: syslog listeners (TCP, UDP, TLS); each message becomes a
+//!   record through the push API's checks.
 //! - `counters`: every documented counter, exported at 0 at start-up.
 //!
 //! **Architecture invariant:** the only path from a producer to the network
@@ -43,6 +45,7 @@ pub mod replay;
 pub mod schema;
 pub mod seal;
 pub mod sources;
+pub mod syslog;
 pub mod transform;
 
 use std::future::Future;
@@ -164,6 +167,18 @@ pub async fn run(
         schemas.clone(),
     )
     .await?;
+    let syslog_listeners = config
+        .syslog_listeners()
+        .map_err(|e| Error::Startup(e.to_string()))?;
+    let syslog = syslog::Listeners::start(
+        syslog_listeners,
+        syslog::Sink {
+            buffer: buffer.clone(),
+            schemas: schemas.clone(),
+        },
+    )
+    .await
+    .map_err(Error::Startup)?;
     let app = ingest::router(ingest::AppState {
         buffer: buffer.clone(),
         link,
@@ -190,6 +205,8 @@ pub async fn run(
         aggregator = %config.aggregator.url
     );
     listener::serve(listener, app, config.listen.header_timeout, shutdown).await;
+    // Syslog connections finish the commit in flight, then close.
+    syslog.shutdown().await;
     // Collectors hold buffer handles: they must be done before it closes.
     jobs.shutdown().await;
     drop(jobs);

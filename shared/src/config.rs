@@ -69,6 +69,16 @@ impl Issues {
         }
     }
 
+    /// Problems recorded so far, so a checker can tell whether its own
+    /// checks added any.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
     pub fn into_result(self) -> Result<(), ConfigError> {
         if self.0.is_empty() {
             Ok(())

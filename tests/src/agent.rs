@@ -172,6 +172,26 @@ impl AgentProcess {
         p
     }
 
+    /// Like [`AgentProcess::spawn`], plus `extra` variables (without the
+    /// `DCS_EDGE_` prefix), e.g. `("SYSLOG", "[{protocol = \"tcp\", ...}]")`
+    /// for settings `config` cannot carry through the environment.
+    pub async fn spawn_with(config: &Config, extra: &[(&str, String)], log: &Path) -> AgentProcess {
+        let port = free_port();
+        let mut env = agent_env(config, port);
+        env.extend(
+            extra
+                .iter()
+                .map(|(k, v)| (format!("{}{k}", dcs_edge::config::ENV_PREFIX), v.clone())),
+        );
+        let service = Service::new("dcs-edge", &["run"], env, port, log);
+        let mut p = AgentProcess {
+            service,
+            url: format!("http://127.0.0.1:{port}"),
+        };
+        p.start().await;
+        p
+    }
+
     /// (Re)starts the process on the same port and buffer file.
     pub async fn start(&mut self) {
         self.service.start().await;

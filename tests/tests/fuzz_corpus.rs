@@ -21,9 +21,12 @@ use uuid::Uuid;
 
 #[path = "../../fuzz/common/checks.rs"]
 mod checks;
+#[path = "../../fuzz/common/syslog_checks.rs"]
+mod syslog_checks;
 
 const BATCH_DECODE: &str = "batch_decode";
 const RECORD_VALIDATE: &str = "record_validate";
+const SYSLOG_PARSE: &str = "syslog_parse";
 /// Mutations replayed per seed; a few seconds for both corpora in a debug build.
 const MUTATIONS_PER_SEED: usize = 1000;
 
@@ -80,6 +83,29 @@ fn every_batch_decode_seed_replays_without_panicking() {
 fn every_record_validate_seed_replays_without_panicking() {
     for (name, data) in seeds(RECORD_VALIDATE) {
         replay(RECORD_VALIDATE, &name, &data, checks::record_validate);
+    }
+}
+
+#[test]
+fn every_syslog_parse_seed_replays_without_panicking() {
+    for (name, data) in seeds(SYSLOG_PARSE) {
+        replay(SYSLOG_PARSE, &name, &data, syslog_checks::syslog_parse);
+    }
+}
+
+#[test]
+fn mutated_syslog_seeds_replay_without_panicking() {
+    let mut rng = fastrand::Rng::with_seed(0x0051_5109);
+    for (name, data) in seeds(SYSLOG_PARSE) {
+        for n in 0..MUTATIONS_PER_SEED {
+            let input = mutate(&mut rng, &data);
+            replay(
+                SYSLOG_PARSE,
+                &format!("{name}-mutation-{n}"),
+                &input,
+                syslog_checks::syslog_parse,
+            );
+        }
     }
 }
 

@@ -958,12 +958,7 @@ async fn buffered(http: &reqwest::Client, url: &str) -> u64 {
 }
 
 async fn assert_agent_unharmed(http: &reqwest::Client, url: &str, what: &str) {
-    let health = http
-        .get(format!("{url}/health"))
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("{what}: /health failed: {e}"));
-    assert_eq!(health.status(), StatusCode::OK, "{what}: /health");
+    assert_agent_alive(http, url, what).await;
     assert_eq!(
         buffered(http, url).await,
         0,
@@ -1185,4 +1180,185 @@ async fn a_100_mb_body_is_refused_with_413_and_the_agent_stays_small() {
         agent.service.log_tail()
     );
     assert!(agent.terminate(), "clean shutdown");
+}
+
+// ---------------------------------------------------------------------------
+// The agent's syslog TCP listener
+
+/// Reads until the peer closes (Ok) or `within` passes (Err).
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> Result<(), ()> {
+    let mut sink = [0u8; 256];
+    let deadline = Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline.into(), stream.read(&mut sink)).await {
+            Err(_) => return Err(()),
+            Ok(Ok(0) | Err(_)) => return Ok(()),
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn hostile_syslog_senders_lose_their_own_connection_and_nobody_elses_messages() {
+    let pki = Pki::new();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = unreachable_agent_config(&pki, dir.path());
+    let port = agent::free_port();
+    let max_connections = 8;
+    config.syslog = vec![
+        serde_json::from_value(serde_json::json!({
+            "name": "hostile", "protocol": "tcp", "listen": format!("127.0.0.1:{port}"),
+            "max_message_bytes": "8KiB", "frame_timeout": "1s", "max_connections": max_connections,
+        }))
+        .expect("syslog listener"),
+    ];
+    let agent = start_agent(config).await;
+    let http = reqwest::Client::new();
+    // The syslog socket is bound before the API serves.
+    let health = agent.endpoint("/health");
+    assert!(
+        agent::wait_until(Duration::from_secs(20), || async {
+            http.get(&health)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        })
+        .await,
+        "the agent did not start"
+    );
+    let address = format!("127.0.0.1:{port}");
+    // A well-behaved sender on its own connection throughout.
+    let mut victim = TcpStream::connect(&address).await.expect("victim connects");
+    let mut victim_sent = 0i64;
+
+    let mut rng = fastrand::Rng::with_seed(0x5e5106);
+    let garbage: Vec<u8> = (0..65_536).map(|_| rng.u8(..)).collect();
+    let cases: Vec<(&str, Vec<u8>)> = vec![
+        ("a line longer than max_message_bytes", vec![b'a'; 100_000]),
+        (
+            "an octet count above max_message_bytes",
+            b"99999999 <14>1 - h a - - - x".to_vec(),
+        ),
+        (
+            "an octet count that is not a number",
+            b"12x4 <14>1 - h a - - - x".to_vec(),
+        ),
+        (
+            "an octet count with more digits than any length",
+            b"123456789012345678 x".to_vec(),
+        ),
+        ("64 KiB of random bytes", garbage),
+    ];
+    for (what, bytes) in cases {
+        let mut hostile = TcpStream::connect(&address).await.expect("connect");
+        // The agent may close while we write: that is the point.
+        let _ = hostile.write_all(&bytes).await;
+        let _ = hostile.flush().await;
+        assert!(
+            closed_within(&mut hostile, Duration::from_secs(3) + SLACK)
+                .await
+                .is_ok()
+                || what.contains("random"),
+            "{what}: the connection was not closed"
+        );
+        victim
+            .write_all(format!("<14>1 - victim app - - - after {what}\n").as_bytes())
+            .await
+            .expect("the victim's connection survives");
+        victim_sent += 1;
+        assert_agent_alive(&http, &agent.url, what).await;
+    }
+
+    // Slowloris: a frame dribbled out a byte at a time is cut at frame_timeout.
+    let mut slow = TcpStream::connect(&address).await.expect("connect");
+    let started = Instant::now();
+    let dribble = async {
+        for byte in b"<14>1 - h a - - - never finished".iter().cycle() {
+            if slow.write_all(&[*byte]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    };
+    let _ = tokio::time::timeout(Duration::from_secs(1) + 2 * SLACK, dribble).await;
+    assert!(
+        closed_within(&mut slow, SLACK).await.is_ok(),
+        "slowloris: the dribbling connection is still open after {:?}",
+        started.elapsed()
+    );
+
+    // More connections than max_connections: the extra ones are closed at once.
+    let mut held = Vec::new();
+    for _ in 0..max_connections + 4 {
+        held.push(TcpStream::connect(&address).await.expect("connect"));
+    }
+    let mut closed = 0;
+    for stream in &mut held {
+        if closed_within(stream, Duration::from_millis(300))
+            .await
+            .is_ok()
+        {
+            closed += 1;
+        }
+    }
+    // The victim holds one slot.
+    assert!(
+        closed >= 5,
+        "only {closed} connections over max_connections were closed"
+    );
+    drop(held);
+
+    victim
+        .write_all(b"<14>1 - victim app - - - last\n")
+        .await
+        .expect("the victim's connection survives");
+    victim_sent += 1;
+    let ok = agent::wait_until(Duration::from_secs(10), || async {
+        metric(
+            &agent.url,
+            "dcs_agent_syslog_messages_accepted_total",
+            "hostile",
+        )
+        .await
+            >= victim_sent as f64
+    })
+    .await;
+    assert!(ok, "the victim's messages were not all accepted");
+    for (name, labels, at_least) in [
+        ("dcs_agent_syslog_connections_closed_total", "framing", 4.0),
+        (
+            "dcs_agent_syslog_connections_closed_total",
+            "frame_timeout",
+            1.0,
+        ),
+        (
+            "dcs_agent_syslog_connections_closed_total",
+            "max_connections",
+            4.0,
+        ),
+    ] {
+        let value = agent::metric_sample(
+            &agent.url,
+            name,
+            &[("listener", "hostile"), ("reason", labels)],
+        )
+        .await
+        .unwrap_or(0.0);
+        assert!(value >= at_least, "{name}{{reason={labels}}} = {value}");
+    }
+}
+
+async fn metric(url: &str, name: &str, listener: &str) -> f64 {
+    agent::metric_sample(url, name, &[("listener", listener)])
+        .await
+        .unwrap_or(0.0)
+}
+
+async fn assert_agent_alive(http: &reqwest::Client, url: &str, what: &str) {
+    let health = http
+        .get(format!("{url}/health"))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("{what}: /health failed: {e}"));
+    assert_eq!(health.status(), StatusCode::OK, "{what}: /health");
 }
