@@ -9,10 +9,12 @@
 //! `ingest` (agent acking to disk, both durabilities; `power-loss` skips only
 //! that one), `e2e` (agent + aggregator + PostgreSQL), `drain` (backlog drain),
 //! `latency` (batch ack latency at half the e2e rate), `wire` (compressed bytes
-//! per record). Every service is a real release process from target/release;
+//! per record), `otlp` (the agent acking OTLP/HTTP protobuf log batches on
+//! `/v1/logs`, compared with NDJSON ingest). Every service is a real release process from target/release;
 //! PostgreSQL is the shared server (`DCS_TEST_PG_URL`), one fresh database per
 //! step. See docs/PERFORMANCE.md for what the figures mean.
 
+mod otlp;
 mod records;
 mod sweep;
 mod sys;
@@ -45,6 +47,7 @@ const STEPS: &[&str] = &[
     "drain",
     "latency",
     "wire",
+    "otlp",
 ];
 /// Records per batch in the wire-size step (the agent's default batch size).
 const WIRE_BATCH: usize = dcs_edge::config::DEFAULT_BATCH_MAX_RECORDS;
@@ -80,7 +83,7 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Steps to leave out: copy, ingest, power-loss, e2e, drain, latency, wire.
+    /// Steps to leave out: copy, ingest, power-loss, e2e, drain, latency, wire, otlp.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Concurrent producer connections to the agent.
@@ -458,6 +461,8 @@ struct Results {
     config: RunConfig,
     copy: Option<CopyResult>,
     ingest: Vec<IngestResult>,
+    /// OTLP/HTTP protobuf log batches acked to disk (durability process-crash).
+    otlp: Option<IngestResult>,
     e2e: Option<E2eResult>,
     drain: Option<DrainResult>,
     latency: Option<LatencyResult>,
@@ -473,14 +478,16 @@ struct Results {
 
 // ---------------------------------------------------------------- data
 
-/// The NDJSON request bodies of the data set: generated once up front when
-/// small enough, else on demand.
+/// The request bodies of the data set: generated once up front when small
+/// enough, else on demand.
 #[derive(Clone)]
 struct Bodies {
     generator: Generator,
     records: u64,
     per_request: u64,
     cache: Option<Arc<Vec<Bytes>>>,
+    /// OTLP protobuf for `/v1/logs` instead of NDJSON for `/v1/records`.
+    otlp: bool,
 }
 
 impl Bodies {
@@ -490,6 +497,7 @@ impl Bodies {
             records,
             per_request,
             cache: None,
+            otlp: false,
         };
         // Raw size from a sample, to decide whether to cache.
         let sample = records.min(1000);
@@ -510,7 +518,32 @@ impl Bodies {
     fn generate(&self, k: u64) -> Bytes {
         let start = k * self.per_request;
         let end = (start + self.per_request).min(self.records);
-        Bytes::from(self.generator.ndjson(start, end).0)
+        if self.otlp {
+            Bytes::from(otlp::request(&self.generator, start, end))
+        } else {
+            Bytes::from(self.generator.ndjson(start, end).0)
+        }
+    }
+
+    /// The same records as OTLP protobuf log batches, cached like these.
+    fn as_otlp(&self) -> Bodies {
+        let mut b = Bodies {
+            otlp: true,
+            cache: None,
+            ..self.clone()
+        };
+        if self.cache.is_some() {
+            b.cache = Some(Arc::new((0..b.count()).map(|k| b.generate(k)).collect()));
+        }
+        b
+    }
+
+    fn path_and_type(&self) -> (&'static str, &'static str) {
+        if self.otlp {
+            ("/v1/logs", "application/x-protobuf")
+        } else {
+            ("/v1/records", "application/x-ndjson")
+        }
     }
 
     fn get(&self, k: u64) -> Bytes {
@@ -538,7 +571,8 @@ struct PushStats {
 /// fails on any non-2xx answer.
 async fn push_all(agent_url: &str, bodies: &Bodies, clients: usize) -> anyhow::Result<PushStats> {
     let next = Arc::new(AtomicU64::new(0));
-    let url = format!("{agent_url}/v1/records");
+    let (path, content_type) = bodies.path_and_type();
+    let url = format!("{agent_url}{path}");
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients.max(1) {
@@ -555,7 +589,7 @@ async fn push_all(agent_url: &str, bodies: &Bodies, clients: usize) -> anyhow::R
                 let sent = Instant::now();
                 let response = client
                     .post(&url)
-                    .header("content-type", "application/x-ndjson")
+                    .header("content-type", content_type)
                     .body(body)
                     .send()
                     .await
@@ -564,6 +598,9 @@ async fn push_all(agent_url: &str, bodies: &Bodies, clients: usize) -> anyhow::R
                 if !status.is_success() {
                     let text = response.text().await.unwrap_or_default();
                     bail!("agent answered {status} to request {k}: {text}");
+                }
+                if bodies.otlp {
+                    otlp::check_fully_accepted(&response.bytes().await?, k)?;
                 }
                 latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
             }
@@ -892,17 +929,27 @@ fn copy_text(buf: &mut Vec<u8>, s: &str) {
 
 /// 3. Edge ingest with the aggregator unreachable: only acking to disk.
 async fn step_ingest(w: &World, durability: &str) -> anyhow::Result<IngestResult> {
+    step_ingest_of(w, durability, &w.bodies, "ingest").await
+}
+
+/// Like [`step_ingest`], with `bodies` (NDJSON or OTLP) under `name`.
+async fn step_ingest_of(
+    w: &World,
+    durability: &str,
+    bodies: &Bodies,
+    name: &str,
+) -> anyhow::Result<IngestResult> {
     // Nothing listens on this port: the forwarder fails fast and backs off.
     let dead_port = free_port();
-    let mut agent = w.agent_service(&format!("ingest-{durability}"), dead_port, durability);
+    let mut agent = w.agent_service(&format!("{name}-{durability}"), dead_port, durability);
     let url = start_agent(&mut agent).await?;
     let pid = agent.pid().context("agent pid")?;
     let meter = Meter::start(Some(pid), None);
-    let pushed = push_all(&url, &w.bodies, w.args.clients).await?;
+    let pushed = push_all(&url, bodies, w.args.clients).await?;
     let usage = meter.stop();
     let peak = kib_to_mb(sys::peak_rss_kib(pid));
     agent.kill();
-    w.remove_buffer(&format!("ingest-{durability}"));
+    w.remove_buffer(&format!("{name}-{durability}"));
     let lat = sorted(pushed.latencies_ms);
     Ok(IngestResult {
         durability: durability.to_owned(),
@@ -1302,6 +1349,16 @@ fn targets(r: &Results) -> Vec<Target> {
         target: ">= 2.00 x".into(),
         pass: ingest_pc.zip(e2e).map(|(i, e)| i >= 2.0 * e),
     });
+    let otlp = r.otlp.as_ref().map(|o| o.records_per_s);
+    t.push(Target {
+        name: "OTLP ingest (protobuf) >= 0.5 x NDJSON ingest".into(),
+        value: match (otlp, ingest_pc) {
+            (Some(o), Some(i)) => format!("{:.2} x NDJSON", o / i),
+            _ => "not measured".into(),
+        },
+        target: ">= 0.50 x".into(),
+        pass: otlp.zip(ingest_pc).map(|(o, i)| o >= 0.5 * i),
+    });
     let drain = r.drain.as_ref();
     t.push(Target {
         name: "drain rate >= end-to-end rate".into(),
@@ -1390,6 +1447,15 @@ fn print_report(r: &Results) {
             format!("p99 {:.0}ms", i.request_p99_ms),
         );
         print_usage_line(&i.usage);
+    }
+    if let Some(o) = &r.otlp {
+        line(
+            "edge ingest, OTLP/HTTP protobuf (process-crash)",
+            fmt_rate(o.records_per_s),
+            o.secs,
+            format!("p99 {:.0}ms", o.request_p99_ms),
+        );
+        print_usage_line(&o.usage);
     }
     if let Some(e) = &r.e2e {
         line(
@@ -1700,6 +1766,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         config,
         copy: None,
         ingest: Vec::new(),
+        otlp: None,
         e2e: None,
         drain: None,
         latency: None,
@@ -1741,6 +1808,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             results.ingest.push(i);
         }
+    }
+    if args.runs("otlp") {
+        progress("edge ingest of OTLP/HTTP protobuf log batches");
+        let bodies = world.bodies.as_otlp();
+        let o = step_ingest_of(&world, "process-crash", &bodies, "otlp")
+            .await
+            .context("step otlp")?;
+        progress(&format!("otlp: {:.0} rec/s", o.records_per_s));
+        if o.usage.noisy(cores) {
+            noisy.insert("otlp".to_owned());
+        }
+        results.otlp = Some(o);
     }
     if args.runs("e2e") {
         progress("end to end");

@@ -538,7 +538,9 @@ async fn partial_acceptance_commits_the_valid_records_and_dead_letters_each_inva
         &[("stream", "invalid"), ("result", "rejected")],
     )
     .await;
-    assert_eq!(rejected, Some(2.0));
+    // The metrics recorder is shared by every in-process agent of this
+    // test binary, so other tests' refusals are in the same series.
+    assert!(rejected.unwrap_or(0.0) >= 2.0, "{rejected:?}");
 
     // The same body without partial acceptance changes nothing.
     let r = a
