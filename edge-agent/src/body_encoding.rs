@@ -101,8 +101,8 @@ pub fn decode(
             {
                 return Err(too_large(encoding, limit));
             }
-            let mut decoder = zstd::stream::read::Decoder::new(&body[..])
-                .map_err(|e| corrupt(encoding, &e))?;
+            let mut decoder =
+                zstd::stream::read::Decoder::new(&body[..]).map_err(|e| corrupt(encoding, &e))?;
             decoder
                 .window_log_max(ZSTD_WINDOW_LOG_MAX)
                 .map_err(|e| corrupt(encoding, &e))?;
@@ -151,8 +151,7 @@ fn too_large(encoding: Encoding, limit: usize) -> ApiError {
 }
 
 fn corrupt(encoding: Encoding, error: &std::io::Error) -> ApiError {
-    metrics::counter!("dcs_agent_decompression_refused_total", "reason" => "corrupt")
-        .increment(1);
+    metrics::counter!("dcs_agent_decompression_refused_total", "reason" => "corrupt").increment(1);
     ApiError::new(
         StatusCode::BAD_REQUEST,
         "malformed_body",
@@ -194,7 +193,11 @@ mod tests {
             let ok = decode(encoding, body.clone().into(), 10_000).unwrap();
             assert_eq!(ok.len(), 10_000, "{encoding:?}");
             if encoding != Encoding::Identity {
-                assert_eq!(status(decode(encoding, body.into(), 9_999)), 413, "{encoding:?}");
+                assert_eq!(
+                    status(decode(encoding, body.into(), 9_999)),
+                    413,
+                    "{encoding:?}"
+                );
             }
         }
     }
@@ -210,7 +213,11 @@ mod tests {
             (Encoding::Gzip, b"not gzip at all".to_vec()),
             (Encoding::Zstd, b"not zstd at all".to_vec()),
         ] {
-            assert_eq!(status(decode(encoding, body.into(), 1 << 20)), 400, "{encoding:?}");
+            assert_eq!(
+                status(decode(encoding, body.into(), 1 << 20)),
+                400,
+                "{encoding:?}"
+            );
         }
     }
 

@@ -616,9 +616,7 @@ pub(crate) async fn commit_partial(
         let appended = buffer
             .append_partial(origin, records, dead)
             .await
-            .inspect_err(|_| {
-                count_records(std::iter::repeat_n(("invalid", "rejected"), total))
-            })?;
+            .inspect_err(|_| count_records(std::iter::repeat_n(("invalid", "rejected"), total)))?;
         count_records(std::iter::repeat_n(("invalid", "rejected"), rejected.len()));
         accepted_answer(&streams, appended)
     };

@@ -80,7 +80,12 @@ impl Format {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .unwrap_or("");
-        let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+        let mime = ct
+            .split(';')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase();
         match mime.as_str() {
             "application/x-protobuf" | "application/protobuf" => Ok(Format::Protobuf),
             "application/json" => Ok(Format::Json),
@@ -193,9 +198,11 @@ fn wire_messages(mut body: &[u8], schema: Schema, depth: usize) -> Option<usize>
                 let inner = body.get(..len)?;
                 body = &body[len..];
                 if let Some(child) = schema.child(key >> 3) {
-                    count = count
-                        .saturating_add(1)
-                        .saturating_add(wire_messages(inner, child, depth + 1)?);
+                    count = count.saturating_add(1).saturating_add(wire_messages(
+                        inner,
+                        child,
+                        depth + 1,
+                    )?);
                 }
             }
             _ => return None,
@@ -358,14 +365,12 @@ fn check(
 }
 
 fn find_string<'a>(attrs: &'a [KeyValue], key: &str) -> Option<&'a str> {
-    attrs
-        .iter()
-        .rev()
-        .find(|kv| kv.key == key)
-        .and_then(|kv| match kv.value.as_ref()?.value.as_ref()? {
+    attrs.iter().rev().find(|kv| kv.key == key).and_then(|kv| {
+        match kv.value.as_ref()?.value.as_ref()? {
             any_value::Value::StringValue(s) => Some(s.as_str()),
             _ => None,
-        })
+        }
+    })
 }
 
 /// Attributes as a JSON object; a repeated key keeps its last value.
@@ -404,10 +409,12 @@ fn any_value(v: &AnyValue) -> Value {
 
 fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write as _;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 /// `POST /v1/logs`.
@@ -434,9 +441,7 @@ async fn export(
     format: Format,
 ) -> Result<ExportLogsServiceResponse, ApiError> {
     let encoding = Encoding::from_headers(headers)?;
-    let body = body.map_err(|e| {
-        ApiError::new(e.status(), "unreadable_body", e.body_text())
-    })?;
+    let body = body.map_err(|e| ApiError::new(e.status(), "unreadable_body", e.body_text()))?;
     let (limit, limits) = (state.max_request_bytes, state.limits);
     let (config, schemas) = (state.otlp.clone(), state.schemas.clone());
     let parsed = ingest::off_thread(move || {
@@ -664,7 +669,11 @@ mod tests {
             &Limits::default(),
             &schemas(),
         );
-        let streams: Vec<&str> = parsed.valid.iter().map(|(_, r)| r.stream.as_str()).collect();
+        let streams: Vec<&str> = parsed
+            .valid
+            .iter()
+            .map(|(_, r)| r.stream.as_str())
+            .collect();
         assert_eq!(streams, ["app.audit", "otlp.logs"]);
         assert_eq!(parsed.invalid.len(), 1);
         assert_eq!(parsed.invalid[0].index, 1);
@@ -721,7 +730,10 @@ mod tests {
         ));
         // The count agrees with prost on a real request.
         let small = request(vec![LogRecord::default(); 3]).encode_to_vec();
-        assert_eq!(wire_messages(&small, Schema::Request, 0), Some(1 + 3 + 1 + 1 + 3));
+        assert_eq!(
+            wire_messages(&small, Schema::Request, 0),
+            Some(1 + 3 + 1 + 1 + 3)
+        );
     }
 
     #[test]
@@ -729,7 +741,11 @@ mod tests {
         for (body, format) in [
             (&b"\xff\xff\xff"[..], Format::Protobuf),
             (&b"{\"resourceLogs\":7}"[..], Format::Json),
-            (&b"{\"resourceLogs\":[{\"scopeLogs\":[{\"logRecords\":[{\"traceId\":\"zz\"}]}]}]}"[..], Format::Json),
+            (
+                &b"{\"resourceLogs\":[{\"scopeLogs\":[{\"logRecords\":[{\"traceId\":\"zz\"}]}]}]}"
+                    [..],
+                Format::Json,
+            ),
         ] {
             assert!(decode_request(body, format).is_err(), "{body:?}");
         }

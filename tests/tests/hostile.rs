@@ -1220,7 +1220,15 @@ fn otlp_empty_records(n: usize) -> Vec<u8> {
 
 /// The compressed-body and OTLP cases of the agent's hostile-input table:
 /// (what, path, content type, content encoding, body, status, error code).
-fn compressed_and_otlp_cases() -> Vec<(String, &'static str, &'static str, &'static str, Vec<u8>, StatusCode, &'static str)> {
+fn compressed_and_otlp_cases() -> Vec<(
+    String,
+    &'static str,
+    &'static str,
+    &'static str,
+    Vec<u8>,
+    StatusCode,
+    &'static str,
+)> {
     use std::io::Read as _;
     const PB: &str = "application/x-protobuf";
     let valid = agent::ndjson("s", "v", 0..50);
@@ -1237,25 +1245,148 @@ fn compressed_and_otlp_cases() -> Vec<(String, &'static str, &'static str, &'sta
     let n = lying_gzip.len();
     lying_gzip[n - 4..].copy_from_slice(&100u32.to_le_bytes());
     let mut cases = vec![
-        ("a 1 GiB gzip bomb (trailer states 1 GiB)".to_owned(), "/v1/records", NDJSON, "gzip", gzip_bomb(1 << 30), StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
-        ("a 64 MiB gzip bomb whose trailer says 100 bytes".to_owned(), "/v1/records", NDJSON, "gzip", lying_gzip, StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
-        ("a 1 GiB zstd bomb without a content size".to_owned(), "/v1/records", NDJSON, "zstd", zstd_stream_bomb.clone(), StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
-        ("a 32 MiB zstd frame stating its size".to_owned(), "/v1/records", NDJSON, "zstd", zstd_sized_bomb, StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
-        ("a zstd frame asking for a 2 GiB window".to_owned(), "/v1/records", NDJSON, "zstd", zstd_window_bomb(), StatusCode::BAD_REQUEST, "malformed_body"),
-        ("a gzip bomb sent to /v1/logs".to_owned(), "/v1/logs", PB, "gzip", gzip_bomb(1 << 30), StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
-        ("a zstd bomb sent to /v1/logs".to_owned(), "/v1/logs", JSON, "zstd", zstd_stream_bomb, StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
-        ("8 million empty OTLP log records (16 MB of protobuf)".to_owned(), "/v1/logs", PB, "identity", otlp_empty_records(8_000_000 - 8), StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
-        ("a million empty OTLP log records in JSON".to_owned(), "/v1/logs", JSON, "gzip", gzip_json(format!("{{\"resourceLogs\":[{{\"scopeLogs\":[{{\"logRecords\":[{}{{}}]}}]}}]}}", "{},".repeat(1_000_000)).as_bytes()), StatusCode::PAYLOAD_TOO_LARGE, "request_too_large"),
-        ("a deflate body".to_owned(), "/v1/records", NDJSON, "deflate", valid.clone().into_bytes(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding"),
-        ("stacked encodings".to_owned(), "/v1/records", NDJSON, "gzip, zstd", gz_valid.clone(), StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding"),
-        ("OTLP JSON nested 200 arrays deep".to_owned(), "/v1/logs", JSON, "identity", format!("{{\"resourceLogs\":[{{\"scopeLogs\":[{{\"logRecords\":[{{\"body\":{}{}}}]}}]}}]}}", "{\"arrayValue\":{\"values\":[".repeat(200), "]}}".repeat(200)).into_bytes(), StatusCode::BAD_REQUEST, "malformed_otlp"),
+        (
+            "a 1 GiB gzip bomb (trailer states 1 GiB)".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "gzip",
+            gzip_bomb(1 << 30),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a 64 MiB gzip bomb whose trailer says 100 bytes".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "gzip",
+            lying_gzip,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a 1 GiB zstd bomb without a content size".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "zstd",
+            zstd_stream_bomb.clone(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a 32 MiB zstd frame stating its size".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "zstd",
+            zstd_sized_bomb,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a zstd frame asking for a 2 GiB window".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "zstd",
+            zstd_window_bomb(),
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+        ),
+        (
+            "a gzip bomb sent to /v1/logs".to_owned(),
+            "/v1/logs",
+            PB,
+            "gzip",
+            gzip_bomb(1 << 30),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a zstd bomb sent to /v1/logs".to_owned(),
+            "/v1/logs",
+            JSON,
+            "zstd",
+            zstd_stream_bomb,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "8 million empty OTLP log records (16 MB of protobuf)".to_owned(),
+            "/v1/logs",
+            PB,
+            "identity",
+            otlp_empty_records(8_000_000 - 8),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a million empty OTLP log records in JSON".to_owned(),
+            "/v1/logs",
+            JSON,
+            "gzip",
+            gzip_json(
+                format!(
+                    "{{\"resourceLogs\":[{{\"scopeLogs\":[{{\"logRecords\":[{}{{}}]}}]}}]}}",
+                    "{},".repeat(1_000_000)
+                )
+                .as_bytes(),
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a deflate body".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "deflate",
+            valid.clone().into_bytes(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+        ),
+        (
+            "stacked encodings".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "gzip, zstd",
+            gz_valid.clone(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+        ),
+        (
+            "OTLP JSON nested 200 arrays deep".to_owned(),
+            "/v1/logs",
+            JSON,
+            "identity",
+            format!(
+                "{{\"resourceLogs\":[{{\"scopeLogs\":[{{\"logRecords\":[{{\"body\":{}{}}}]}}]}}]}}",
+                "{\"arrayValue\":{\"values\":[".repeat(200),
+                "]}}".repeat(200)
+            )
+            .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "malformed_otlp",
+        ),
     ];
     // Every cut of a valid compressed body, and random bytes, are 400.
     for cut in [1, 2, 10, gz_valid.len() / 2, gz_valid.len() - 1] {
-        cases.push((format!("gzip cut at {cut} of {}", gz_valid.len()), "/v1/records", NDJSON, "gzip", gz_valid[..cut].to_vec(), StatusCode::BAD_REQUEST, "malformed_body"));
+        cases.push((
+            format!("gzip cut at {cut} of {}", gz_valid.len()),
+            "/v1/records",
+            NDJSON,
+            "gzip",
+            gz_valid[..cut].to_vec(),
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+        ));
     }
     for cut in [1, 4, 6, zs_valid.len() / 2, zs_valid.len() - 1] {
-        cases.push((format!("zstd cut at {cut} of {}", zs_valid.len()), "/v1/records", NDJSON, "zstd", zs_valid[..cut].to_vec(), StatusCode::BAD_REQUEST, "malformed_body"));
+        cases.push((
+            format!("zstd cut at {cut} of {}", zs_valid.len()),
+            "/v1/records",
+            NDJSON,
+            "zstd",
+            zs_valid[..cut].to_vec(),
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+        ));
     }
     for seed in SEEDS {
         let mut rng = fastrand::Rng::with_seed(seed);
@@ -1271,14 +1402,23 @@ fn compressed_and_otlp_cases() -> Vec<(String, &'static str, &'static str, &'sta
             if content_type == PB {
                 body[0] = 0xff;
             }
-            cases.push((format!("seed {seed}, {len} random bytes as {encoding} {content_type} to {path}"), path, content_type, encoding, body, StatusCode::BAD_REQUEST, code));
+            cases.push((
+                format!("seed {seed}, {len} random bytes as {encoding} {content_type} to {path}"),
+                path,
+                content_type,
+                encoding,
+                body,
+                StatusCode::BAD_REQUEST,
+                code,
+            ));
         }
     }
     cases
 }
 
 #[tokio::test]
-async fn compressed_bombs_broken_streams_and_otlp_decoder_bombs_are_refused_and_nothing_is_buffered() {
+async fn compressed_bombs_broken_streams_and_otlp_decoder_bombs_are_refused_and_nothing_is_buffered()
+ {
     let a = Agent::start().await;
     for (what, path, content_type, encoding, body, status, code) in compressed_and_otlp_cases() {
         let started = Instant::now();
@@ -1299,7 +1439,10 @@ async fn compressed_bombs_broken_streams_and_otlp_decoder_bombs_are_refused_and_
             let error = expect_error_body(&what, response, &[status]).await;
             assert_eq!(error.error, code, "{what}: {error:?}");
         }
-        assert!(answered_in < Duration::from_secs(10), "{what}: took {answered_in:?}");
+        assert!(
+            answered_in < Duration::from_secs(10),
+            "{what}: took {answered_in:?}"
+        );
         assert_agent_unharmed(&a.http, &a.agent.url, &what).await;
     }
     a.accepts_a_valid_record().await;

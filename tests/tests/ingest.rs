@@ -492,7 +492,11 @@ async fn a_body_over_the_limit_once_decompressed_is_413_a_corrupt_one_400_an_unk
         assert_eq!(body["error"], code, "{what}: {body}");
         assert!(body["message"].as_str().unwrap().len() > 10, "{what}");
     }
-    assert_eq!(a.buffered().await, 0, "nothing of a refused body is buffered");
+    assert_eq!(
+        a.buffered().await,
+        0,
+        "nothing of a refused body is buffered"
+    );
 }
 
 // ---------------------------------------------------------------------------
@@ -576,9 +580,16 @@ async fn ingest_partial_in_the_config_makes_partial_acceptance_the_default() {
     ]);
     let (status, body) = a.post("application/json", body.to_string()).await;
     assert_eq!(status, 200);
-    assert_eq!((body["accepted"].clone(), body["rejected"].clone()), (json!(1), json!(1)));
+    assert_eq!(
+        (body["accepted"].clone(), body["rejected"].clone()),
+        (json!(1), json!(1))
+    );
     let (status, _) = a
-        .post_query("?partial=false", "application/json", r#"[{"stream":"ok","payload":[1]}]"#)
+        .post_query(
+            "?partial=false",
+            "application/json",
+            r#"[{"stream":"ok","payload":[1]}]"#,
+        )
         .await;
     assert_eq!(status, 400, "?partial=false overrides the default");
     assert_eq!(a.buffered().await, 1);
@@ -681,7 +692,10 @@ mod otlp {
         assert_eq!(r.status(), 200);
         assert_eq!(r.headers()["content-type"], "application/json");
         let answer: Value = r.json().await.unwrap();
-        assert!(answer.get("partialSuccess").is_none_or(Value::is_null), "{answer}");
+        assert!(
+            answer.get("partialSuccess").is_none_or(Value::is_null),
+            "{answer}"
+        );
         assert_eq!(a.buffered().await, 102);
     }
 
@@ -706,16 +720,29 @@ mod otlp {
     async fn otlp_errors_answer_in_the_request_encoding() {
         let a = agent_with(|_| {}).await;
         let r = a
-            .post_encoded("/v1/logs", "application/x-protobuf", "identity", vec![0xff; 9])
+            .post_encoded(
+                "/v1/logs",
+                "application/x-protobuf",
+                "identity",
+                vec![0xff; 9],
+            )
             .await;
         assert_eq!(r.status(), 400);
         assert_eq!(r.headers()["content-type"], "application/x-protobuf");
         let r = a
-            .post_encoded("/v1/logs", "application/json", "identity", b"{\"resourceLogs\":3}".to_vec())
+            .post_encoded(
+                "/v1/logs",
+                "application/json",
+                "identity",
+                b"{\"resourceLogs\":3}".to_vec(),
+            )
             .await;
         assert_eq!(r.status(), 400);
         let body: Value = r.json().await.unwrap();
-        assert_eq!((body["error"].as_str(), body["code"].as_i64()), (Some("malformed_otlp"), Some(3)));
+        assert_eq!(
+            (body["error"].as_str(), body["code"].as_i64()),
+            (Some("malformed_otlp"), Some(3))
+        );
         let r = a
             .post_encoded("/v1/logs", "text/plain", "identity", b"hello".to_vec())
             .await;
@@ -731,7 +758,12 @@ mod otlp {
         let mut rounds = 0;
         while status == 200 {
             let r = a
-                .post_encoded("/v1/logs", "application/x-protobuf", "identity", proto.clone())
+                .post_encoded(
+                    "/v1/logs",
+                    "application/x-protobuf",
+                    "identity",
+                    proto.clone(),
+                )
                 .await;
             status = r.status().as_u16();
             if status != 200 {
