@@ -202,7 +202,7 @@ print_scenarios
 
 step "OpenTelemetry Python SDK recipe: 10,000 log records through /v1/logs, each in PostgreSQL once (scripts/otlp-python.sh)"
 # Installs the SDK into a cached virtualenv (PyPI, pinned) the first time;
-# about half a minute after that. Prints "scenario=otlp-python sent=... in_pg=... missing=0 duplicated=0".
+# about half a minute after that (the test binary is built as in the workspace run). Prints "scenario=otlp-python sent=... in_pg=... missing=0 duplicated=0".
 bash "$ROOT/scripts/otlp-python.sh"
 
 step "Scale out: replicas behind HAProxy under load (restart, rolling restart, scale-out)"
