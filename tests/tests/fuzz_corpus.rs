@@ -103,8 +103,8 @@ fn valid_otlp_seeds_decode_to_records_the_aggregator_accepts() {
         } else {
             Format::Protobuf
         };
-        let request = otlp::decode_request(&data, format)
-            .unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let request =
+            otlp::decode_request(&data, format).unwrap_or_else(|e| panic!("{name}: {e:?}"));
         let parsed = otlp::to_records(
             &request,
             &Default::default(),
@@ -592,15 +592,21 @@ fn otlp_seeds() -> Vec<(&'static str, Vec<u8>)> {
         ("empty.pb", Vec::new()),
         (
             "wrong-types.json",
-            text(r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"timeUnixNano":true,"traceId":12,"body":"x"}]}]}]}"#),
+            text(
+                r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"timeUnixNano":true,"traceId":12,"body":"x"}]}]}]}"#,
+            ),
         ),
         (
             "bad-hex.json",
-            text(r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"traceId":"xyz","spanId":"0"}]}]}]}"#),
+            text(
+                r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"traceId":"xyz","spanId":"0"}]}]}]}"#,
+            ),
         ),
         (
             "int-as-number-and-string.json",
-            text(r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"timeUnixNano":1,"observedTimeUnixNano":"18446744073709551615","body":{"intValue":"-9223372036854775808"}}]}]}]}"#),
+            text(
+                r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"timeUnixNano":1,"observedTimeUnixNano":"18446744073709551615","body":{"intValue":"-9223372036854775808"}}]}]}]}"#,
+            ),
         ),
     ]
 }
