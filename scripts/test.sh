@@ -20,6 +20,8 @@
 # 8. the hostile-neighbours suite (tests/tests/hostile_neighbours.rs), its
 #    attack=... lines printed into the log
 # 9. cargo test --workspace
+# 9a. the OpenTelemetry Python SDK recipe (scripts/otlp-python.sh; installs
+#    the SDK from PyPI into a cached virtualenv)
 # 10. the scale-out scenarios: aggregator replicas behind HAProxy under load
 #    (HAProxy is installed with apt if missing)
 # 11. the fleet test: 100 agents through HAProxy to two replicas
@@ -205,6 +207,11 @@ trap 'print_scenarios; printf "\n%s: FAILED in step: %s\n" "$DCS_SCRIPT_NAME" "$
 cargo test --workspace --no-fail-fast
 trap 'printf "\n%s: FAILED in step: %s\n" "$DCS_SCRIPT_NAME" "$CURRENT_STEP" >&2' ERR
 print_scenarios
+
+step "OpenTelemetry Python SDK recipe: 10,000 log records through /v1/logs, each in PostgreSQL once (scripts/otlp-python.sh)"
+# Installs the SDK into a cached virtualenv (PyPI, pinned) the first time;
+# about half a minute after that (the test binary is built as in the workspace run). Prints "scenario=otlp-python sent=... in_pg=... missing=0 duplicated=0".
+bash "$ROOT/scripts/otlp-python.sh"
 
 step "Scale out: replicas behind HAProxy under load (restart, rolling restart, scale-out)"
 # Ignored in the workspace run (about a minute each); --nocapture puts each

@@ -9,11 +9,13 @@
 //! `ingest` (agent acking to disk, both durabilities; `power-loss` skips only
 //! that one), `e2e` (agent + aggregator + PostgreSQL), `drain` (backlog drain),
 //! `latency` (batch ack latency at half the e2e rate), `wire` (compressed bytes
-//! per record). Every service is a real release process from target/release;
+//! per record), `otlp` (the agent acking OTLP/HTTP protobuf log batches on
+//! `/v1/logs`, compared with NDJSON ingest). Every service is a real release process from target/release;
 //! PostgreSQL is the shared server (`DCS_TEST_PG_URL`), one fresh database per
 //! step. See docs/PERFORMANCE.md for what the figures mean.
 
 mod freshness;
+mod otlp;
 mod records;
 mod summary;
 mod sweep;
@@ -51,6 +53,7 @@ const STEPS: &[&str] = &[
     "freshness-sweep",
     "latency",
     "wire",
+    "otlp",
 ];
 /// Records per batch in the wire-size step (the agent's default batch size).
 const WIRE_BATCH: usize = dcs_edge::config::DEFAULT_BATCH_MAX_RECORDS;
@@ -99,8 +102,8 @@ struct Args {
     /// Also write the results as JSON here.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Steps to leave out: copy, copy-parallel, ingest, power-loss, e2e,
-    /// drain, freshness, freshness-sweep, latency, wire.
+    /// Steps to leave out: copy, copy-parallel, ingest, power-loss, syslog,
+    /// otlp, e2e, drain, freshness, freshness-sweep, latency, wire.
     #[arg(long, value_delimiter = ',')]
     skip: Vec<String>,
     /// Concurrent producer connections to the agent.
@@ -610,6 +613,8 @@ struct Results {
     copy: Vec<CopyResult>,
     ingest: Vec<IngestResult>,
     syslog: Option<SyslogResult>,
+    /// OTLP/HTTP protobuf log batches acked to disk (durability process-crash).
+    otlp: Option<IngestResult>,
     e2e: Option<E2eResult>,
     drain: Option<DrainResult>,
     /// Default batching first, then the linger/batch sweep.
@@ -636,14 +641,16 @@ impl Results {
 
 // ---------------------------------------------------------------- data
 
-/// The NDJSON request bodies of the data set: generated once up front when
-/// small enough, else on demand.
+/// The request bodies of the data set: generated once up front when small
+/// enough, else on demand.
 #[derive(Clone)]
 struct Bodies {
     generator: Generator,
     records: u64,
     per_request: u64,
     cache: Option<Arc<Vec<Bytes>>>,
+    /// OTLP protobuf for `/v1/logs` instead of NDJSON for `/v1/records`.
+    otlp: bool,
 }
 
 impl Bodies {
@@ -653,6 +660,7 @@ impl Bodies {
             records,
             per_request,
             cache: None,
+            otlp: false,
         };
         // Raw size from a sample, to decide whether to cache.
         let sample = records.min(1000);
@@ -683,7 +691,32 @@ impl Bodies {
     fn generate(&self, k: u64) -> Bytes {
         let start = k * self.per_request;
         let end = (start + self.per_request).min(self.records);
-        Bytes::from(self.generator.ndjson(start, end).0)
+        if self.otlp {
+            Bytes::from(otlp::request(&self.generator, start, end))
+        } else {
+            Bytes::from(self.generator.ndjson(start, end).0)
+        }
+    }
+
+    /// The same records as OTLP protobuf log batches, cached like these.
+    fn as_otlp(&self) -> Bodies {
+        let mut b = Bodies {
+            otlp: true,
+            cache: None,
+            ..self.clone()
+        };
+        if self.cache.is_some() {
+            b.cache = Some(Arc::new((0..b.count()).map(|k| b.generate(k)).collect()));
+        }
+        b
+    }
+
+    fn path_and_type(&self) -> (&'static str, &'static str) {
+        if self.otlp {
+            ("/v1/logs", "application/x-protobuf")
+        } else {
+            ("/v1/records", "application/x-ndjson")
+        }
     }
 
     fn get(&self, k: u64) -> Bytes {
@@ -711,7 +744,8 @@ struct PushStats {
 /// fails on any non-2xx answer.
 async fn push_all(agent_url: &str, bodies: &Bodies, clients: usize) -> anyhow::Result<PushStats> {
     let next = Arc::new(AtomicU64::new(0));
-    let url = format!("{agent_url}/v1/records");
+    let (path, content_type) = bodies.path_and_type();
+    let url = format!("{agent_url}{path}");
     let t0 = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients.max(1) {
@@ -728,7 +762,7 @@ async fn push_all(agent_url: &str, bodies: &Bodies, clients: usize) -> anyhow::R
                 let sent = Instant::now();
                 let response = client
                     .post(&url)
-                    .header("content-type", "application/x-ndjson")
+                    .header("content-type", content_type)
                     .body(body)
                     .send()
                     .await
@@ -737,6 +771,9 @@ async fn push_all(agent_url: &str, bodies: &Bodies, clients: usize) -> anyhow::R
                 if !status.is_success() {
                     let text = response.text().await.unwrap_or_default();
                     bail!("agent answered {status} to request {k}: {text}");
+                }
+                if bodies.otlp {
+                    otlp::check_fully_accepted(&response.bytes().await?, k)?;
                 }
                 latencies.push(sent.elapsed().as_secs_f64() * 1000.0);
             }
@@ -1156,9 +1193,19 @@ fn copy_text(buf: &mut Vec<u8>, s: &str) {
 
 /// 3. Edge ingest with the aggregator unreachable: only acking to disk.
 async fn step_ingest(w: &World, bodies: &Bodies, durability: &str) -> anyhow::Result<IngestResult> {
+    step_ingest_of(w, durability, bodies, "ingest").await
+}
+
+/// Like [`step_ingest`], with `bodies` (NDJSON or OTLP) under `name`.
+async fn step_ingest_of(
+    w: &World,
+    durability: &str,
+    bodies: &Bodies,
+    name: &str,
+) -> anyhow::Result<IngestResult> {
     // Nothing listens on this port: the forwarder fails fast and backs off.
     let dead_port = free_port();
-    let mut agent = w.agent_service(&format!("ingest-{durability}"), dead_port, durability);
+    let mut agent = w.agent_service(&format!("{name}-{durability}"), dead_port, durability);
     let url = start_agent(&mut agent).await?;
     let pid = agent.pid().context("agent pid")?;
     let meter = Meter::start(Some(pid), None);
@@ -1166,7 +1213,7 @@ async fn step_ingest(w: &World, bodies: &Bodies, durability: &str) -> anyhow::Re
     let usage = meter.stop();
     let peak = kib_to_mb(sys::peak_rss_kib(pid));
     agent.kill();
-    w.remove_buffer(&format!("ingest-{durability}"));
+    w.remove_buffer(&format!("{name}-{durability}"));
     let lat = sorted(pushed.latencies_ms);
     Ok(IngestResult {
         durability: durability.to_owned(),
@@ -1705,6 +1752,15 @@ fn print_report(r: &Results, run: usize) {
         );
         print_usage_line(&sl.usage);
     }
+    if let Some(o) = &r.otlp {
+        line(
+            "edge ingest, OTLP/HTTP protobuf (process-crash)",
+            fmt_rate(o.records_per_s),
+            o.secs,
+            format!("p99 {:.0}ms", o.request_p99_ms),
+        );
+        print_usage_line(&o.usage);
+    }
     if let Some(e) = &r.e2e {
         line(
             "end to end (first send -> last row committed)",
@@ -2216,6 +2272,7 @@ async fn run_once(world: &World, sizes: &Sizes) -> anyhow::Result<Results> {
         copy: Vec::new(),
         ingest: Vec::new(),
         syslog: None,
+        otlp: None,
         e2e: None,
         drain: None,
         freshness: Vec::new(),
@@ -2291,6 +2348,18 @@ async fn run_once(world: &World, sizes: &Sizes) -> anyhow::Result<Results> {
             noisy.insert("syslog".to_owned());
         }
         results.syslog = Some(sl);
+    }
+    if args.wants("otlp") {
+        progress("edge ingest of OTLP/HTTP protobuf log batches");
+        let bodies = world.bodies.prefix(sizes.ingest).as_otlp();
+        let o = step_ingest_of(world, "process-crash", &bodies, "otlp")
+            .await
+            .context("step otlp")?;
+        progress(&format!("otlp: {:.0} rec/s", o.records_per_s));
+        if o.usage.noisy(cores) {
+            noisy.insert("otlp".to_owned());
+        }
+        results.otlp = Some(o);
     }
     if args.wants("e2e") {
         progress("end to end");

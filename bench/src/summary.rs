@@ -97,6 +97,12 @@ const METRICS: &[Metric] = &[
         },
     },
     Metric {
+        key: "otlp",
+        name: "edge ingest, OTLP/HTTP protobuf (`process-crash`)",
+        unit: "rec/s",
+        get: |r| r.otlp.as_ref().map(|o| o.records_per_s),
+    },
+    Metric {
         key: "ingest_pl",
         name: "edge ingest, `power-loss`",
         unit: "rec/s",
@@ -408,6 +414,13 @@ pub fn targets(h: &[Headline]) -> Vec<TargetLine> {
             "syslog TCP ingest >= 0.5 x NDJSON ingest",
             ">= 0.50 x",
             "syslog_ratio",
+            &|v| v >= 0.5,
+        ),
+        ratio_line(
+            "OTLP ingest (protobuf) >= 0.5 x NDJSON ingest",
+            ">= 0.50 x",
+            "otlp",
+            "ingest_pc",
             &|v| v >= 0.5,
         ),
         line("wire bytes <= 0.2 x raw JSON", "<= 0.200 x", "wire", &|v| {

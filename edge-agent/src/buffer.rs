@@ -487,6 +487,27 @@ impl Buffer {
         self.call(|reply| Command::Ack { first, last, reply }).await
     }
 
+    /// Partial acceptance of a pushed request: appends `records` and writes
+    /// each of `rejected` to `dead_letters` in one transaction, with the id
+    /// `source:<origin>:<position>` and `origin` as stream. A full buffer
+    /// refuses both, like [`Buffer::append`].
+    pub async fn append_partial(
+        &self,
+        origin: &str,
+        records: Vec<Record>,
+        rejected: Vec<Rejected>,
+    ) -> Result<Appended, BufferError> {
+        let batch = SourceBatch {
+            source: origin.to_owned(),
+            stream: origin.to_owned(),
+            records,
+            rejected,
+            checkpoints: Vec::new(),
+        };
+        self.call(|reply| Command::AppendFromSource { batch, reply })
+            .await
+    }
+
     /// Moves records the aggregator refused for good into `dead_letters`.
     pub async fn dead_letter(
         &self,

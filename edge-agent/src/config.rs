@@ -63,6 +63,9 @@ pub struct Config {
     pub buffer: BufferConfig,
     #[serde(default)]
     pub ingest: IngestConfig,
+    /// The OTLP/HTTP logs receiver (`POST /v1/logs`), see [`crate::otlp`].
+    #[serde(default)]
+    pub otlp: OtlpConfig,
     pub aggregator: AggregatorConfig,
     #[serde(default)]
     pub batch: BatchConfig,
@@ -188,6 +191,57 @@ pub struct IngestConfig {
     pub max_request_bytes: ByteSize,
     #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: ByteSize,
+    /// Whether a request without `?partial=` is answered with partial
+    /// acceptance (valid records committed, invalid ones dead-lettered)
+    /// instead of all-or-nothing.
+    #[serde(default)]
+    pub partial: bool,
+}
+
+/// The stream of a log record is the value of this attribute (the log
+/// record's own attributes first, then its resource's) when it has one.
+pub const DEFAULT_OTLP_STREAM_ATTRIBUTE: &str = "dcs.stream";
+/// Stream of log records without the stream attribute: named after the
+/// signal so OTLP logs are easy to find and never mixed with pushed JSON.
+pub const DEFAULT_OTLP_STREAM: &str = "otlp.logs";
+
+/// `[otlp]`: how OTLP log records become DCS records.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OtlpConfig {
+    #[serde(default = "default_otlp_stream_attribute")]
+    pub stream_attribute: String,
+    #[serde(default = "default_otlp_stream")]
+    pub default_stream: String,
+}
+
+impl Default for OtlpConfig {
+    fn default() -> Self {
+        OtlpConfig {
+            stream_attribute: default_otlp_stream_attribute(),
+            default_stream: default_otlp_stream(),
+        }
+    }
+}
+
+fn default_otlp_stream_attribute() -> String {
+    DEFAULT_OTLP_STREAM_ATTRIBUTE.into()
+}
+fn default_otlp_stream() -> String {
+    DEFAULT_OTLP_STREAM.into()
+}
+
+impl OtlpConfig {
+    fn validate(&self, issues: &mut Issues) {
+        issues.check(
+            !self.stream_attribute.is_empty(),
+            "otlp.stream_attribute",
+            "must not be empty",
+        );
+        if let Err(reason) = dcs_shared::record::validate_stream(&self.default_stream) {
+            issues.check(false, "otlp.default_stream", reason);
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -351,6 +405,7 @@ impl Default for IngestConfig {
         IngestConfig {
             max_request_bytes: default_max_request_bytes(),
             max_payload_bytes: default_max_payload_bytes(),
+            partial: false,
         }
     }
 }
@@ -405,6 +460,7 @@ impl Config {
             listen: ListenConfig::default(),
             buffer: BufferConfig::default(),
             ingest: IngestConfig::default(),
+            otlp: OtlpConfig::default(),
             aggregator,
             batch: BatchConfig::default(),
             retry: RetryConfig::default(),
@@ -487,6 +543,7 @@ impl Config {
             "ingest.max_request_bytes",
             "must be at least ingest.max_payload_bytes",
         );
+        self.otlp.validate(&mut issues);
         let url_ok = self.aggregator.url.starts_with("https://")
             && reqwest::Url::parse(&self.aggregator.url).is_ok_and(|u| u.host().is_some());
         issues.check(

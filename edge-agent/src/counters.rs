@@ -51,6 +51,11 @@ pub(crate) fn register(sources: &[SourceConfig]) {
     metrics::counter!("dcs_agent_records_delivered_total").increment(0);
     metrics::counter!("dcs_agent_requests_total", "route" => "/v1/records", "status" => "200")
         .increment(0);
+    metrics::counter!("dcs_agent_requests_total", "route" => "/v1/logs", "status" => "200")
+        .increment(0);
+    for reason in ["too_large", "corrupt"] {
+        metrics::counter!("dcs_agent_decompression_refused_total", "reason" => reason).increment(0);
+    }
     for source in sources {
         let name = source.name.clone();
         for state in ["succeeded", "failed"] {

@@ -7,12 +7,19 @@
 //! (`[streams."NAME"]`, [`crate::schema`]) refuses payloads that do not match
 //! it the same way: the field is `payload` plus the JSON pointer of the bad
 //! value (`payload/value`), the reason the schema error and the keyword.
+//!
+//! With partial acceptance (`?partial=true`, or `ingest.partial = true` as
+//! the default) the valid records are committed and each invalid one is
+//! written to `dead_letters` with its reason and raw text in the same
+//! transaction; the answer is 200 with exact `accepted` and `rejected`
+//! counts and a `details` entry per reason. Bodies may be gzip or zstd
+//! ([`crate::body_encoding`]).
 
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Request, State};
+use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -20,13 +27,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use dcs_shared::metrics::LabelCap;
 use dcs_shared::metrics::PrometheusHandle;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use dcs_shared::record::{self, FieldError, IncomingRecord, Limits, Record};
 use dcs_shared::wire::ErrorBody;
 
-use crate::buffer::{Buffer, BufferError, RecordState};
+use crate::body_encoding::{self, Encoding};
+use crate::buffer::{Buffer, BufferError, RecordState, Rejected};
 use crate::forwarder::Link;
 use crate::schema::Schemas;
 
@@ -50,12 +58,17 @@ pub struct AppState {
     pub recovered: crate::recovery::Waiting,
     /// Per-stream JSON Schemas, compiled at start-up.
     pub schemas: Arc<Schemas>,
+    /// `ingest.partial`: the answer mode of requests that do not choose one.
+    pub partial: bool,
+    /// `[otlp]`: how `POST /v1/logs` maps log records.
+    pub otlp: Arc<crate::config::OtlpConfig>,
 }
 
 pub fn router(state: AppState) -> Router {
     let limit = state.max_request_bytes;
     Router::new()
         .route("/v1/records", post(post_records))
+        .route("/v1/logs", post(crate::otlp::post_logs))
         .route("/v1/records/{id}", get(get_record).put(put_record))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
@@ -83,7 +96,7 @@ pub(crate) async fn count_requests(request: Request, next: Next) -> Response {
 }
 
 /// Counts records per stream and result (`accepted`, `duplicate`, `rejected`).
-fn count_records<'a>(streams: impl Iterator<Item = (&'a str, &'static str)>) {
+pub(crate) fn count_records<'a>(streams: impl Iterator<Item = (&'a str, &'static str)>) {
     let mut counts: std::collections::HashMap<(String, &'static str), u64> = Default::default();
     for (stream, result) in streams {
         *counts
@@ -111,6 +124,26 @@ impl ApiError {
             body: ErrorBody::new(code, message),
             retry_after: None,
         }
+    }
+
+    pub(crate) fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    pub(crate) fn retry_after(&self) -> Option<u64> {
+        self.retry_after
+    }
+
+    pub(crate) fn message(&self) -> &str {
+        &self.body.message
+    }
+
+    pub(crate) fn body(&self) -> &ErrorBody {
+        &self.body
+    }
+
+    pub(crate) fn set_retry_after(&mut self, secs: Option<u64>) {
+        self.retry_after = secs;
     }
 
     fn invalid(details: Vec<FieldError>, total: usize) -> Self {
@@ -262,6 +295,7 @@ fn count_refused_body(path: &str, status: StatusCode) {
 fn route_template(path: &str) -> &'static str {
     match path {
         "/v1/records" => "/v1/records",
+        "/v1/logs" => "/v1/logs",
         "/api/v1/jobs/trigger" => "/api/v1/jobs/trigger",
         p if p
             .strip_prefix("/v1/records/")
@@ -316,6 +350,22 @@ fn content_format(headers: &HeaderMap) -> Result<Format, ApiError> {
     }
 }
 
+/// One request's elements, each either a valid record or refused for the
+/// reasons listed, in request order.
+pub struct Parsed {
+    pub total: usize,
+    pub valid: Vec<(usize, Record)>,
+    pub invalid: Vec<Invalid>,
+}
+
+/// An element that is not a valid record: its index, the text it was sent
+/// as (kept in `dead_letters` under partial acceptance) and every reason.
+pub struct Invalid {
+    pub index: usize,
+    pub raw: String,
+    pub errors: Vec<FieldError>,
+}
+
 /// Parses and validates a whole request; returns records only if all are valid.
 fn parse_records(
     body: &[u8],
@@ -323,6 +373,29 @@ fn parse_records(
     limits: &Limits,
     schemas: &Schemas,
 ) -> Result<Vec<Record>, ApiError> {
+    parse_elements(body, format, limits, schemas)?.all_or_nothing()
+}
+
+impl Parsed {
+    /// The records if every element is valid, else a 400 naming each problem.
+    pub(crate) fn all_or_nothing(self) -> Result<Vec<Record>, ApiError> {
+        if self.invalid.is_empty() {
+            return Ok(self.valid.into_iter().map(|(_, r)| r).collect());
+        }
+        count_records(std::iter::repeat_n(("invalid", "rejected"), self.total));
+        let details = self.invalid.into_iter().flat_map(|i| i.errors).collect();
+        Err(ApiError::invalid(details, self.total))
+    }
+}
+
+/// Parses a request into its elements and validates each one; only a body
+/// that cannot be split into elements at all is an error here.
+fn parse_elements(
+    body: &[u8],
+    format: Format,
+    limits: &Limits,
+    schemas: &Schemas,
+) -> Result<Parsed, ApiError> {
     let text = std::str::from_utf8(body).map_err(|e| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
@@ -332,19 +405,18 @@ fn parse_records(
     })?;
     // Each element is first taken as raw JSON so that one malformed record is
     // reported against its index rather than failing the parse opaquely.
-    let elements: Vec<Result<&RawValue, String>> = match format {
+    let elements: Vec<(&str, Result<&RawValue, String>)> = match format {
         Format::Json => {
             let trimmed = text.trim_start();
             if trimmed.starts_with('[') {
                 serde_json::from_str::<Vec<&RawValue>>(text)
                     .map_err(|e| malformed(&e))?
                     .into_iter()
-                    .map(Ok)
+                    .map(|raw| (raw.get(), Ok(raw)))
                     .collect()
             } else {
-                vec![Ok(
-                    serde_json::from_str::<&RawValue>(text).map_err(|e| malformed(&e))?
-                )]
+                let raw = serde_json::from_str::<&RawValue>(text).map_err(|e| malformed(&e))?;
+                vec![(raw.get(), Ok(raw))]
             }
         }
         Format::Ndjson => text
@@ -352,8 +424,12 @@ fn parse_records(
             .enumerate()
             .filter(|(_, line)| !line.trim().is_empty())
             .map(|(n, line)| {
-                serde_json::from_str::<&RawValue>(line.trim_end_matches('\r'))
-                    .map_err(|e| format!("line {}: invalid JSON: {e}", n + 1))
+                let line = line.trim_end_matches('\r');
+                (
+                    line,
+                    serde_json::from_str::<&RawValue>(line)
+                        .map_err(|e| format!("line {}: invalid JSON: {e}", n + 1)),
+                )
             })
             .collect(),
     };
@@ -365,43 +441,44 @@ fn parse_records(
         ));
     }
     let total = elements.len();
-    let mut errors = Vec::new();
-    let mut records = Vec::with_capacity(total);
-    for (i, element) in elements.into_iter().enumerate() {
-        let i = i as i64;
-        let raw = match element {
-            Ok(raw) => raw,
-            Err(reason) => {
-                errors.push(FieldError::new(i, "record", reason));
-                continue;
+    let mut parsed = Parsed {
+        total,
+        valid: Vec::with_capacity(total),
+        invalid: Vec::new(),
+    };
+    for (index, (text, element)) in elements.into_iter().enumerate() {
+        let i = index as i64;
+        let mut errors = Vec::new();
+        match element {
+            Err(reason) => errors.push(FieldError::new(i, "record", reason)),
+            Ok(raw) if !raw.get().starts_with('{') => {
+                errors.push(FieldError::new(i, "record", "must be a JSON object"))
             }
-        };
-        if !raw.get().starts_with('{') {
-            errors.push(FieldError::new(i, "record", "must be a JSON object"));
-            continue;
-        }
-        match serde_json::from_str::<IncomingRecord>(raw.get()) {
-            Ok(incoming) => {
-                if let Some(r) = record::validate_incoming(i, &incoming, limits, &mut errors) {
-                    match schemas.check(&r.stream, &r.payload) {
-                        Ok(()) => records.push(r),
-                        Err(violations) => errors.extend(
-                            violations
-                                .iter()
-                                .map(|v| FieldError::new(i, &v.field(), v.reason())),
-                        ),
+            Ok(raw) => match serde_json::from_str::<IncomingRecord>(raw.get()) {
+                Ok(incoming) => {
+                    if let Some(r) = record::validate_incoming(i, &incoming, limits, &mut errors) {
+                        match schemas.check(&r.stream, &r.payload) {
+                            Ok(()) => parsed.valid.push((index, r)),
+                            Err(violations) => errors.extend(
+                                violations
+                                    .iter()
+                                    .map(|v| FieldError::new(i, &v.field(), v.reason())),
+                            ),
+                        }
                     }
                 }
-            }
-            Err(e) => errors.push(FieldError::new(i, "record", e.to_string())),
+                Err(e) => errors.push(FieldError::new(i, "record", e.to_string())),
+            },
+        }
+        if !errors.is_empty() {
+            parsed.invalid.push(Invalid {
+                index,
+                raw: text.to_owned(),
+                errors,
+            });
         }
     }
-    if errors.is_empty() {
-        Ok(records)
-    } else {
-        count_records(std::iter::repeat_n(("invalid", "rejected"), total));
-        Err(ApiError::invalid(errors, total))
-    }
+    Ok(parsed)
 }
 
 fn malformed(e: &serde_json::Error) -> ApiError {
@@ -418,40 +495,169 @@ pub struct Accepted {
     pub accepted: usize,
     /// Records whose id was already known, so not buffered again.
     pub duplicates: usize,
+    /// Records refused and written to `dead_letters` (partial acceptance
+    /// only; always 0 otherwise, where one invalid record refuses all).
+    pub rejected: usize,
     /// Sequence range of the newly buffered records.
     pub first_seq: Option<i64>,
     pub last_seq: Option<i64>,
-    /// The id of every record in request order (assigned when absent).
-    pub ids: Vec<String>,
+    /// The id of every record in request order (assigned when absent);
+    /// `null` for a rejected one.
+    pub ids: Vec<Option<String>>,
+    /// One entry per reason a record was rejected: index, field, reason.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub details: Vec<FieldError>,
+}
+
+/// Query parameters of `POST /v1/records`.
+#[derive(Debug, Default, Deserialize)]
+pub struct IngestQuery {
+    /// Overrides `ingest.partial` for this request.
+    partial: Option<bool>,
+}
+
+/// `?partial=` when given, else the listener's `ingest.partial`.
+pub(crate) fn partial_mode(
+    query: Result<Query<IngestQuery>, QueryRejection>,
+    default: bool,
+) -> Result<bool, ApiError> {
+    match query {
+        Ok(Query(q)) => Ok(q.partial.unwrap_or(default)),
+        Err(rejection) => Err(ApiError {
+            body: ErrorBody {
+                details: vec![FieldError::new(
+                    -1,
+                    "partial",
+                    format!("must be true or false ({})", rejection.body_text()),
+                )],
+                ..ErrorBody::new("invalid_query", "the query string is not valid")
+            },
+            status: StatusCode::BAD_REQUEST,
+            retry_after: None,
+        }),
+    }
+}
+
+/// Decodes the body's `Content-Encoding` and parses it, on a blocking
+/// thread: both inflating and validating are CPU work.
+pub(crate) async fn off_thread<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, ApiError> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::task::spawn_blocking(work).await.map_err(|_| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "parser failed",
+        )
+    })?
 }
 
 async fn post_records(
     State(state): State<AppState>,
+    query: Result<Query<IngestQuery>, QueryRejection>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Accepted>, ApiError> {
     let format = content_format(&headers)?;
+    let encoding = Encoding::from_headers(&headers)?;
+    let partial = partial_mode(query, state.partial)?;
     let body = body.map_err(body_error)?;
     let limits = state.limits;
+    let limit = state.max_request_bytes;
     let schemas = state.schemas.clone();
-    let records =
-        tokio::task::spawn_blocking(move || parse_records(&body, format, &limits, &schemas))
+    let parsed = off_thread(move || {
+        let body = body_encoding::decode(encoding, body, limit)?;
+        parse_elements(&body, format, &limits, &schemas)
+    })
+    .await?;
+    if partial {
+        commit_partial(&state.buffer, parsed, "ingest").await
+    } else {
+        commit(&state.buffer, parsed.all_or_nothing()?).await
+    }
+    .map(Json)
+}
+
+/// Commits the valid records of `parsed` and dead-letters the invalid ones
+/// in one transaction. `origin` names the API in the dead letters' ids
+/// (`source:<origin>:<request>/<index>`) and is their stream.
+pub(crate) async fn commit_partial(
+    buffer: &Buffer,
+    parsed: Parsed,
+    origin: &str,
+) -> Result<Accepted, ApiError> {
+    let request = uuid::Uuid::now_v7();
+    let records: Vec<Record> = parsed.valid.into_iter().map(|(_, r)| r).collect();
+    let mut rejected = Vec::with_capacity(parsed.invalid.len());
+    let mut details = Vec::new();
+    for invalid in parsed.invalid {
+        let reason = invalid
+            .errors
+            .iter()
+            .map(|e| format!("{}: {}", e.field, e.reason))
+            .collect::<Vec<_>>()
+            .join("; ");
+        rejected.push((
+            invalid.index,
+            Rejected {
+                position: format!("{request}/{}", invalid.index),
+                raw: invalid.raw,
+                reason,
+            },
+        ));
+        details.extend(invalid.errors);
+    }
+    let total = parsed.total;
+    let mut accepted = if rejected.is_empty() {
+        commit(buffer, records).await?
+    } else {
+        let dead: Vec<Rejected> = rejected.iter().map(|(_, r)| r.clone()).collect();
+        let streams: Vec<String> = records.iter().map(|r| r.stream.clone()).collect();
+        let appended = buffer
+            .append_partial(origin, records, dead)
             .await
-            .map_err(|_| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "internal",
-                    "parser failed",
-                )
-            })??;
+            .inspect_err(|_| count_records(std::iter::repeat_n(("invalid", "rejected"), total)))?;
+        count_records(std::iter::repeat_n(("invalid", "rejected"), rejected.len()));
+        accepted_answer(&streams, appended)
+    };
+    // Rejected records hold their place in `ids` as null.
+    let mut ids = vec![None; total];
+    for (slot, id) in accepted_positions(&accepted, total, &rejected) {
+        ids[slot] = id;
+    }
+    accepted.ids = ids;
+    accepted.rejected = rejected.len();
+    accepted.details = details;
+    Ok(accepted)
+}
+
+/// Where each accepted id goes in the full request order.
+fn accepted_positions(
+    accepted: &Accepted,
+    total: usize,
+    rejected: &[(usize, Rejected)],
+) -> Vec<(usize, Option<String>)> {
+    let refused: std::collections::HashSet<usize> = rejected.iter().map(|(i, _)| *i).collect();
+    (0..total)
+        .filter(|i| !refused.contains(i))
+        .zip(accepted.ids.iter().cloned())
+        .collect()
+}
+
+/// Appends `records` (all valid) and answers with counts and ids.
+pub(crate) async fn commit(buffer: &Buffer, records: Vec<Record>) -> Result<Accepted, ApiError> {
     let streams: Vec<String> = records.iter().map(|r| r.stream.clone()).collect();
-    let appended = match state.buffer.append(records).await {
+    let appended = match buffer.append(records).await {
         Ok(a) => a,
         Err(e) => {
             count_records(streams.iter().map(|s| (s.as_str(), "rejected")));
             return Err(e.into());
         }
     };
+    Ok(accepted_answer(&streams, appended))
+}
+
+fn accepted_answer(streams: &[String], appended: crate::buffer::Appended) -> Accepted {
     count_records(
         streams
             .iter()
@@ -467,13 +673,15 @@ async fn post_records(
     let first_seq = new_seqs.clone().min();
     let last_seq = new_seqs.max();
     let accepted = appended.new.iter().filter(|n| **n).count();
-    Ok(Json(Accepted {
+    Accepted {
         accepted,
         duplicates: appended.new.len() - accepted,
+        rejected: 0,
         first_seq,
         last_seq,
-        ids: appended.ids,
-    }))
+        ids: appended.ids.into_iter().map(Some).collect(),
+        details: Vec::new(),
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -501,8 +709,14 @@ async fn put_record(
             "PUT takes one record as application/json",
         ));
     }
+    let encoding = Encoding::from_headers(&headers)?;
     let body = body.map_err(body_error)?;
-    let mut records = parse_records(&body, Format::Json, &state.limits, &state.schemas)?;
+    let (limits, limit, schemas) = (state.limits, state.max_request_bytes, state.schemas.clone());
+    let mut records = off_thread(move || {
+        let body = body_encoding::decode(encoding, body, limit)?;
+        parse_records(&body, Format::Json, &limits, &schemas)
+    })
+    .await?;
     if records.len() != 1 {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,

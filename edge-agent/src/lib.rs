@@ -6,6 +6,8 @@
 //! - [`config`]: typed configuration (TOML + `DCS_EDGE_*`), validated at start.
 //! - [`buffer`]: the durable SQLite buffer: group commit, acks, dead letters.
 //! - [`ingest`]: the local HTTP API (records, status, health).
+//! - [`body_encoding`]: gzip and zstd request bodies, with size bounds.
+//! - [`otlp`]: the OTLP/HTTP logs receiver (`POST /v1/logs`).
 //! - [`forwarder`]: batches, delivery, retries with backoff and jitter.
 //! - [`enroll`]: `dcs-edge enroll`, the first certificate from a one-time
 //!   token; [`identity`]: its renewal over mutual TLS while the agent runs.
@@ -27,6 +29,7 @@
 //! goes through a committed buffer row; the forwarder never sees a record that
 //! was not durably stored first.
 
+pub mod body_encoding;
 pub mod buffer;
 pub mod config;
 mod counters;
@@ -40,6 +43,7 @@ pub mod identity;
 pub mod ingest;
 pub mod jobs;
 pub mod listener;
+pub mod otlp;
 pub mod recovery;
 pub mod replay;
 pub mod schema;
@@ -190,6 +194,8 @@ pub async fn run(
         quarantine: Arc::new(prepared.reports),
         recovered: waiting,
         schemas,
+        partial: config.ingest.partial,
+        otlp: Arc::new(config.otlp.clone()),
     })
     .merge(jobs::router(jobs.clone()))
     .layer(axum::middleware::from_fn_with_state(

@@ -160,3 +160,49 @@ pub fn record_text(text: &str) -> bool {
     );
     true
 }
+
+/// An untrusted `POST /v1/logs` body (already decompressed), decoded both
+/// as OTLP protobuf and as OTLP JSON, then mapped to records. Whatever the
+/// receiver maps to a valid record must pass the checks every pushed record
+/// passes, so the aggregator takes it; every log record is either a record
+/// or refused with a reason.
+pub fn otlp_decode(data: &[u8]) {
+    use dcs_edge::otlp::{self, Format};
+    let config = dcs_edge::config::OtlpConfig::default();
+    let limits = Limits::default();
+    let schemas = dcs_edge::schema::Schemas::default();
+    for format in [Format::Protobuf, Format::Json] {
+        let Ok(request) = otlp::decode_request(data, format) else {
+            continue;
+        };
+        let parsed = otlp::to_records(&request, &config, &limits, &schemas);
+        let log_records: usize = request
+            .resource_logs
+            .iter()
+            .flat_map(|r| &r.scope_logs)
+            .map(|s| s.log_records.len())
+            .sum();
+        assert_eq!(parsed.total, log_records, "a log record went missing");
+        assert_eq!(
+            parsed.valid.len() + parsed.invalid.len(),
+            log_records,
+            "a log record is neither a record nor refused"
+        );
+        for invalid in &parsed.invalid {
+            assert!(!invalid.errors.is_empty(), "a refusal names no reason");
+        }
+        for (_, r) in &parsed.valid {
+            assert!(record::validate_stream(&r.stream).is_ok(), "{}", r.stream);
+            assert!(
+                record::validate_payload(&r.payload, &limits).is_ok(),
+                "a mapped payload the aggregator would refuse: {}",
+                r.payload
+            );
+            let text = format!(r#"{{"stream":"{}","payload":{}}}"#, r.stream, r.payload);
+            assert!(
+                record_text(&text),
+                "the agent's own checks refuse a mapped record: {text}"
+            );
+        }
+    }
+}

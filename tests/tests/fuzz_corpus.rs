@@ -27,6 +27,7 @@ mod syslog_checks;
 const BATCH_DECODE: &str = "batch_decode";
 const RECORD_VALIDATE: &str = "record_validate";
 const SYSLOG_PARSE: &str = "syslog_parse";
+const OTLP_DECODE: &str = "otlp_decode";
 /// Mutations replayed per seed; a few seconds for both corpora in a debug build.
 const MUTATIONS_PER_SEED: usize = 1000;
 
@@ -94,6 +95,13 @@ fn every_syslog_parse_seed_replays_without_panicking() {
 }
 
 #[test]
+fn every_otlp_decode_seed_replays_without_panicking() {
+    for (name, data) in seeds(OTLP_DECODE) {
+        replay(OTLP_DECODE, &name, &data, checks::otlp_decode);
+    }
+}
+
+#[test]
 fn mutated_syslog_seeds_replay_without_panicking() {
     let mut rng = fastrand::Rng::with_seed(0x0051_5109);
     for (name, data) in seeds(SYSLOG_PARSE) {
@@ -104,6 +112,46 @@ fn mutated_syslog_seeds_replay_without_panicking() {
                 &format!("{name}-mutation-{n}"),
                 &input,
                 syslog_checks::syslog_parse,
+            );
+        }
+    }
+}
+
+#[test]
+fn valid_otlp_seeds_decode_to_records_the_aggregator_accepts() {
+    use dcs_edge::otlp::{self, Format};
+    for (name, data) in seeds(OTLP_DECODE) {
+        if !name.starts_with("valid-") {
+            continue;
+        }
+        let format = if name.ends_with(".json") {
+            Format::Json
+        } else {
+            Format::Protobuf
+        };
+        let request =
+            otlp::decode_request(&data, format).unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        let parsed = otlp::to_records(
+            &request,
+            &Default::default(),
+            &Default::default(),
+            &Default::default(),
+        );
+        assert!(parsed.total > 0 && parsed.invalid.is_empty(), "{name}");
+    }
+}
+
+#[test]
+fn mutated_otlp_seeds_replay_without_panicking() {
+    let mut rng = fastrand::Rng::with_seed(0x0071_5eed);
+    for (name, data) in seeds(OTLP_DECODE) {
+        for n in 0..MUTATIONS_PER_SEED / 2 {
+            let input = mutate(&mut rng, &data);
+            replay(
+                OTLP_DECODE,
+                &format!("{name}-mutation-{n}"),
+                &input,
+                checks::otlp_decode,
             );
         }
     }
@@ -431,6 +479,7 @@ fn regenerate_the_seed_corpus() {
     for (target, files) in [
         (BATCH_DECODE, batch_seeds()),
         (RECORD_VALIDATE, record_seeds()),
+        (OTLP_DECODE, otlp_seeds()),
     ] {
         let dir = corpus_dir(target);
         std::fs::create_dir_all(&dir).expect("corpus dir");
@@ -438,4 +487,152 @@ fn regenerate_the_seed_corpus() {
             std::fs::write(dir.join(name), data).expect("write seed");
         }
     }
+}
+
+fn otlp_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    use opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest;
+    use opentelemetry_proto::tonic::common::v1::{
+        AnyValue, ArrayValue, InstrumentationScope, KeyValue, KeyValueList, any_value::Value,
+    };
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use prost::Message as _;
+
+    let any = |v: Value| Some(AnyValue { value: Some(v) });
+    let kv = |k: &str, v: Value| KeyValue {
+        key: k.into(),
+        value: any(v),
+        ..Default::default()
+    };
+    let request = |records: Vec<LogRecord>, stream: Option<&str>| ExportLogsServiceRequest {
+        resource_logs: vec![ResourceLogs {
+            resource: Some(Resource {
+                attributes: [kv("service.name", Value::StringValue("shop".into()))]
+                    .into_iter()
+                    .chain(stream.map(|s| kv("dcs.stream", Value::StringValue(s.into()))))
+                    .collect(),
+                dropped_attributes_count: 1,
+                ..Default::default()
+            }),
+            scope_logs: vec![ScopeLogs {
+                scope: Some(InstrumentationScope {
+                    name: "app".into(),
+                    version: "1.0".into(),
+                    attributes: vec![kv("lib", Value::BoolValue(true))],
+                    dropped_attributes_count: 0,
+                }),
+                log_records: records,
+                schema_url: "https://opentelemetry.io/schemas/1.24.0".into(),
+            }],
+            schema_url: String::new(),
+        }],
+    };
+    let rich = LogRecord {
+        time_unix_nano: 1_765_000_000_123_456_789,
+        observed_time_unix_nano: 1_765_000_000_223_456_789,
+        severity_number: 17,
+        severity_text: "ERROR".into(),
+        body: any(Value::KvlistValue(KeyValueList {
+            values: vec![
+                kv("msg", Value::StringValue("payment \"failed\" ü".into())),
+                kv("code", Value::IntValue(-42)),
+                kv("ratio", Value::DoubleValue(0.25)),
+                kv("raw", Value::BytesValue(vec![0, 1, 2, 255])),
+                kv(
+                    "list",
+                    Value::ArrayValue(ArrayValue {
+                        values: vec![
+                            AnyValue {
+                                value: Some(Value::BoolValue(false)),
+                            },
+                            AnyValue { value: None },
+                        ],
+                    }),
+                ),
+            ],
+        })),
+        attributes: vec![kv("http.status", Value::IntValue(502))],
+        dropped_attributes_count: 3,
+        flags: 1,
+        trace_id: (1..=16).collect(),
+        span_id: (1..=8).collect(),
+        event_name: "payment.failed".into(),
+    };
+    let plain = |i: u64| LogRecord {
+        time_unix_nano: 1_765_000_000_000_000_000 + i,
+        body: any(Value::StringValue(format!("line {i}"))),
+        ..Default::default()
+    };
+    let rich_pb = request(vec![rich.clone()], Some("shop.payments")).encode_to_vec();
+    let many = request((0..50).map(plain).collect(), None).encode_to_vec();
+    let rich_json = serde_json::to_vec(&request(vec![rich], None)).expect("OTLP JSON");
+    let nan = request(
+        vec![LogRecord {
+            body: any(Value::DoubleValue(f64::INFINITY)),
+            ..Default::default()
+        }],
+        None,
+    )
+    .encode_to_vec();
+    let bad_stream = request(vec![plain(1)], Some("Not Valid")).encode_to_vec();
+    let nul = request(
+        vec![LogRecord {
+            body: any(Value::StringValue("nul \u{0} inside".into())),
+            ..Default::default()
+        }],
+        None,
+    )
+    .encode_to_vec();
+    let mut deep = AnyValue {
+        value: Some(Value::IntValue(1)),
+    };
+    for _ in 0..120 {
+        deep = AnyValue {
+            value: Some(Value::ArrayValue(ArrayValue { values: vec![deep] })),
+        };
+    }
+    let deep = request(
+        vec![LogRecord {
+            body: Some(deep),
+            ..Default::default()
+        }],
+        None,
+    )
+    .encode_to_vec();
+    let text = |s: &str| s.as_bytes().to_vec();
+    vec![
+        ("valid-rich.pb", rich_pb.clone()),
+        ("valid-fifty-records.pb", many),
+        ("valid-rich.json", rich_json),
+        (
+            "valid-spec-example.json",
+            text(
+                r#"{"resourceLogs":[{"resource":{"attributes":[{"key":"service.name","value":{"stringValue":"my.service"}}]},"scopeLogs":[{"scope":{"name":"my.library","version":"1.0.0","attributes":[{"key":"my.scope.attribute","value":{"stringValue":"some scope attribute"}}]},"logRecords":[{"timeUnixNano":"1544712660300000000","observedTimeUnixNano":"1544712660300000000","severityNumber":10,"severityText":"Information","traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174","body":{"stringValue":"Example log record"},"attributes":[{"key":"string.attribute","value":{"stringValue":"some string"}},{"key":"boolean.attribute","value":{"boolValue":true}},{"key":"int.attribute","value":{"intValue":"10"}},{"key":"double.attribute","value":{"doubleValue":637.704}},{"key":"array.attribute","value":{"arrayValue":{"values":[{"stringValue":"many"},{"stringValue":"values"}]}}},{"key":"map.attribute","value":{"kvlistValue":{"values":[{"key":"some.map.key","value":{"stringValue":"some value"}}]}}}]}]}]}]}"#,
+            ),
+        ),
+        ("infinite-double.pb", nan),
+        ("invalid-stream.pb", bad_stream),
+        ("nul-in-body.pb", nul),
+        ("nested-121.pb", deep),
+        ("truncated.pb", rich_pb[..rich_pb.len() / 2].to_vec()),
+        ("empty.pb", Vec::new()),
+        (
+            "wrong-types.json",
+            text(
+                r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"timeUnixNano":true,"traceId":12,"body":"x"}]}]}]}"#,
+            ),
+        ),
+        (
+            "bad-hex.json",
+            text(
+                r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"traceId":"xyz","spanId":"0"}]}]}]}"#,
+            ),
+        ),
+        (
+            "int-as-number-and-string.json",
+            text(
+                r#"{"resourceLogs":[{"scopeLogs":[{"logRecords":[{"timeUnixNano":1,"observedTimeUnixNano":"18446744073709551615","body":{"intValue":"-9223372036854775808"}}]}]}]}"#,
+            ),
+        ),
+    ]
 }

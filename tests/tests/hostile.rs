@@ -3,8 +3,9 @@
 //! The aggregator gets garbage, truncated and mistyped batches, foreign
 //! encodings, gzip bombs, oversized headers, slow clients and sockets that
 //! never speak TLS, all from a client holding a valid agent certificate. The
-//! agent gets garbage, truncated NDJSON, invalid UTF-8, a 100 MB body and
-//! deeply nested JSON on its local API.
+//! agent gets garbage, truncated NDJSON, invalid UTF-8, a 100 MB body,
+//! deeply nested JSON, gzip and zstd bombs and broken compressed streams on
+//! its local API, and the same plus OTLP decoder bombs on `/v1/logs`.
 //!
 //! Every refusal must be a 4xx with the shared JSON error body (or, for what
 //! never becomes an HTTP request, a closed connection), must write nothing,
@@ -1361,4 +1362,264 @@ async fn assert_agent_alive(http: &reqwest::Client, url: &str, what: &str) {
         .await
         .unwrap_or_else(|e| panic!("{what}: /health failed: {e}"));
     assert_eq!(health.status(), StatusCode::OK, "{what}: /health");
+}
+
+/// A zstd frame whose header asks for a 2 GiB window (window log 31) and
+/// then holds one raw byte: a decoder that honoured it would allocate 2 GiB.
+fn zstd_window_bomb() -> Vec<u8> {
+    let mut frame = 0xFD2F_B528u32.to_le_bytes().to_vec();
+    // Frame header descriptor: no content size, no checksum, no dictionary;
+    // window descriptor: exponent 21 → window log 10 + 21.
+    frame.extend_from_slice(&[0x00, 21 << 3]);
+    // One last raw block of one byte.
+    frame.extend_from_slice(&[0x09, 0x00, 0x00, b'x']);
+    frame
+}
+
+/// `n` empty OTLP log records in one ScopeLogs of one ResourceLogs: two
+/// bytes each on the wire, about 200 once decoded.
+fn otlp_empty_records(n: usize) -> Vec<u8> {
+    fn field(number: u8, inner: &[u8]) -> Vec<u8> {
+        let mut out = vec![(number << 3) | 2];
+        let mut len = inner.len();
+        while len >= 0x80 {
+            out.push((len as u8) | 0x80);
+            len >>= 7;
+        }
+        out.push(len as u8);
+        out.extend_from_slice(inner);
+        out
+    }
+    let records: Vec<u8> = std::iter::repeat_n([0x12u8, 0x00], n).flatten().collect();
+    field(1, &field(2, &records))
+}
+
+/// The compressed-body and OTLP cases of the agent's hostile-input table:
+/// (what, path, content type, content encoding, body, status, error code).
+fn compressed_and_otlp_cases() -> Vec<(
+    String,
+    &'static str,
+    &'static str,
+    &'static str,
+    Vec<u8>,
+    StatusCode,
+    &'static str,
+)> {
+    use std::io::Read as _;
+    const PB: &str = "application/x-protobuf";
+    let valid = agent::ndjson("s", "v", 0..50);
+    let gz_valid = gzip_json(valid.as_bytes());
+    let zs_valid = zstd::encode_all(valid.as_bytes(), 3).expect("zstd");
+    // 1 GiB of zeros streamed through the encoder: no content size in the
+    // frame, so only the inflate cap stops it.
+    let zstd_stream_bomb =
+        zstd::encode_all(std::io::repeat(0).take(1 << 30), 1).expect("zstd bomb");
+    // 32 MiB of zeros in one frame that states its size.
+    let zstd_sized_bomb = zstd::bulk::compress(&vec![0u8; 32 << 20], 1).expect("zstd bomb");
+    // A gzip bomb whose trailer lies (100 bytes): only the cap stops it.
+    let mut lying_gzip = gzip_bomb(64 << 20);
+    let n = lying_gzip.len();
+    lying_gzip[n - 4..].copy_from_slice(&100u32.to_le_bytes());
+    let mut cases = vec![
+        (
+            "a 1 GiB gzip bomb (trailer states 1 GiB)".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "gzip",
+            gzip_bomb(1 << 30),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a 64 MiB gzip bomb whose trailer says 100 bytes".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "gzip",
+            lying_gzip,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a 1 GiB zstd bomb without a content size".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "zstd",
+            zstd_stream_bomb.clone(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a 32 MiB zstd frame stating its size".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "zstd",
+            zstd_sized_bomb,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a zstd frame asking for a 2 GiB window".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "zstd",
+            zstd_window_bomb(),
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+        ),
+        (
+            "a gzip bomb sent to /v1/logs".to_owned(),
+            "/v1/logs",
+            PB,
+            "gzip",
+            gzip_bomb(1 << 30),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a zstd bomb sent to /v1/logs".to_owned(),
+            "/v1/logs",
+            JSON,
+            "zstd",
+            zstd_stream_bomb,
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "8 million empty OTLP log records (16 MB of protobuf)".to_owned(),
+            "/v1/logs",
+            PB,
+            "identity",
+            otlp_empty_records(8_000_000 - 8),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a million empty OTLP log records in JSON".to_owned(),
+            "/v1/logs",
+            JSON,
+            "gzip",
+            gzip_json(
+                format!(
+                    "{{\"resourceLogs\":[{{\"scopeLogs\":[{{\"logRecords\":[{}{{}}]}}]}}]}}",
+                    "{},".repeat(1_000_000)
+                )
+                .as_bytes(),
+            ),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request_too_large",
+        ),
+        (
+            "a deflate body".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "deflate",
+            valid.clone().into_bytes(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+        ),
+        (
+            "stacked encodings".to_owned(),
+            "/v1/records",
+            NDJSON,
+            "gzip, zstd",
+            gz_valid.clone(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_encoding",
+        ),
+        (
+            "OTLP JSON nested 200 arrays deep".to_owned(),
+            "/v1/logs",
+            JSON,
+            "identity",
+            format!(
+                "{{\"resourceLogs\":[{{\"scopeLogs\":[{{\"logRecords\":[{{\"body\":{}{}}}]}}]}}]}}",
+                "{\"arrayValue\":{\"values\":[".repeat(200),
+                "]}}".repeat(200)
+            )
+            .into_bytes(),
+            StatusCode::BAD_REQUEST,
+            "malformed_otlp",
+        ),
+    ];
+    // Every cut of a valid compressed body, and random bytes, are 400.
+    for cut in [1, 2, 10, gz_valid.len() / 2, gz_valid.len() - 1] {
+        cases.push((
+            format!("gzip cut at {cut} of {}", gz_valid.len()),
+            "/v1/records",
+            NDJSON,
+            "gzip",
+            gz_valid[..cut].to_vec(),
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+        ));
+    }
+    for cut in [1, 4, 6, zs_valid.len() / 2, zs_valid.len() - 1] {
+        cases.push((
+            format!("zstd cut at {cut} of {}", zs_valid.len()),
+            "/v1/records",
+            NDJSON,
+            "zstd",
+            zs_valid[..cut].to_vec(),
+            StatusCode::BAD_REQUEST,
+            "malformed_body",
+        ));
+    }
+    for seed in SEEDS {
+        let mut rng = fastrand::Rng::with_seed(seed);
+        for (encoding, path, content_type, code) in [
+            ("gzip", "/v1/records", NDJSON, "malformed_body"),
+            ("zstd", "/v1/records", NDJSON, "malformed_body"),
+            ("identity", "/v1/logs", PB, "malformed_otlp"),
+            ("identity", "/v1/logs", JSON, "malformed_otlp"),
+        ] {
+            let len = rng.usize(1..4096);
+            // An empty protobuf message is a valid, empty request.
+            let mut body = random_bytes(&mut rng, len);
+            if content_type == PB {
+                body[0] = 0xff;
+            }
+            cases.push((
+                format!("seed {seed}, {len} random bytes as {encoding} {content_type} to {path}"),
+                path,
+                content_type,
+                encoding,
+                body,
+                StatusCode::BAD_REQUEST,
+                code,
+            ));
+        }
+    }
+    cases
+}
+
+#[tokio::test]
+async fn compressed_bombs_broken_streams_and_otlp_decoder_bombs_are_refused_and_nothing_is_buffered()
+ {
+    let a = Agent::start().await;
+    for (what, path, content_type, encoding, body, status, code) in compressed_and_otlp_cases() {
+        let started = Instant::now();
+        let response = a
+            .http
+            .post(format!("{}{path}", a.agent.url))
+            .header("content-type", content_type)
+            .header("content-encoding", encoding)
+            .body(body)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        let answered_in = started.elapsed();
+        if content_type == "application/x-protobuf" {
+            // OTLP answers protobuf requests with a google.rpc.Status.
+            assert_eq!(response.status(), status, "{what}");
+        } else {
+            let error = expect_error_body(&what, response, &[status]).await;
+            assert_eq!(error.error, code, "{what}: {error:?}");
+        }
+        assert!(
+            answered_in < Duration::from_secs(10),
+            "{what}: took {answered_in:?}"
+        );
+        assert_agent_unharmed(&a.http, &a.agent.url, &what).await;
+    }
+    a.accepts_a_valid_record().await;
 }

@@ -359,3 +359,420 @@ fn zero_listen_timeouts_are_refused_naming_the_key() {
     assert!(error.contains("listen.header_timeout"), "{error}");
     assert!(error.contains("listen.body_timeout"), "{error}");
 }
+
+// ---------------------------------------------------------------------------
+// Compressed bodies
+
+fn gzip(data: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    gz.write_all(data).unwrap();
+    gz.finish().unwrap()
+}
+
+impl Agent {
+    async fn post_encoded(
+        &self,
+        path_and_query: &str,
+        content_type: &str,
+        encoding: &str,
+        body: Vec<u8>,
+    ) -> reqwest::Response {
+        self.http
+            .post(self.agent.endpoint(path_and_query))
+            .header("content-type", content_type)
+            .header("content-encoding", encoding)
+            .body(body)
+            .send()
+            .await
+            .unwrap()
+    }
+
+    async fn dead_letters(&self) -> u64 {
+        let st: Value = self
+            .http
+            .get(self.agent.endpoint("/v1/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        st["dead_letters"]["records"].as_u64().unwrap()
+    }
+}
+
+#[tokio::test]
+async fn gzip_and_zstd_bodies_are_accepted_on_post_and_put() {
+    let a = agent_with(|_| {}).await;
+    let nd = agent::ndjson("s", "c", 0..500);
+    for (encoding, body) in [
+        ("gzip", gzip(nd.as_bytes())),
+        ("zstd", zstd::encode_all(nd.as_bytes(), 3).unwrap()),
+        ("identity", nd.clone().into_bytes()),
+    ] {
+        let r = a
+            .post_encoded("/v1/records", "application/x-ndjson", encoding, body)
+            .await;
+        assert_eq!(r.status(), 200, "{encoding}");
+        let body: Value = r.json().await.unwrap();
+        // The same ids each time: the first request buffers, the others are duplicates.
+        assert_eq!(
+            body["accepted"].as_u64().unwrap() + body["duplicates"].as_u64().unwrap(),
+            500,
+            "{encoding}: {body}"
+        );
+    }
+    assert_eq!(a.buffered().await, 500);
+    let one = json!({"stream": "s", "payload": {"put": true}}).to_string();
+    let r = a
+        .http
+        .put(a.agent.endpoint("/v1/records/zstd-put"))
+        .header("content-type", "application/json")
+        .header("content-encoding", "zstd")
+        .body(zstd::encode_all(one.as_bytes(), 1).unwrap())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    assert_eq!(a.buffered().await, 501);
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_once_decompressed_is_413_a_corrupt_one_400_an_unknown_encoding_415()
+{
+    let a =
+        agent_with(|c| c.ingest.max_request_bytes = dcs_shared::config::ByteSize(100 * 1024)).await;
+    // 5000 records are about 400 KiB of NDJSON, a few KiB compressed: under
+    // the limit on the wire, over it once decompressed.
+    let big = agent::ndjson("s", "big", 0..5000);
+    let gz = gzip(big.as_bytes());
+    let zs = zstd::encode_all(big.as_bytes(), 3).unwrap();
+    assert!(gz.len() < 100 * 1024 && zs.len() < 100 * 1024);
+    let small = agent::ndjson("s", "small", 0..10);
+    let cut_gz = gzip(small.as_bytes());
+    let cut_zs = zstd::encode_all(small.as_bytes(), 3).unwrap();
+    for (what, encoding, body, status, code) in [
+        ("gzip over the limit", "gzip", gz, 413, "request_too_large"),
+        ("zstd over the limit", "zstd", zs, 413, "request_too_large"),
+        (
+            "truncated gzip",
+            "gzip",
+            cut_gz[..cut_gz.len() - 6].to_vec(),
+            400,
+            "malformed_body",
+        ),
+        (
+            "truncated zstd",
+            "zstd",
+            cut_zs[..cut_zs.len() - 3].to_vec(),
+            400,
+            "malformed_body",
+        ),
+        (
+            "plain text called gzip",
+            "gzip",
+            small.clone().into_bytes(),
+            400,
+            "malformed_body",
+        ),
+        (
+            "brotli",
+            "br",
+            small.clone().into_bytes(),
+            415,
+            "unsupported_encoding",
+        ),
+    ] {
+        let r = a
+            .post_encoded("/v1/records", "application/x-ndjson", encoding, body)
+            .await;
+        assert_eq!(r.status().as_u16(), status, "{what}");
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"], code, "{what}: {body}");
+        assert!(body["message"].as_str().unwrap().len() > 10, "{what}");
+    }
+    assert_eq!(
+        a.buffered().await,
+        0,
+        "nothing of a refused body is buffered"
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Partial acceptance
+
+#[tokio::test]
+async fn partial_acceptance_commits_the_valid_records_and_dead_letters_each_invalid_one() {
+    let a = agent_with(|_| {}).await;
+    let nd = [
+        r#"{"stream":"cron","payload":{"n":0}}"#,
+        r#"{"stream":"CRON","payload":{"n":1}}"#,
+        r#"{"stream":"cron","payload":{"n":2}}"#,
+        r#"{"stream":"cron","payload":{"n":3"#,
+        r#"{"stream":"cron","id":"p-4","payload":{"n":4}}"#,
+    ]
+    .join("\n");
+    let r = a
+        .post_encoded(
+            "/v1/records?partial=true",
+            "application/x-ndjson",
+            "gzip",
+            gzip(nd.as_bytes()),
+        )
+        .await;
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["accepted"], 3, "{body}");
+    assert_eq!(body["rejected"], 2, "{body}");
+    assert_eq!(body["duplicates"], 0, "{body}");
+    assert_eq!(
+        problems(&body),
+        [(1, "stream".into()), (3, "record".into())]
+    );
+    let ids = body["ids"].as_array().unwrap();
+    assert_eq!(ids.len(), 5);
+    assert!(ids[1].is_null() && ids[3].is_null(), "{body}");
+    assert_eq!(ids[4], "p-4");
+    assert_eq!(a.buffered().await, 3);
+    assert_eq!(a.dead_letters().await, 2);
+    let rejected = agent::metric_sample(
+        &a.agent.url,
+        "dcs_agent_records_received_total",
+        &[("stream", "invalid"), ("result", "rejected")],
+    )
+    .await;
+    // The metrics recorder is shared by every in-process agent of this
+    // test binary, so other tests' refusals are in the same series.
+    assert!(rejected.unwrap_or(0.0) >= 2.0, "{rejected:?}");
+
+    // The same body without partial acceptance changes nothing.
+    let r = a
+        .post_encoded(
+            "/v1/records?partial=false",
+            "application/x-ndjson",
+            "identity",
+            nd.clone().into_bytes(),
+        )
+        .await;
+    assert_eq!(r.status(), 400, "partial=false keeps all-or-nothing");
+    assert_eq!(a.buffered().await, 3);
+    assert_eq!(a.dead_letters().await, 2);
+    let r = a
+        .post_encoded(
+            "/v1/records?partial=maybe",
+            "application/x-ndjson",
+            "identity",
+            nd.into_bytes(),
+        )
+        .await;
+    assert_eq!(r.status(), 400);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["details"][0]["field"], "partial", "{body}");
+}
+
+#[tokio::test]
+async fn ingest_partial_in_the_config_makes_partial_acceptance_the_default() {
+    let a = agent_with(|c| c.ingest.partial = true).await;
+    let body = json!([
+        {"stream": "ok", "payload": {}},
+        {"stream": "ok", "payload": [1]},
+    ]);
+    let (status, body) = a.post("application/json", body.to_string()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (body["accepted"].clone(), body["rejected"].clone()),
+        (json!(1), json!(1))
+    );
+    let (status, _) = a
+        .post_query(
+            "?partial=false",
+            "application/json",
+            r#"[{"stream":"ok","payload":[1]}]"#,
+        )
+        .await;
+    assert_eq!(status, 400, "?partial=false overrides the default");
+    assert_eq!(a.buffered().await, 1);
+    assert_eq!(a.dead_letters().await, 1);
+}
+
+impl Agent {
+    async fn post_query(&self, query: &str, content_type: &str, body: &str) -> (u16, Value) {
+        let r = self
+            .http
+            .post(self.agent.endpoint(&format!("/v1/records{query}")))
+            .header("content-type", content_type)
+            .body(body.to_owned())
+            .send()
+            .await
+            .unwrap();
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+// ---------------------------------------------------------------------------
+// OTLP/HTTP logs
+
+mod otlp {
+    use super::*;
+    use opentelemetry_proto::tonic::collector::logs::v1::{
+        ExportLogsServiceRequest, ExportLogsServiceResponse,
+    };
+    use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+    use opentelemetry_proto::tonic::logs::v1::{LogRecord, ResourceLogs, ScopeLogs};
+    use opentelemetry_proto::tonic::resource::v1::Resource;
+    use prost::Message as _;
+
+    fn string(key: &str, value: &str) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value: Some(AnyValue {
+                value: Some(any_value::Value::StringValue(value.into())),
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// `n` log records; those whose index is in `bad` carry an invalid stream.
+    pub fn request(n: usize, bad: &[usize]) -> ExportLogsServiceRequest {
+        let logs = (0..n)
+            .map(|i| LogRecord {
+                time_unix_nano: 1_765_000_000_000_000_000 + i as u64,
+                severity_number: 9,
+                severity_text: "INFO".into(),
+                body: Some(AnyValue {
+                    value: Some(any_value::Value::StringValue(format!("line {i}"))),
+                }),
+                attributes: if bad.contains(&i) {
+                    vec![string("dcs.stream", "Not A Stream")]
+                } else {
+                    vec![string("i", &i.to_string())]
+                },
+                trace_id: vec![7; 16],
+                span_id: vec![9; 8],
+                ..Default::default()
+            })
+            .collect();
+        ExportLogsServiceRequest {
+            resource_logs: vec![ResourceLogs {
+                resource: Some(Resource {
+                    attributes: vec![string("service.name", "shop")],
+                    ..Default::default()
+                }),
+                scope_logs: vec![ScopeLogs {
+                    log_records: logs,
+                    ..Default::default()
+                }],
+                schema_url: String::new(),
+            }],
+        }
+    }
+
+    #[tokio::test]
+    async fn otlp_protobuf_gzip_and_json_log_records_are_buffered_one_record_each() {
+        let a = agent_with(|_| {}).await;
+        let proto = request(100, &[]).encode_to_vec();
+        let r = a
+            .post_encoded("/v1/logs", "application/x-protobuf", "gzip", gzip(&proto))
+            .await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "application/x-protobuf");
+        let answer = ExportLogsServiceResponse::decode(r.bytes().await.unwrap()).unwrap();
+        assert_eq!(answer.partial_success, None, "fully accepted");
+        assert_eq!(a.buffered().await, 100);
+
+        let json_body = r#"{"resourceLogs":[{"resource":{"attributes":[{"key":"dcs.stream","value":{"stringValue":"shop.audit"}}]},
+            "scopeLogs":[{"scope":{"name":"audit"},"logRecords":[
+              {"timeUnixNano":"1765000000000000001","severityNumber":13,"body":{"stringValue":"a"},"traceId":"5b8efff798038103d269b633813fc60c","spanId":"eee19b7ec3c1b174"},
+              {"observedTimeUnixNano":1765000000000000002,"body":{"intValue":"5"}}]}]}]}"#;
+        let r = a
+            .post_encoded("/v1/logs", "application/json", "identity", json_body.into())
+            .await;
+        assert_eq!(r.status(), 200);
+        assert_eq!(r.headers()["content-type"], "application/json");
+        let answer: Value = r.json().await.unwrap();
+        assert!(
+            answer.get("partialSuccess").is_none_or(Value::is_null),
+            "{answer}"
+        );
+        assert_eq!(a.buffered().await, 102);
+    }
+
+    #[tokio::test]
+    async fn otlp_log_records_that_cannot_be_records_get_a_partial_success_and_become_dead_letters()
+    {
+        let a = agent_with(|_| {}).await;
+        let proto = request(50, &[3, 17]).encode_to_vec();
+        let r = a
+            .post_encoded("/v1/logs", "application/x-protobuf", "identity", proto)
+            .await;
+        assert_eq!(r.status(), 200);
+        let answer = ExportLogsServiceResponse::decode(r.bytes().await.unwrap()).unwrap();
+        let partial = answer.partial_success.expect("partial success");
+        assert_eq!(partial.rejected_log_records, 2);
+        assert!(partial.error_message.contains("dcs.stream"), "{partial:?}");
+        assert_eq!(a.buffered().await, 48);
+        assert_eq!(a.dead_letters().await, 2);
+    }
+
+    #[tokio::test]
+    async fn otlp_errors_answer_in_the_request_encoding() {
+        let a = agent_with(|_| {}).await;
+        let r = a
+            .post_encoded(
+                "/v1/logs",
+                "application/x-protobuf",
+                "identity",
+                vec![0xff; 9],
+            )
+            .await;
+        assert_eq!(r.status(), 400);
+        assert_eq!(r.headers()["content-type"], "application/x-protobuf");
+        let r = a
+            .post_encoded(
+                "/v1/logs",
+                "application/json",
+                "identity",
+                b"{\"resourceLogs\":3}".to_vec(),
+            )
+            .await;
+        assert_eq!(r.status(), 400);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(
+            (body["error"].as_str(), body["code"].as_i64()),
+            (Some("malformed_otlp"), Some(3))
+        );
+        let r = a
+            .post_encoded("/v1/logs", "text/plain", "identity", b"hello".to_vec())
+            .await;
+        assert_eq!(r.status(), 415);
+        assert_eq!(a.buffered().await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_full_buffer_answers_otlp_with_503_and_retry_after() {
+        let a = agent_with(|c| c.buffer.capacity = dcs_shared::config::ByteSize(1 << 20)).await;
+        let proto = request(2000, &[]).encode_to_vec();
+        let mut status = 200;
+        let mut rounds = 0;
+        while status == 200 {
+            let r = a
+                .post_encoded(
+                    "/v1/logs",
+                    "application/x-protobuf",
+                    "identity",
+                    proto.clone(),
+                )
+                .await;
+            status = r.status().as_u16();
+            if status != 200 {
+                assert!(r.headers().contains_key("retry-after"));
+            }
+            rounds += 1;
+            assert!(rounds < 100, "the buffer never filled");
+        }
+        assert_eq!(status, 503, "OTLP exporters retry 503, not 507");
+        assert_eq!(a.buffered().await, 2000 * (rounds - 1));
+    }
+}
