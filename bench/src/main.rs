@@ -2334,11 +2334,12 @@ async fn run_once(world: &World, sizes: &Sizes) -> anyhow::Result<Results> {
     if args.wants("syslog") {
         // Compared with the NDJSON ingest at the same durability: the
         // default power-loss one when it ran, else process-crash.
-        let durability = if args.wants("ingest") && args.wants("power-loss") || !args.wants("ingest") {
-            "power-loss"
-        } else {
-            "process-crash"
-        };
+        let durability =
+            if args.wants("ingest") && args.wants("power-loss") || !args.wants("ingest") {
+                "power-loss"
+            } else {
+                "process-crash"
+            };
         progress(&format!("syslog TCP ingest at {durability}"));
         let sl = step_syslog(world, durability, sizes.ingest)
             .await
