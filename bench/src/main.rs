@@ -681,7 +681,7 @@ impl Bodies {
     /// The first `n` records (a whole number of requests, see [`Sizes`]),
     /// sharing the cache.
     fn prefix(&self, n: u64) -> Bodies {
-        debug_assert!(n <= self.records && n % self.per_request == 0);
+        debug_assert!(n <= self.records && n.is_multiple_of(self.per_request));
         Bodies {
             records: n.min(self.records),
             ..self.clone()
@@ -1083,7 +1083,7 @@ fn bytecount_rows(chunk: &[u8]) -> u64 {
     chunk.iter().filter(|&&b| b == b'\n').count() as u64
 }
 
-/// 2. COPY of `n` rows into `records` (same table and indexes as production)
+/// Step 2: COPY of `n` rows into `records` (same table and indexes as production)
 /// or, with `bare`, into a table with its columns only, over `connections`
 /// concurrent connections (each its own transaction, as the aggregator's
 /// concurrent batches are), commits included.

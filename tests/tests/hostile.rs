@@ -1394,9 +1394,9 @@ fn otlp_empty_records(n: usize) -> Vec<u8> {
     field(1, &field(2, &records))
 }
 
-/// The compressed-body and OTLP cases of the agent's hostile-input table:
-/// (what, path, content type, content encoding, body, status, error code).
-fn compressed_and_otlp_cases() -> Vec<(
+/// One case of the compressed-body and OTLP table: (what, path, content
+/// type, content encoding, body, status, error code).
+type BodyCase = (
     String,
     &'static str,
     &'static str,
@@ -1404,7 +1404,10 @@ fn compressed_and_otlp_cases() -> Vec<(
     Vec<u8>,
     StatusCode,
     &'static str,
-)> {
+);
+
+/// The compressed-body and OTLP cases of the agent's hostile-input table.
+fn compressed_and_otlp_cases() -> Vec<BodyCase> {
     use std::io::Read as _;
     const PB: &str = "application/x-protobuf";
     let valid = agent::ndjson("s", "v", 0..50);
