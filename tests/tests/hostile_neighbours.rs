@@ -27,7 +27,7 @@
 //!   [`ATTEMPTS`] times (each miss is printed as a `miss attack=…` line); a
 //!   failed victim batch is never retried away.
 //!
-//! Two attacks still miss the p99 bound on such a machine; they are listed
+//! One attack still misses the p99 bound on such a machine; it is listed
 //! in [`KNOWN_MISSES`], printed with `bound=missed_known`, and held to every
 //! other assertion.
 //!
@@ -82,11 +82,13 @@ const SLOWLORIS_CONNECTIONS: usize = 100;
 /// Attacks whose victim p99 still exceeds 2 × baseline on a shared 2-core
 /// machine (figures in docs/SECURITY.md): every other assertion holds for
 /// them, and their line says `bound=missed_known` instead of failing the
-/// suite, so that a regression in any other attack does fail it. The
-/// defence each needs is open work: per-agent pacing of admitted batches
-/// (agent_flood, 4 batches in flight back to back) and refusing repeated
-/// bad tokens from one prefix before the token lookup (audit_flood).
-const KNOWN_MISSES: &[&str] = &["agent_flood", "audit_flood"];
+/// suite, so that a regression in any other attack does fail it.
+/// audit_flood: once its prefix is locked out every request is refused
+/// before any database work (`audit_rows=0`, 1 000 × 429), yet the victim
+/// still sees 3-4 × its baseline: what remains is the server side of 50
+/// TLS handshakes at once. Bounding handshakes in progress per listener is
+/// the open work.
+const KNOWN_MISSES: &[&str] = &["audit_flood"];
 /// The CPU priority (nice value) of the attacker's client threads.
 const ATTACKER_NICE: i32 = 10;
 
@@ -1010,8 +1012,11 @@ async fn audit_flood(b: Arc<Bench>) -> String {
         .await
         .expect("audit widths");
     // Refused with 401 until the prefix is locked out, then with 429 before
-    // any token lookup.
+    // any token lookup. A request is checked against the lockout before its
+    // lookup and counted after it, so each of the 50 clients may have one
+    // lookup in flight when the prefix reaches its count.
     let unauthorized = outcomes.iter().filter(|(s, _)| *s == 401).count();
+    let in_flight = 50;
     assert!(
         outcomes
             .iter()
@@ -1020,7 +1025,8 @@ async fn audit_flood(b: Arc<Bench>) -> String {
         tally(&outcomes)
     );
     assert!(
-        unauthorized as u64 <= dcs_aggregator::platform::audit::RefusalThrottle::LOCKOUT_PER_PREFIX,
+        unauthorized as u64
+            <= dcs_aggregator::platform::audit::RefusalThrottle::LOCKOUT_PER_PREFIX + in_flight,
         "audit_flood: {} looked up past the lockout",
         tally(&outcomes)
     );
