@@ -602,7 +602,8 @@ async fn a_flood_of_bad_tokens_is_audited_as_a_bounded_number_of_rows() {
     let p = start(&pki, &db).await;
     let admin = token(&db, "admin", None).await;
 
-    for i in 0..50 {
+    let lockout = dcs_aggregator::platform::audit::RefusalThrottle::LOCKOUT_PER_ADDRESS;
+    for i in 0..lockout - 1 {
         let (status, _) = get(&p, &format!("dcs_wrong-{i}"), "/api/v1/agents").await;
         assert_eq!(status, StatusCode::UNAUTHORIZED);
     }
@@ -612,6 +613,13 @@ async fn a_flood_of_bad_tokens_is_audited_as_a_bounded_number_of_rows() {
         .await
         .unwrap();
     assert_eq!(rows, 20);
-    // A valid token from the same address still works and is not throttled.
+    // A valid token from the same address still works below the lockout.
     assert_eq!(get(&p, &admin, "/api/v1/agents").await.0, StatusCode::OK);
+    // At the lockout, the address is refused before any token lookup, valid
+    // tokens included, until the window ends.
+    let (status, _) = get(&p, "dcs_wrong-last", "/api/v1/agents").await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body) = get(&p, &admin, "/api/v1/agents").await;
+    assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(body["error"], "too_many_refusals", "{body}");
 }
