@@ -326,7 +326,9 @@ enum Format {
     Ndjson,
 }
 
-fn content_format(headers: &HeaderMap) -> Result<Format, ApiError> {
+/// The request's `Content-Type` as sent (for error messages) and its media
+/// type without parameters, lowercased (for matching).
+pub(crate) fn media_type(headers: &HeaderMap) -> (&str, String) {
     let ct = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -337,6 +339,11 @@ fn content_format(headers: &HeaderMap) -> Result<Format, ApiError> {
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
+    (ct, mime)
+}
+
+fn content_format(headers: &HeaderMap) -> Result<Format, ApiError> {
+    let (ct, mime) = media_type(headers);
     match mime.as_str() {
         "application/json" => Ok(Format::Json),
         "application/x-ndjson" | "application/ndjson" | "application/jsonl" => Ok(Format::Ndjson),
