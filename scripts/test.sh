@@ -148,6 +148,9 @@ bash "$ROOT/scripts/dr-drill.sh"
 step "Example configs (config/examples)"
 check_example_configs
 
+step "Architecture map names every module (scripts/check-architecture.sh)"
+bash "$ROOT/scripts/check-architecture.sh"
+
 step "Prometheus config, alert rules and their unit tests (promtool)"
 bash "$ROOT/scripts/check-observability.sh"
 
