@@ -5,26 +5,39 @@
 #
 # 1. PostgreSQL 15 on 127.0.0.1:5432 (scripts/ensure-postgres.sh)
 # 2. tinyproxy, for the HTTP CONNECT proxy test (installed with apt if missing)
-# 3. cargo fmt --check and cargo clippy -D warnings (skipped with --quick)
-# 4. cargo build --workspace --bins (the tests run the real binaries)
-# 5. the power-cut scenarios: dcs-edge in a qemu VM whose power is cut
+# 3. HAProxy, for the scale-out and fleet tests (installed with apt if missing)
+# 4. cargo fmt --check and cargo clippy -D warnings (skipped with --quick)
+# 5. cargo build --workspace --bins (the tests run the real binaries)
+# 6. the power-cut scenarios: dcs-edge in a qemu VM whose power is cut
 #    (scripts/powercut.sh; installs qemu and builds a cached guest image)
-# 5a. the disaster-recovery drill: pgBackRest backup, point-in-time restore,
+# 7. the disaster-recovery drill: pgBackRest backup, point-in-time restore,
 #    replay (scripts/dr-drill.sh; installs pgbackrest)
-# 6. dcs-edge / dcs-aggregator check-config on config/examples/*.toml
-# 7. the monitoring files, the fuzz targets briefly, the OpenAPI document
-#    (scripts/check-openapi.sh), schemathesis against the served platform API
-#    (scripts/check-api-fuzz.sh) and the deployment files
-# 7a. the compose stack run for real on podman, every image built locally
+# 8. dcs-edge / dcs-aggregator check-config on config/examples/*.toml
+# 9. the architecture map names every module (scripts/check-architecture.sh)
+# 10. the monitoring files: Prometheus config, alert rules and their unit
+#    tests with promtool (scripts/check-observability.sh)
+# 11. the fuzz targets briefly, when cargo-fuzz and nightly are present
+#    (scripts/fuzz.sh; the corpus replays in cargo test)
+# 12. the OpenAPI document validates (scripts/check-openapi.sh)
+# 13. schemathesis against the served platform API (scripts/check-api-fuzz.sh)
+# 14. the deployment files: package install test, systemd unit, Terraform,
+#    checkov, compose and workflow schemas, cargo audit
+#    (scripts/check-deploy.sh)
+# 15. the compose stack run for real on podman, every image built locally
 #    (scripts/compose-test.sh; installs podman and caches a base image)
-# 8. the hostile-neighbours suite (tests/tests/hostile_neighbours.rs), its
+# 16. the hostile-neighbours suite (tests/tests/hostile_neighbours.rs), its
 #    attack=... lines printed into the log
-# 9. cargo test --workspace
-# 9a. the OpenTelemetry Python SDK recipe (scripts/otlp-python.sh; installs
+# 17. the integrations: syslog-ng, rsyslog and logger recipes, 10,000
+#    messages each (tests/tests/integrations.rs; the tools are unpacked into
+#    a cache by scripts/ensure-syslog-tools.sh)
+# 18. cargo test --workspace
+# 19. the OpenTelemetry Python SDK recipe (scripts/otlp-python.sh; installs
 #    the SDK from PyPI into a cached virtualenv)
-# 10. the scale-out scenarios: aggregator replicas behind HAProxy under load
-#    (HAProxy is installed with apt if missing)
-# 11. the fleet test: 100 agents through HAProxy to two replicas
+# 20. the scale-out scenarios: aggregator replicas behind HAProxy under load
+# 21. PostgreSQL failover: Patroni, etcd and HAProxy under load
+#    (tests/tests/patroni.rs; `scripts/ha.sh install`, as root, installs
+#    the packages if missing)
+# 22. the fleet test: 100 agents through HAProxy to two replicas
 #
 # Exits non-zero as soon as a step fails.
 set -Eeuo pipefail

@@ -5,12 +5,22 @@
 //! - **Identity comes from the certificate only.** The tenant and agent a batch
 //!   is stored under are read from the verified client certificate; nothing in
 //!   the request can name another agent.
-//! - **Exactly once.** A record's key is (agent, epoch, seq). Agents resend
-//!   until they get a 200, so every write is `INSERT ... ON CONFLICT DO NOTHING`
-//!   on that key, and 200 is sent only after the transaction committed.
+//! - **Exactly once.** A record's key is (agent, epoch, seq), and agents resend
+//!   until they get a 200. Each batch first claims its seq range in the
+//!   `record_ranges` ledger (claims of one agent and epoch never overlap) and
+//!   is then `COPY`ed straight into `records`. Only a batch whose claim
+//!   overlaps (a resend, or a reused seq) goes through a staging table: keys
+//!   already stored with the same content count as duplicates, keys not stored
+//!   yet are inserted (`WHERE NOT EXISTS`) and their uncovered ranges claimed,
+//!   and a key stored with other content refuses the whole batch (409). 200 is
+//!   sent only after the transaction committed.
 //! - **Never a false 2xx, never an endless retry.** A database that is down
 //!   answers 503 with `Retry-After` (the agent keeps the batch and retries); a
-//!   batch that can never be stored answers 4xx (the agent dead-letters it).
+//!   batch that can never be stored answers 4xx. The agent dead-letters it,
+//!   except that a 422 that blames records (`invalid_records`,
+//!   `rejected_by_database`) makes it halve the batch until only the blamed
+//!   records are dead-lettered, a 413 makes it halve the batch, and a 409
+//!   `content_conflict` makes it re-key the named records into a new epoch.
 //! - **Bounded work per request.** Compressed size, decompressed size, record
 //!   count, payload size and body read time are all capped before anything
 //!   touches the database.
@@ -19,7 +29,9 @@
 //! - [`config`]: TOML + `DCS_AGG_*` environment, validated.
 //! - `server`: the TLS accept loop and graceful shutdown.
 //! - `http`: routes, request checks and the error-to-status mapping.
-//! - `store`: the PostgreSQL write path (COPY into staging, then insert).
+//! - `store`: the PostgreSQL write path (claim the seq range in
+//!   `record_ranges`, then COPY straight into `records`; through a staging
+//!   table only when the claim overlaps).
 //! - `agent_gauges`: the per-agent gauges, rebuilt from the `agents` table
 //!   at start-up and every `metrics.agents_refresh_interval`.
 //! - [`retention`]: daily partitions of `records`, created ahead and dropped

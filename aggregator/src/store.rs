@@ -5,12 +5,19 @@
 //!   record commit together or not at all, and the agent hears 200 only after
 //!   the commit.
 //! - Records go in with `COPY` (one round trip for the whole batch) straight
-//!   into `records`. COPY cannot skip the duplicates that redelivery produces:
-//!   a batch that holds one fails with a unique violation, and is then written
-//!   again, in a new transaction, through a per-connection temporary staging
-//!   table and `INSERT ... SELECT ... ON CONFLICT DO NOTHING`. Redelivery is
-//!   rare, and the direct COPY saves PostgreSQL about a third of its work per
-//!   record (docs/PERFORMANCE.md), so the common case pays nothing for it.
+//!   into `records`, right after the batch has claimed its seq range in
+//!   `record_ranges` (below). COPY cannot skip the duplicates that redelivery
+//!   produces: a batch whose claim overlaps an existing one fails with an
+//!   exclusion violation (a unique violation from the COPY is treated the
+//!   same way), and is then written again, in a new transaction, through a
+//!   per-connection temporary staging table: under a per-(agent, epoch)
+//!   advisory lock, `INSERT ... SELECT ... WHERE NOT EXISTS` stores the
+//!   staged records whose key is not stored yet and claims the runs of them
+//!   that no claim covers. If a concurrent batch claims first, the staged
+//!   write is repeated (at most `STAGED_ATTEMPTS` staged attempts).
+//!   Redelivery is rare, and the direct COPY saves PostgreSQL about a third
+//!   of its work per record (docs/PERFORMANCE.md), so the common case pays
+//!   nothing for it.
 //! - A `PgCopyIn` is always finished or aborted, never dropped: a dropped COPY
 //!   leaves the connection in a state where later queries return errors or
 //!   wrong results. Callers run [`write_batch`] in its own task so a client
@@ -474,9 +481,11 @@ pub(crate) async fn write_batch(
 /// How the records of a batch reach `records`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Path {
-    /// `COPY` into `records`: fails on the first key already stored.
+    /// Claim the batch's seq range in `record_ranges`, then `COPY` into
+    /// `records`: fails when the claim overlaps an existing one.
     Direct,
-    /// `COPY` into staging, then an insert that skips stored keys.
+    /// `COPY` into staging, then an insert (`WHERE NOT EXISTS`) that skips
+    /// stored keys and claims the seq runs no claim covers yet.
     Staged,
 }
 

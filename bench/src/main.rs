@@ -5,14 +5,28 @@
 //! cargo run --release -p dcs-bench -- [--records N] [--record-bytes B] [--out FILE.json] [--skip STEP,...]
 //! ```
 //!
-//! Steps (names for `--skip`): `copy` (PostgreSQL COPY, the physical limit),
-//! `ingest` (agent acking to disk, both durabilities; `power-loss` skips only
-//! that one), `e2e` (agent + aggregator + PostgreSQL), `drain` (backlog drain),
-//! `latency` (batch ack latency at half the e2e rate), `wire` (compressed bytes
-//! per record), `otlp` (the agent acking OTLP/HTTP protobuf log batches on
-//! `/v1/logs`, compared with NDJSON ingest). Every service is a real release process from target/release;
-//! PostgreSQL is the shared server (`DCS_TEST_PG_URL`), one fresh database per
-//! step. See docs/PERFORMANCE.md for what the figures mean.
+//! Steps (names for `--skip`), in the order they run:
+//! - `copy`: PostgreSQL COPY into `records` over one connection, the physical
+//!   limit, then into a bare table over the fastest connection count;
+//!   `copy-parallel` adds 2 and 4 connections.
+//! - `ingest`: the agent acking NDJSON to disk at both durabilities;
+//!   `power-loss` skips only that one.
+//! - `syslog`: octet-counted RFC 5424 messages over TCP into a syslog
+//!   listener, compared with the NDJSON ingest.
+//! - `otlp`: the agent acking OTLP/HTTP protobuf log batches on `/v1/logs`,
+//!   compared with the NDJSON ingest.
+//! - `e2e`: agent + aggregator + PostgreSQL.
+//! - `drain`: backlog drain.
+//! - `freshness`: producer 2xx to a queryable row, at half the e2e rate
+//!   (or `--ack-rate`); `freshness-sweep` (left out by `--quick`) repeats it
+//!   under other batch settings.
+//! - `latency`: batch ack latency at half the e2e rate (or `--ack-rate`).
+//! - `wire`: compressed bytes per record.
+//!
+//! Every service is a real release process from target/release;
+//! PostgreSQL is by default the shared server (`DCS_TEST_PG_URL`, see
+//! `--pg-cluster`), one fresh database per step. See docs/PERFORMANCE.md for
+//! what the figures mean.
 
 mod freshness;
 mod otlp;

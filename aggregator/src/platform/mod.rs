@@ -10,9 +10,16 @@
 //!   a query for another tenant is refused with 403 before any SQL runs, so a
 //!   refusal leaks neither rows nor counts.
 //! - **The audit trail is written with the change.** A state-changing call
-//!   appends its audit row in the same transaction as the change; a refused
-//!   login or a 403 is appended by the middleware. The application's database
-//!   role may only INSERT and SELECT the audit table.
+//!   appends its audit row in the same transaction as the change. Refused
+//!   logins (401) and 403s are appended by the middleware through
+//!   [`audit::RefusalThrottle`], which bounds the rows a flood of refusals
+//!   can write: per one-minute window, only the first refusals of each
+//!   source address and address prefix (401s) or token (403s) get a row of
+//!   their own, the rest are counted into one `*.suppressed` row, and an
+//!   address or prefix refused too often is locked out with 429
+//!   `too_many_refusals` (no token lookup, no row of its own) until the
+//!   window ends. The application's database role may only INSERT and
+//!   SELECT the audit table.
 //! - Errors are [`ApiError`]: one status and one stable code each, database
 //!   details logged and never sent.
 //!
@@ -132,7 +139,10 @@ pub fn router(state: PlatformState) -> Router {
 }
 
 /// Resolves the bearer token to a [`auth::Principal`] for the handler, and
-/// appends refused logins and refused calls (401/403) to the audit trail.
+/// appends refused logins and refused calls (401/403) to the audit trail as
+/// [`audit::RefusalThrottle`] allows: past its per-window limits refusals are
+/// only counted, and a caller whose address or prefix is locked out gets 429
+/// before its token is looked up.
 async fn authenticate(
     State(state): State<PlatformState>,
     mut request: Request,
