@@ -56,6 +56,7 @@ pub mod server_cert;
 mod store;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::path::PathBuf;
 use std::str::FromStr;
 
@@ -100,6 +101,9 @@ pub enum Error {
         address: std::net::SocketAddr,
         source: std::io::Error,
     },
+    /// The platform API's own thread or runtime could not be started.
+    #[error("start the platform API's runtime: {0}")]
+    PlatformRuntime(#[source] std::io::Error),
     #[error("install the SIGHUP handler: {0}")]
     Signal(#[source] std::io::Error),
     /// A database call outside a request (the CLI, maintenance tasks).
@@ -153,6 +157,95 @@ pub fn sibling_pool(pool: &PgPool, max_connections: u32) -> PgPool {
 pub async fn migrate(pool: &PgPool) -> Result<(), Error> {
     MIGRATOR.run(pool).await?;
     Ok(())
+}
+
+/// How many steps lower (Linux nice) the platform API's threads run than
+/// ingest's. Under contention a nice-5 thread gets about a third of the CPU
+/// time a nice-0 one gets, so a flood of API callers (TLS handshakes, refused
+/// tokens, heavy queries) delays agents' batches by little, while an idle
+/// ingest path leaves the API all the CPU it wants.
+pub const PLATFORM_NICE: i32 = 5;
+
+/// What the platform API's runtime takes over from the main one.
+struct PlatformParts {
+    listener: TcpListener,
+    tls: Arc<rustls::ServerConfig>,
+    pool: PgPool,
+    max_db_connections: u32,
+    deny: revocation::DenyList,
+    signer: Option<Arc<platform::enrollment::Signer>>,
+    policy: server::Policy,
+}
+
+/// Serves the platform API on a runtime of its own whose threads run at
+/// [`PLATFORM_NICE`]: its handshakes, requests and database waits are then
+/// scheduled by the kernel below the agents' batches, instead of queueing
+/// among them on the same workers. The receiver completes once the listener
+/// has stopped (after `stopped`) and its connections are closed.
+fn spawn_platform(
+    parts: PlatformParts,
+    stopped: impl Future<Output = ()> + Send + 'static,
+) -> Result<tokio::sync::oneshot::Receiver<()>, Error> {
+    let listener = parts.listener.into_std().map_err(Error::PlatformRuntime)?;
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let nice = platform_nice();
+    let (done, finished) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("dcs-platform".into())
+        .spawn(move || {
+            // This thread runs the accept loop; the workers the connections.
+            set_thread_nice(nice);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(workers)
+                .thread_name("dcs-platform")
+                .on_thread_start(move || set_thread_nice(nice))
+                .enable_all()
+                .build();
+            match runtime {
+                Ok(runtime) => runtime.block_on(async move {
+                    let listener = match TcpListener::from_std(listener) {
+                        Ok(listener) => listener,
+                        Err(error) => {
+                            tracing::error!(message = "platform listener lost", %error);
+                            return;
+                        }
+                    };
+                    // Its own pool, made on this runtime: no API caller can
+                    // hold a connection a batch waits for.
+                    let pool = sibling_pool(&parts.pool, parts.max_db_connections);
+                    let state = platform::PlatformState::new(pool, parts.deny);
+                    let app = platform::router(state.with_signer(parts.signer));
+                    server::run(listener, Some(parts.tls), app, parts.policy, stopped).await;
+                }),
+                Err(error) => {
+                    tracing::error!(message = "platform API runtime did not start", %error);
+                }
+            }
+            let _ = done.send(());
+        })
+        .map_err(Error::PlatformRuntime)?;
+    Ok(finished)
+}
+
+/// The nice value the platform API's threads run at: [`PLATFORM_NICE`]
+/// above the calling thread's (that of the process, unless it was changed).
+fn platform_nice() -> i32 {
+    // SAFETY: getpriority(2) reads this thread's priority and nothing else.
+    let own = unsafe { nix::libc::getpriority(nix::libc::PRIO_PROCESS, 0) };
+    (own + PLATFORM_NICE).min(19)
+}
+
+/// Sets the calling thread's nice value to `nice` (on Linux, nice values
+/// are per thread; new threads inherit their creator's, so each thread sets
+/// the absolute value rather than adding to what it inherited). A failure
+/// leaves the thread as it was.
+fn set_thread_nice(nice: i32) {
+    // SAFETY: setpriority(2) on the calling thread (id 0) changes only its
+    // scheduling priority.
+    let result = unsafe { nix::libc::setpriority(nix::libc::PRIO_PROCESS, 0, nice) };
+    if result != 0 {
+        tracing::debug!(message = "could not lower the platform API's priority", error = %std::io::Error::last_os_error());
+    }
 }
 
 /// Serves agents on `listener` until `shutdown` completes, then drains:
@@ -295,21 +388,27 @@ pub async fn serve_all(
         admin_policy,
         wait(admin_stopped),
     ));
-    let platform_task = platform.map(|(tls, listener)| {
-        // Its own pool: no API caller can hold a connection a batch waits for.
-        let pool = sibling_pool(&pool, config.platform.max_db_connections);
-        let app = platform::router(platform::PlatformState::new(pool, deny).with_signer(signer));
-        let policy = server::Policy::new(
-            server::Kind::Platform,
-            &config.limits,
-            config.connections,
-            config.shutdown.grace,
-        );
-        let stopped = wait(stopped.clone());
-        tokio::spawn(async move {
-            server::run(listener, Some(tls), app, policy, stopped).await;
-        })
-    });
+    let platform_task = match platform {
+        Some((tls, listener)) => {
+            let policy = server::Policy::new(
+                server::Kind::Platform,
+                &config.limits,
+                config.connections,
+                config.shutdown.grace,
+            );
+            let parts = PlatformParts {
+                listener,
+                tls,
+                pool: pool.clone(),
+                max_db_connections: config.platform.max_db_connections,
+                deny,
+                signer,
+                policy,
+            };
+            Some(spawn_platform(parts, wait(stopped.clone()))?)
+        }
+        None => None,
+    };
     let app = http::router(state);
     let policy = server::Policy::new(
         server::Kind::Agents,
@@ -318,8 +417,8 @@ pub async fn serve_all(
         config.shutdown.grace,
     );
     server::run(listeners.agents, Some(tls), app, policy, wait(stopped)).await;
-    if let Some(task) = platform_task {
-        let _ = task.await;
+    if let Some(finished) = platform_task {
+        let _ = finished.await;
     }
     let _ = admin_stop.send(true);
     let _ = admin_task.await;

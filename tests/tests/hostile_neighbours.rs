@@ -27,9 +27,10 @@
 //!   [`ATTEMPTS`] times (each miss is printed as a `miss attack=…` line); a
 //!   failed victim batch is never retried away.
 //!
-//! One attack still misses the p99 bound on such a machine; it is listed
-//! in [`KNOWN_MISSES`], printed with `bound=missed_known`, and held to every
-//! other assertion.
+//! The aggregator runs at normal priority and does all of its work for
+//! both, except that its platform API (which the platform attacks reach)
+//! runs on threads of its own at a lower CPU priority, as shipped
+//! (`dcs_aggregator::PLATFORM_NICE`).
 //!
 //! The suite's aggregator uses the defaults except shorter handshake and
 //! header deadlines ([`DEADLINE`]), so the slowloris phases see them fire.
@@ -79,16 +80,6 @@ const FLOOD_CONNECTIONS: usize = 10_000;
 const FLOOD_ADDRESSES: u8 = 10;
 /// Connections each slowloris attack holds.
 const SLOWLORIS_CONNECTIONS: usize = 100;
-/// Attacks whose victim p99 still exceeds 2 × baseline on a shared 2-core
-/// machine (figures in docs/SECURITY.md): every other assertion holds for
-/// them, and their line says `bound=missed_known` instead of failing the
-/// suite, so that a regression in any other attack does fail it.
-/// audit_flood: once its prefix is locked out every request is refused
-/// before any database work (`audit_rows=0`, 1 000 × 429), yet the victim
-/// still sees 3-4 × its baseline: what remains is the server side of 50
-/// TLS handshakes at once. Bounding handshakes in progress per listener is
-/// the open work.
-const KNOWN_MISSES: &[&str] = &["audit_flood"];
 /// The CPU priority (nice value) of the attacker's client threads.
 const ATTACKER_NICE: i32 = 10;
 
@@ -1091,19 +1082,23 @@ async fn suite() {
     // not part of the steady state the baselines measure.
     tokio::time::sleep(Duration::from_secs(2)).await;
 
+    // `DCS_HOSTILE_ATTACKS=a,b` runs only those attacks (while working on one).
+    let only = std::env::var("DCS_HOSTILE_ATTACKS").ok();
+    let chosen = |attack: &str| {
+        only.as_deref()
+            .is_none_or(|list| list.split(',').any(|a| a.trim() == attack))
+    };
     let mut problems = Vec::new();
-    for &(attack, run) in ATTACKS {
+    for &(attack, run) in ATTACKS.iter().filter(|(attack, _)| chosen(attack)) {
         for attempt in 1..=ATTEMPTS {
             let m = measure(&b, &victim, run).await;
             let rss = b.peak_rss_mb();
             let within = m.p99 <= m.baseline * 2;
-            let known = !within && attempt == ATTEMPTS && KNOWN_MISSES.contains(&attack);
             let line = format!(
-                "attack={attack} victim_p99_ms={} baseline_ms={} peak_rss_mb={rss} refusal={}{}",
+                "attack={attack} victim_p99_ms={} baseline_ms={} peak_rss_mb={rss} refusal={}",
                 m.p99.as_millis(),
                 m.baseline.as_millis(),
                 m.refusal,
-                if known { " bound=missed_known" } else { "" }
             );
             if !within && m.failures.is_empty() && attempt < ATTEMPTS {
                 println!("miss {line} attempt={attempt}/{ATTEMPTS}");
@@ -1119,7 +1114,7 @@ async fn suite() {
             if m.sent == 0 {
                 problems.push(format!("{attack}: the victim sent nothing"));
             }
-            if !within && !known {
+            if !within {
                 problems.push(format!(
                     "{attack}: victim p99 {:?} > 2 × baseline {:?} in {ATTEMPTS} attempts",
                     m.p99, m.baseline

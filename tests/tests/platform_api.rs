@@ -623,3 +623,47 @@ async fn a_flood_of_bad_tokens_is_audited_as_a_bounded_number_of_rows() {
     assert_eq!(status, StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(body["error"], "too_many_refusals", "{body}");
 }
+
+/// The nice value of a thread of this process, from /proc (field 19 of
+/// `stat`, counted after the parenthesised name, which may hold spaces).
+fn thread_nice(stat_path: &std::path::Path) -> Option<i32> {
+    let stat = std::fs::read_to_string(stat_path).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 2..];
+    after_name.split(' ').nth(16)?.parse().ok()
+}
+
+#[tokio::test]
+async fn the_platform_api_runs_on_threads_of_its_own_below_the_agents_priority() {
+    let pki = Pki::new();
+    let db = TestDb::new().await;
+    let p = start(&pki, &db).await;
+    let admin = token(&db, "admin", None).await;
+    let answer = p
+        .client
+        .get(p.endpoint("/api/v1/agents"))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("platform call");
+    assert_eq!(answer.status(), StatusCode::OK);
+
+    let own = thread_nice(std::path::Path::new("/proc/thread-self/stat")).expect("own nice");
+    let expected = (own + dcs_aggregator::PLATFORM_NICE).min(19);
+    let mut platform_threads = Vec::new();
+    for task in std::fs::read_dir("/proc/self/task").expect("threads") {
+        let dir = task.expect("thread").path();
+        let name = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if name.trim_end() == "dcs-platform" {
+            platform_threads.push(thread_nice(&dir.join("stat")).expect("nice"));
+        }
+    }
+    // The accept loop's thread and at least one worker (which served the call).
+    assert!(
+        platform_threads.len() >= 2,
+        "platform threads: {platform_threads:?}"
+    );
+    assert!(
+        platform_threads.iter().all(|&nice| nice == expected),
+        "platform threads at nice {platform_threads:?}, expected {expected} (this thread {own})"
+    );
+}
