@@ -52,7 +52,7 @@ pub fn syslog_parse(data: &[u8]) {
 }
 
 fn check_message(raw: &[u8], sender: std::net::SocketAddr, recipe: &Recipe, schemas: &Schemas) {
-    match message::to_record(raw, sender, recipe, schemas) {
+    match message::to_record(raw, &sender.to_string(), recipe, schemas) {
         Outcome::Record { record: r, .. } => {
             assert!(
                 record::validate_stream(&r.stream).is_ok(),

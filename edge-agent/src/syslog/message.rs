@@ -5,10 +5,8 @@
 //! ([`dcs_shared::record::validate_incoming`] and the stream's JSON Schema),
 //! so a syslog record is held to exactly the rules of a pushed one.
 
-use std::net::SocketAddr;
-
-use dcs_shared::record::{self, FieldError, IncomingRecord, Limits, Record};
-use serde_json::value::RawValue;
+use dcs_shared::record::{self, FieldError, Limits, Record};
+use serde::Serialize;
 use serde_json::{Map, Value};
 use syslog_loose::{Message, ProcId, Variant};
 
@@ -135,15 +133,20 @@ pub enum Outcome {
     Invalid(Vec<FieldError>),
 }
 
-/// Parses `raw` (one frame or datagram) from `sender` into a record.
-pub fn to_record(raw: &[u8], sender: SocketAddr, recipe: &Recipe, schemas: &Schemas) -> Outcome {
+/// Parses `raw` (one frame or datagram) from `sender` (its `ip:port`) into
+/// a record.
+///
+/// The payload is written straight from the parsed message (keys in sorted
+/// order, as a JSON object map would give them) and then held to the push
+/// API's payload checks ([`record::validate_payload`]) and the stream's JSON
+/// Schema. The stream needs no check here: a template's expansion is checked
+/// below, and literal templates and the fallback were checked at start-up.
+pub fn to_record(raw: &[u8], sender: &str, recipe: &Recipe, schemas: &Schemas) -> Outcome {
     let text = String::from_utf8_lossy(raw);
     let text = text.trim_end_matches(['\n', '\r', '\0']);
     let parsed = parse(text);
-    let mut payload = Map::new();
-    let (stream, fell_back, ts) = match &parsed {
+    let (payload, stream, fell_back, ts_us) = match &parsed {
         Some(message) => {
-            fill_payload(&mut payload, message);
             let expanded = recipe.stream.expand(message);
             let (stream, fell_back) = match record::validate_stream(&expanded) {
                 Ok(()) => (expanded, false),
@@ -152,42 +155,35 @@ pub fn to_record(raw: &[u8], sender: SocketAddr, recipe: &Recipe, schemas: &Sche
             // A date the record checks cannot take (year 0, 10000) is
             // dropped: the agent's receive time stands in, and the message
             // is kept.
-            let ts = message
+            let ts_us = message
                 .timestamp
-                .map(|t| t.to_rfc3339())
-                .filter(|t| record::parse_ts(t).is_ok());
-            (stream, fell_back, ts)
+                .and_then(|t| record::parse_ts(&t.to_rfc3339()).ok());
+            (Payload::parsed(message, sender), stream, fell_back, ts_us)
         }
         None => {
-            payload.insert("message".into(), Value::String(text.to_owned()));
-            payload.insert("protocol".into(), Value::String("unparsed".into()));
             let template_is_fixed = recipe.stream.is_literal();
             let stream = if template_is_fixed {
                 recipe.stream.expand(&empty_message())
             } else {
                 recipe.fallback_stream.clone()
             };
-            (stream, !template_is_fixed, None)
+            (
+                Payload::unparsed(text, sender),
+                stream,
+                !template_is_fixed,
+                None,
+            )
         }
     };
-    payload.insert("sender".into(), Value::String(sender.to_string()));
-    let payload = Value::Object(payload).to_string();
-    let stream_json = Value::String(stream).to_string();
-    let ts_json = ts.map(|t| Value::String(t).to_string());
-    let raw_value = |json: &str| -> Box<RawValue> {
-        RawValue::from_string(json.to_owned()).expect("serde_json output is valid JSON")
-    };
-    let (stream_raw, payload_raw) = (raw_value(&stream_json), raw_value(&payload));
-    let ts_raw = ts_json.as_deref().map(raw_value);
-    let incoming = IncomingRecord {
-        stream: Some(&*stream_raw),
-        payload: Some(&*payload_raw),
+    let payload = serde_json::to_string(&payload).expect("a payload of strings serializes");
+    if let Err(reason) = record::validate_payload(&payload, &recipe.limits) {
+        return Outcome::Invalid(vec![FieldError::new(0, "payload", reason)]);
+    }
+    let record = Record {
         id: None,
-        ts: ts_raw.as_deref(),
-    };
-    let mut errors = Vec::new();
-    let Some(record) = record::validate_incoming(0, &incoming, &recipe.limits, &mut errors) else {
-        return Outcome::Invalid(errors);
+        stream,
+        ts_us,
+        payload,
     };
     if let Err(violations) = schemas.check(&record.stream, &record.payload) {
         return Outcome::Invalid(
@@ -201,6 +197,90 @@ pub fn to_record(raw: &[u8], sender: SocketAddr, recipe: &Recipe, schemas: &Sche
         record,
         fell_back,
         parsed: parsed.is_some(),
+    }
+}
+
+/// A record's payload, borrowed from the message. Fields in alphabetical
+/// order: the same bytes a `serde_json::Map` (a sorted map) would write.
+#[derive(Serialize)]
+struct Payload<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    appname: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    facility: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<&'a str>,
+    message: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    msgid: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    procid: Option<ProcIdValue<'a>>,
+    protocol: &'static str,
+    sender: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    severity: Option<&'static str>,
+    /// Element id to its parameters; a repeated id or name keeps the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    structured_data: Option<Map<String, Value>>,
+}
+
+/// A process id as sent: a number when it is one, else its text.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum ProcIdValue<'a> {
+    Pid(i32),
+    Name(&'a str),
+}
+
+impl<'a> Payload<'a> {
+    fn parsed(message: &'a Message<&'a str>, sender: &'a str) -> Self {
+        let structured_data = (!message.structured_data.is_empty()).then(|| {
+            message
+                .structured_data
+                .iter()
+                .map(|element| {
+                    let params: Map<String, Value> = element
+                        .params()
+                        .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
+                        .collect();
+                    (element.id.to_owned(), Value::Object(params))
+                })
+                .collect()
+        });
+        Payload {
+            appname: message.appname,
+            facility: message.facility.map(|f| f.as_str()),
+            host: message.hostname,
+            message: message.msg,
+            msgid: message.msgid,
+            procid: message.procid.as_ref().map(|p| match p {
+                ProcId::PID(pid) => ProcIdValue::Pid(*pid),
+                ProcId::Name(name) => ProcIdValue::Name(name),
+            }),
+            protocol: match message.protocol {
+                syslog_loose::Protocol::RFC5424(_) => "rfc5424",
+                syslog_loose::Protocol::RFC3164 => "rfc3164",
+            },
+            sender,
+            severity: message.severity.map(|s| s.as_str()),
+            structured_data,
+        }
+    }
+
+    /// Text that is not syslog, kept whole.
+    fn unparsed(text: &'a str, sender: &'a str) -> Self {
+        Payload {
+            appname: None,
+            facility: None,
+            host: None,
+            message: text,
+            msgid: None,
+            procid: None,
+            protocol: "unparsed",
+            sender,
+            severity: None,
+            structured_data: None,
+        }
     }
 }
 
@@ -237,45 +317,6 @@ fn empty_message() -> Message<&'static str> {
     }
 }
 
-fn fill_payload(payload: &mut Map<String, Value>, message: &Message<&str>) {
-    let mut put = |key: &str, value: Option<&str>| {
-        if let Some(v) = value {
-            payload.insert(key.into(), Value::String(v.to_owned()));
-        }
-    };
-    put("host", message.hostname);
-    put("appname", message.appname);
-    put("msgid", message.msgid);
-    put("facility", message.facility.map(|f| f.as_str()));
-    put("severity", message.severity.map(|s| s.as_str()));
-    match &message.procid {
-        Some(ProcId::PID(pid)) => {
-            payload.insert("procid".into(), Value::from(*pid));
-        }
-        Some(ProcId::Name(name)) => {
-            payload.insert("procid".into(), Value::String((*name).to_owned()));
-        }
-        None => {}
-    }
-    if !message.structured_data.is_empty() {
-        let mut elements = Map::new();
-        for element in &message.structured_data {
-            let params: Map<String, Value> = element
-                .params()
-                .map(|(k, v)| (k.to_string(), Value::String(v.to_string())))
-                .collect();
-            elements.insert(element.id.to_owned(), Value::Object(params));
-        }
-        payload.insert("structured_data".into(), Value::Object(elements));
-    }
-    payload.insert("message".into(), Value::String(message.msg.to_owned()));
-    let protocol = match message.protocol {
-        syslog_loose::Protocol::RFC5424(_) => "rfc5424",
-        syslog_loose::Protocol::RFC3164 => "rfc3164",
-    };
-    payload.insert("protocol".into(), Value::String(protocol.into()));
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,8 +329,8 @@ mod tests {
         }
     }
 
-    fn sender() -> SocketAddr {
-        "192.0.2.7:514".parse().unwrap()
+    fn sender() -> &'static str {
+        "192.0.2.7:514"
     }
 
     fn record(raw: &str, stream: &str) -> (Record, bool, bool, Value) {

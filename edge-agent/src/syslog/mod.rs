@@ -418,9 +418,10 @@ fn records<'a>(
 ) -> Vec<Record> {
     let (mut received, mut invalid, mut unparsed, mut fallbacks) = (0, 0, 0, 0);
     let mut out = Vec::new();
+    let sender_text = sender.to_string();
     for raw in messages {
         received += 1;
-        match message::to_record(raw, sender, &spec.recipe, &sink.schemas) {
+        match message::to_record(raw, &sender_text, &spec.recipe, &sink.schemas) {
             Outcome::Record {
                 record,
                 fell_back,
