@@ -53,6 +53,7 @@ use opentelemetry_proto::tonic::collector::logs::v1::{
 };
 use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
 use prost::Message as _;
+use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
 
 use dcs_shared::record::{self, FieldError, Limits, Record};
@@ -259,38 +260,39 @@ pub fn to_records(
     for resource_logs in &request.resource_logs {
         let resource = resource_logs.resource.as_ref();
         let resource_attrs = resource.map_or(&[][..], |r| &r.attributes[..]);
-        let resource_json = json!({
+        // Serialized once, then copied into each of its log records' payloads.
+        let resource_json = to_raw(&json!({
             "attributes": attributes(resource_attrs),
             "dropped_attributes_count": resource.map_or(0, |r| r.dropped_attributes_count),
             "schema_url": resource_logs.schema_url,
-        });
+        }));
         for scope_logs in &resource_logs.scope_logs {
             let scope = scope_logs.scope.as_ref();
-            let scope_json = json!({
+            let scope_json = to_raw(&json!({
                 "name": scope.map_or("", |s| &s.name),
                 "version": scope.map_or("", |s| &s.version),
                 "attributes": attributes(scope.map_or(&[][..], |s| &s.attributes[..])),
                 "schema_url": scope_logs.schema_url,
-            });
+            }));
             for log in &scope_logs.log_records {
                 let index = parsed.total;
                 parsed.total += 1;
-                let payload = json!({
-                    "resource": resource_json,
-                    "scope": scope_json,
-                    "time_unix_nano": log.time_unix_nano.to_string(),
-                    "observed_time_unix_nano": log.observed_time_unix_nano.to_string(),
-                    "severity_number": log.severity_number,
-                    "severity_text": log.severity_text,
-                    "body": log.body.as_ref().map_or(Value::Null, any_value),
-                    "attributes": attributes(&log.attributes),
-                    "trace_id": hex(&log.trace_id),
-                    "span_id": hex(&log.span_id),
-                    "flags": log.flags,
-                    "dropped_attributes_count": log.dropped_attributes_count,
-                    "event_name": log.event_name,
+                let payload = serde_json::to_string(&LogPayload {
+                    attributes: attributes(&log.attributes),
+                    body: log.body.as_ref().map_or(Value::Null, any_value),
+                    dropped_attributes_count: log.dropped_attributes_count,
+                    event_name: &log.event_name,
+                    flags: log.flags,
+                    observed_time_unix_nano: log.observed_time_unix_nano.to_string(),
+                    resource: &resource_json,
+                    scope: &scope_json,
+                    severity_number: log.severity_number,
+                    severity_text: &log.severity_text,
+                    span_id: hex(&log.span_id),
+                    time_unix_nano: log.time_unix_nano.to_string(),
+                    trace_id: hex(&log.trace_id),
                 })
-                .to_string();
+                .expect("a payload of JSON values serializes");
                 let stream_value = find_string(&log.attributes, &config.stream_attribute)
                     .or_else(|| find_string(resource_attrs, &config.stream_attribute));
                 let ts_nanos = [log.time_unix_nano, log.observed_time_unix_nano]
@@ -316,6 +318,30 @@ pub fn to_records(
         }
     }
     parsed
+}
+
+/// One log record's payload. Fields in alphabetical order: the same bytes
+/// a `serde_json::Map` (a sorted map) would write; the resource and the
+/// scope are shared by many log records and serialized once.
+#[derive(serde::Serialize)]
+struct LogPayload<'a> {
+    attributes: Value,
+    body: Value,
+    dropped_attributes_count: u32,
+    event_name: &'a str,
+    flags: u32,
+    observed_time_unix_nano: String,
+    resource: &'a RawValue,
+    scope: &'a RawValue,
+    severity_number: i32,
+    severity_text: &'a str,
+    span_id: String,
+    time_unix_nano: String,
+    trace_id: String,
+}
+
+fn to_raw(value: &Value) -> Box<RawValue> {
+    serde_json::value::to_raw_value(value).expect("a JSON value serializes")
 }
 
 /// Checks one mapped log record the way the push API checks a record.
