@@ -56,9 +56,9 @@ pub mod server_cert;
 mod store;
 
 use std::future::Future;
-use std::sync::Arc;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
