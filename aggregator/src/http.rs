@@ -1002,35 +1002,7 @@ fn prepare(
     let record_limits = record::Limits {
         max_payload_bytes: limits.max_payload_bytes.as_usize(),
     };
-    let mut problems = Vec::new();
-    let mut previous = 0;
-    for r in &batch.records {
-        if r.seq < 1 || r.seq == i64::MAX {
-            problems.push(FieldError::new(
-                r.seq,
-                "seq",
-                "must be at least 1 and below 9223372036854775807",
-            ));
-        } else if r.seq <= previous {
-            // The key guard claims [first, last] of a batch, and an agent
-            // sends its buffer in seq order: anything else is a bug.
-            problems.push(FieldError::new(
-                r.seq,
-                "seq",
-                "must be greater than the previous record's seq",
-            ));
-        }
-        previous = previous.max(r.seq);
-        if let Err(reason) = record::validate_id(&r.id) {
-            problems.push(FieldError::new(r.seq, "id", reason));
-        }
-        if let Err(reason) = record::validate_stream(&r.stream) {
-            problems.push(FieldError::new(r.seq, "stream", reason));
-        }
-        if let Err(reason) = record::validate_payload(r.payload.get(), &record_limits) {
-            problems.push(FieldError::new(r.seq, "payload", reason));
-        }
-    }
+    let mut problems = wire::check_records(&batch.records, &record_limits);
     if !problems.is_empty() {
         let total = problems.len();
         problems.truncate(MAX_ERROR_DETAILS);

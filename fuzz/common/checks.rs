@@ -48,14 +48,9 @@ pub fn batch_json(json: &[u8]) -> bool {
         batch.v, FORMAT_VERSION,
         "parse_batch accepted another version"
     );
-    let limits = Limits::default();
-    let mut valid = true;
+    // The aggregator's own checks (aggregator/src/http.rs `prepare`).
+    let valid = wire::check_records(&batch.records, &Limits::default()).is_empty();
     for r in &batch.records {
-        // The checks of aggregator/src/http.rs `prepare`, in its order.
-        valid &= r.seq >= 1;
-        valid &= record::validate_id(&r.id).is_ok();
-        valid &= record::validate_stream(&r.stream).is_ok();
-        valid &= record::validate_payload(r.payload.get(), &limits).is_ok();
         let _ = record::format_ts(r.ts);
     }
     if valid {

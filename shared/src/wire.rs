@@ -174,6 +174,51 @@ pub fn parse_batch(json: &[u8]) -> Result<Batch<'_>, Error> {
     serde_json::from_slice(json).map_err(|e| Error::MalformedBatch(e.to_string()))
 }
 
+/// The aggregator's per-record checks of a parsed batch, the one copy of
+/// them: the aggregator refuses a batch when this finds anything, and the
+/// fuzz targets call it to learn what the aggregator accepts. Every problem
+/// of every record is reported, in record order; `index` is the seq.
+///
+/// - `seq` is at least 1, below `i64::MAX`, and greater than the previous
+///   record's (an agent sends its buffer in seq order, and the aggregator
+///   claims a batch's `first..=last`);
+/// - `id`, `stream` and `payload` pass the record checks the agent applied
+///   when it took the record in ([`crate::record`]).
+pub fn check_records(
+    records: &[WireRecord<'_>],
+    limits: &crate::record::Limits,
+) -> Vec<FieldError> {
+    use crate::record;
+    let mut problems = Vec::new();
+    let mut previous = 0;
+    for r in records {
+        if r.seq < 1 || r.seq == i64::MAX {
+            problems.push(FieldError::new(
+                r.seq,
+                "seq",
+                "must be at least 1 and below 9223372036854775807",
+            ));
+        } else if r.seq <= previous {
+            problems.push(FieldError::new(
+                r.seq,
+                "seq",
+                "must be greater than the previous record's seq",
+            ));
+        }
+        previous = previous.max(r.seq);
+        if let Err(reason) = record::validate_id(&r.id) {
+            problems.push(FieldError::new(r.seq, "id", reason));
+        }
+        if let Err(reason) = record::validate_stream(&r.stream) {
+            problems.push(FieldError::new(r.seq, "stream", reason));
+        }
+        if let Err(reason) = record::validate_payload(r.payload.get(), limits) {
+            problems.push(FieldError::new(r.seq, "payload", reason));
+        }
+    }
+    problems
+}
+
 /// The aggregator's answer to a batch, sent only after the transaction committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchAck {
@@ -249,6 +294,38 @@ impl ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_records_reports_every_problem_of_every_record_by_seq() {
+        let json = br#"{"v":1,"epoch":"0193a4c2-7d0e-7000-8000-000000000000","records":[
+            {"seq":1,"id":"a","stream":"ok","ts":0,"payload":{}},
+            {"seq":1,"id":"b","stream":"ok","ts":0,"payload":{}},
+            {"seq":3,"id":"","stream":"Not Valid","ts":0,"payload":[1]},
+            {"seq":0,"id":"d","stream":"ok","ts":0,"payload":{}},
+            {"seq":9223372036854775807,"id":"e","stream":"ok","ts":0,"payload":{}}]}"#;
+        let batch = parse_batch(json).unwrap();
+        let problems = check_records(&batch.records, &crate::record::Limits::default());
+        let found: Vec<(i64, &str)> = problems
+            .iter()
+            .map(|p| (p.index, p.field.as_str()))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                (1, "seq"),
+                (3, "id"),
+                (3, "stream"),
+                (3, "payload"),
+                (0, "seq"),
+                (i64::MAX, "seq"),
+            ]
+        );
+        let good = br#"{"v":1,"epoch":"0193a4c2-7d0e-7000-8000-000000000000","records":[
+            {"seq":1,"id":"a","stream":"ok","ts":0,"payload":{}},
+            {"seq":5,"id":"b","stream":"ok","ts":0,"payload":{"n":1}}]}"#;
+        let batch = parse_batch(good).unwrap();
+        assert!(check_records(&batch.records, &crate::record::Limits::default()).is_empty());
+    }
 
     fn sample() -> Vec<u8> {
         let recs = [
