@@ -38,7 +38,7 @@ pub const CA_KEY_FILE: &str = "ca-key.pem";
 /// Longest tenant or agent id. The ids end up in database keys and in the URI
 /// SAN, so the aggregator caps them; issuing a longer one would produce a
 /// certificate the aggregator rejects.
-pub const MAX_IDENTIFIER_LEN: usize = 64;
+pub use dcs_shared::identity::MAX_IDENTIFIER_LEN;
 
 /// Common name of a server certificate issued without any DNS name. Only the
 /// SANs matter to TLS clients; the CN is for humans reading the certificate.
@@ -415,7 +415,7 @@ impl Ca {
     pub fn issue_agent(&self, tenant: &str, agent: &str, validity: Validity) -> Result<Pem, Error> {
         validate_identifier("tenant", tenant)?;
         validate_identifier("agent", agent)?;
-        let uri = ia5(&format!("dcs://{tenant}/{agent}"))?;
+        let uri = ia5(&agent_uri(tenant, agent))?;
         self.issue_leaf(
             agent,
             vec![SanType::URI(uri)],
@@ -469,7 +469,7 @@ impl Ca {
                 other => other.to_string(),
             })
         })?;
-        let uri = ia5(&format!("dcs://{tenant}/{agent}"))?;
+        let uri = ia5(&agent_uri(tenant, agent))?;
         let params = leaf_params(
             agent,
             vec![SanType::URI(uri)],
@@ -497,48 +497,23 @@ impl Ca {
     }
 }
 
-/// Checks a tenant or agent id: 1 to 64 characters, each in `[a-z0-9_.-]`,
-/// the first in `[a-z0-9]`.
-///
-/// The aggregator applies the same rule to the URI SAN; the restricted
-/// alphabet keeps ids safe in URIs, file names and log lines, and the
-/// alphanumeric first character rules out `.`/`..` and option-like `-x`.
+/// Checks a tenant or agent id by the rule of
+/// [`dcs_shared::identity::validate_identifier`] (the one copy of it).
 /// `kind` names the id ("tenant", "agent") in the error.
 pub fn validate_identifier(kind: &'static str, value: &str) -> Result<(), Error> {
-    let invalid = |reason: String| Error::InvalidIdentifier {
-        kind,
-        value: value.to_owned(),
-        reason,
-    };
-    let Some(first) = value.chars().next() else {
-        return Err(invalid("must not be empty".to_owned()));
-    };
-    let len = value.chars().count();
-    if len > MAX_IDENTIFIER_LEN {
-        return Err(invalid(format!(
-            "is {len} characters long; at most {MAX_IDENTIFIER_LEN} are allowed"
-        )));
+    match dcs_shared::identity::identifier_problem(value) {
+        None => Ok(()),
+        Some(reason) => Err(Error::InvalidIdentifier {
+            kind,
+            value: value.to_owned(),
+            reason,
+        }),
     }
-    if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
-        return Err(invalid(format!(
-            "must start with a lowercase letter or digit, not {first:?}"
-        )));
-    }
-    if let Some((pos, bad)) = value
-        .chars()
-        .enumerate()
-        .find(|&(_, c)| !is_identifier_char(c))
-    {
-        return Err(invalid(format!(
-            "character {bad:?} at position {} is not allowed (allowed: a-z, 0-9, '_', '.', '-')",
-            pos + 1
-        )));
-    }
-    Ok(())
 }
 
-fn is_identifier_char(c: char) -> bool {
-    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-')
+/// The URI SAN of an agent certificate, as the aggregator reads it back.
+fn agent_uri(tenant: &str, agent: &str) -> String {
+    format!("{}{tenant}/{agent}", dcs_shared::identity::URI_SCHEME)
 }
 
 /// Checks a DNS name for a server certificate: ASCII labels of letters,

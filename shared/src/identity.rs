@@ -77,23 +77,51 @@ impl fmt::Display for AgentIdentity {
     }
 }
 
-/// Tenant and agent ids: 1–64 characters of `[a-z0-9_.-]`, starting with a letter
-/// or digit. `dcs-certs` applies the same rule when it issues a certificate.
+/// Checks a tenant or agent id: 1 to 64 characters, each in `[a-z0-9_.-]`,
+/// the first in `[a-z0-9]`. The one copy of the rule: the aggregator applies
+/// it to the URI SAN it reads, `dcs-certs` (through [`identifier_problem`])
+/// to the ids it writes, and the platform API to the ids it is given.
+///
+/// The restricted alphabet keeps ids safe in URIs, file names and log
+/// lines, and the alphanumeric first character rules out `.`/`..` and
+/// option-like `-x`. `kind` names the id ("tenant", "agent") in the error.
 pub fn validate_identifier(kind: &str, value: &str) -> Result<(), Error> {
-    let bad = |reason: String| Err(Error::Identity(format!("{kind} id {value:?} {reason}")));
-    if value.is_empty() || value.len() > MAX_IDENTIFIER_LEN {
-        return bad(format!("must be 1 to {MAX_IDENTIFIER_LEN} characters"));
+    match identifier_problem(value) {
+        None => Ok(()),
+        Some(reason) => Err(Error::Identity(format!(
+            "invalid {kind} id {value:?}: {reason}"
+        ))),
     }
-    if !value.starts_with(|c: char| c.is_ascii_lowercase() || c.is_ascii_digit()) {
-        return bad("must start with a-z or 0-9".into());
+}
+
+/// Why `value` is not a valid tenant or agent id, or `None` when it is.
+pub fn identifier_problem(value: &str) -> Option<String> {
+    let Some(first) = value.chars().next() else {
+        return Some("must not be empty".to_owned());
+    };
+    let len = value.chars().count();
+    if len > MAX_IDENTIFIER_LEN {
+        return Some(format!(
+            "is {len} characters long; at most {MAX_IDENTIFIER_LEN} are allowed"
+        ));
     }
-    if value
+    if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
+        return Some(format!(
+            "must start with a lowercase letter or digit, not {first:?}"
+        ));
+    }
+    let allowed =
+        |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-');
+    value
         .chars()
-        .any(|c| !matches!(c, 'a'..='z' | '0'..='9' | '_' | '.' | '-'))
-    {
-        return bad("may contain only a-z, 0-9, '_', '.' and '-'".into());
-    }
-    Ok(())
+        .enumerate()
+        .find(|&(_, c)| !allowed(c))
+        .map(|(pos, bad)| {
+            format!(
+                "character {bad:?} at position {} is not allowed (allowed: a-z, 0-9, '_', '.', '-')",
+                pos + 1
+            )
+        })
 }
 
 #[cfg(test)]
