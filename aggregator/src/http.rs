@@ -27,7 +27,7 @@ use axum::{Json, Router};
 use bytes::Bytes;
 use dcs_shared::identity::AgentIdentity;
 use dcs_shared::record::{self, FieldError};
-use dcs_shared::wire::{self, BatchAck, ErrorBody};
+use dcs_shared::wire::{self, BatchAck, ErrorBody, ErrorCode};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use sqlx::PgPool;
 use tracing::{debug, error, info, warn};
@@ -400,41 +400,42 @@ pub(crate) enum Error {
 }
 
 impl Error {
-    fn status_code_message(&self) -> (StatusCode, &'static str, String) {
+    fn status_code_message(&self) -> (StatusCode, ErrorCode, String) {
+        use ErrorCode as C;
         use StatusCode as S;
         match self {
             Error::BadIdentity(reason) => (
                 S::FORBIDDEN,
-                "bad_identity",
+                C::BadIdentity,
                 format!("the client certificate carries no valid dcs:// identity: {reason}"),
             ),
             Error::Revoked(why) => (
                 S::FORBIDDEN,
-                "revoked",
+                C::Revoked,
                 format!(
                     "this agent may not send batches ({}); nothing was written",
                     why.as_str()
                 ),
             ),
             Error::UnsupportedEncoding(m) => {
-                (S::UNSUPPORTED_MEDIA_TYPE, "unsupported_encoding", m.clone())
+                (S::UNSUPPORTED_MEDIA_TYPE, C::UnsupportedEncoding, m.clone())
             }
             Error::UnsupportedMediaType(m) => (
                 S::UNSUPPORTED_MEDIA_TYPE,
-                "unsupported_media_type",
+                C::UnsupportedMediaType,
                 m.clone(),
             ),
-            Error::BatchTooLarge(m) => (S::PAYLOAD_TOO_LARGE, "batch_too_large", m.clone()),
+            Error::BatchTooLarge(m) => (S::PAYLOAD_TOO_LARGE, C::BatchTooLarge, m.clone()),
             Error::RequestTimeout => (
                 S::REQUEST_TIMEOUT,
-                "request_timeout",
+                C::RequestTimeout,
                 "the request body was not received in time".into(),
             ),
-            Error::BodyRead(m) => (S::BAD_REQUEST, "body_read_failed", m.clone()),
-            Error::Malformed(m) => (S::BAD_REQUEST, "malformed_batch", m.clone()),
+            Error::BodyRead(m) => (S::BAD_REQUEST, C::BodyReadFailed, m.clone()),
+            Error::Malformed(m) => (S::BAD_REQUEST, C::MalformedBatch, m.clone()),
             Error::UnsupportedVersion(v) => (
                 S::BAD_REQUEST,
-                "unsupported_version",
+                C::UnsupportedVersion,
                 format!(
                     "batch format version {v} is not supported; this aggregator speaks version {}",
                     wire::FORMAT_VERSION
@@ -442,7 +443,7 @@ impl Error {
             ),
             Error::InvalidRecords { total, details } => (
                 S::UNPROCESSABLE_ENTITY,
-                "invalid_records",
+                C::InvalidRecords,
                 if *total > details.len() {
                     format!(
                         "{total} problems in the batch's records, the first {} listed; nothing was written",
@@ -454,12 +455,12 @@ impl Error {
             ),
             Error::RejectedByDatabase(m) => (
                 S::UNPROCESSABLE_ENTITY,
-                "rejected_by_database",
+                C::RejectedByDatabase,
                 format!("PostgreSQL refused the batch's data ({m}); nothing was written"),
             ),
             Error::ContentConflict { seqs } => (
                 S::CONFLICT,
-                "content_conflict",
+                C::ContentConflict,
                 format!(
                     "{} records reuse an (agent, epoch, seq) already stored with different content; nothing was written",
                     seqs.len()
@@ -467,56 +468,56 @@ impl Error {
             ),
             Error::DatabaseUnavailable { .. } => (
                 S::SERVICE_UNAVAILABLE,
-                "database_unavailable",
+                C::DatabaseUnavailable,
                 "the database is unavailable; nothing was written, retry later".into(),
             ),
             Error::NotAdmitted { refusal, .. } => match refusal {
                 Refusal::AgentInFlight => (
                     S::TOO_MANY_REQUESTS,
-                    "too_many_in_flight",
+                    C::TooManyInFlight,
                     "this agent already has its share of batches in progress; nothing was written, retry later".into(),
                 ),
                 Refusal::TenantInFlight => (
                     S::SERVICE_UNAVAILABLE,
-                    "overloaded",
+                    C::Overloaded,
                     "this tenant's agents hold all the database slots it may use; nothing was written, retry later".into(),
                 ),
                 Refusal::MemoryBudget => (
                     S::SERVICE_UNAVAILABLE,
-                    "overloaded",
+                    C::Overloaded,
                     "the aggregator's memory budget for batches is in use; nothing was written, retry later".into(),
                 ),
                 Refusal::DatabaseSlots => (
                     S::SERVICE_UNAVAILABLE,
-                    "overloaded",
+                    C::Overloaded,
                     "too many batches in progress; nothing was written, retry later".into(),
                 ),
                 Refusal::FairShare => (
                     S::SERVICE_UNAVAILABLE,
-                    "overloaded",
+                    C::Overloaded,
                     "this agent's earlier batches held its share of the aggregator until the request timed out; nothing was written, retry later".into(),
                 ),
             },
             Error::NotReady { .. } => (
                 S::SERVICE_UNAVAILABLE,
-                "not_ready",
+                C::NotReady,
                 "the database does not answer".into(),
             ),
-            Error::NotFound => (S::NOT_FOUND, "not_found", "no such route".into()),
+            Error::NotFound => (S::NOT_FOUND, C::NotFound, "no such route".into()),
             Error::AdminUnauthorized => (
                 S::UNAUTHORIZED,
-                "unauthorized",
+                C::Unauthorized,
                 "/agents needs Authorization: Bearer <the token in admin.agents_token_file>".into(),
             ),
-            Error::AdminForbidden(why) => (S::FORBIDDEN, "forbidden", (*why).into()),
+            Error::AdminForbidden(why) => (S::FORBIDDEN, C::Forbidden, (*why).into()),
             Error::MethodNotAllowed => (
                 S::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
+                C::MethodNotAllowed,
                 "method not allowed on this route".into(),
             ),
             Error::Internal => (
                 S::INTERNAL_SERVER_ERROR,
-                "internal",
+                C::Internal,
                 "internal error; nothing was written".into(),
             ),
         }
@@ -535,6 +536,7 @@ impl Error {
 impl IntoResponse for Error {
     fn into_response(self) -> Response {
         let (status, code, message) = self.status_code_message();
+        let code = code.as_str();
         let retry_after = self.retry_after();
         let body = match self {
             Error::InvalidRecords { details, .. } => {
@@ -875,7 +877,7 @@ async fn handle_batch(
 
 fn log_refusal(error: &Error, agent: &AgentIdentity) {
     let (status, code, message) = error.status_code_message();
-    info!(message = "batch refused", status = status.as_u16(), code, reason = %message, agent = %agent);
+    info!(message = "batch refused", status = status.as_u16(), code = code.as_str(), reason = %message, agent = %agent);
 }
 
 fn check_headers(headers: &HeaderMap, limits: &LimitsConfig) -> Result<(), Error> {

@@ -43,7 +43,7 @@ use serde::Serialize;
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
 
-use dcs_shared::wire::{self, Backlog, BatchAck, ErrorBody, OutRecord};
+use dcs_shared::wire::{self, Backlog, BatchAck, ErrorBody, ErrorCode, OutRecord};
 use uuid::Uuid;
 
 use crate::Error;
@@ -184,12 +184,6 @@ enum Outcome {
         reason: String,
     },
 }
-
-/// Error codes with which the aggregator refuses a batch for what some of
-/// its records hold, not for the batch as a whole.
-const PER_RECORD_ERRORS: [&str; 2] = ["invalid_records", "rejected_by_database"];
-/// The error code of a batch some of whose keys are taken.
-const CONTENT_CONFLICT: &str = "content_conflict";
 
 impl Outcome {
     fn label(&self) -> &'static str {
@@ -763,7 +757,7 @@ impl Inner {
         let (reason, per_record) = match &body {
             Some(body) => (
                 format!("{status}: {}: {}", body.error, body.message),
-                PER_RECORD_ERRORS.contains(&body.error.as_str()),
+                ErrorCode::parse(&body.error).is_some_and(ErrorCode::blames_records),
             ),
             None => (
                 format!("{status}: {}", text.chars().take(200).collect::<String>()),
@@ -771,7 +765,7 @@ impl Inner {
             ),
         };
         if let Some(body) = body
-            && body.error == CONTENT_CONFLICT
+            && ErrorCode::parse(&body.error) == Some(ErrorCode::ContentConflict)
         {
             let seqs = body
                 .details

@@ -219,6 +219,124 @@ pub fn check_records(
     problems
 }
 
+/// The `error` codes of the agents' batch API ([`ErrorBody::error`]): the
+/// aggregator answers with them and the forwarder branches on them, so both
+/// tiers use this one list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// The client certificate carries no valid identity (403).
+    BadIdentity,
+    /// The agent, its certificate or its tenant may not send (403).
+    Revoked,
+    /// A body not sent as gzip (415).
+    UnsupportedEncoding,
+    /// A content type other than JSON (415).
+    UnsupportedMediaType,
+    /// Too many records or bytes; the agent halves the batch (413).
+    BatchTooLarge,
+    /// The body did not arrive in time (408).
+    RequestTimeout,
+    /// The body could not be read (400).
+    BodyReadFailed,
+    /// Not a batch: bad gzip or JSON (400).
+    MalformedBatch,
+    /// A batch format version this aggregator does not speak (400).
+    UnsupportedVersion,
+    /// Some records fail the checks; `details` names them by seq (422).
+    InvalidRecords,
+    /// PostgreSQL refused some record's data (422).
+    RejectedByDatabase,
+    /// Some keys hold other records; `details` lists their seqs (409).
+    ContentConflict,
+    /// PostgreSQL is down or the commit's outcome is unknown (503).
+    DatabaseUnavailable,
+    /// This agent already has its share of batches in progress (429).
+    TooManyInFlight,
+    /// The tenant's or the aggregator's capacity is in use (503).
+    Overloaded,
+    /// The database does not answer (503).
+    NotReady,
+    /// No such route (404).
+    NotFound,
+    /// The admin `/agents` without its token (401).
+    Unauthorized,
+    /// The admin `/agents` refused (403).
+    Forbidden,
+    /// A method the route does not take (405).
+    MethodNotAllowed,
+    /// A bug; nothing was written (500).
+    Internal,
+}
+
+impl ErrorCode {
+    /// Every code, for tests and documentation checks.
+    pub const ALL: [ErrorCode; 21] = [
+        ErrorCode::BadIdentity,
+        ErrorCode::Revoked,
+        ErrorCode::UnsupportedEncoding,
+        ErrorCode::UnsupportedMediaType,
+        ErrorCode::BatchTooLarge,
+        ErrorCode::RequestTimeout,
+        ErrorCode::BodyReadFailed,
+        ErrorCode::MalformedBatch,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::InvalidRecords,
+        ErrorCode::RejectedByDatabase,
+        ErrorCode::ContentConflict,
+        ErrorCode::DatabaseUnavailable,
+        ErrorCode::TooManyInFlight,
+        ErrorCode::Overloaded,
+        ErrorCode::NotReady,
+        ErrorCode::NotFound,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::MethodNotAllowed,
+        ErrorCode::Internal,
+    ];
+
+    /// The code as it travels in [`ErrorBody::error`].
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadIdentity => "bad_identity",
+            ErrorCode::Revoked => "revoked",
+            ErrorCode::UnsupportedEncoding => "unsupported_encoding",
+            ErrorCode::UnsupportedMediaType => "unsupported_media_type",
+            ErrorCode::BatchTooLarge => "batch_too_large",
+            ErrorCode::RequestTimeout => "request_timeout",
+            ErrorCode::BodyReadFailed => "body_read_failed",
+            ErrorCode::MalformedBatch => "malformed_batch",
+            ErrorCode::UnsupportedVersion => "unsupported_version",
+            ErrorCode::InvalidRecords => "invalid_records",
+            ErrorCode::RejectedByDatabase => "rejected_by_database",
+            ErrorCode::ContentConflict => "content_conflict",
+            ErrorCode::DatabaseUnavailable => "database_unavailable",
+            ErrorCode::TooManyInFlight => "too_many_in_flight",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::NotReady => "not_ready",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::MethodNotAllowed => "method_not_allowed",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    /// The code named by `text`, if it is one of ours.
+    pub fn parse(text: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == text)
+    }
+
+    /// Refused for what some of the batch's records hold, not for the batch
+    /// as a whole: the agent halves the batch until the blamed records stand
+    /// alone, and only they become dead letters.
+    pub fn blames_records(self) -> bool {
+        matches!(
+            self,
+            ErrorCode::InvalidRecords | ErrorCode::RejectedByDatabase
+        )
+    }
+}
+
 /// The aggregator's answer to a batch, sent only after the transaction committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BatchAck {
@@ -294,6 +412,31 @@ impl ErrorBody {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_error_code_reads_back_as_itself_and_unknown_text_is_none() {
+        for code in ErrorCode::ALL {
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
+        }
+        assert_eq!(ErrorCode::parse("no_such_code"), None);
+        // docs/API.md's table is read literally by operators and checkers.
+        let api = include_str!("../../docs/API.md");
+        for code in ErrorCode::ALL {
+            assert!(
+                api.contains(&format!("| `{}` |", code.as_str())),
+                "docs/API.md's batch API table lacks `{}`",
+                code.as_str()
+            );
+        }
+        let blaming: Vec<_> = ErrorCode::ALL
+            .into_iter()
+            .filter(|c| c.blames_records())
+            .collect();
+        assert_eq!(
+            blaming,
+            [ErrorCode::InvalidRecords, ErrorCode::RejectedByDatabase]
+        );
+    }
 
     #[test]
     fn check_records_reports_every_problem_of_every_record_by_seq() {
