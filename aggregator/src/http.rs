@@ -35,9 +35,9 @@ use tracing::{debug, error, info, warn};
 use crate::admission::{self, Admission, MemoryPermit, Refusal};
 use crate::agent_gauges::{AgentGauges, LINK_DOWN_AFTER_SECS};
 use crate::config::{Config, LimitsConfig};
+use crate::connection::PresentedCertificate;
 use crate::platform::enrollment::{self, EnrollError, Signer};
 use crate::revocation::{Denied, DenyList, Verdict};
-use crate::server::PresentedCertificate;
 use crate::store::{self, CopyRows, Failure, PreparedBatch};
 
 /// `/ready` must answer before a load balancer's probe gives up (typically
@@ -343,23 +343,9 @@ fn batch_outcome(result: &Result<Json<BatchAck>, Error>) -> &'static str {
     }
 }
 
-/// Served instead of [`router`] on a connection whose verified certificate
-/// carries no usable `dcs://` identity: the chain is ours, so the peer is told
-/// why, but it may not do anything.
-pub(crate) fn forbidden_router(reason: String) -> Router {
-    let reason: Arc<str> = reason.into();
-    Router::new()
-        .fallback(move || {
-            let reason = reason.clone();
-            async move { Error::BadIdentity(reason) }
-        })
-        .layer(axum::middleware::from_fn(crate::error_shape::json_errors))
-}
-
 /// Why a request failed; each variant is one status and one `error` code.
 #[derive(Debug)]
 pub(crate) enum Error {
-    BadIdentity(Arc<str>),
     /// On the deny list: the agent, its certificate's serial, or its tenant.
     Revoked(Denied),
     UnsupportedEncoding(String),
@@ -404,11 +390,6 @@ impl Error {
         use ErrorCode as C;
         use StatusCode as S;
         match self {
-            Error::BadIdentity(reason) => (
-                S::FORBIDDEN,
-                C::BadIdentity,
-                format!("the client certificate carries no valid dcs:// identity: {reason}"),
-            ),
             Error::Revoked(why) => (
                 S::FORBIDDEN,
                 C::Revoked,
@@ -657,7 +638,7 @@ async fn renew(
     state: State<AppState>,
     agent: Extension<AgentIdentity>,
     presented: Option<Extension<PresentedCertificate>>,
-    peer: Option<Extension<crate::server::PeerAddr>>,
+    peer: Option<Extension<crate::connection::PeerAddr>>,
     request: Result<Json<dcs_certs::enroll::RenewRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<dcs_certs::enroll::IssuedCertificate>, EnrollError> {
     let Json(request) = request.map_err(enrollment::bad_body)?;
@@ -936,7 +917,7 @@ async fn read_body(
             let frame = frame.map_err(|error| {
                 if error.downcast_ref::<LengthLimitError>().is_some() {
                     too_large_compressed(limits)
-                } else if crate::server::SlowBody::is_cause_of(error.as_ref()) {
+                } else if crate::connection::SlowBody::is_cause_of(error.as_ref()) {
                     // Cut by the listener's minimum body rate: a timeout,
                     // which the agent retries, not a bad batch.
                     Error::RequestTimeout
@@ -1196,26 +1177,6 @@ mod tests {
         let body = Body::from(vec![0u8; 10]);
         let (read, _memory) = read_body(body, &small, &admission, deadline).await.unwrap();
         assert_eq!(read.len(), 10);
-    }
-
-    #[tokio::test]
-    async fn a_certificate_without_identity_gets_403_on_every_route() {
-        use tower::ServiceExt as _;
-        for path in ["/health", wire::BATCHES_PATH, "/anything"] {
-            let response = forbidden_router("no dcs:// URI SAN".into())
-                .oneshot(axum::http::Request::get(path).body(Body::empty()).unwrap())
-                .await
-                .unwrap();
-            assert_eq!(response.status(), StatusCode::FORBIDDEN, "{path}");
-            let bytes = response.into_body().collect().await.unwrap().to_bytes();
-            let body: ErrorBody = serde_json::from_slice(&bytes).unwrap();
-            assert_eq!(body.error, "bad_identity");
-            assert!(
-                body.message.contains("no dcs:// URI SAN"),
-                "{}",
-                body.message
-            );
-        }
     }
 
     #[test]

@@ -45,6 +45,7 @@
 mod admission;
 mod agent_gauges;
 pub mod config;
+mod connection;
 mod error_shape;
 mod http;
 pub mod platform;

@@ -49,8 +49,9 @@ use tower::util::BoxCloneService;
 use tracing::{debug, info, warn};
 
 use crate::config::{BODY_RATE_GRACE, ConnectionsConfig, LimitsConfig, MAX_CONNECTION_AGE_JITTER};
-use crate::http;
+use crate::connection::{PeerAddr, PresentedCertificate, SlowBody};
 use crate::revocation::AgentCertificate;
+use dcs_shared::wire::{ErrorBody, ErrorCode};
 
 /// Pause after a failed accept (e.g. out of file descriptors), so the loop
 /// does not spin while the condition lasts.
@@ -171,29 +172,6 @@ impl Policy {
         })
     }
 }
-
-/// The certificate an agent's connection presented, attached to each of its
-/// requests for the deny list, and whether the agents table already has it.
-#[derive(Debug, Clone)]
-pub(crate) struct PresentedCertificate {
-    pub cert: Arc<AgentCertificate>,
-    /// Set once a batch on this connection stored the certificate's details,
-    /// so they are written once per connection, not once per batch.
-    pub recorded: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl PresentedCertificate {
-    fn new(cert: AgentCertificate) -> Self {
-        PresentedCertificate {
-            cert: Arc::new(cert),
-            recorded: Arc::default(),
-        }
-    }
-}
-
-/// The TCP peer of a platform API connection.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct PeerAddr(pub SocketAddr);
 
 /// Open connections per source address of one listener.
 #[derive(Default)]
@@ -414,7 +392,7 @@ fn service_for(
             }
             Err(reason) => {
                 info!(message = "verified certificate without a usable identity; refusing its requests", %peer, %reason);
-                ServiceExt::<hyper::Request<Body>>::boxed_clone(http::forbidden_router(reason))
+                ServiceExt::<hyper::Request<Body>>::boxed_clone(forbidden_router(reason))
             }
         };
     let min_rate = policy.connections.min_body_rate.0;
@@ -467,6 +445,21 @@ impl hyper::body::Body for TrackedBody {
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// Answers every request of a connection whose verified certificate holds
+/// no usable identity: 403 `bad_identity`, naming why.
+fn forbidden_router(reason: String) -> Router {
+    let body = ErrorBody::new(
+        ErrorCode::BadIdentity.as_str(),
+        format!("the client certificate carries no valid dcs:// identity: {reason}"),
+    );
+    Router::new()
+        .fallback(move || {
+            let body = body.clone();
+            async move { (hyper::StatusCode::FORBIDDEN, axum::Json(body)) }
+        })
+        .layer(axum::middleware::from_fn(crate::error_shape::json_errors))
 }
 
 async fn connection(
@@ -660,27 +653,6 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
-/// Why a request body was cut: it arrived slower than
-/// `connections.min_body_rate`, or not within the whole-body deadline. The
-/// batch handler answers 408 for it, so the agent resends the batch.
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub(crate) struct SlowBody(&'static str);
-
-impl SlowBody {
-    /// Whether `error` (or anything it wraps) is a [`SlowBody`].
-    pub(crate) fn is_cause_of(error: &(dyn std::error::Error + 'static)) -> bool {
-        let mut cause = Some(error);
-        while let Some(error) = cause {
-            if error.is::<SlowBody>() {
-                return true;
-            }
-            cause = error.source();
-        }
-        false
-    }
-}
-
 /// A request body that fails once it falls below the minimum rate: after
 /// [`BODY_RATE_GRACE`], `received` bytes must have arrived by
 /// `start + grace + received / rate`.
@@ -800,5 +772,31 @@ fn handshake_failure_reason(error: &std::io::Error) -> &'static str {
         "no_certificate"
     } else {
         "other"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_certificate_without_identity_gets_403_on_every_route() {
+        use http_body_util::BodyExt as _;
+        use tower::ServiceExt as _;
+        for path in ["/health", dcs_shared::wire::BATCHES_PATH, "/anything"] {
+            let response = forbidden_router("no dcs:// URI SAN".into())
+                .oneshot(axum::http::Request::get(path).body(Body::empty()).unwrap())
+                .await
+                .unwrap();
+            assert_eq!(response.status(), hyper::StatusCode::FORBIDDEN, "{path}");
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            let body: ErrorBody = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(body.error, "bad_identity");
+            assert!(
+                body.message.contains("no dcs:// URI SAN"),
+                "{}",
+                body.message
+            );
+        }
     }
 }

@@ -613,6 +613,17 @@ impl Config {
             "must be greater than zero",
         );
         crate::sources::validate(&self.sources, &mut issues);
+        // Here, not in `sources`: this module owns the override prefix.
+        for (i, source) in self.sources.iter().enumerate() {
+            let url_env = source.database.as_ref().and_then(|d| d.url_env.as_deref());
+            issues.check(
+                !url_env.is_some_and(|v| v.starts_with(ENV_PREFIX)),
+                &format!("sources[{i}].database.url_env"),
+                format!(
+                    "must not start with {ENV_PREFIX} (those variables are configuration overrides)"
+                ),
+            );
+        }
         crate::schema::Schemas::compile(&self.streams, &mut issues);
         crate::syslog::compile(&self.syslog, self.limits(), &mut issues);
         issues.into_result()

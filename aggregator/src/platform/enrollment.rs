@@ -40,8 +40,8 @@ use super::audit::{self, Entry, Outcome};
 use super::auth::{self, Principal};
 use super::{ApiError, PlatformState, Remote};
 use crate::config::Config;
+use crate::connection::PeerAddr;
 use crate::revocation::{Denied, DenyList, Verdict};
-use crate::server::PeerAddr;
 
 /// Tells an enrollment token apart from an API token (`dcs_`) at a glance.
 pub const ENROLLMENT_TOKEN_PREFIX: &str = "dcse_";

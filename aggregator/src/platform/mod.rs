@@ -53,8 +53,8 @@ use base64::Engine as _;
 use dcs_shared::wire::ErrorBody;
 use sqlx::PgPool;
 
+use crate::connection::PeerAddr;
 use crate::revocation::DenyList;
-use crate::server::PeerAddr;
 
 /// Shared by every platform request.
 #[derive(Clone)]

@@ -85,14 +85,6 @@ impl DatabaseConfig {
             &k("url_file"),
             "set url_file or url_env (exactly one): the URL itself never goes in the config",
         );
-        issues.check(
-            !self
-                .url_env
-                .as_deref()
-                .is_some_and(|v| v.starts_with(crate::config::ENV_PREFIX)),
-            &k("url_env"),
-            "must not start with DCS_EDGE_ (those variables are configuration overrides)",
-        );
         if self.url_file.is_some() || self.url_env.is_some() {
             match self.url() {
                 Ok(url) => issues.check(
