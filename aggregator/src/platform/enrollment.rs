@@ -13,10 +13,13 @@
 //!   (enrollment) or from the verified client certificate (renewal), see
 //!   [`dcs_certs::Ca::sign_agent_csr`]. A CSR naming another agent, asking
 //!   for a CA flag or extra names gets none of it.
-//! - **Every outcome is audited**: a refused enrollment (unknown, used,
-//!   expired or disabled token) is appended on its own, outside the rolled
-//!   back transaction; a successful one in the transaction that spends the
-//!   token.
+//! - **Outcomes are audited**: a successful enrollment in the transaction
+//!   that spends the token; a refused one (unknown, used, expired or
+//!   disabled token) on its own, outside the rolled-back transaction, as
+//!   `RefusalThrottle` allows: past its per-window limits refusals are only
+//!   counted, and an address or prefix refused too often gets 429
+//!   `too_many_refusals` before its token is looked up. Refused renewals are
+//!   appended one by one (a renewal carries a valid client certificate).
 //! - Off unless `[enrollment] enabled = true`: without the CA key the
 //!   endpoints answer 404 `enrollment_disabled`.
 
