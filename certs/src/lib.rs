@@ -513,7 +513,11 @@ pub fn validate_identifier(kind: &'static str, value: &str) -> Result<(), Error>
 
 /// The URI SAN of an agent certificate, as the aggregator reads it back.
 fn agent_uri(tenant: &str, agent: &str) -> String {
-    format!("{}{tenant}/{agent}", dcs_shared::identity::URI_SCHEME)
+    dcs_shared::identity::AgentIdentity {
+        tenant: tenant.to_owned(),
+        agent: agent.to_owned(),
+    }
+    .uri()
 }
 
 /// Checks a DNS name for a server certificate: ASCII labels of letters,

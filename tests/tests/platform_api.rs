@@ -638,14 +638,8 @@ async fn the_platform_api_runs_on_threads_of_its_own_below_the_agents_priority()
     let db = TestDb::new().await;
     let p = start(&pki, &db).await;
     let admin = token(&db, "admin", None).await;
-    let answer = p
-        .client
-        .get(p.endpoint("/api/v1/agents"))
-        .bearer_auth(&admin)
-        .send()
-        .await
-        .expect("platform call");
-    assert_eq!(answer.status(), StatusCode::OK);
+    let (status, _) = get(&p, &admin, "/api/v1/agents").await;
+    assert_eq!(status, StatusCode::OK);
 
     let own = thread_nice(std::path::Path::new("/proc/thread-self/stat")).expect("own nice");
     let expected = (own + dcs_aggregator::PLATFORM_NICE).min(19);
@@ -666,4 +660,5 @@ async fn the_platform_api_runs_on_threads_of_its_own_below_the_agents_priority()
         platform_threads.iter().all(|&nice| nice == expected),
         "platform threads at nice {platform_threads:?}, expected {expected} (this thread {own})"
     );
+    p.aggregator.stop().await;
 }

@@ -1,9 +1,11 @@
 //! One syslog message to one record: parsing (RFC 5424, then RFC 3164, by
 //! `syslog_loose`), the stream template and the payload.
 //!
-//! The record then goes through the push API's own checks
-//! ([`dcs_shared::record::validate_incoming`] and the stream's JSON Schema),
-//! so a syslog record is held to exactly the rules of a pushed one.
+//! The record is held to the push API's own rules: its payload to
+//! [`dcs_shared::record::validate_payload`] and the stream's JSON Schema, its
+//! stream to [`dcs_shared::record::validate_stream`] (a template's expansion
+//! here, literal templates and the fallback at start-up), its timestamp to
+//! [`dcs_shared::record::parse_ts`].
 
 use dcs_shared::record::{self, FieldError, Limits, Record};
 use serde::Serialize;
