@@ -49,4 +49,4 @@ say "$("$VENV/bin/pip" freeze | grep -E '^opentelemetry-(sdk|exporter-otlp-proto
 
 section "10,000 log records: SDK exporter → agent /v1/logs → aggregator → PostgreSQL"
 DCS_OTLP_PYTHON="$VENV/bin/python" \
-    cargo test --workspace --test otlp_recipe -- --ignored --nocapture
+    cargo test --workspace --test e2e -- --ignored --nocapture otlp_recipe::

@@ -11,7 +11,7 @@
 //! it in its own step:
 //!
 //! ```text
-//! cargo test -p dcs-tests --test fleet -- --ignored --nocapture
+//! cargo test -p dcs-tests --test e2e -- --ignored --nocapture fleet::
 //! ```
 //!
 //! The benchmark at N = 1 ... 1000 is `bash scripts/bench.sh --fleet`.

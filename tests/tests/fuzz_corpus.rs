@@ -8,7 +8,7 @@
 //! the fuzzer always starts from inputs that reach the deepest code.
 //!
 //! The corpus is written by `regenerate_the_seed_corpus` (ignored):
-//! `cargo test -p dcs-tests --test fuzz_corpus -- --ignored`.
+//! `cargo test -p dcs-tests --test e2e -- --ignored fuzz_corpus::`.
 
 use std::io::Write as _;
 use std::panic::{AssertUnwindSafe, catch_unwind};

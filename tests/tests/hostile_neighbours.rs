@@ -40,7 +40,7 @@
 //!
 //! Run by `scripts/test.sh` as its own step (it is `#[ignore]`d in the
 //! workspace run so it does not run twice):
-//! `cargo test -p dcs-tests --test hostile_neighbours -- --ignored --nocapture`.
+//! `cargo test -p dcs-tests --test e2e -- --ignored --nocapture hostile_neighbours::`.
 
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};

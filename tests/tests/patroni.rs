@@ -25,7 +25,7 @@
 //!
 //! ```text
 //! scripts/ha.sh install
-//! cargo test -p dcs-tests --test patroni -- --ignored --nocapture --test-threads=1
+//! cargo test -p dcs-tests --test e2e -- --ignored --nocapture --test-threads=1 patroni::
 //! ```
 
 use std::path::{Path, PathBuf};

@@ -13,7 +13,7 @@
 //! in their own step of scripts/test.sh:
 //!
 //! ```text
-//! cargo test -p dcs-tests --test scaleout -- --ignored --nocapture --test-threads=1
+//! cargo test -p dcs-tests --test e2e -- --ignored --nocapture --test-threads=1 scaleout::
 //! ```
 //!
 //! The agents are real `dcs-edge` agents (buffer, forwarder, HTTP/2 client)
@@ -385,7 +385,7 @@ async fn an_added_replica_takes_a_share_within_max_age() {
 /// 150 s. About three minutes, so it is not in scripts/test.sh:
 ///
 /// ```text
-/// cargo test -p dcs-tests --test scaleout -- --ignored --nocapture default_settings
+/// cargo test -p dcs-tests --test e2e -- --ignored --nocapture scaleout::with_default_settings
 /// ```
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "about three minutes: a documented command (docs/OPERATIONS.md), not in CI"]
