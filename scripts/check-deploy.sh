@@ -197,7 +197,9 @@ check_package() {
     local profile=${DCS_DEB_PROFILE:-dev} out deb
     if [[ "$profile" == dev ]]; then
         say "cargo deb -p $PKG --profile dev --no-build (the debug build of dcs-edge)"
-        cargo build -q -p "$PKG" --bin dcs-edge --locked
+        # The workspace build (a no-op after test.sh's): `-p dcs-edge` alone
+        # would resolve other dependency features and rebuild the agent.
+        cargo build -q --workspace --bins --locked
         out=$(cargo deb -p "$PKG" --profile dev --no-build --locked 2>&1 | tee >(cat >&2))
     else
         say "cargo deb -p $PKG --profile $profile"
@@ -271,7 +273,7 @@ check_package() {
 
     say "the packaged agent, as its service user, with the installed config"
     local certs="$TARGET_DIR/debug/dcs-certs"
-    [[ -x "$certs" ]] || cargo build -q -p dcs-certs --bin dcs-certs
+    [[ -x "$certs" ]] || cargo build -q --workspace --bins
     "$certs" init --out "$SCRATCH/pki/ca" >/dev/null
     "$certs" agent --ca "$SCRATCH/pki/ca" --tenant example --agent pkg-test --out "$SCRATCH/pki/agent" >/dev/null
     as_root install -m 0644 -o root -g root "$SCRATCH/pki/agent/ca.pem" /etc/dcs/ca.pem

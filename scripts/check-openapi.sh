@@ -25,7 +25,10 @@ VENV=.dcs/openapi-venv
 DOC=.dcs/openapi.json
 
 section "build and print the document"
-cargo build --quiet -p dcs-aggregator --bin dcs-aggregator
+# The workspace build test.sh has already made (a no-op then): building the
+# one package would resolve its dependencies' features differently and
+# rebuild them, and the aggregator, for every later step.
+cargo build --quiet --workspace --bins
 mkdir -p .dcs
 target/debug/dcs-aggregator openapi >"$DOC"
 say "wrote $DOC ($(wc -c <"$DOC") bytes)"
