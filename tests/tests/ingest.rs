@@ -261,6 +261,30 @@ async fn put_is_idempotent_and_get_tells_where_a_record_is() {
 }
 
 #[tokio::test]
+async fn put_of_more_than_one_record_is_400_one_record_expected_and_buffers_nothing() {
+    let a = agent_with(|_| {}).await;
+    let url = a.agent.endpoint("/v1/records/batch-1");
+    let two = json!([
+        {"stream": "orders", "payload": {"n": 1}},
+        {"stream": "orders", "payload": {"n": 2}}
+    ]);
+    let answer = a
+        .http
+        .put(&url)
+        .header("content-type", "application/json")
+        .body(two.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 400);
+    let error: Value = answer.json().await.unwrap();
+    assert_eq!(error["error"], "one_record_expected", "{error}");
+    assert_eq!(a.buffered().await, 0);
+    let absent = a.http.get(&url).send().await.unwrap();
+    assert_eq!(absent.status(), 404);
+}
+
+#[tokio::test]
 async fn health_ready_and_status_answer() {
     let a = agent_with(|_| {}).await;
     let h = a
