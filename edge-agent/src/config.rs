@@ -1,18 +1,27 @@
 //! The agent's typed configuration: TOML file, then `DCS_EDGE_*` overrides
 //! (`DCS_EDGE_BATCH__MAX_RECORDS=500` sets `batch.max_records`), then
-//! [`Config::validate`], which names every bad key at once.
+//! [`Config::compile`], which names every bad key at once.
+//!
+//! Checking a value and working it out are one step: [`Config::compile`]
+//! keeps what it parsed, read and compiled (schedules, transforms, stream
+//! schemas, syslog listeners, record limits) in a [`CompiledConfig`], the
+//! only thing the agent runs on ([`crate::run`]). Nothing is parsed or read
+//! a second time, so what runs is what was checked.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
 
 use dcs_shared::config::{ByteSize, ConfigError, Issues, duration};
-use dcs_shared::record::DEFAULT_MAX_PAYLOAD_BYTES;
+use dcs_shared::record::{DEFAULT_MAX_PAYLOAD_BYTES, Limits};
 use dcs_shared::telemetry::LogFormat;
 
 use crate::buffer::{BufferOptions, Durability, Overflow};
+use crate::schema::Schemas;
+use crate::sources::{Source, SourceKind};
 
 pub const ENV_PREFIX: &str = "DCS_EDGE_";
 
@@ -439,19 +448,39 @@ impl Default for LogConfig {
     }
 }
 
+/// A [`Config`] that passed every check, with what the checks worked out.
+/// Made only by [`Config::compile`].
+#[derive(Debug)]
+pub struct CompiledConfig {
+    pub(crate) config: Config,
+    /// `[[sources]]`, schedules parsed and transforms compiled.
+    pub(crate) sources: Vec<Source>,
+    /// `[streams]`, schema files read and compiled.
+    pub(crate) schemas: Arc<Schemas>,
+    /// `[[syslog]]`.
+    pub(crate) syslog: Vec<crate::syslog::Spec>,
+    /// The record limits every ingest path enforces.
+    pub(crate) limits: Limits,
+}
+
+impl CompiledConfig {
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+}
+
 impl Config {
-    /// Reads the file (if any) and the process environment, then validates.
-    pub fn load(file: Option<&Path>) -> Result<Config, ConfigError> {
+    /// Reads the file (if any) and the process environment, then compiles.
+    pub fn load(file: Option<&Path>) -> Result<CompiledConfig, ConfigError> {
         Self::load_from(file, std::env::vars())
     }
 
     pub fn load_from(
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
-    ) -> Result<Config, ConfigError> {
+    ) -> Result<CompiledConfig, ConfigError> {
         let config: Config = dcs_shared::config::load(file, ENV_PREFIX, env)?;
-        config.validate()?;
-        Ok(config)
+        config.compile()
     }
 
     /// A config with every default, for tests and the demo.
@@ -472,7 +501,15 @@ impl Config {
         }
     }
 
+    /// Checks without keeping the result; the agent runs on
+    /// [`Config::compile`]'s.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.clone().compile().map(drop)
+    }
+
+    /// Checks every key, naming each bad one, and keeps what the checks
+    /// parsed, read and compiled.
+    pub fn compile(self) -> Result<CompiledConfig, ConfigError> {
         let mut issues = Issues::default();
         issues.check(
             self.listen.address.parse::<SocketAddr>().is_ok(),
@@ -612,10 +649,13 @@ impl Config {
             "jobs.retention",
             "must be greater than zero",
         );
-        crate::sources::validate(&self.sources, &mut issues);
+        let sources = crate::sources::compile(&self.sources, &mut issues);
         // Here, not in `sources`: this module owns the override prefix.
         for (i, source) in self.sources.iter().enumerate() {
-            let url_env = source.database.as_ref().and_then(|d| d.url_env.as_deref());
+            let url_env = match &source.kind {
+                SourceKind::Database(d) => d.url_env.as_deref(),
+                SourceKind::File(_) | SourceKind::Http(_) => None,
+            };
             issues.check(
                 !url_env.is_some_and(|v| v.starts_with(ENV_PREFIX)),
                 &format!("sources[{i}].database.url_env"),
@@ -624,30 +664,19 @@ impl Config {
                 ),
             );
         }
-        crate::schema::Schemas::compile(&self.streams, &mut issues);
-        crate::syslog::compile(&self.syslog, self.limits(), &mut issues);
-        issues.into_result()
-    }
-
-    /// The record limits every ingest path enforces.
-    pub fn limits(&self) -> dcs_shared::record::Limits {
-        dcs_shared::record::Limits {
+        let schemas = Schemas::compile(&self.streams, &mut issues);
+        let limits = Limits {
             max_payload_bytes: self.ingest.max_payload_bytes.as_usize(),
-        }
-    }
-
-    /// The compiled `[[syslog]]` listeners.
-    pub(crate) fn syslog_listeners(&self) -> Result<Vec<crate::syslog::Spec>, ConfigError> {
-        let mut issues = Issues::default();
-        let specs = crate::syslog::compile(&self.syslog, self.limits(), &mut issues);
-        issues.into_result().map(|()| specs)
-    }
-
-    /// The compiled `[streams]` schemas (read again from their files).
-    pub fn schemas(&self) -> Result<crate::schema::Schemas, ConfigError> {
-        let mut issues = Issues::default();
-        let schemas = crate::schema::Schemas::compile(&self.streams, &mut issues);
-        issues.into_result().map(|()| schemas)
+        };
+        let syslog = crate::syslog::compile(&self.syslog, limits, &mut issues);
+        issues.into_result()?;
+        Ok(CompiledConfig {
+            config: self,
+            sources,
+            schemas: Arc::new(schemas),
+            syslog,
+            limits,
+        })
     }
 
     /// Reads the encryption keys too, hence fallible.
@@ -719,6 +748,7 @@ mod tests {
     fn environment_alone_is_a_complete_config_with_defaults() {
         let dir = files();
         let c = Config::load_from(None, base_env(dir.path())).unwrap();
+        let c = c.config();
         assert_eq!(c.listen.address, DEFAULT_LISTEN);
         assert_eq!(c.buffer.overflow, Overflow::Reject);
         assert_eq!(c.buffer.durability, Durability::PowerLoss);
@@ -737,6 +767,7 @@ mod tests {
         let mut e = base_env(dir.path());
         e.extend(env(&[("DCS_EDGE_BATCH__MAX_RECORDS", "20")]));
         let c = Config::load_from(Some(&file), e).unwrap();
+        let c = c.config();
         assert_eq!(c.buffer.overflow, Overflow::DropOldest);
         assert_eq!(c.buffer.durability, Durability::ProcessCrash);
         assert_eq!(c.batch.max_records, 20);
@@ -791,7 +822,7 @@ format = "csv"
         let c = Config::load_from(Some(&file), base_env(dir.path())).unwrap();
         assert_eq!(c.sources.len(), 1);
         assert_eq!(c.sources[0].jitter, Duration::from_secs(5));
-        assert_eq!(c.jobs.retention, Duration::from_secs(2 * 24 * 3600));
+        assert_eq!(c.config.jobs.retention, Duration::from_secs(2 * 24 * 3600));
 
         std::fs::write(
             &file,
@@ -806,7 +837,7 @@ paths = ["logs/*.log", "/var/*/x.log"]
 format = "lines"
 [[sources]]
 name = "app"
-kind = "database"
+kind = "http"
 stream = "db"
 jitter = "2m"
 [sources.http]
@@ -823,13 +854,49 @@ url = "ftp://nope"
             "sources[0].file.paths[0]",
             "sources[0].file.paths[1]",
             "sources[1].name",
-            "sources[1].database",
-            "sources[1].http",
+            "sources[1].http.url",
             "sources[1].jitter",
         ] {
             assert!(err.contains(key), "{key} missing from: {err}");
         }
         assert!(err.contains("cron"), "{err}");
+    }
+
+    #[test]
+    fn a_source_without_the_section_of_its_kind_is_refused_naming_both_sections() {
+        let dir = files();
+        let file = dir.path().join("edge.toml");
+        std::fs::write(
+            &file,
+            r#"
+[[sources]]
+name = "app"
+kind = "file"
+stream = "app.logs"
+[sources.file]
+paths = ["/var/log/app/*.log"]
+format = "lines"
+[[sources]]
+name = "db"
+kind = "database"
+stream = "db"
+[sources.http]
+url = "https://api.example/items"
+"#,
+        )
+        .unwrap();
+        let err = Config::load_from(Some(&file), base_env(dir.path()))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sources[1]: "), "{err}");
+        assert!(
+            err.contains(r#"a [sources.database] section is required when kind = "database""#),
+            "{err}"
+        );
+        assert!(
+            err.contains(r#"[sources.http] is only allowed when kind = "http""#),
+            "{err}"
+        );
     }
 
     #[test]
@@ -868,12 +935,11 @@ schema = '{{"type": "object"}}'
         .unwrap();
         let c = Config::load_from(Some(&file), base_env(dir.path())).unwrap();
         assert!(matches!(
-            c.sources[0].schedule(),
-            Ok(crate::sources::Schedule::Cron(_))
+            c.sources[0].schedule,
+            crate::sources::Schedule::Cron(_)
         ));
-        assert!(c.sources[0].compiled_transform().is_some());
-        let schemas = c.schemas().unwrap();
-        assert!(schemas.has("plant.readings") && schemas.has("app.logs"));
+        assert!(c.sources[0].transform.is_some());
+        assert!(c.schemas.has("plant.readings") && c.schemas.has("app.logs"));
 
         std::fs::write(&schema, "{\"type\": 12}").unwrap();
         let err = Config::load_from(Some(&file), base_env(dir.path()))
@@ -919,7 +985,7 @@ receive_buffer = "4MiB"
         )
         .unwrap();
         let c = Config::load_from(Some(&file), base_env(dir.path())).unwrap();
-        assert_eq!(c.syslog_listeners().unwrap().len(), 2);
+        assert_eq!(c.syslog.len(), 2);
 
         std::fs::write(
             &file,

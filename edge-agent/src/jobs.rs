@@ -37,8 +37,7 @@ use crate::buffer::{Buffer, BufferError};
 use crate::ingest::ApiError;
 use crate::schema::Schemas;
 use crate::sources::schedule::{self, CronSchedule, MAX_SLEEP_SLICE};
-use crate::sources::{self, RunContext, RunReport, Schedule, SourceConfig};
-use crate::transform::Transform;
+use crate::sources::{self, RunContext, RunReport, Schedule, Source};
 
 /// Jobs listed when the client gives no `limit`.
 const DEFAULT_LIST_LIMIT: u32 = 50;
@@ -191,9 +190,7 @@ pub enum TriggerError {
 
 /// One configured source and whether it runs now.
 struct Slot {
-    config: SourceConfig,
-    /// Compiled once at start; handed to every run.
-    transform: Option<Arc<Transform>>,
+    source: Source,
     running: AtomicBool,
 }
 
@@ -217,7 +214,7 @@ impl Jobs {
     /// source that has an interval or a cron expression. The first run of an
     /// interval starts at once; a cron source waits for its first fire.
     pub async fn start(
-        sources: &[SourceConfig],
+        sources: Vec<Source>,
         retention: Duration,
         buffer: Buffer,
         limits: Limits,
@@ -239,14 +236,14 @@ impl Jobs {
         let jobs = Arc::new(Jobs {
             buffer,
             sources: sources
-                .iter()
-                .map(|c| {
+                .into_iter()
+                .map(|source| {
+                    let name = source.name.clone();
                     let slot = Slot {
-                        config: c.clone(),
-                        transform: c.compiled_transform().map(Arc::new),
+                        source,
                         running: AtomicBool::new(false),
                     };
-                    (c.name.clone(), Arc::new(slot))
+                    (name, Arc::new(slot))
                 })
                 .collect(),
             limits,
@@ -257,15 +254,14 @@ impl Jobs {
             tasks: Mutex::new(Vec::new()),
         });
         for slot in jobs.sources.values() {
-            let (name, jitter) = (slot.config.name.clone(), slot.config.jitter);
-            let task = match slot.config.schedule() {
-                Ok(Schedule::Every(every)) => {
-                    tokio::spawn(jobs.clone().schedule(name, every, jitter))
+            let (name, jitter) = (slot.source.name.clone(), slot.source.jitter);
+            let task = match &slot.source.schedule {
+                Schedule::Every(every) => tokio::spawn(jobs.clone().schedule(name, *every, jitter)),
+                Schedule::Cron(cron) => {
+                    tokio::spawn(jobs.clone().schedule_cron(name, (**cron).clone(), jitter))
                 }
-                Ok(Schedule::Cron(cron)) => {
-                    tokio::spawn(jobs.clone().schedule_cron(name, *cron, jitter))
-                }
-                Ok(Schedule::Manual) | Err(_) => continue,
+                // Runs only when triggered through the API.
+                Schedule::Manual => continue,
             };
             jobs.tasks.lock().expect("tasks lock").push(task);
         }
@@ -374,7 +370,7 @@ impl Jobs {
     }
 
     async fn run(self: Arc<Self>, slot: Arc<Slot>, id: String) {
-        let name = slot.config.name.clone();
+        let name = slot.source.name.clone();
         let started = now_us();
         let before = self.snapshot(&name).await;
         let (row_id, row_before) = (id.clone(), before.clone());
@@ -397,10 +393,10 @@ impl Jobs {
                 buffer: self.buffer.clone(),
                 limits: self.limits,
                 stop: self.stop.clone(),
-                transform: slot.transform.clone(),
+                transform: slot.source.transform.clone(),
                 schemas: self.schemas.clone(),
             };
-            let (r, result) = sources::collect(slot.config.clone(), ctx).await;
+            let (r, result) = sources::collect(slot.source.clone(), ctx).await;
             report = r;
             if let Err(error) = result {
                 report.errors.push(error.to_string());

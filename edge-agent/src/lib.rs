@@ -3,7 +3,8 @@
 //! them in gzip batches over mutual TLS to the aggregator.
 //!
 //! # Layout
-//! - [`config`]: typed configuration (TOML + `DCS_EDGE_*`), validated at start.
+//! - [`config`]: typed configuration (TOML + `DCS_EDGE_*`), checked and
+//!   compiled once at start; the agent runs on the compiled result.
 //! - [`buffer`]: the durable SQLite buffer: group commit, acks, dead letters.
 //! - [`ingest`]: the local HTTP API (records, status, health).
 //! - [`body_encoding`]: gzip and zstd request bodies, with size bounds.
@@ -57,7 +58,7 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 
-pub use config::Config;
+pub use config::{CompiledConfig, Config};
 
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -80,10 +81,17 @@ pub enum Error {
 /// lets in-flight requests finish, gives in-flight batches a grace period and
 /// closes the buffer cleanly.
 pub async fn run(
-    config: Config,
+    config: CompiledConfig,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
+    let CompiledConfig {
+        config,
+        sources,
+        schemas,
+        syslog: syslog_listeners,
+        limits,
+    } = config;
     let opts = config.buffer_options()?;
     // Installed before the buffer is checked, so the quarantine and salvage
     // counts recorded at start-up are exported.
@@ -155,25 +163,14 @@ pub async fn run(
         )));
     }
 
-    let limits = dcs_shared::record::Limits {
-        max_payload_bytes: config.ingest.max_payload_bytes.as_usize(),
-    };
-    let schemas = Arc::new(
-        config
-            .schemas()
-            .map_err(|e| Error::Startup(format!("compile stream schemas: {e}")))?,
-    );
     let jobs = jobs::Jobs::start(
-        &config.sources,
+        sources,
         config.jobs.retention,
         buffer.clone(),
         limits,
         schemas.clone(),
     )
     .await?;
-    let syslog_listeners = config
-        .syslog_listeners()
-        .map_err(|e| Error::Startup(e.to_string()))?;
     let syslog = syslog::Listeners::start(
         syslog_listeners,
         syslog::Sink {
@@ -186,9 +183,7 @@ pub async fn run(
     let app = ingest::router(ingest::AppState {
         buffer: buffer.clone(),
         link,
-        limits: dcs_shared::record::Limits {
-            max_payload_bytes: config.ingest.max_payload_bytes.as_usize(),
-        },
+        limits,
         max_request_bytes: config.ingest.max_request_bytes.as_usize(),
         metrics: metrics_handle,
         quarantine: Arc::new(prepared.reports),

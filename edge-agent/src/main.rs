@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
-use dcs_edge::Config;
+use dcs_edge::{CompiledConfig, Config};
 
 /// DCS edge agent: buffers records durably and forwards them over mutual TLS.
 #[derive(Parser)]
@@ -202,9 +202,10 @@ const RUNTIME_WORKER_THREADS: usize = 2;
 /// tokio's default of up to 512 threads, each with its own malloc arena.
 const RUNTIME_MAX_BLOCKING_THREADS: usize = 16;
 
-fn run(config: Config) -> anyhow::Result<()> {
+fn run(config: CompiledConfig) -> anyhow::Result<()> {
     dcs_shared::tls::install_crypto_provider();
-    dcs_shared::telemetry::init(config.log.format, &config.log.level);
+    let log = &config.config().log;
+    dcs_shared::telemetry::init(log.format, &log.level);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(RUNTIME_WORKER_THREADS)
         .max_blocking_threads(RUNTIME_MAX_BLOCKING_THREADS)
@@ -212,9 +213,10 @@ fn run(config: Config) -> anyhow::Result<()> {
         .build()
         .context("start runtime")?;
     runtime.block_on(async {
-        let listener = tokio::net::TcpListener::bind(&config.listen.address)
+        let address = config.config().listen.address.clone();
+        let listener = tokio::net::TcpListener::bind(&address)
             .await
-            .with_context(|| format!("bind ingest API on {}", config.listen.address))?;
+            .with_context(|| format!("bind ingest API on {address}"))?;
         dcs_edge::run(config, listener, dcs_shared::shutdown::signal())
             .await
             .context("run agent")

@@ -71,8 +71,8 @@ impl Drop for RunningAgent {
 /// Starts an in-process agent with `config` (its listen address is used as is).
 pub async fn start_agent(config: Config) -> RunningAgent {
     dcs_shared::tls::install_crypto_provider();
-    config.validate().expect("valid agent config");
-    let listener = tokio::net::TcpListener::bind(&config.listen.address)
+    let config = config.compile().expect("valid agent config");
+    let listener = tokio::net::TcpListener::bind(&config.config().listen.address)
         .await
         .expect("bind agent listener");
     let addr = listener.local_addr().expect("local addr");

@@ -382,7 +382,7 @@ async fn encrypted_payloads_leave_no_plaintext_on_disk_survive_a_key_rotation_an
     let mut wrong = site.config();
     wrong.buffer.encryption.key_file = Some(k3);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error = dcs_edge::run(wrong, listener, async {})
+    let error = dcs_edge::run(wrong.compile().unwrap(), listener, async {})
         .await
         .expect_err("a wrong key is refused");
     let text = error.to_string();
@@ -395,7 +395,7 @@ async fn encrypted_payloads_leave_no_plaintext_on_disk_survive_a_key_rotation_an
     );
     // No key at all: refused too.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let error = dcs_edge::run(site.config(), listener, async {})
+    let error = dcs_edge::run(site.config().compile().unwrap(), listener, async {})
         .await
         .expect_err("no key is refused");
     assert!(error.to_string().contains("no encryption key"), "{error}");

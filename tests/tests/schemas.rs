@@ -152,19 +152,16 @@ impl Setup {
 fn file_source(name: &str, stream: &str, dir: &Path) -> SourceConfig {
     SourceConfig {
         name: name.into(),
-        kind: SourceKind::File,
+        kind: SourceKind::File(FileConfig {
+            paths: vec![dir.join("*.ndjson").display().to_string()],
+            format: Format::Ndjson,
+            follow_symlinks: false,
+        }),
         stream: stream.into(),
         schedule: "manual".into(),
         timezone: None,
         jitter: Duration::ZERO,
         transform: None,
-        file: Some(FileConfig {
-            paths: vec![dir.join("*.ndjson").display().to_string()],
-            format: Format::Ndjson,
-            follow_symlinks: false,
-        }),
-        database: None,
-        http: None,
     }
 }
 
@@ -372,7 +369,13 @@ async fn a_database_source_delivers_its_rows_with_the_mapped_fields() {
     let mut config = s.config();
     config.sources = vec![SourceConfig {
         name: "plant-db".into(),
-        kind: SourceKind::Database,
+        kind: SourceKind::Database(DatabaseConfig {
+            url_file: Some(url_file),
+            url_env: None,
+            query: "SELECT id, temp_c, meta, password FROM plant_rows".into(),
+            cursor: vec!["id".into()],
+            page_size: 100,
+        }),
         stream: "readings".into(),
         schedule: "manual".into(),
         timezone: None,
@@ -382,15 +385,6 @@ async fn a_database_source_delivers_its_rows_with_the_mapped_fields() {
             "select": ["id", "value", "sensor"],
             "set": {"site": "hamburg", "/origin/table": "plant_rows"}
         }))),
-        file: None,
-        database: Some(DatabaseConfig {
-            url_file: Some(url_file),
-            url_env: None,
-            query: "SELECT id, temp_c, meta, password FROM plant_rows".into(),
-            cursor: vec!["id".into()],
-            page_size: 100,
-        }),
-        http: None,
     }];
     let agent = start_agent(config).await;
     let result = s.run_job(&agent, "plant-db").await;

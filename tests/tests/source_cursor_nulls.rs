@@ -9,28 +9,24 @@ use std::time::Duration;
 
 use dcs_edge::buffer::{Buffer, BufferOptions, Durability, Overflow};
 use dcs_edge::sources::database::DatabaseConfig;
-use dcs_edge::sources::{RunContext, SourceConfig, SourceKind, collect};
+use dcs_edge::sources::{RunContext, Schedule, Source, SourceKind, collect};
 
 const MARIADB: &str = "mysql://root@127.0.0.1:3306/test";
 
-fn source(url_file: &Path, table: &str, page_size: u32) -> SourceConfig {
-    SourceConfig {
+fn source(url_file: &Path, table: &str, page_size: u32) -> Source {
+    Source {
         name: "db".into(),
-        kind: SourceKind::Database,
         stream: "db.events".into(),
-        schedule: "manual".into(),
-        timezone: None,
+        schedule: Schedule::Manual,
         jitter: Duration::ZERO,
         transform: None,
-        file: None,
-        database: Some(DatabaseConfig {
+        kind: SourceKind::Database(DatabaseConfig {
             url_file: Some(url_file.to_owned()),
             url_env: None,
             query: format!("SELECT id, updated_at, body FROM {table}"),
             cursor: vec!["updated_at".into(), "id".into()],
             page_size,
         }),
-        http: None,
     }
 }
 

@@ -272,19 +272,16 @@ async fn jobs_agent() -> JobsAgent {
     );
     let source = |name: &str, schedule: &str, sub: &str, pattern: &str, format| SourceConfig {
         name: name.into(),
-        kind: SourceKind::File,
+        kind: SourceKind::File(FileConfig {
+            paths: vec![dir.path().join(sub).join(pattern).display().to_string()],
+            format,
+            follow_symlinks: false,
+        }),
         stream: name.into(),
         schedule: schedule.into(),
         timezone: None,
         jitter: Duration::ZERO,
         transform: None,
-        file: Some(FileConfig {
-            paths: vec![dir.path().join(sub).join(pattern).display().to_string()],
-            format,
-            follow_symlinks: false,
-        }),
-        database: None,
-        http: None,
     };
     config.sources = vec![
         source("big", "manual", "big", "*.log", Format::Ndjson),
@@ -632,21 +629,18 @@ async fn every_row_once(table: Table) {
     let mut config = agent::test_config(&pki.agent("acme", "edge-1"), &unreachable, &buffer);
     config.sources = vec![SourceConfig {
         name: "db".into(),
-        kind: SourceKind::Database,
-        stream: "db.events".into(),
-        schedule: "100ms".into(),
-        timezone: None,
-        jitter: Duration::ZERO,
-        transform: None,
-        file: None,
-        database: Some(DatabaseConfig {
+        kind: SourceKind::Database(DatabaseConfig {
             url_file: Some(url_file),
             url_env: None,
             query: format!("SELECT id, updated_at, body FROM {}", table.name()),
             cursor: vec!["updated_at".into(), "id".into()],
             page_size: 4,
         }),
-        http: None,
+        stream: "db.events".into(),
+        schedule: "100ms".into(),
+        timezone: None,
+        jitter: Duration::ZERO,
+        transform: None,
     }];
     let a = start_agent(config).await;
     let http = reqwest::Client::new();
@@ -879,15 +873,12 @@ async fn http_agent(
     adjust(&mut http);
     config.sources = vec![SourceConfig {
         name: "api".into(),
-        kind: SourceKind::Http,
+        kind: SourceKind::Http(http),
         stream: "api.items".into(),
         schedule: schedule.into(),
         timezone: None,
         jitter: Duration::ZERO,
         transform: None,
-        file: None,
-        database: None,
-        http: Some(http),
     }];
     let agent = start_agent(config).await;
     (

@@ -30,7 +30,7 @@ use sqlx::{Column, Connection, Executor, Row, SqlSafeStr, Statement};
 
 use dcs_shared::config::Issues;
 
-use super::{RunContext, RunReport, SourceConfig, SourceError};
+use super::{RunContext, RunReport, Source, SourceError};
 use crate::buffer::{Rejected, SourceBatch};
 
 /// Rows per page and transaction: one round trip and one commit carry many
@@ -178,7 +178,7 @@ fn db_error(url: &str) -> impl Fn(sqlx::Error) -> SourceError + '_ {
 }
 
 pub async fn collect(
-    source: &SourceConfig,
+    source: &Source,
     cfg: &DatabaseConfig,
     ctx: &RunContext,
     report: &mut RunReport,
@@ -345,7 +345,7 @@ fn plain_type(t: &str) -> bool {
 }
 
 async fn pages<DB, C>(
-    source: &SourceConfig,
+    source: &Source,
     cfg: &DatabaseConfig,
     ctx: &RunContext,
     report: &mut RunReport,
@@ -469,7 +469,7 @@ where
 
 /// SQLite through rusqlite (already linked for the buffer), read-only.
 fn sqlite_pages(
-    source: &SourceConfig,
+    source: &Source,
     cfg: &DatabaseConfig,
     ctx: &RunContext,
     report: &mut RunReport,
@@ -623,26 +623,22 @@ mod tests {
     use super::*;
 
     use crate::buffer::{Buffer, BufferOptions, Durability, Overflow};
-    use crate::sources::SourceKind;
+    use crate::sources::{Schedule, SourceKind};
 
-    fn sqlite_source(url_file: PathBuf) -> SourceConfig {
-        SourceConfig {
+    fn sqlite_source(url_file: PathBuf) -> Source {
+        Source {
             name: "lite".into(),
-            kind: SourceKind::Database,
             stream: "lite".into(),
-            schedule: "manual".into(),
-            timezone: None,
+            schedule: Schedule::Manual,
             jitter: std::time::Duration::ZERO,
             transform: None,
-            file: None,
-            database: Some(DatabaseConfig {
+            kind: SourceKind::Database(DatabaseConfig {
                 url_file: Some(url_file),
                 url_env: None,
                 query: "SELECT id, updated_at, body FROM events".into(),
                 cursor: vec!["updated_at".into(), "id".into()],
                 page_size: 2,
             }),
-            http: None,
         }
     }
 

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use dcs_shared::config::Issues;
 
-use super::{RunContext, RunReport, SourceConfig, SourceError};
+use super::{RunContext, RunReport, Source, SourceError};
 use crate::buffer::{Rejected, SourceBatch};
 
 /// Enough of a file's start to tell a replaced file from an appended one
@@ -193,7 +193,7 @@ fn list_dir(dir: &Path) -> std::io::Result<Vec<PathBuf>> {
 }
 
 pub fn collect(
-    source: &SourceConfig,
+    source: &Source,
     cfg: &FileConfig,
     ctx: &RunContext,
     report: &mut RunReport,
@@ -304,7 +304,7 @@ impl From<SourceError> for ReadError {
 }
 
 struct Tail<'a> {
-    source: &'a SourceConfig,
+    source: &'a Source,
     cfg: &'a FileConfig,
     ctx: &'a RunContext,
     report: &'a mut RunReport,

@@ -39,7 +39,7 @@ use serde::{Deserialize, Serialize};
 
 use dcs_shared::config::{ByteSize, Issues, duration};
 
-use super::{RunContext, RunReport, SourceConfig, SourceError};
+use super::{RunContext, RunReport, Source, SourceError};
 use crate::buffer::{Rejected, SourceBatch};
 
 const CHECKPOINT_KEY: &str = "http";
@@ -232,7 +232,7 @@ fn failed(text: impl Into<String>) -> SourceError {
 }
 
 pub async fn collect(
-    source: &SourceConfig,
+    source: &Source,
     cfg: &HttpConfig,
     ctx: &RunContext,
     report: &mut RunReport,

@@ -12,6 +12,10 @@
 //! - A pulled item that fails validation is not retried forever: it goes to
 //!   `dead_letters` with the reason, in the same transaction, and is counted.
 //! - Each run is a job ([`crate::jobs`]); a source never runs twice at once.
+//! - A source runs only as [`compile`] made it at start-up ([`Source`]: its
+//!   schedule parsed, its transform compiled); nothing is parsed per run.
+//!   What a source reads is one [`SourceKind`] with that kind's settings,
+//!   so a source without them cannot be written down.
 //!
 //! The file collector is blocking code (file reads, the buffer's blocking
 //! call) and runs on tokio's blocking pool; the database collector is async
@@ -41,48 +45,132 @@ pub use schedule::{MIN_INTERVAL, Schedule};
 /// exports, cheap for a database.
 pub const DEFAULT_SCHEDULE: &str = "60s";
 
+/// A `[[sources]]` entry as written in the config.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(try_from = "SourceEntry")]
 pub struct SourceConfig {
     /// Unique among sources; names jobs, checkpoints and metric labels.
     pub name: String,
+    /// What the source reads: `kind = "file"` with a `[sources.file]`
+    /// section, and so on.
     pub kind: SourceKind,
     /// The stream every record of this source is buffered under.
     pub stream: String,
     /// An interval such as `"30s"`, a cron expression (`"*/5 * * * *"`, or
     /// six fields with seconds first), or `"manual"` (only `POST
     /// /api/v1/jobs/trigger` runs it). See [`schedule`].
-    #[serde(default = "default_schedule")]
     pub schedule: String,
     /// The time zone a cron schedule's fields are read in (default UTC).
-    #[serde(default)]
     pub timezone: Option<String>,
     /// A random delay of up to this much is added to every interval or cron
     /// fire, so many agents started together do not hit a shared database
     /// in step.
-    #[serde(default = "zero", with = "duration")]
     pub jitter: Duration,
     /// A field mapping applied to every record before it is validated
     /// ([`crate::transform`]).
-    #[serde(default)]
     pub transform: Option<TransformConfig>,
-    /// Settings of a `kind = "file"` source.
-    #[serde(default)]
-    pub file: Option<file::FileConfig>,
-    /// Settings of a `kind = "database"` source.
-    #[serde(default)]
-    pub database: Option<database::DatabaseConfig>,
-    /// Settings of a `kind = "http"` source.
-    #[serde(default)]
-    pub http: Option<http::HttpConfig>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
-#[serde(rename_all = "lowercase")]
+/// What a source reads, with the settings of that kind.
+#[derive(Debug, Clone)]
 pub enum SourceKind {
+    /// `kind = "file"` and `[sources.file]`.
+    File(file::FileConfig),
+    /// `kind = "database"` and `[sources.database]`.
+    Database(database::DatabaseConfig),
+    /// `kind = "http"` and `[sources.http]`.
+    Http(http::HttpConfig),
+}
+
+/// `[[sources]]` as TOML lays it out: `kind` names which one of the kinds'
+/// sections the entry must have. Only [`SourceConfig`]'s deserializer sees
+/// it; a serde-flattened tagged enum would lose the key path of errors
+/// inside the section (`sources[0].file.format`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceEntry {
+    name: String,
+    kind: KindName,
+    stream: String,
+    #[serde(default = "default_schedule")]
+    schedule: String,
+    #[serde(default)]
+    timezone: Option<String>,
+    #[serde(default = "zero", with = "duration")]
+    jitter: Duration,
+    #[serde(default)]
+    transform: Option<TransformConfig>,
+    #[serde(default)]
+    file: Option<file::FileConfig>,
+    #[serde(default)]
+    database: Option<database::DatabaseConfig>,
+    #[serde(default)]
+    http: Option<http::HttpConfig>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum KindName {
     File,
     Database,
     Http,
+}
+
+impl KindName {
+    const ALL: [KindName; 3] = [KindName::File, KindName::Database, KindName::Http];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            KindName::File => "file",
+            KindName::Database => "database",
+            KindName::Http => "http",
+        }
+    }
+}
+
+impl TryFrom<SourceEntry> for SourceConfig {
+    type Error = String;
+
+    fn try_from(entry: SourceEntry) -> Result<SourceConfig, String> {
+        let present = [
+            entry.file.is_some(),
+            entry.database.is_some(),
+            entry.http.is_some(),
+        ];
+        let kind = match (entry.kind, entry.file, entry.database, entry.http) {
+            (KindName::File, Some(f), None, None) => SourceKind::File(f),
+            (KindName::Database, None, Some(d), None) => SourceKind::Database(d),
+            (KindName::Http, None, None, Some(h)) => SourceKind::Http(h),
+            (kind, ..) => return Err(section_mismatch(kind, present)),
+        };
+        Ok(SourceConfig {
+            name: entry.name,
+            kind,
+            stream: entry.stream,
+            schedule: entry.schedule,
+            timezone: entry.timezone,
+            jitter: entry.jitter,
+            transform: entry.transform,
+        })
+    }
+}
+
+/// Names the section `kind` needs and every section it does not allow.
+fn section_mismatch(kind: KindName, present: [bool; 3]) -> String {
+    let mut problems = Vec::new();
+    for (other, present) in KindName::ALL.into_iter().zip(present) {
+        let name = other.as_str();
+        if other == kind && !present {
+            problems.push(format!(
+                "a [sources.{name}] section is required when kind = \"{name}\""
+            ));
+        } else if other != kind && present {
+            problems.push(format!(
+                "[sources.{name}] is only allowed when kind = \"{name}\""
+            ));
+        }
+    }
+    problems.join("; ")
 }
 
 fn default_schedule() -> String {
@@ -92,25 +180,26 @@ fn zero() -> Duration {
     Duration::ZERO
 }
 
-impl SourceConfig {
-    pub fn schedule(&self) -> Result<Schedule, String> {
-        Schedule::parse(&self.schedule, self.timezone.as_deref()).map_err(|e| e.to_string())
-    }
-
-    /// The compiled transform; `None` without one (or with invalid rules,
-    /// which [`validate`] refuses first).
-    pub fn compiled_transform(&self) -> Option<Transform> {
-        let mut ignored = Issues::default();
-        self.transform
-            .as_ref()
-            .and_then(|t| t.compile("transform", &mut ignored))
-    }
+/// A source as start-up checked it: what the scheduler and the collectors
+/// run.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub name: String,
+    pub stream: String,
+    pub schedule: Schedule,
+    pub jitter: Duration,
+    /// Shared by every run.
+    pub transform: Option<Arc<Transform>>,
+    pub kind: SourceKind,
 }
 
-/// Checks every `[[sources]]` entry, naming keys as `sources[INDEX].KEY`.
-pub fn validate(sources: &[SourceConfig], issues: &mut Issues) {
+/// Checks every `[[sources]]` entry, naming keys as `sources[INDEX].KEY`,
+/// and returns the entries that passed, compiled.
+pub fn compile(sources: &[SourceConfig], issues: &mut Issues) -> Vec<Source> {
     let mut seen = std::collections::HashSet::new();
+    let mut compiled = Vec::new();
     for (i, s) in sources.iter().enumerate() {
+        let before = issues.len();
         let key = |k: &str| format!("sources[{i}].{k}");
         let name_ok = record::validate_stream(&s.name);
         issues.check(
@@ -129,7 +218,7 @@ pub fn validate(sources: &[SourceConfig], issues: &mut Issues) {
         if let Err(reason) = record::validate_stream(&s.stream) {
             issues.check(false, &key("stream"), format!("{:?}: {reason}", s.stream));
         }
-        match Schedule::parse(&s.schedule, s.timezone.as_deref()) {
+        let schedule = match Schedule::parse(&s.schedule, s.timezone.as_deref()) {
             Ok(schedule) => {
                 if let Some(max) = schedule.max_jitter() {
                     issues.check(
@@ -141,63 +230,41 @@ pub fn validate(sources: &[SourceConfig], issues: &mut Issues) {
                         ),
                     );
                 }
+                Some(schedule)
             }
-            Err(error @ schedule::ScheduleError::TimezoneWithoutCron) => {
-                issues.check(false, &key("timezone"), error.to_string())
+            Err(error) => {
+                let k = match &error {
+                    schedule::ScheduleError::TimezoneWithoutCron
+                    | schedule::ScheduleError::Timezone(_) => "timezone",
+                    schedule::ScheduleError::Cron { .. } => "schedule.cron",
+                    _ => "schedule",
+                };
+                issues.check(false, &key(k), error.to_string());
+                None
             }
-            Err(error @ schedule::ScheduleError::Timezone(_)) => {
-                issues.check(false, &key("timezone"), error.to_string())
-            }
-            Err(error @ schedule::ScheduleError::Cron { .. }) => {
-                issues.check(false, &key("schedule.cron"), error.to_string())
-            }
-            Err(error) => issues.check(false, &key("schedule"), error.to_string()),
+        };
+        let transform = s
+            .transform
+            .as_ref()
+            .and_then(|t| t.compile(&key("transform"), issues));
+        match &s.kind {
+            SourceKind::File(f) => f.validate(&key("file"), issues),
+            SourceKind::Database(d) => d.validate(&key("database"), issues),
+            SourceKind::Http(h) => h.validate(&key("http"), issues),
         }
-        if let Some(t) = &s.transform {
-            t.compile(&key("transform"), issues);
+        match schedule {
+            Some(schedule) if issues.len() == before => compiled.push(Source {
+                name: s.name.clone(),
+                stream: s.stream.clone(),
+                schedule,
+                jitter: s.jitter,
+                transform: transform.map(Arc::new),
+                kind: s.kind.clone(),
+            }),
+            _ => {}
         }
-        match s.kind {
-            SourceKind::File => match &s.file {
-                Some(f) => f.validate(&key("file"), issues),
-                None => issues.check(
-                    false,
-                    &key("file"),
-                    "a [sources.file] section is required when kind = \"file\"",
-                ),
-            },
-            SourceKind::Database => match &s.database {
-                Some(d) => d.validate(&key("database"), issues),
-                None => issues.check(
-                    false,
-                    &key("database"),
-                    "a [sources.database] section is required when kind = \"database\"",
-                ),
-            },
-            SourceKind::Http => match &s.http {
-                Some(h) => h.validate(&key("http"), issues),
-                None => issues.check(
-                    false,
-                    &key("http"),
-                    "a [sources.http] section is required when kind = \"http\"",
-                ),
-            },
-        }
-        issues.check(
-            s.kind == SourceKind::File || s.file.is_none(),
-            &key("file"),
-            "only allowed when kind = \"file\"",
-        );
-        issues.check(
-            s.kind == SourceKind::Database || s.database.is_none(),
-            &key("database"),
-            "only allowed when kind = \"database\"",
-        );
-        issues.check(
-            s.kind == SourceKind::Http || s.http.is_none(),
-            &key("http"),
-            "only allowed when kind = \"http\"",
-        );
     }
+    compiled
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -220,7 +287,8 @@ pub struct RunContext {
     pub limits: Limits,
     /// Set at shutdown; collectors commit what they have and return.
     pub stop: Arc<AtomicBool>,
-    /// The source's field mapping, applied before validation.
+    /// The source's compiled field mapping ([`Source::transform`]),
+    /// applied before validation.
     pub transform: Option<Arc<Transform>>,
     /// The per-stream JSON Schemas, shared with the ingest API.
     pub schemas: Arc<Schemas>,
@@ -295,17 +363,14 @@ pub struct RunReport {
 }
 
 /// Runs one collection of `source` to completion.
-pub async fn collect(
-    source: SourceConfig,
-    ctx: RunContext,
-) -> (RunReport, Result<(), SourceError>) {
+pub async fn collect(source: Source, ctx: RunContext) -> (RunReport, Result<(), SourceError>) {
     let mut report = RunReport::default();
-    let result = match (&source.kind, &source.file, &source.database) {
-        (SourceKind::File, Some(_), _) => {
+    let result = match &source.kind {
+        SourceKind::File(cfg) => {
+            let cfg = cfg.clone();
             let outcome = tokio::task::spawn_blocking(move || {
-                let cfg = source.file.as_ref().expect("matched above");
                 let mut report = RunReport::default();
-                let result = file::collect(&source, cfg, &ctx, &mut report);
+                let result = file::collect(&source, &cfg, &ctx, &mut report);
                 (report, result)
             })
             .await;
@@ -317,18 +382,8 @@ pub async fn collect(
                 Err(_) => Err(SourceError::Stopped),
             }
         }
-        (SourceKind::Database, _, Some(cfg)) => {
-            database::collect(&source, cfg, &ctx, &mut report).await
-        }
-        (SourceKind::Http, _, _) if source.http.is_some() => {
-            let cfg = source.http.as_ref().expect("guarded");
-            http::collect(&source, cfg, &ctx, &mut report).await
-        }
-        // Refused by `validate`: a config that reaches here is a bug.
-        _ => unreachable!(
-            "source {} passed validation without its settings",
-            source.name
-        ),
+        SourceKind::Database(cfg) => database::collect(&source, cfg, &ctx, &mut report).await,
+        SourceKind::Http(cfg) => http::collect(&source, cfg, &ctx, &mut report).await,
     };
     (report, result)
 }
@@ -378,25 +433,22 @@ mod tests {
     fn source(schedule: &str) -> SourceConfig {
         SourceConfig {
             name: "n".into(),
-            kind: SourceKind::File,
+            kind: SourceKind::File(file::FileConfig {
+                paths: vec!["/var/log/x/*.log".into()],
+                format: file::Format::Lines,
+                follow_symlinks: false,
+            }),
             stream: "s".into(),
             schedule: schedule.into(),
             timezone: None,
             jitter: Duration::ZERO,
             transform: None,
-            file: Some(file::FileConfig {
-                paths: vec!["/var/log/x/*.log".into()],
-                format: file::Format::Lines,
-                follow_symlinks: false,
-            }),
-            database: None,
-            http: None,
         }
     }
 
     fn problems(sources: &[SourceConfig]) -> String {
         let mut issues = Issues::default();
-        validate(sources, &mut issues);
+        compile(sources, &mut issues);
         issues
             .into_result()
             .err()
@@ -404,16 +456,65 @@ mod tests {
             .unwrap_or_default()
     }
 
+    fn schedule_of(schedule: &str) -> Option<Schedule> {
+        let mut issues = Issues::default();
+        let compiled = compile(&[source(schedule)], &mut issues);
+        compiled.into_iter().next().map(|s| s.schedule)
+    }
+
     #[test]
     fn schedules_are_intervals_cron_expressions_or_manual() {
-        let mut s = source("30s");
-        assert_eq!(s.schedule(), Ok(Schedule::Every(Duration::from_secs(30))));
-        s.schedule = "manual".into();
-        assert_eq!(s.schedule(), Ok(Schedule::Manual));
-        s.schedule = "*/5 * * * *".into();
-        assert!(matches!(s.schedule(), Ok(Schedule::Cron(_))));
-        s.schedule = "1ms".into();
-        assert!(s.schedule().is_err());
+        assert_eq!(
+            schedule_of("30s"),
+            Some(Schedule::Every(Duration::from_secs(30)))
+        );
+        assert_eq!(schedule_of("manual"), Some(Schedule::Manual));
+        assert!(matches!(
+            schedule_of("*/5 * * * *"),
+            Some(Schedule::Cron(_))
+        ));
+        assert_eq!(schedule_of("1ms"), None);
+    }
+
+    #[test]
+    fn only_sources_without_problems_are_compiled() {
+        let mut issues = Issues::default();
+        let mut bad = source("30s");
+        bad.name = "m".into();
+        bad.stream = "Not A Stream".into();
+        let compiled = compile(&[source("30s"), bad], &mut issues);
+        assert_eq!(compiled.len(), 1);
+        assert_eq!(compiled[0].name, "n");
+        assert!(issues.into_result().is_err());
+    }
+
+    #[test]
+    fn a_source_needs_the_section_of_its_kind_and_no_other() {
+        let parse = |toml: &str| {
+            toml::from_str::<SourceConfig>(toml)
+                .map(|s| s.kind)
+                .map_err(|e| e.to_string())
+        };
+        let head = "name = \"a\"\nstream = \"a\"\n";
+        let file = "[file]\npaths = [\"/x/*\"]\nformat = \"lines\"\n";
+        let parsed = parse(&format!("{head}kind = \"file\"\n{file}"));
+        assert!(matches!(parsed, Ok(SourceKind::File(_))), "{parsed:?}");
+
+        let err = parse(&format!(
+            "{head}kind = \"database\"\n[http]\nurl = \"https://x.example/\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            err.contains("a [sources.database] section is required when kind = \"database\""),
+            "{err}"
+        );
+        assert!(
+            err.contains("[sources.http] is only allowed when kind = \"http\""),
+            "{err}"
+        );
+        let err = parse(&format!("{head}kind = \"http\"\n{file}")).unwrap_err();
+        assert!(err.contains("[sources.http] section is required"), "{err}");
+        assert!(err.contains("[sources.file] is only allowed"), "{err}");
     }
 
     #[test]
