@@ -8,6 +8,9 @@
 //!   id handed to a client can always be looked up, across restarts too. Jobs
 //!   a crash interrupted are marked `failed` at the next start.
 //! - Finished jobs older than `jobs.retention` are deleted after each job.
+//! - Sources arrive compiled ([`Source`]): schedules were parsed when the
+//!   configuration was checked, so a scheduler never meets one it cannot
+//!   read.
 //!
 //! States: `queued` (accepted, not started) → `running` → `succeeded` (read
 //! everything without an error) or `failed` (an error; what was read before
