@@ -25,7 +25,7 @@
 //!   payloads sealed with a key that is not configured refuses to open.
 //!
 //! # On-disk schema
-//! Tables and their columns are listed in [`schema`], which creates and
+//! Tables and their columns are listed in `schema`, which creates and
 //! migrates them.
 //!
 //! # Write path
@@ -43,10 +43,10 @@
 //!
 //! # Layout
 //! The module root holds the public types and the [`Buffer`] handle, whose
-//! writes are commands to the writer thread. [`schema`] creates and migrates the
-//! tables, [`writer`] runs the group commit, [`append`] stores new records
-//! within the capacity, [`eviction`] is everything that removes rows without
-//! an ack (drop-oldest, retention, the producer-id window), and [`reads`]
+//! writes are commands to the writer thread. `schema` creates and migrates the
+//! tables, `writer` runs the group commit, `append` stores new records
+//! within the capacity, `eviction` is everything that removes rows without
+//! an ack (drop-oldest, retention, the producer-id window), and `reads`
 //! serves the forwarder and the API from the read connection.
 
 use std::path::{Path, PathBuf};

@@ -32,10 +32,10 @@
 //!
 //! # Layout
 //! The module root runs the forwarder: it reads and cuts batches and hands
-//! each to [`delivery`], which retries it until it is acknowledged,
-//! re-keyed or dead-lettered. [`attempt`] is one POST and its answer,
-//! [`client`] the mutual-TLS client, [`backoff`] the retry timing, [`link`]
-//! what `/v1/status` shows, [`high_water`] the epoch checks and [`replay`]
+//! each to `delivery`, which retries it until it is acknowledged,
+//! re-keyed or dead-lettered. `attempt` is one POST and its answer,
+//! `client` the mutual-TLS client, `backoff` the retry timing, `link`
+//! what `/v1/status` shows, `high_water` the epoch checks and `replay`
 //! the resend of retained records.
 
 use std::sync::Arc;

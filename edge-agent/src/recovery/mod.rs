@@ -24,10 +24,10 @@
 //!
 //! # Layout
 //! The module root runs recovery at start-up ([`prepare`]) and keeps the
-//! reports and the recovered buffers waiting for delivery. [`check`]
-//! decides whether a file is damaged, [`quarantine`](mod@quarantine) moves
-//! it aside with its pending marker, [`salvage`] copies out what can still
-//! be read, and [`snapshot`] opens a file for the offline tools without
+//! reports and the recovered buffers waiting for delivery. `check`
+//! decides whether a file is damaged, `quarantine` moves
+//! it aside with its pending marker, `salvage` copies out what can still
+//! be read, and `snapshot` opens a file for the offline tools without
 //! changing it.
 
 use std::path::{Path, PathBuf};
