@@ -19,9 +19,10 @@ use bytes::Bytes;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::{
-    CpuPerRecord, Meter, Usage, World, http_client, percentile, progress, sorted, start_agent,
-};
+use crate::bodies::http_client;
+use crate::meter::{CpuPerRecord, Meter, Usage, percentile, sorted};
+use crate::progress;
+use crate::world::{World, start_agent};
 
 /// Records per producer request: a small request, as a live producer sends
 /// them, so the agent's linger and batch size decide the freshness.

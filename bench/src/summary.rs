@@ -4,7 +4,7 @@
 
 use serde::Serialize;
 
-use crate::Results;
+use crate::results::Results;
 
 /// One headline figure and how to read it from a run.
 struct Metric {

@@ -5,8 +5,12 @@
 
 use serde::Serialize;
 
+use crate::bodies::Bodies;
+use crate::e2e::{step_e2e, step_latency};
 use crate::records::Generator;
-use crate::{Args, Bodies, World, progress, step_e2e, step_latency};
+use crate::results::E2eResult;
+use crate::world::World;
+use crate::{Args, progress};
 
 /// One knob setting: a name and what it changes.
 struct Setting {
@@ -110,7 +114,7 @@ pub async fn run(
 ) -> anyhow::Result<Sweep> {
     let n = bodies.records as f64;
     let cores = std::thread::available_parallelism().map_or(1, |c| c.get()) as f64;
-    let mut runs: Vec<Vec<crate::E2eResult>> = vec![Vec::new(); SETTINGS.len()];
+    let mut runs: Vec<Vec<E2eResult>> = vec![Vec::new(); SETTINGS.len()];
     for rep in 0..base.sweep_repeats {
         for (i, setting) in SETTINGS.iter().enumerate() {
             let mut args = base.clone();
@@ -127,7 +131,7 @@ pub async fn run(
             runs[i].push(e);
         }
     }
-    let per = |v: &[crate::E2eResult], f: fn(&crate::E2eResult) -> f64| {
+    let per = |v: &[E2eResult], f: fn(&E2eResult) -> f64| {
         median(&v.iter().map(f).collect::<Vec<_>>()) / n * 1e6
     };
     let base_median = median(&runs[0].iter().map(|e| e.records_per_s).collect::<Vec<_>>());
