@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dcs_shared::config::{ByteSize, ConfigError, Issue, Issues};
-use dcs_shared::telemetry::LogFormat;
+pub use dcs_shared::telemetry::{DEFAULT_LOG_LEVEL, LogConfig};
 use serde::Deserialize;
 
 use crate::Error;
@@ -73,8 +73,6 @@ pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// What a 503 tells the agent to wait: long enough for a PostgreSQL restart or
 /// failover to make progress, short enough that the backlog drains promptly.
 pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(5);
-/// Operators raise it with `RUST_LOG` when they need more.
-pub const DEFAULT_LOG_LEVEL: &str = "info";
 /// Agents keep one HTTP/2 connection for as long as it works, and an L4
 /// balancer only places new connections: without an age limit a restarted or
 /// added replica gets no agents. Two minutes moves a fleet within minutes at
@@ -612,22 +610,6 @@ impl Default for AdmissionConfig {
     }
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    pub level: String,
-}
-
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::Json,
-            level: DEFAULT_LOG_LEVEL.into(),
-        }
-    }
-}
-
 impl Config {
     /// Reads `file` (if any), applies `DCS_AGG_*` variables from `env` and
     /// validates the result. Pass `std::env::vars()`; tests pass a list.
@@ -843,11 +825,7 @@ impl Config {
             "retention.interval",
             "must be greater than zero",
         );
-        issues.check(
-            !self.log.level.trim().is_empty(),
-            "log.level",
-            "must not be empty (e.g. \"info\" or \"dcs_aggregator=debug,info\")",
-        );
+        self.log.check(&mut issues);
         issues.into_result()
     }
 
@@ -898,6 +876,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dcs_shared::telemetry::LogFormat;
 
     fn load_str(toml: &str) -> Result<Config, ConfigError> {
         load_with_env(toml, &[])

@@ -244,7 +244,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(config) => config,
                 Err(error) => return Ok(bad_config(&error)),
             };
-            dcs_shared::telemetry::init(config.log.format, &config.log.level);
+            config.log.init();
             let pool = dcs_aggregator::connect(&config.database).await?;
             dcs_aggregator::migrate(&pool).await?;
             tracing::info!(message = "migrations applied");
@@ -423,7 +423,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(config) => config,
                 Err(error) => return Ok(bad_config(&error)),
             };
-            dcs_shared::telemetry::init(config.log.format, &config.log.level);
+            config.log.init();
             let pool = dcs_aggregator::connect(&config.database).await?;
             if config.database.migrate_on_start {
                 dcs_aggregator::migrate(&pool).await?;

@@ -17,7 +17,7 @@ use serde::Deserialize;
 
 use dcs_shared::config::{ByteSize, ConfigError, Issues, duration};
 use dcs_shared::record::{DEFAULT_MAX_PAYLOAD_BYTES, Limits};
-use dcs_shared::telemetry::LogFormat;
+pub use dcs_shared::telemetry::LogConfig;
 
 use crate::buffer::{BufferOptions, Durability, Overflow};
 use crate::schema::Schemas;
@@ -303,15 +303,6 @@ pub struct RetryConfig {
     pub shutdown_grace: Duration,
 }
 
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct LogConfig {
-    #[serde(default)]
-    pub format: LogFormat,
-    #[serde(default = "default_level")]
-    pub level: String,
-}
-
 fn default_listen() -> String {
     DEFAULT_LISTEN.into()
 }
@@ -381,9 +372,6 @@ fn default_retry_max() -> Duration {
 fn default_shutdown_grace() -> Duration {
     DEFAULT_SHUTDOWN_GRACE
 }
-fn default_level() -> String {
-    "info".into()
-}
 
 impl Default for ListenConfig {
     fn default() -> Self {
@@ -436,14 +424,6 @@ impl Default for RetryConfig {
             initial: default_retry_initial(),
             max: default_retry_max(),
             shutdown_grace: default_shutdown_grace(),
-        }
-    }
-}
-impl Default for LogConfig {
-    fn default() -> Self {
-        LogConfig {
-            format: LogFormat::default(),
-            level: default_level(),
         }
     }
 }
@@ -649,6 +629,7 @@ impl Config {
             "jobs.retention",
             "must be greater than zero",
         );
+        self.log.check(&mut issues);
         let sources = crate::sources::compile(&self.sources, &mut issues);
         // Here, not in `sources`: this module owns the override prefix.
         for (i, source) in self.sources.iter().enumerate() {

@@ -204,8 +204,7 @@ const RUNTIME_MAX_BLOCKING_THREADS: usize = 16;
 
 fn run(config: CompiledConfig) -> anyhow::Result<()> {
     dcs_shared::tls::install_crypto_provider();
-    let log = &config.config().log;
-    dcs_shared::telemetry::init(log.format, &log.level);
+    config.config().log.init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(RUNTIME_WORKER_THREADS)
         .max_blocking_threads(RUNTIME_MAX_BLOCKING_THREADS)
