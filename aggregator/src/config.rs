@@ -20,6 +20,7 @@ use std::time::Duration;
 
 use dcs_shared::config::{ByteSize, ConfigError, Issue, Issues};
 pub use dcs_shared::telemetry::{DEFAULT_LOG_LEVEL, LogConfig};
+use dcs_shared::tls::TlsFiles;
 use serde::Deserialize;
 
 use crate::Error;
@@ -360,6 +361,18 @@ impl Default for TlsConfig {
     }
 }
 
+impl TlsConfig {
+    /// `ca`, `cert` and `key`, which `validate` requires and the agents'
+    /// listener is built from.
+    pub fn files(&self) -> TlsFiles<'_> {
+        TlsFiles {
+            ca: &self.ca,
+            cert: &self.cert,
+            key: &self.key,
+        }
+    }
+}
+
 /// Agent enrollment and renewal: the aggregator signs agents' certificate
 /// signing requests with the DCS CA. Off unless `enabled`; then the CA's key
 /// must be readable by the aggregator, which makes this host as sensitive
@@ -627,13 +640,7 @@ impl Config {
     /// Checks every key without touching the file system.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut issues = Issues::default();
-        for (key, path) in [
-            ("tls.ca", &self.tls.ca),
-            ("tls.cert", &self.tls.cert),
-            ("tls.key", &self.tls.key),
-        ] {
-            issues.check(!path.as_os_str().is_empty(), key, "is required");
-        }
+        self.tls.files().check_set("tls", &mut issues);
 
         let db = &self.database;
         issues.check(
@@ -834,9 +841,7 @@ impl Config {
     /// reported before a deployment, not at start-up.
     pub fn check_files(&self) -> Result<(), ConfigError> {
         let mut issues = Issues::default();
-        if let Err(error) =
-            dcs_shared::tls::server_config(&self.tls.ca, &self.tls.cert, &self.tls.key)
-        {
+        if let Err(error) = self.tls.files().server_config() {
             issues.check(false, "tls", error.to_string());
         }
         if self.platform.enabled {

@@ -278,8 +278,7 @@ pub async fn serve_all(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     config.validate()?;
-    let tls = dcs_shared::tls::server_config(&config.tls.ca, &config.tls.cert, &config.tls.key)
-        .map_err(Error::Tls)?;
+    let tls = config.tls.files().server_config().map_err(Error::Tls)?;
     let agents_cert = server_cert::ReloadableCert::load(&config.tls.cert, &config.tls.key)
         .map_err(Error::Refused)?;
     let tls = agents_cert.install(tls);

@@ -18,6 +18,7 @@ use serde::Deserialize;
 use dcs_shared::config::{ByteSize, ConfigError, Issues, duration};
 use dcs_shared::record::{DEFAULT_MAX_PAYLOAD_BYTES, Limits};
 pub use dcs_shared::telemetry::LogConfig;
+use dcs_shared::tls::TlsFiles;
 
 use crate::buffer::{BufferOptions, Durability, Overflow};
 use crate::schema::Schemas;
@@ -268,6 +269,18 @@ pub struct AggregatorConfig {
     pub connect_timeout: Duration,
     #[serde(default = "default_request_timeout", with = "duration")]
     pub request_timeout: Duration,
+}
+
+impl AggregatorConfig {
+    /// `ca`, `cert` and `key`, which the agent checks and builds its
+    /// client TLS from.
+    pub fn tls_files(&self) -> TlsFiles<'_> {
+        TlsFiles {
+            ca: &self.ca,
+            cert: &self.cert,
+            key: &self.key,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -571,17 +584,9 @@ impl Config {
                 self.aggregator.url
             ),
         );
-        for (key, path) in [
-            ("aggregator.ca", &self.aggregator.ca),
-            ("aggregator.cert", &self.aggregator.cert),
-            ("aggregator.key", &self.aggregator.key),
-        ] {
-            issues.check(
-                path.is_file(),
-                key,
-                format!("{} is not a readable file", path.display()),
-            );
-        }
+        self.aggregator
+            .tls_files()
+            .check_readable("aggregator", &mut issues);
         if let Some(proxy) = &self.aggregator.proxy {
             issues.check(
                 reqwest::Proxy::all(proxy).is_ok(),

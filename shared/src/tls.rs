@@ -5,6 +5,10 @@
 //! Both ends speak TLS 1.3 only and trust nothing but the DCS CA: the agent does
 //! not consult the system roots, and the aggregator requires a client certificate
 //! chaining to the CA on every connection.
+//!
+//! [`TlsFiles`] is where a configuration's certificate paths are checked:
+//! every tier and listener that names PEM files checks them here, so "is
+//! not a readable file" means the same thing everywhere.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -16,6 +20,7 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 
 use crate::Error;
+use crate::config::Issues;
 
 /// ALPN protocols offered by the aggregator: h2 first for multiplexed batches.
 const ALPN: [&[u8]; 2] = [b"h2", b"http/1.1"];
@@ -102,4 +107,111 @@ pub fn client_config(ca: &Path, cert: &Path, key: &Path) -> Result<ClientConfig,
         .with_client_auth_cert(load_certs(cert)?, load_key(key)?)?;
     config.alpn_protocols = ALPN.iter().map(|p| p.to_vec()).collect();
     Ok(config)
+}
+
+/// The PEM files one end of a mutual-TLS link is configured with: the CA
+/// bundle the peer's certificate must chain to, and this end's certificate
+/// (chain) and private key.
+///
+/// Borrowed from the section that names them (the agent's `[aggregator]`,
+/// the aggregator's `[tls]`), which keep `ca`, `cert` and `key` as fields of
+/// their own: with `#[serde(flatten)]` a wrong type or a misspelt key would
+/// be reported against the section (`aggregator`) instead of the key
+/// (`aggregator.cert`), and the misspelling without the list of known keys.
+/// A syslog listener's `[syslog.tls]` is not one: its CA (`client_ca`) is
+/// optional, so it checks its files one by one with [`check_readable_file`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TlsFiles<'a> {
+    pub ca: &'a Path,
+    pub cert: &'a Path,
+    pub key: &'a Path,
+}
+
+impl<'a> TlsFiles<'a> {
+    /// Each file with the key it is configured under, in reporting order.
+    fn named(&self) -> [(&'static str, &'a Path); 3] {
+        [("ca", self.ca), ("cert", self.cert), ("key", self.key)]
+    }
+
+    /// Records each of `SECTION.ca`, `SECTION.cert` and `SECTION.key` left
+    /// empty, without touching the file system (where the files are checked
+    /// later, or on another host).
+    pub fn check_set(&self, section: &str, issues: &mut Issues) {
+        for (name, path) in self.named() {
+            issues.check(
+                !path.as_os_str().is_empty(),
+                &format!("{section}.{name}"),
+                "is required",
+            );
+        }
+    }
+
+    /// Records each of `SECTION.ca`, `SECTION.cert` and `SECTION.key` that
+    /// is not a file this process can read (see [`check_readable_file`]).
+    pub fn check_readable(&self, section: &str, issues: &mut Issues) {
+        for (name, path) in self.named() {
+            check_readable_file(path, &format!("{section}.{name}"), issues);
+        }
+    }
+
+    /// [`server_config`] of these files.
+    pub fn server_config(&self) -> Result<Arc<ServerConfig>, Error> {
+        server_config(self.ca, self.cert, self.key)
+    }
+
+    /// [`client_config`] of these files.
+    pub fn client_config(&self) -> Result<ClientConfig, Error> {
+        client_config(self.ca, self.cert, self.key)
+    }
+}
+
+/// Records `key` unless `path` is a regular file this process can open for
+/// reading. Opened, not only looked at: a file the service user may not
+/// read would otherwise pass the check and fail at start-up. Only regular
+/// files are opened, so a FIFO cannot block the check.
+pub fn check_readable_file(path: &Path, key: &str, issues: &mut Issues) {
+    let readable =
+        std::fs::metadata(path).is_ok_and(|m| m.is_file()) && std::fs::File::open(path).is_ok();
+    issues.check(
+        readable,
+        key,
+        format!("{} is not a readable file", path.display()),
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys(issues: Issues) -> Vec<String> {
+        match issues.into_result() {
+            Ok(()) => Vec::new(),
+            Err(e) => e.issues.into_iter().map(|i| i.key).collect(),
+        }
+    }
+
+    #[test]
+    fn each_missing_or_unset_file_is_named_under_its_section() {
+        let dir = std::env::temp_dir();
+        let exists = dir.join(format!("dcs-tls-files-{}", std::process::id()));
+        std::fs::write(&exists, "x").unwrap();
+        let files = TlsFiles {
+            ca: &exists,
+            cert: Path::new("/nonexistent/cert.pem"),
+            key: &dir,
+        };
+        let mut issues = Issues::default();
+        files.check_readable("aggregator", &mut issues);
+        assert_eq!(keys(issues), ["aggregator.cert", "aggregator.key"]);
+
+        let unset = TlsFiles {
+            ca: Path::new(""),
+            cert: &exists,
+            key: Path::new(""),
+        };
+        let mut issues = Issues::default();
+        unset.check_set("tls", &mut issues);
+        assert_eq!(keys(issues), ["tls.ca", "tls.key"]);
+        std::fs::remove_file(&exists).unwrap();
+    }
 }

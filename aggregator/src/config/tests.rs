@@ -340,3 +340,9 @@ fn check_files_names_unreadable_paths() {
     assert_eq!(keys(&err), ["tls", "database.url_file"]);
     assert!(err.to_string().contains("/etc/dcs/ca.pem"), "{err}");
 }
+
+#[test]
+fn a_certificate_path_of_the_wrong_type_is_named() {
+    let err = load_with_env(MINIMAL, &[("DCS_AGG_TLS__CERT", "5")]).unwrap_err();
+    assert!(err.to_string().contains("tls.cert"), "{err}");
+}

@@ -350,3 +350,25 @@ fn a_missing_certificate_file_is_named() {
         .to_string();
     assert!(err.contains("aggregator.key"), "{err}");
 }
+
+#[test]
+fn a_certificate_path_of_the_wrong_type_or_a_misspelt_one_is_named() {
+    let dir = files();
+    let mut e = base_env(dir.path());
+    e.extend(env(&[("DCS_EDGE_AGGREGATOR__CERT", "5")]));
+    let err = Config::load_from(None, e).unwrap_err().to_string();
+    assert!(err.contains("aggregator.cert"), "{err}");
+    let mut e = base_env(dir.path());
+    e.extend(env(&[("DCS_EDGE_AGGREGATOR__CERTS", "x")]));
+    let err = Config::load_from(None, e).unwrap_err().to_string();
+    assert!(err.contains("aggregator.certs"), "{err}");
+}
+
+#[test]
+fn an_empty_log_level_is_refused() {
+    let dir = files();
+    let mut e = base_env(dir.path());
+    e.extend(env(&[("DCS_EDGE_LOG__LEVEL", "\"\"")]));
+    let err = Config::load_from(None, e).unwrap_err();
+    assert_eq!(err.issues[0].key, "log.level", "{err}");
+}

@@ -243,11 +243,7 @@ impl SyslogConfig {
                 ];
                 for (k, path) in files {
                     if let Some(path) = path {
-                        issues.check(
-                            path.is_file(),
-                            &key(k),
-                            format!("{} is not a readable file", path.display()),
-                        );
+                        dcs_shared::tls::check_readable_file(path, &key(k), issues);
                     }
                 }
             }
