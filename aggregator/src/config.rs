@@ -11,14 +11,17 @@
 //! - The database URL usually holds a password, so it can come from a file
 //!   (`database.url_file`) or the environment, and `Debug` never prints it.
 //! - Every field is public and every section has a `Default`, so tests and
-//!   embedders build a `Config` in code without a file.
+//!   embedders build a `Config` in code without a file. Serde fills missing
+//!   keys from that `Default` (`#[serde(deny_unknown_fields, default)]` on
+//!   each section), so every default is written once, from a `DEFAULT_*`
+//!   const; the edge's configuration follows the same style.
 
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dcs_shared::config::{ByteSize, ConfigError, Issue, Issues};
+use dcs_shared::config::{ByteSize, ConfigError, Issue, Issues, duration};
 pub use dcs_shared::telemetry::{DEFAULT_LOG_LEVEL, LogConfig};
 use dcs_shared::tls::TlsFiles;
 use serde::Deserialize;
@@ -157,7 +160,7 @@ pub struct MetricsConfig {
     /// How often each replica re-reads the `agents` table to rebuild the
     /// per-agent gauges (and at start-up), so an agent that went silent
     /// stays visible after a restart and on every replica.
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub agents_refresh_interval: Duration,
 }
 
@@ -187,7 +190,7 @@ pub struct RetentionConfig {
     /// partition.
     pub partitions_ahead: u32,
     /// How often each aggregator maintains the partitions.
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub interval: Duration,
 }
 
@@ -265,7 +268,7 @@ pub struct RevocationConfig {
     /// How often each aggregator re-reads the deny list (revoked agents and
     /// serials, disabled tenants). A revocation made on another replica, or
     /// with the CLI, takes effect within this interval.
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub refresh_interval: Duration,
 }
 
@@ -342,7 +345,7 @@ pub struct TlsConfig {
     /// How often the server certificate and key files are checked for a
     /// change (size, mtime, inode); a change reloads them like SIGHUP does.
     /// 0 turns the check off (SIGHUP still works).
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub watch_interval: Duration,
 }
 
@@ -388,10 +391,10 @@ pub struct EnrollmentConfig {
     pub ca_key: PathBuf,
     /// Lifetime of the certificates issued to agents. Agents renew when a
     /// third of it is left.
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub validity: Duration,
     /// Longest lifetime an admin may give an enrollment token.
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub max_token_ttl: Duration,
 }
 
@@ -437,7 +440,7 @@ pub struct DatabaseConfig {
     /// A file holding the URL, so the password stays out of the config file.
     pub url_file: Option<PathBuf>,
     pub max_connections: u32,
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub acquire_timeout: Duration,
     /// Run pending migrations when `serve` starts.
     pub migrate_on_start: bool,
@@ -504,18 +507,18 @@ pub struct LimitsConfig {
     pub max_decompressed_bytes: ByteSize,
     pub max_records_per_batch: usize,
     pub max_payload_bytes: ByteSize,
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub handshake_timeout: Duration,
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub request_timeout: Duration,
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub retry_after: Duration,
     /// Agent connections older than this (±10 %) are closed gracefully:
     /// GOAWAY on HTTP/2, `Connection: close` on HTTP/1.1. Zero turns it off.
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub max_connection_age: Duration,
     /// How long requests in flight on such a connection may still take.
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub max_connection_age_grace: Duration,
 }
 
@@ -525,9 +528,9 @@ pub struct LimitsConfig {
 #[derive(Debug, Clone, Copy, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownConfig {
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub drain_delay: Duration,
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub grace: Duration,
 }
 
@@ -553,13 +556,13 @@ pub struct ConnectionsConfig {
     /// From the end of the TLS handshake to the first request's headers, and
     /// for each later HTTP/1.1 request's headers. `limits.handshake_timeout`
     /// bounds them too: the smaller applies.
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub header_timeout: Duration,
     /// Bytes per second a request body must average after the first 5 s
     /// (0: no minimum). The whole body is bounded by `limits.request_timeout`.
     pub min_body_rate: ByteSize,
     /// A connection without any request in flight for this long is closed.
-    #[serde(deserialize_with = "dcs_shared::config::duration::deserialize")]
+    #[serde(with = "duration")]
     pub idle_timeout: Duration,
     /// HTTP/2 streams one connection may have open at once.
     pub max_concurrent_streams: u32,

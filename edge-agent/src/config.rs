@@ -7,6 +7,12 @@
 //! schemas, syslog listeners, record limits) in a [`CompiledConfig`], the
 //! only thing the agent runs on ([`crate::run`]). Nothing is parsed or read
 //! a second time, so what runs is what was checked.
+//!
+//! Defaults are written once, as `DEFAULT_*` consts taken by each section's
+//! `impl Default`, which serde fills missing keys from
+//! (`#[serde(deny_unknown_fields, default)]` on the section), as the
+//! aggregator's configuration does. Only `[aggregator]`, whose `url`, `ca`,
+//! `cert` and `key` are required, names a default per field.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -32,6 +38,13 @@ pub const DEFAULT_LISTEN: &str = "127.0.0.1:8780";
 pub const DEFAULT_BUFFER_PATH: &str = "/var/lib/dcs-edge/buffer.db";
 /// 1 GiB holds several million typical records: days of a busy site's output.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
+/// Refusing (507) loses nothing a producer was told is safe; evicting the
+/// oldest records is an operator's choice (`drop-oldest`).
+pub const DEFAULT_OVERFLOW: Overflow = Overflow::Reject;
+/// `power-loss`: a record acknowledged with 2xx survives a power cut
+/// (issue 24 measured 14 % of acknowledged records lost on a cut under
+/// `process-crash`, for a few percent of throughput at realistic requests).
+pub const DEFAULT_DURABILITY: Durability = Durability::PowerLoss;
 /// Room for deleting several full batches (WAL frames) even when producers
 /// have filled the disk: without it a full disk could never drain.
 pub const DEFAULT_MIN_FREE_DISK: u64 = 64 << 20;
@@ -51,6 +64,9 @@ pub const DEFAULT_LINGER: Duration = Duration::from_millis(50);
 pub const DEFAULT_COMPRESSION_LEVEL: u32 = 3;
 /// Two batches in flight keep the link busy while the aggregator commits.
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 2;
+/// An idle agent shows up as alive, and hears of a replay request, within a
+/// minute, for one small request a minute.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(60);
 pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_millis(200);
 /// The longest a healed link waits before the agent notices.
 pub const DEFAULT_RETRY_MAX: Duration = Duration::from_secs(30);
@@ -103,10 +119,10 @@ pub const DEFAULT_JOBS_RETENTION: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// The history of source runs kept for `GET /api/v1/jobs`.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct JobsConfig {
     /// Finished jobs older than this are deleted.
-    #[serde(default = "default_jobs_retention", with = "duration")]
+    #[serde(with = "duration")]
     pub retention: Duration,
 }
 
@@ -118,69 +134,53 @@ impl Default for JobsConfig {
     }
 }
 
-fn default_jobs_retention() -> Duration {
-    DEFAULT_JOBS_RETENTION
-}
-
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct ListenConfig {
-    #[serde(default = "default_listen")]
     pub address: String,
     /// Time a client has to send a request's headers (and, on a new
     /// connection, to start its first request) before it is disconnected.
-    #[serde(default = "default_header_timeout", with = "duration")]
+    #[serde(with = "duration")]
     pub header_timeout: Duration,
     /// Time a client has to send a whole request body; a slower one gets 408.
-    #[serde(default = "default_body_timeout", with = "duration")]
+    #[serde(with = "duration")]
     pub body_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct BufferConfig {
-    #[serde(default = "default_buffer_path")]
     pub path: PathBuf,
-    #[serde(default = "default_capacity")]
     pub capacity: ByteSize,
-    #[serde(default = "default_overflow")]
     pub overflow: Overflow,
-    #[serde(default = "default_durability")]
     pub durability: Durability,
-    #[serde(default = "default_dedup_window")]
     pub dedup_window: i64,
     /// Refuse new records (507) while the filesystem has less free space than
     /// this, keeping room for the deletes that drain the buffer.
-    #[serde(default = "default_min_free_disk")]
     pub min_free_disk: ByteSize,
     /// Where damaged buffer files are moved (default: `quarantine/` beside
     /// the buffer); their readable records are salvaged and delivered.
-    #[serde(default)]
     pub quarantine_dir: Option<PathBuf>,
-    #[serde(default)]
     pub encryption: EncryptionConfig,
     /// Keep acknowledged records this long (within `capacity`, always
     /// yielding to undelivered ones) so they can be sent again after the
     /// central database is restored to an earlier point in time
     /// (`dcs-aggregator replay`). "0s" (the default) deletes them at once.
-    #[serde(default, with = "duration")]
+    #[serde(with = "duration")]
     pub retain_delivered: Duration,
 }
 
 /// Encryption at rest of buffered payloads (AES-256-GCM), off unless a key is
 /// named. The key itself is never in this file: only where to read it.
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct EncryptionConfig {
     /// A file holding the active key: 32 raw bytes, 64 hex digits or base64.
-    #[serde(default)]
     pub key_file: Option<PathBuf>,
     /// Or the name of an environment variable holding it (not a `DCS_EDGE_`
     /// name: those are configuration overrides).
-    #[serde(default)]
     pub key_env: Option<String>,
     /// Keys of earlier rotations, so records they sealed can still be read.
-    #[serde(default)]
     pub previous_key_files: Vec<PathBuf>,
 }
 
@@ -195,16 +195,13 @@ impl EncryptionConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct IngestConfig {
-    #[serde(default = "default_max_request_bytes")]
     pub max_request_bytes: ByteSize,
-    #[serde(default = "default_max_payload_bytes")]
     pub max_payload_bytes: ByteSize,
     /// Whether a request without `?partial=` is answered with partial
     /// acceptance (valid records committed, invalid ones dead-lettered)
     /// instead of all-or-nothing.
-    #[serde(default)]
     pub partial: bool,
 }
 
@@ -217,28 +214,19 @@ pub const DEFAULT_OTLP_STREAM: &str = "otlp.logs";
 
 /// `[otlp]`: how OTLP log records become DCS records.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct OtlpConfig {
-    #[serde(default = "default_otlp_stream_attribute")]
     pub stream_attribute: String,
-    #[serde(default = "default_otlp_stream")]
     pub default_stream: String,
 }
 
 impl Default for OtlpConfig {
     fn default() -> Self {
         OtlpConfig {
-            stream_attribute: default_otlp_stream_attribute(),
-            default_stream: default_otlp_stream(),
+            stream_attribute: DEFAULT_OTLP_STREAM_ATTRIBUTE.into(),
+            default_stream: DEFAULT_OTLP_STREAM.into(),
         }
     }
-}
-
-fn default_otlp_stream_attribute() -> String {
-    DEFAULT_OTLP_STREAM_ATTRIBUTE.into()
-}
-fn default_otlp_stream() -> String {
-    DEFAULT_OTLP_STREAM.into()
 }
 
 impl OtlpConfig {
@@ -284,112 +272,45 @@ impl AggregatorConfig {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct BatchConfig {
-    #[serde(default = "default_batch_max_records")]
     pub max_records: usize,
-    #[serde(default = "default_batch_max_bytes")]
     pub max_bytes: ByteSize,
-    #[serde(default = "default_linger", with = "duration")]
+    #[serde(with = "duration")]
     pub linger: Duration,
-    #[serde(default = "default_compression_level")]
     pub compression_level: u32,
-    #[serde(default = "default_max_in_flight")]
     pub max_in_flight: usize,
     /// An agent with nothing to send posts an empty batch this often, so
     /// the aggregator sees it alive and the agent learns of a replay request
     /// (`dcs-aggregator replay`) without waiting for its next record.
-    #[serde(default = "default_heartbeat", with = "duration")]
+    #[serde(with = "duration")]
     pub heartbeat: Duration,
 }
 
 /// Retries never give up: an outage of days must not lose data. These bound
 /// only how fast and how slowly the agent knocks.
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct RetryConfig {
-    #[serde(default = "default_retry_initial", with = "duration")]
+    #[serde(with = "duration")]
     pub initial: Duration,
-    #[serde(default = "default_retry_max", with = "duration")]
+    #[serde(with = "duration")]
     pub max: Duration,
-    #[serde(default = "default_shutdown_grace", with = "duration")]
+    #[serde(with = "duration")]
     pub shutdown_grace: Duration,
 }
 
-fn default_listen() -> String {
-    DEFAULT_LISTEN.into()
-}
-fn default_header_timeout() -> Duration {
-    DEFAULT_HEADER_TIMEOUT
-}
-fn default_body_timeout() -> Duration {
-    DEFAULT_BODY_TIMEOUT
-}
-fn default_buffer_path() -> PathBuf {
-    DEFAULT_BUFFER_PATH.into()
-}
-fn default_capacity() -> ByteSize {
-    ByteSize(DEFAULT_CAPACITY)
-}
-fn default_overflow() -> Overflow {
-    Overflow::Reject
-}
-/// `power-loss`: a record acknowledged with 2xx survives a power cut
-/// (issue 24 measured 14 % of acknowledged records lost on a cut under
-/// `process-crash`, for a few percent of throughput at realistic requests).
-fn default_durability() -> Durability {
-    Durability::PowerLoss
-}
-fn default_dedup_window() -> i64 {
-    DEFAULT_DEDUP_WINDOW
-}
-fn default_min_free_disk() -> ByteSize {
-    ByteSize(DEFAULT_MIN_FREE_DISK)
-}
-fn default_max_request_bytes() -> ByteSize {
-    ByteSize(DEFAULT_MAX_REQUEST_BYTES)
-}
-fn default_max_payload_bytes() -> ByteSize {
-    ByteSize(DEFAULT_MAX_PAYLOAD_BYTES as u64)
-}
 fn default_connect_timeout() -> Duration {
     DEFAULT_CONNECT_TIMEOUT
 }
 fn default_request_timeout() -> Duration {
     DEFAULT_REQUEST_TIMEOUT
 }
-fn default_batch_max_records() -> usize {
-    DEFAULT_BATCH_MAX_RECORDS
-}
-fn default_batch_max_bytes() -> ByteSize {
-    ByteSize(DEFAULT_BATCH_MAX_BYTES)
-}
-fn default_heartbeat() -> Duration {
-    Duration::from_secs(60)
-}
-fn default_linger() -> Duration {
-    DEFAULT_LINGER
-}
-fn default_compression_level() -> u32 {
-    DEFAULT_COMPRESSION_LEVEL
-}
-fn default_max_in_flight() -> usize {
-    DEFAULT_MAX_IN_FLIGHT
-}
-fn default_retry_initial() -> Duration {
-    DEFAULT_RETRY_INITIAL
-}
-fn default_retry_max() -> Duration {
-    DEFAULT_RETRY_MAX
-}
-fn default_shutdown_grace() -> Duration {
-    DEFAULT_SHUTDOWN_GRACE
-}
 
 impl Default for ListenConfig {
     fn default() -> Self {
         ListenConfig {
-            address: default_listen(),
+            address: DEFAULT_LISTEN.into(),
             header_timeout: DEFAULT_HEADER_TIMEOUT,
             body_timeout: DEFAULT_BODY_TIMEOUT,
         }
@@ -398,12 +319,12 @@ impl Default for ListenConfig {
 impl Default for BufferConfig {
     fn default() -> Self {
         BufferConfig {
-            path: default_buffer_path(),
-            capacity: default_capacity(),
-            overflow: default_overflow(),
-            durability: default_durability(),
-            dedup_window: default_dedup_window(),
-            min_free_disk: default_min_free_disk(),
+            path: DEFAULT_BUFFER_PATH.into(),
+            capacity: ByteSize(DEFAULT_CAPACITY),
+            overflow: DEFAULT_OVERFLOW,
+            durability: DEFAULT_DURABILITY,
+            dedup_window: DEFAULT_DEDUP_WINDOW,
+            min_free_disk: ByteSize(DEFAULT_MIN_FREE_DISK),
             quarantine_dir: None,
             encryption: EncryptionConfig::default(),
             retain_delivered: Duration::ZERO,
@@ -413,8 +334,8 @@ impl Default for BufferConfig {
 impl Default for IngestConfig {
     fn default() -> Self {
         IngestConfig {
-            max_request_bytes: default_max_request_bytes(),
-            max_payload_bytes: default_max_payload_bytes(),
+            max_request_bytes: ByteSize(DEFAULT_MAX_REQUEST_BYTES),
+            max_payload_bytes: ByteSize(DEFAULT_MAX_PAYLOAD_BYTES as u64),
             partial: false,
         }
     }
@@ -422,21 +343,21 @@ impl Default for IngestConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         BatchConfig {
-            max_records: default_batch_max_records(),
-            max_bytes: default_batch_max_bytes(),
-            linger: default_linger(),
-            compression_level: default_compression_level(),
-            max_in_flight: default_max_in_flight(),
-            heartbeat: default_heartbeat(),
+            max_records: DEFAULT_BATCH_MAX_RECORDS,
+            max_bytes: ByteSize(DEFAULT_BATCH_MAX_BYTES),
+            linger: DEFAULT_LINGER,
+            compression_level: DEFAULT_COMPRESSION_LEVEL,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            heartbeat: DEFAULT_HEARTBEAT,
         }
     }
 }
 impl Default for RetryConfig {
     fn default() -> Self {
         RetryConfig {
-            initial: default_retry_initial(),
-            max: default_retry_max(),
-            shutdown_grace: default_shutdown_grace(),
+            initial: DEFAULT_RETRY_INITIAL,
+            max: DEFAULT_RETRY_MAX,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
 }

@@ -372,3 +372,19 @@ fn an_empty_log_level_is_refused() {
     let err = Config::load_from(None, e).unwrap_err();
     assert_eq!(err.issues[0].key, "log.level", "{err}");
 }
+
+#[test]
+fn a_partly_written_section_keeps_the_other_defaults() {
+    let dir = files();
+    let mut e = base_env(dir.path());
+    e.extend(env(&[("DCS_EDGE_BATCH__MAX_RECORDS", "10")]));
+    let c = Config::load_from(None, e).unwrap();
+    let c = c.config();
+    assert_eq!(c.batch.max_records, 10);
+    assert_eq!(c.batch.linger, DEFAULT_LINGER);
+    assert_eq!(c.batch.heartbeat, DEFAULT_HEARTBEAT);
+    assert_eq!(c.batch.max_bytes, ByteSize(DEFAULT_BATCH_MAX_BYTES));
+    assert_eq!(c.buffer.durability, DEFAULT_DURABILITY);
+    assert!(c.buffer.encryption.key_file.is_none());
+    assert!(c.buffer.retain_delivered.is_zero());
+}
