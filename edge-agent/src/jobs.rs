@@ -15,6 +15,12 @@
 //! States: `queued` (accepted, not started) → `running` → `succeeded` (read
 //! everything without an error) or `failed` (an error; what was read before
 //! it is stored, with its checkpoint, and the next run resumes there).
+//!
+//! # On-disk schema
+//! - `jobs(id PK, source, trigger, state, created_us, started_us,
+//!   finished_us, collected, rejected, errors, checkpoint_before,
+//!   checkpoint_after)`, indexed by `created_us` for listing and pruning:
+//!   `SCHEMA`, created by the buffer with its other tables.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -104,6 +110,19 @@ pub struct JobResult {
     pub checkpoint_before: serde_json::Value,
     pub checkpoint_after: serde_json::Value,
 }
+
+/// The `jobs` table and its index, which only this module queries. The
+/// buffer runs it when it opens its file, right after `checkpoints` (see
+/// `buffer::schema`); `IF NOT EXISTS` leaves an existing file's table as
+/// it is, and the text is the one schema 3 created, so new and old files
+/// hold the same definition.
+pub(crate) const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS jobs (
+             id TEXT PRIMARY KEY, source TEXT NOT NULL, trigger TEXT NOT NULL,
+             state TEXT NOT NULL, created_us INTEGER NOT NULL, started_us INTEGER,
+             finished_us INTEGER, collected INTEGER NOT NULL DEFAULT 0,
+             rejected INTEGER NOT NULL DEFAULT 0, errors TEXT NOT NULL DEFAULT '[]',
+             checkpoint_before TEXT, checkpoint_after TEXT);
+         CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_us);";
 
 /// A `jobs` row.
 #[derive(Debug, Clone)]

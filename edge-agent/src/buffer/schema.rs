@@ -19,7 +19,10 @@
 //!   has read (a file's offset, a query's cursor). Written only by
 //!   [`super::Buffer::append_from_source`], in the transaction that stores the
 //!   records read up to that point, so a restart neither loses nor repeats.
-//! - `jobs(...)`: the history of source runs ([`crate::jobs`]), pruned by age.
+//!   Its SQL stays here: the buffer is what queries it (`append`, `reads`);
+//!   sources see checkpoints only through those methods.
+//! - `jobs(...)`: the history of source runs, pruned by age; its SQL is
+//!   `crate::jobs::SCHEMA`, beside the queries.
 //! - `epochs(first_seq PK, epoch, reason, created_us)`: from which seq on each
 //!   epoch keys records ([`crate::epochs`]); `meta.epoch` is the last one.
 //! - `meta.rekeyed_total`: records moved to a new epoch because their key was
@@ -170,15 +173,11 @@ pub(super) fn init_schema(
              key_id INTEGER);
          CREATE TABLE IF NOT EXISTS checkpoints (
              source TEXT NOT NULL, key TEXT NOT NULL, value TEXT NOT NULL,
-             updated_us INTEGER NOT NULL, PRIMARY KEY (source, key)) WITHOUT ROWID;
-         CREATE TABLE IF NOT EXISTS jobs (
-             id TEXT PRIMARY KEY, source TEXT NOT NULL, trigger TEXT NOT NULL,
-             state TEXT NOT NULL, created_us INTEGER NOT NULL, started_us INTEGER,
-             finished_us INTEGER, collected INTEGER NOT NULL DEFAULT 0,
-             rejected INTEGER NOT NULL DEFAULT 0, errors TEXT NOT NULL DEFAULT '[]',
-             checkpoint_before TEXT, checkpoint_after TEXT);
-         CREATE INDEX IF NOT EXISTS jobs_by_created ON jobs (created_us);",
+             updated_us INTEGER NOT NULL, PRIMARY KEY (source, key)) WITHOUT ROWID;",
     )?;
+    // The tables other modules own and query, in the order files have
+    // always been created in; `epochs` follows once `meta` is read.
+    tx.execute_batch(crate::jobs::SCHEMA)?;
     tx.execute_batch(crate::replay::SCHEMA)?;
     // Schema 1 files lack key_id; adding a nullable column rewrites nothing.
     for table in ["records", "dead_letters"] {

@@ -1,6 +1,6 @@
 //! Unit tests of the buffer through its public handle: sequence order,
 //! producer-id deduplication, acks, retention, overflow, dead letters,
-//! restarts and pull-source checkpoints.
+//! restarts, pull-source checkpoints and the upgrade of an older file.
 
 use std::path::Path;
 use std::time::Duration;
@@ -353,4 +353,88 @@ async fn an_id_repeated_within_one_request_is_buffered_once() {
     assert_eq!(a.new, [true, false, true]);
     assert_eq!(a.seqs, [1, 1, 2]);
     assert_eq!(b.stats().records, 2);
+}
+
+/// A file as a schema-2 agent left it: no pull-source, job, retention or
+/// epoch tables yet.
+fn schema_2_file(path: &Path, epoch: uuid::Uuid) {
+    let conn = rusqlite::Connection::open(path).unwrap();
+    conn.execute_batch(
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;
+         CREATE TABLE records (
+             seq INTEGER PRIMARY KEY, id TEXT NOT NULL, stream TEXT NOT NULL,
+             ts_us INTEGER NOT NULL, received_us INTEGER NOT NULL, size INTEGER NOT NULL,
+             payload TEXT NOT NULL, key_id INTEGER);
+         CREATE TABLE ids (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE);
+         CREATE TABLE dead_letters (
+             seq INTEGER PRIMARY KEY, id TEXT NOT NULL, stream TEXT NOT NULL,
+             ts_us INTEGER NOT NULL, received_us INTEGER NOT NULL, size INTEGER NOT NULL,
+             payload TEXT NOT NULL, reason TEXT NOT NULL, failed_us INTEGER NOT NULL,
+             key_id INTEGER);
+         INSERT INTO meta VALUES ('schema_version', '2'), ('next_seq', '2'), ('clean_close', '1');
+         INSERT INTO records VALUES (1, 'a', 's', 1, 1, 2, '{}', NULL);",
+    )
+    .unwrap();
+    conn.execute("INSERT INTO meta VALUES ('epoch', ?1)", [epoch.to_string()])
+        .unwrap();
+}
+
+#[tokio::test]
+async fn an_older_file_gains_the_later_tables_in_their_order_and_keeps_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    let epoch = uuid::Uuid::new_v4();
+    schema_2_file(&dir.path().join("buffer.db"), epoch);
+    let b = Buffer::open(opts(dir.path(), 1 << 30, Overflow::Reject)).unwrap();
+    assert_eq!(b.epoch(), epoch);
+    assert_eq!(b.stats().records, 1);
+    assert_eq!(b.append(many(1)).await.unwrap().seqs, [2]);
+    b.close().await;
+
+    let conn = rusqlite::Connection::open(dir.path().join("buffer.db")).unwrap();
+    let objects: Vec<String> = conn
+        .prepare("SELECT name FROM sqlite_master WHERE name NOT LIKE 'sqlite_%' ORDER BY rowid")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(
+        objects,
+        [
+            "meta",
+            "records",
+            "ids",
+            "dead_letters",
+            "checkpoints",
+            "jobs",
+            "jobs_by_created",
+            "delivered",
+            "epochs"
+        ]
+    );
+    // The definition schema 3 wrote, so files old and new hold the same one.
+    let jobs: String = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE name = 'jobs'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(
+        jobs,
+        "CREATE TABLE jobs (
+             id TEXT PRIMARY KEY, source TEXT NOT NULL, trigger TEXT NOT NULL,
+             state TEXT NOT NULL, created_us INTEGER NOT NULL, started_us INTEGER,
+             finished_us INTEGER, collected INTEGER NOT NULL DEFAULT 0,
+             rejected INTEGER NOT NULL DEFAULT 0, errors TEXT NOT NULL DEFAULT '[]',
+             checkpoint_before TEXT, checkpoint_after TEXT)"
+    );
+    let version: String = conn
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, "3");
 }
