@@ -4,9 +4,10 @@
 //!
 //! Checking a value and working it out are one step: [`Config::compile`]
 //! keeps what it parsed, read and compiled (schedules, transforms, stream
-//! schemas, syslog listeners, record limits) in a [`CompiledConfig`], the
-//! only thing the agent runs on ([`crate::run`]). Nothing is parsed or read
-//! a second time, so what runs is what was checked.
+//! schemas, syslog listeners, record limits, the buffer's encryption keys)
+//! in a [`CompiledConfig`], the only thing the agent runs on
+//! ([`crate::run`]). Nothing is parsed or read a second time, so what runs
+//! is what was checked.
 //!
 //! Defaults are written once, as `DEFAULT_*` consts taken by each section's
 //! `impl Default`, which serde fills missing keys from
@@ -28,6 +29,7 @@ use dcs_shared::tls::TlsFiles;
 
 use crate::buffer::{BufferOptions, Durability, Overflow};
 use crate::schema::Schemas;
+use crate::seal::Keyring;
 use crate::sources::{Source, SourceKind};
 
 pub const ENV_PREFIX: &str = "DCS_EDGE_";
@@ -185,8 +187,8 @@ pub struct EncryptionConfig {
 }
 
 impl EncryptionConfig {
-    pub fn keyring(&self) -> Result<crate::seal::Keyring, crate::seal::SealError> {
-        crate::seal::Keyring::load(
+    pub fn keyring(&self) -> Result<Keyring, crate::seal::SealError> {
+        Keyring::load(
             self.key_file.as_deref(),
             self.key_env.as_deref(),
             &self.previous_key_files,
@@ -375,11 +377,18 @@ pub struct CompiledConfig {
     pub(crate) syslog: Vec<crate::syslog::Spec>,
     /// The record limits every ingest path enforces.
     pub(crate) limits: Limits,
+    /// `[buffer]`, with the encryption keys read.
+    pub(crate) buffer: BufferOptions,
 }
 
 impl CompiledConfig {
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// What the buffer opens with, keys included.
+    pub fn buffer_options(&self) -> &BufferOptions {
+        &self.buffer
     }
 }
 
@@ -476,14 +485,17 @@ impl Config {
             "buffer.encryption.previous_key_files",
             "needs an active key (key_file or key_env) to go with it",
         );
-        if let Err(error) = enc.keyring() {
+        // Read once: what the check read is what the buffer opens with.
+        let keyring = enc.keyring().unwrap_or_else(|error| {
             let key = if enc.key_env.is_some() && enc.key_file.is_none() {
                 "buffer.encryption.key_env"
             } else {
                 "buffer.encryption.key_file"
             };
             issues.check(false, key, error.to_string());
-        }
+            // Never used: the issue just recorded fails the compile.
+            Keyring::disabled()
+        });
         issues.check(
             self.ingest.max_payload_bytes.0 >= 2,
             "ingest.max_payload_bytes",
@@ -578,6 +590,7 @@ impl Config {
         let syslog = crate::syslog::compile(&self.syslog, limits, &mut issues);
         issues.into_result()?;
         Ok(CompiledConfig {
+            buffer: self.buffer_options_with(keyring),
             config: self,
             sources,
             schemas: Arc::new(schemas),
@@ -586,9 +599,15 @@ impl Config {
         })
     }
 
-    /// Reads the encryption keys too, hence fallible.
+    /// Reads the encryption keys too, hence fallible. The agent itself
+    /// opens its buffer with [`CompiledConfig::buffer_options`], whose keys
+    /// are the ones [`Config::compile`] checked.
     pub fn buffer_options(&self) -> Result<BufferOptions, crate::seal::SealError> {
-        Ok(BufferOptions {
+        Ok(self.buffer_options_with(self.buffer.encryption.keyring()?))
+    }
+
+    fn buffer_options_with(&self, keyring: Keyring) -> BufferOptions {
+        BufferOptions {
             path: self.buffer.path.clone(),
             capacity_bytes: self.buffer.capacity.0,
             overflow: self.buffer.overflow,
@@ -596,9 +615,9 @@ impl Config {
             dedup_window: self.buffer.dedup_window,
             min_free_disk: self.buffer.min_free_disk.0,
             quarantine_dir: self.quarantine_dir(),
-            keyring: self.buffer.encryption.keyring()?,
+            keyring,
             retain_delivered: self.buffer.retain_delivered,
-        })
+        }
     }
 
     /// Where damaged buffer files go: `buffer.quarantine_dir`, or

@@ -72,8 +72,6 @@ pub enum Error {
     Serve(std::io::Error),
     #[error("{0}")]
     Startup(String),
-    #[error("buffer encryption: {0}")]
-    Keys(#[from] seal::SealError),
 }
 
 /// Runs the agent on `listener` until `shutdown` completes: opens the buffer,
@@ -91,8 +89,8 @@ pub async fn run(
         schemas,
         syslog: syslog_listeners,
         limits,
+        buffer: opts,
     } = config;
-    let opts = config.buffer_options()?;
     // Installed before the buffer is checked, so the quarantine and salvage
     // counts recorded at start-up are exported.
     let metrics_handle = dcs_shared::metrics::install();

@@ -388,3 +388,20 @@ fn a_partly_written_section_keeps_the_other_defaults() {
     assert!(c.buffer.encryption.key_file.is_none());
     assert!(c.buffer.retain_delivered.is_zero());
 }
+
+#[test]
+fn the_encryption_key_is_read_once_by_the_check_and_kept() {
+    let dir = files();
+    let key = dir.path().join("buffer.key");
+    std::fs::write(&key, "00".repeat(32)).unwrap();
+    let mut e = base_env(dir.path());
+    e.extend(env(&[(
+        "DCS_EDGE_BUFFER__ENCRYPTION__KEY_FILE",
+        &key.to_string_lossy(),
+    )]));
+    let compiled = Config::load_from(None, e).unwrap();
+    // Gone after the check: the buffer still opens with the key it read.
+    std::fs::remove_file(&key).unwrap();
+    assert!(compiled.buffer_options().keyring.is_enabled());
+    assert!(compiled.config().buffer_options().is_err());
+}
