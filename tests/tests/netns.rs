@@ -2,7 +2,7 @@
 //! Agent and aggregator run in separate Linux network namespaces joined by a
 //! veth pair; the link is set down and up again, then impaired with `tc netem`
 //! (10 % loss, 200 ms delay) or, where the kernel has no netem, a `tbf` rate
-//! limit. Needs root; skipped with the reason otherwise. Prints
+//! limit. Needs root; skipped with the reason otherwise, and failed under `CI=true`. Prints
 //! `scenario=netns-partition acked=N in_pg=M missing=0 duplicated=0 refused=R`.
 
 use std::time::Duration;
@@ -13,20 +13,20 @@ use dcs_tests::netns::{self, NetPair};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_veth_link_cut_then_impaired_between_namespaces_loses_and_doubles_nothing() {
     if let Err(reason) = NetPair::available() {
-        eprintln!("SKIP netns partition: {reason}");
+        dcs_tests::skip("netns partition", &reason.to_string());
         return;
     }
     let plan = Plan::with_duration(Duration::from_secs(30));
     match netns::netns_partition(plan, Duration::from_secs(8), Duration::from_secs(8)).await {
         Ok(report) => report.assert_ok(),
-        Err(reason) => eprintln!("SKIP netns partition: {reason}"),
+        Err(reason) => dcs_tests::skip("netns partition", &reason.to_string()),
     }
 }
 
 #[test]
 fn a_net_pair_is_deleted_with_its_interfaces_even_when_the_test_panics() {
     if let Err(reason) = NetPair::available() {
-        eprintln!("SKIP netns clean-up: {reason}");
+        dcs_tests::skip("netns clean-up", &reason.to_string());
         return;
     }
     let names = std::sync::Mutex::new(None);
