@@ -136,7 +136,9 @@ async fn every_documented_counter_is_exported_at_zero_from_the_start() {
     // still an answer of the local API, so it is counted.
     // The agent may answer and close before the client has written the
     // whole body (a broken pipe here); the answer is counted either way.
-    let refused = http
+    // A client of its own: the connection the agent closes must not go back
+    // to the pool the scrape below takes a connection from.
+    let refused = reqwest::Client::new()
         .post(format!("{}/v1/records", edge.url))
         .header("content-type", "application/x-ndjson")
         .body(ndjson("s", "big", 0..40_000))
