@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use dcs_edge::Config;
 use dcs_edge::config::AggregatorConfig;
+use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
@@ -48,6 +49,13 @@ impl RunningAgent {
     }
 
     /// Stops the agent the way SIGTERM does and waits until the buffer is closed.
+    /// The agent's `/v1/status`; panics if it does not answer.
+    pub async fn status(&self) -> Value {
+        let status = status(&self.url).await;
+        assert!(!status.is_null(), "{} did not answer /v1/status", self.url);
+        status
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -218,6 +226,21 @@ impl AgentProcess {
 
     pub fn terminate(&mut self) -> bool {
         self.service.terminate()
+    }
+}
+
+/// The `/v1/status` of the agent at `agent_url`, or `Null` while it does not
+/// answer (a process being restarted).
+pub async fn status(agent_url: &str) -> Value {
+    // Straight to 127.0.0.1, whatever proxy the environment names.
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    match client.get(format!("{agent_url}/v1/status")).send().await {
+        Ok(r) => r.json().await.unwrap_or(Value::Null),
+        Err(_) => Value::Null,
     }
 }
 

@@ -3,16 +3,19 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use dcs_aggregator::Config;
 use dcs_aggregator::config::{DatabaseConfig, TlsConfig};
+use dcs_shared::wire::{self, BatchAck, ErrorBody, OutRecord};
 use flate2::Compression;
 use flate2::write::GzEncoder;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
+use uuid::Uuid;
 
 use crate::pki::{AgentCert, Pki};
 
@@ -171,6 +174,31 @@ pub fn gzip_json(bytes: &[u8]) -> Vec<u8> {
     gz.finish().expect("gzip to memory")
 }
 
+/// Gzip of `size` zero bytes (a multiple of 1 MiB): about a thousandth of
+/// that on the wire, built in milliseconds. One MiB of zeros is deflated once
+/// and its blocks repeated: after a sync flush they are byte-aligned, none
+/// final, and refer only to data inside themselves.
+pub fn gzip_bomb(size: usize) -> Vec<u8> {
+    use std::io::Write as _;
+    const MIB: usize = 1 << 20;
+    let zeros = vec![0u8; MIB];
+    let mut deflate = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    deflate.write_all(&zeros).expect("deflate to memory");
+    deflate.flush().expect("sync flush");
+    let blocks = deflate.get_ref().clone();
+    let mut crc = flate2::Crc::new();
+    let mut bomb = vec![0x1f, 0x8b, 0x08, 0, 0, 0, 0, 0, 0, 0xff];
+    for _ in 0..size / MIB {
+        bomb.extend_from_slice(&blocks);
+        crc.update(&zeros);
+    }
+    // An empty final block (fixed Huffman, end-of-block), then the trailer.
+    bomb.extend_from_slice(&[0x03, 0x00]);
+    bomb.extend_from_slice(&crc.sum().to_le_bytes());
+    bomb.extend_from_slice(&crc.amount().to_le_bytes());
+    bomb
+}
+
 /// An aggregator with the platform API enabled on its own port.
 pub struct RunningPlatform {
     pub aggregator: RunningAggregator,
@@ -247,4 +275,104 @@ pub fn with_user(url: &str, role: &str) -> String {
     let rest = &url[start..];
     let host = rest.find('@').map_or(rest, |at| &rest[at + 1..]);
     format!("{}{role}@{host}", &url[..start])
+}
+
+/// POSTs `body`, a batch as `wire::encode_batch` makes it (gzip JSON), to an
+/// aggregator's batch endpoint at `url`, as the agent whose certificate
+/// `client` holds.
+pub async fn post_batch(client: &reqwest::Client, url: &str, body: Vec<u8>) -> reqwest::Response {
+    client
+        .post(url)
+        .header("content-type", "application/json")
+        .header("content-encoding", "gzip")
+        .body(body)
+        .send()
+        .await
+        .expect("batch reaches the aggregator")
+}
+
+/// What the aggregator answered a batch, read whole: status, `Retry-After`
+/// and the body.
+#[derive(Debug)]
+pub struct BatchAnswer {
+    pub status: reqwest::StatusCode,
+    pub retry_after: Option<String>,
+    pub body: Vec<u8>,
+}
+
+impl BatchAnswer {
+    /// Posts `body` like [`post_batch`] and reads the whole answer.
+    pub async fn post(client: &reqwest::Client, url: &str, body: Vec<u8>) -> BatchAnswer {
+        BatchAnswer::read(post_batch(client, url, body).await).await
+    }
+
+    pub async fn read(response: reqwest::Response) -> BatchAnswer {
+        BatchAnswer {
+            status: response.status(),
+            retry_after: response
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().expect("Retry-After is ASCII").to_owned()),
+            body: response.bytes().await.expect("answer body").to_vec(),
+        }
+    }
+
+    /// The acknowledgement's `(accepted, duplicates)`; panics (with the
+    /// body) on anything but 200.
+    pub fn counts(&self) -> (u64, u64) {
+        assert_eq!(self.status, reqwest::StatusCode::OK, "{}", self.text());
+        let ack: BatchAck = serde_json::from_slice(&self.body).expect("ack body");
+        (ack.accepted, ack.duplicates)
+    }
+
+    /// The JSON error body; panics when the body is not one.
+    pub fn error(&self) -> ErrorBody {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not a JSON error body ({e}): {}", self.text()))
+    }
+
+    /// A 503 `database_unavailable` with `Retry-After: retry_after_secs`:
+    /// nothing was written and the agent keeps the batch.
+    pub fn assert_retry_later(&self, retry_after_secs: u64) {
+        assert_eq!(
+            self.status,
+            reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            "{}",
+            self.text()
+        );
+        assert_eq!(
+            self.retry_after.as_deref(),
+            Some(retry_after_secs.to_string().as_str())
+        );
+        assert_eq!(
+            self.error().error,
+            "database_unavailable",
+            "{}",
+            self.text()
+        );
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// A batch of `seqs` in `epoch`, every record on stream `s` with id `id` and
+/// payload `{"n":seq}`. With `received`, each carries an agent accept time
+/// derived from its seq.
+pub fn numbered_batch(epoch: Uuid, seqs: RangeInclusive<i64>, received: bool) -> Vec<u8> {
+    let payloads: Vec<(i64, String)> = seqs.map(|s| (s, format!(r#"{{"n":{s}}}"#))).collect();
+    wire::encode_batch(
+        epoch,
+        None,
+        payloads.iter().map(|(seq, payload)| OutRecord {
+            seq: *seq,
+            id: "id",
+            stream: "s",
+            ts_us: 1_700_000_000_000_000,
+            payload,
+            received: received.then_some(1_700_000_000_000_000 + seq),
+        }),
+        1,
+    )
 }

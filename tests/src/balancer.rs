@@ -44,17 +44,7 @@ impl Replica {
             env.retain(|(k, _)| k != key);
             env.push(((*key).to_owned(), value.clone()));
         }
-        let env = env
-            .into_iter()
-            .map(|(k, v)| (format!("DCS_AGG_{k}"), v))
-            .collect();
-        let service = Service::new(
-            "dcs-aggregator",
-            &["serve"],
-            env,
-            port,
-            &dir.join(format!("aggregator-{n}.log")),
-        );
+        let service = Service::aggregator(env, port, &dir.join(format!("aggregator-{n}.log")));
         Replica { service, admin }
     }
 

@@ -452,22 +452,13 @@ impl NetWorld {
             ("DATABASE__MAX_CONNECTIONS", "4".into()),
             ("LIMITS__RETRY_AFTER", "\"1s\"".into()),
             ("LOG__FORMAT", "json".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("{}{k}", dcs_aggregator::config::ENV_PREFIX), v))
-        .collect();
-        let mut aggregator = Service::new(
-            "dcs-aggregator",
-            &["serve"],
-            env,
-            agg_port,
-            &dir.path().join("aggregator.log"),
-        )
-        .with_prefix(&NetPair::exec_prefix(&net.aggregator_ns))
-        .with_ready_addr(SocketAddr::new(
-            IpAddr::V4(net.aggregator_uplink.inside),
-            agg_port,
-        ));
+        ];
+        let mut aggregator = Service::aggregator(env, agg_port, &dir.path().join("aggregator.log"))
+            .with_prefix(&NetPair::exec_prefix(&net.aggregator_ns))
+            .with_ready_addr(SocketAddr::new(
+                IpAddr::V4(net.aggregator_uplink.inside),
+                agg_port,
+            ));
         aggregator.start().await;
 
         let mut config = agent::test_config(

@@ -378,17 +378,7 @@ fn aggregator_service(
             ("ENROLLMENT__VALIDITY", "\"1h\"".into()),
         ]);
     }
-    let env = env
-        .into_iter()
-        .map(|(k, v)| (format!("DCS_AGG_{k}"), v))
-        .collect();
-    Ok(Service::new(
-        "dcs-aggregator",
-        &["serve"],
-        env,
-        port,
-        &dir.join("aggregator.log"),
-    ))
+    Ok(Service::aggregator(env, port, &dir.join("aggregator.log")))
 }
 
 /// The agent's configuration in the guest.

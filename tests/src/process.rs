@@ -71,6 +71,26 @@ impl Service {
         }
     }
 
+    /// `dcs-aggregator serve`, configured only through the environment:
+    /// `settings` are its `DCS_AGG_` variables named without the prefix, e.g.
+    /// `("DATABASE__URL", url)`.
+    pub fn aggregator<K: AsRef<str>>(
+        settings: impl IntoIterator<Item = (K, String)>,
+        port: u16,
+        log: &Path,
+    ) -> Service {
+        let env = settings
+            .into_iter()
+            .map(|(k, v)| {
+                (
+                    format!("{}{}", dcs_aggregator::config::ENV_PREFIX, k.as_ref()),
+                    v,
+                )
+            })
+            .collect();
+        Service::new("dcs-aggregator", &["serve"], env, port, log)
+    }
+
     /// Runs the binary under `prefix` (e.g. `["ip", "netns", "exec", "ns1"]`).
     pub fn with_prefix(mut self, prefix: &[&str]) -> Service {
         self.prefix = prefix.iter().map(|s| s.to_string()).collect();

@@ -5,8 +5,8 @@ use std::io::Write as _;
 
 use dcs_shared::wire::{self, Backlog, BatchAck, ErrorBody, OutRecord};
 use dcs_tests::aggregator::{
-    RunningAggregator, agent_client, client_without_certificate, gzip_json, start_aggregator,
-    start_aggregator_with,
+    RunningAggregator, agent_client, client_without_certificate, gzip_json, post_batch,
+    start_aggregator, start_aggregator_with,
 };
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::Pki;
@@ -65,14 +65,7 @@ async fn post(
     agg: &RunningAggregator,
     body: Vec<u8>,
 ) -> reqwest::Response {
-    client
-        .post(agg.endpoint(wire::BATCHES_PATH))
-        .header("content-type", "application/json")
-        .header("content-encoding", "gzip")
-        .body(body)
-        .send()
-        .await
-        .expect("request reaches the aggregator")
+    post_batch(client, &agg.endpoint(wire::BATCHES_PATH), body).await
 }
 
 async fn expect_ack(response: reqwest::Response) -> BatchAck {
@@ -939,17 +932,7 @@ async fn concurrent_batches_that_reuse_keys_store_each_key_once() {
         .into_iter()
         .map(|body| {
             let (client, url) = (client.clone(), url.clone());
-            tokio::spawn(async move {
-                client
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .header("content-encoding", "gzip")
-                    .body(body)
-                    .send()
-                    .await
-                    .expect("request reaches the aggregator")
-                    .status()
-            })
+            tokio::spawn(async move { post_batch(&client, &url, body).await.status() })
         })
         .collect();
     let mut statuses = Vec::new();

@@ -10,8 +10,10 @@
 
 use std::time::{Duration, Instant};
 
-use dcs_shared::wire::{self, BatchAck, ErrorBody, OutRecord};
-use dcs_tests::aggregator::{RunningAggregator, agent_client, start_aggregator_with};
+use dcs_shared::wire;
+use dcs_tests::aggregator::{
+    BatchAnswer, RunningAggregator, agent_client, numbered_batch, start_aggregator_with,
+};
 use dcs_tests::pg::{PgCluster, TestDb};
 use dcs_tests::pki::Pki;
 use reqwest::StatusCode;
@@ -20,74 +22,12 @@ use uuid::Uuid;
 
 const RETRY_AFTER_SECS: u64 = 2;
 
+async fn post(client: &reqwest::Client, agg: &RunningAggregator, body: Vec<u8>) -> BatchAnswer {
+    BatchAnswer::post(client, &agg.endpoint(wire::BATCHES_PATH), body).await
+}
+
 fn batch(epoch: Uuid, seqs: std::ops::RangeInclusive<i64>) -> Vec<u8> {
-    let payloads: Vec<(i64, String)> = seqs.map(|s| (s, format!(r#"{{"n":{s}}}"#))).collect();
-    wire::encode_batch(
-        epoch,
-        None,
-        payloads.iter().map(|(seq, payload)| OutRecord {
-            seq: *seq,
-            id: "id",
-            stream: "s",
-            ts_us: 1_700_000_000_000_000,
-            payload,
-            received: Some(1_700_000_000_000_000 + seq),
-        }),
-        1,
-    )
-}
-
-struct Answer {
-    status: StatusCode,
-    retry_after: Option<String>,
-    body: Vec<u8>,
-}
-
-impl Answer {
-    fn ack(&self) -> BatchAck {
-        assert_eq!(self.status, StatusCode::OK, "{}", self.text());
-        let ack: BatchAck = serde_json::from_slice(&self.body).expect("ack body");
-        BatchAck::new(ack.accepted, ack.duplicates)
-    }
-
-    /// A 503 the agent keeps the batch for: Retry-After and the JSON error.
-    fn assert_retry_later(&self) {
-        assert_eq!(
-            self.status,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "{}",
-            self.text()
-        );
-        assert_eq!(
-            self.retry_after.as_deref(),
-            Some(RETRY_AFTER_SECS.to_string().as_str())
-        );
-        let error: ErrorBody = serde_json::from_slice(&self.body).expect("JSON error body");
-        assert_eq!(error.error, "database_unavailable", "{}", self.text());
-    }
-
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-}
-
-async fn post(client: &reqwest::Client, agg: &RunningAggregator, body: Vec<u8>) -> Answer {
-    let response = client
-        .post(agg.endpoint(wire::BATCHES_PATH))
-        .header("content-type", "application/json")
-        .header("content-encoding", "gzip")
-        .body(body)
-        .send()
-        .await
-        .expect("request reaches the aggregator");
-    Answer {
-        status: response.status(),
-        retry_after: response
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap().to_owned()),
-        body: response.bytes().await.unwrap().to_vec(),
-    }
+    numbered_batch(epoch, seqs, true)
 }
 
 /// Resends `body` until it is stored; every answer before that must be a 503
@@ -96,14 +36,14 @@ async fn resend_until_stored(
     client: &reqwest::Client,
     agg: &RunningAggregator,
     body: Vec<u8>,
-) -> BatchAck {
+) -> (u64, u64) {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let answer = post(client, agg, body.clone()).await;
         if answer.status == StatusCode::OK {
-            return answer.ack();
+            return answer.counts();
         }
-        answer.assert_retry_later();
+        answer.assert_retry_later(RETRY_AFTER_SECS);
         assert!(Instant::now() < deadline, "the aggregator did not recover");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
@@ -131,8 +71,8 @@ async fn setup() -> Setup {
     let client = agent_client(&pki.agent("acme", "edge-01"));
     let epoch = Uuid::now_v7();
     assert_eq!(
-        post(&client, &agg, batch(epoch, 1..=10)).await.ack(),
-        BatchAck::new(10, 0)
+        post(&client, &agg, batch(epoch, 1..=10)).await.counts(),
+        (10, 0)
     );
     let admin = PgConnection::connect(&cluster.url())
         .await
@@ -224,7 +164,7 @@ async fn a_read_only_server_gets_503_keeps_no_aggregator_session_and_writes_resu
     loop {
         post(&client, &agg, batch(epoch, 11..=20))
             .await
-            .assert_retry_later();
+            .assert_retry_later(RETRY_AFTER_SECS);
         // Pooled sessions are closed after their 25006, new ones refused.
         if aggregator_sessions(&mut admin).await == 0 {
             break;
@@ -240,7 +180,7 @@ async fn a_read_only_server_gets_503_keeps_no_aggregator_session_and_writes_resu
     set_system(&mut admin, "RESET default_transaction_read_only").await;
     assert_eq!(
         resend_until_stored(&client, &agg, batch(epoch, 11..=20)).await,
-        BatchAck::new(10, 0)
+        (10, 0)
     );
     assert_eq!(db.count("records").await, 20);
     agg.stop().await;
@@ -275,7 +215,7 @@ async fn a_backend_terminated_mid_batch_gets_503_and_the_resend_is_stored_once()
         "transactionid",
     )
     .await
-    .assert_retry_later();
+    .assert_retry_later(RETRY_AFTER_SECS);
     sqlx::raw_sql("ROLLBACK")
         .execute(&mut blocker)
         .await
@@ -283,7 +223,7 @@ async fn a_backend_terminated_mid_batch_gets_503_and_the_resend_is_stored_once()
 
     assert_eq!(
         resend_until_stored(&client, &agg, batch(epoch, 11..=20)).await,
-        BatchAck::new(10, 0)
+        (10, 0)
     );
     assert_eq!(db.count("records").await, 20);
     agg.stop().await;
@@ -306,7 +246,7 @@ async fn a_commit_whose_answer_is_lost_is_not_acknowledged_and_its_resend_is_a_d
     set_system(&mut admin, "SET synchronous_standby_names = 'nobody'").await;
     cut_while_waiting(&client, &agg, &mut admin, batch(epoch, 11..=20), "SyncRep")
         .await
-        .assert_retry_later();
+        .assert_retry_later(RETRY_AFTER_SECS);
     // The outcome really was "committed": the 503 is what keeps it safe.
     assert_eq!(db.count("records").await, 20);
 
@@ -314,7 +254,7 @@ async fn a_commit_whose_answer_is_lost_is_not_acknowledged_and_its_resend_is_a_d
     // The resend meets its own committed range: duplicates, not a 409.
     assert_eq!(
         resend_until_stored(&client, &agg, batch(epoch, 11..=20)).await,
-        BatchAck::new(0, 10)
+        (0, 10)
     );
     assert_eq!(db.count("records").await, 20);
     agg.stop().await;
@@ -328,29 +268,13 @@ async fn cut_while_waiting(
     admin: &mut PgConnection,
     body: Vec<u8>,
     wait_event: &str,
-) -> Answer {
+) -> BatchAnswer {
     let sending = {
         let client = client.clone();
         let url = agg.endpoint(wire::BATCHES_PATH);
-        tokio::spawn(async move {
-            client
-                .post(url)
-                .header("content-type", "application/json")
-                .header("content-encoding", "gzip")
-                .body(body)
-                .send()
-                .await
-        })
+        tokio::spawn(async move { BatchAnswer::post(&client, &url, body).await })
     };
     let pid = backend_waiting_on(admin, wait_event).await;
     terminate(admin, pid).await;
-    let response = sending.await.unwrap().expect("an answer");
-    Answer {
-        status: response.status(),
-        retry_after: response
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap().to_owned()),
-        body: response.bytes().await.unwrap().to_vec(),
-    }
+    sending.await.expect("an answer")
 }

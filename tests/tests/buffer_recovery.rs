@@ -90,25 +90,6 @@ async fn push_all(http: &reqwest::Client, url: &str, prefix: &str, range: std::o
     }
 }
 
-async fn get_json(http: &reqwest::Client, url: &str) -> Value {
-    http.get(url).send().await.unwrap().json().await.unwrap()
-}
-
-/// The value of an unlabelled counter in a Prometheus exposition.
-async fn metric(http: &reqwest::Client, url: &str, name: &str) -> Option<f64> {
-    let text = http
-        .get(format!("{url}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-}
-
 /// Every file and directory under `dir` (recursively) with its bytes: what
 /// "nothing changed, nothing created" is checked against.
 fn tree(dir: &Path) -> BTreeMap<String, Option<Vec<u8>>> {
@@ -292,8 +273,7 @@ async fn lost_wal(check_first: bool) {
 
     let log = site.dir.path().join("after.log");
     let process = AgentProcess::spawn(&site.config(), &log).await;
-    let http = reqwest::Client::new();
-    let status = get_json(&http, &format!("{}/v1/status", process.url)).await;
+    let status = agent::status(&process.url).await;
     let reports = status["quarantine"].as_array().unwrap();
     assert_eq!(reports.len(), 1, "the agent quarantines the file: {status}");
     let report = &reports[0];
@@ -349,8 +329,7 @@ async fn quarantine_keeps_the_file_its_wal_and_its_shm_byte_identical_and_counts
 
     let log = site.dir.path().join("after.log");
     let process = AgentProcess::spawn(&site.config(), &log).await;
-    let http = reqwest::Client::new();
-    let status = get_json(&http, &format!("{}/v1/status", process.url)).await;
+    let status = agent::status(&process.url).await;
     let report = status["quarantine"][0].clone();
     assert!(
         report["reason"].as_str().unwrap().contains("integrity"),
@@ -376,10 +355,10 @@ async fn quarantine_keeps_the_file_its_wal_and_its_shm_byte_identical_and_counts
     assert_eq!(salvaged + unreadable, held, "{report}");
     assert_eq!(status["recovered"]["records"], salvaged, "{status}");
     assert_eq!(
-        metric(
-            &http,
+        agent::metric_sample(
             &process.url,
-            "dcs_agent_buffer_unsalvageable_records_total"
+            "dcs_agent_buffer_unsalvageable_records_total",
+            &[]
         )
         .await,
         Some(unreadable as f64)
@@ -416,8 +395,7 @@ async fn salvage_counts_exactly_the_acknowledged_records_lost_on_damaged_pages()
     let http = reqwest::Client::new();
     push_all(&http, &agent.url, "sent", 0..1000).await;
     let delivered = wait_until(TIMEOUT, || async {
-        get_json(&http, &format!("{}/v1/status", agent.url)).await["buffer"]["delivered_total"]
-            == 1000
+        agent::status(&agent.url).await["buffer"]["delivered_total"] == 1000
     })
     .await;
     assert!(delivered, "the first records are delivered");

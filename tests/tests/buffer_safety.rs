@@ -66,21 +66,11 @@ impl Site {
             let r = push(&http, &agent.url, "application/x-ndjson", body).await;
             assert_eq!(r.status(), 200);
         }
-        let status = status(&http, &agent.url).await;
+        let status = agent::status(&agent.url).await;
         assert_eq!(status["buffer"]["records"], n as u64);
         agent.stop().await;
         status["epoch"].as_str().unwrap().to_owned()
     }
-}
-
-async fn status(http: &reqwest::Client, url: &str) -> Value {
-    http.get(format!("{url}/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
 }
 
 /// (record_id, epoch) of every stored row.
@@ -106,7 +96,7 @@ async fn recover_and_deliver(site: &Site) -> Value {
     let aggregator = site.aggregator().await;
     let agent = start_agent(site.config()).await;
     let http = reqwest::Client::new();
-    let st = status(&http, &agent.url).await;
+    let st = agent::status(&agent.url).await;
     let reports = st["quarantine"].as_array().unwrap().clone();
     assert_eq!(reports.len(), 1, "one quarantine reported: {st}");
     let report = reports[0].clone();
@@ -173,7 +163,7 @@ async fn recover_and_deliver(site: &Site) -> Value {
 
     // A restart reports the same quarantine and salvages nothing again.
     let agent = start_agent(site.config()).await;
-    let again = status(&http, &agent.url).await;
+    let again = agent::status(&agent.url).await;
     assert_eq!(again["quarantine"], Value::Array(reports));
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(count(&site.db.pool).await, expected);
@@ -291,7 +281,7 @@ async fn counters_are_the_same_before_and_after_a_restart() {
     .await;
     assert_eq!(r.status(), 200);
     wait_until(TIMEOUT, || async {
-        status(&http, &agent.url).await["buffer"]["delivered_total"] == 400
+        agent::status(&agent.url).await["buffer"]["delivered_total"] == 400
     })
     .await;
     aggregator.stop().await;
@@ -303,11 +293,11 @@ async fn counters_are_the_same_before_and_after_a_restart() {
     )
     .await;
     assert_eq!(r.status(), 200);
-    let before = status(&http, &agent.url).await;
+    let before = agent::status(&agent.url).await;
     agent.stop().await;
 
     let agent = start_agent(site.config()).await;
-    let after = status(&http, &agent.url).await;
+    let after = agent::status(&agent.url).await;
     for key in [
         "records",
         "bytes",

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dcs_shared::wire::{self, OutRecord};
-use dcs_tests::aggregator::{RunningPlatform, agent_client, start_platform_with};
+use dcs_tests::aggregator::{RunningPlatform, agent_client, post_batch, start_platform_with};
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::{AgentCert, Pki};
 use reqwest::StatusCode;
@@ -103,15 +103,13 @@ fn batch(first_seq: i64) -> Vec<u8> {
 }
 
 async fn post(client: &reqwest::Client, platform: &RunningPlatform, seq: i64) -> StatusCode {
-    client
-        .post(platform.aggregator.endpoint(wire::BATCHES_PATH))
-        .header("content-type", "application/json")
-        .header("content-encoding", "gzip")
-        .body(batch(seq))
-        .send()
-        .await
-        .expect("batch reaches the aggregator")
-        .status()
+    post_batch(
+        client,
+        &platform.aggregator.endpoint(wire::BATCHES_PATH),
+        batch(seq),
+    )
+    .await
+    .status()
 }
 
 #[tokio::test]
@@ -220,17 +218,7 @@ async fn stopping_fails_readiness_at_once_and_still_takes_batches_during_the_dra
     // Still accepted, on the existing connection and on a new one.
     let batch_status = |client: reqwest::Client, seq: i64| {
         let url = agg_url.clone();
-        async move {
-            client
-                .post(url)
-                .header("content-type", "application/json")
-                .header("content-encoding", "gzip")
-                .body(batch(seq))
-                .send()
-                .await
-                .expect("batch while draining")
-                .status()
-        }
+        async move { post_batch(&client, &url, batch(seq)).await.status() }
     };
     assert_eq!(batch_status(client.clone(), 3).await, StatusCode::OK);
     assert_eq!(

@@ -710,12 +710,7 @@ async fn renewal_happens_before_expiry_with_no_gap_in_delivery() {
         "{renewals:?}"
     );
     // Link state never went down: the swap did not break delivery.
-    let status: Value = reqwest::get(agent.endpoint("/v1/status"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = agent.status().await;
     assert_eq!(status["delivery"]["link"], "up", "{status}");
     agent.stop().await;
     p.aggregator.stop().await;
@@ -848,14 +843,8 @@ async fn renewal_is_refused_outside_its_window_and_too_often_and_revoking_a_seri
                 Vec::<dcs_shared::wire::OutRecord>::new(),
                 1,
             );
-            client
-                .post(url)
-                .header("content-type", "application/json")
-                .header("content-encoding", "gzip")
-                .body(body)
-                .send()
+            dcs_tests::aggregator::post_batch(&client, &url, body)
                 .await
-                .unwrap()
                 .status()
         }
     };

@@ -45,14 +45,7 @@ async fn rig(adjust: impl FnOnce(&mut dcs_edge::Config)) -> Rig {
 
 impl Rig {
     async fn status(&self) -> Value {
-        self.http
-            .get(self.agent.endpoint("/v1/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.agent.status().await
     }
 
     /// Pushes NDJSON to the agent; the agent must take it (200).

@@ -18,12 +18,13 @@ use std::time::{Duration, Instant};
 use dcs_shared::record::MAX_NESTING_DEPTH;
 use dcs_shared::wire::{self, BatchAck, ErrorBody, OutRecord};
 use dcs_tests::agent::{self, AgentProcess, RunningAgent, push, start_agent};
-use dcs_tests::aggregator::{RunningAggregator, agent_client, gzip_json, start_aggregator_with};
+use dcs_tests::aggregator::{
+    RunningAggregator, agent_client, gzip_bomb, gzip_json, start_aggregator_with,
+};
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::{AgentCert, Pki};
 use dcs_tests::process::Service;
 use reqwest::StatusCode;
-use serde_json::Value;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -84,7 +85,12 @@ impl Aggregator {
     /// Posts `body` as a gzip batch and expects a refusal with one of
     /// `allowed` statuses; then checks that nothing was written and that the
     /// server still takes a valid batch.
-    async fn refuse(&mut self, what: &str, body: Vec<u8>, allowed: &[StatusCode]) -> ErrorBody {
+    async fn check_refused(
+        &mut self,
+        what: &str,
+        body: Vec<u8>,
+        allowed: &[StatusCode],
+    ) -> ErrorBody {
         let response = self.post(body, Some("gzip")).await;
         let error = expect_error_body(what, response, allowed).await;
         self.assert_unharmed(what).await;
@@ -320,7 +326,9 @@ async fn random_bytes_as_a_batch_body_are_refused_with_400_and_an_error_body() {
                 body[..4].copy_from_slice(&[0x1f, 0x8b, 0x08, rng.u8(..)]);
             }
             let what = format!("seed {seed}, {len} random bytes");
-            let error = a.refuse(&what, body, &[StatusCode::BAD_REQUEST]).await;
+            let error = a
+                .check_refused(&what, body, &[StatusCode::BAD_REQUEST])
+                .await;
             assert_eq!(error.error, "malformed_batch", "{what}: {error:?}");
         }
     }
@@ -349,7 +357,7 @@ async fn a_gzip_batch_cut_short_anywhere_is_refused_with_400() {
     ] {
         let what = format!("gzip cut at {cut} of {len} bytes");
         let error = a
-            .refuse(&what, whole[..cut].to_vec(), &[StatusCode::BAD_REQUEST])
+            .check_refused(&what, whole[..cut].to_vec(), &[StatusCode::BAD_REQUEST])
             .await;
         assert_eq!(error.error, "malformed_batch", "{what}: {error:?}");
     }
@@ -366,7 +374,7 @@ async fn valid_gzip_of_garbage_or_truncated_or_mistyped_json_is_refused_with_400
         let len = rng.usize(1..65_536);
         let what = format!("gzip of {len} random bytes, seed {seed}");
         let error = a
-            .refuse(&what, gzip_json(&random_bytes(&mut rng, len)), &[bad])
+            .check_refused(&what, gzip_json(&random_bytes(&mut rng, len)), &[bad])
             .await;
         assert_eq!(error.error, "malformed_batch", "{what}");
     }
@@ -374,7 +382,9 @@ async fn valid_gzip_of_garbage_or_truncated_or_mistyped_json_is_refused_with_400
     let json = batch_json(r#"{"k":[1,2,{"x":"y"}]}"#);
     for cut in [0, 1, 7, json.len() / 2, json.len() - 3, json.len() - 1] {
         let what = format!("gzip of the batch JSON cut at {cut} of {}", json.len());
-        let error = a.refuse(&what, gzip_json(&json[..cut]), &[bad]).await;
+        let error = a
+            .check_refused(&what, gzip_json(&json[..cut]), &[bad])
+            .await;
         assert_eq!(error.error, "malformed_batch", "{what}");
     }
 
@@ -509,7 +519,7 @@ async fn valid_gzip_of_garbage_or_truncated_or_mistyped_json_is_refused_with_400
         ),
     ];
     for (what, json, status, code) in cases {
-        let error = a.refuse(what, gzip_json(&json), &[status]).await;
+        let error = a.check_refused(what, gzip_json(&json), &[status]).await;
         assert_eq!(error.error, code, "{what}: {error:?}");
         if status == invalid {
             assert!(!error.details.is_empty(), "{what}: no details");
@@ -557,7 +567,7 @@ async fn payloads_postgresql_cannot_store_are_refused_with_422_and_those_at_its_
         ("an exponent past 1000", r#"{"a":1e1001}"#.to_owned()),
     ] {
         let error = a
-            .refuse(
+            .check_refused(
                 what,
                 gzip_json(&batch_json(&payload)),
                 &[StatusCode::UNPROCESSABLE_ENTITY],
@@ -591,31 +601,6 @@ async fn a_batch_whose_content_encoding_is_br_deflate_identity_or_absent_is_refu
 // ---------------------------------------------------------------------------
 // Aggregator: memory, headers, slow and silent clients
 
-/// Gzip of `size` zero bytes (a multiple of 1 MiB): about a thousandth of
-/// that on the wire, built in milliseconds. One MiB of zeros is deflated once
-/// and its blocks repeated: after a sync flush they are byte-aligned, none
-/// final, and refer only to data inside themselves.
-fn gzip_bomb(size: usize) -> Vec<u8> {
-    use std::io::Write as _;
-    const MIB: usize = 1 << 20;
-    let zeros = vec![0u8; MIB];
-    let mut deflate = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
-    deflate.write_all(&zeros).expect("deflate to memory");
-    deflate.flush().expect("sync flush");
-    let blocks = deflate.get_ref().clone();
-    let mut crc = flate2::Crc::new();
-    let mut bomb = vec![0x1f, 0x8b, 0x08, 0, 0, 0, 0, 0, 0, 0xff];
-    for _ in 0..size / MIB {
-        bomb.extend_from_slice(&blocks);
-        crc.update(&zeros);
-    }
-    // An empty final block (fixed Huffman, end-of-block), then the trailer.
-    bomb.extend_from_slice(&[0x03, 0x00]);
-    bomb.extend_from_slice(&crc.sum().to_le_bytes());
-    bomb.extend_from_slice(&crc.amount().to_le_bytes());
-    bomb
-}
-
 #[test]
 fn the_gzip_bomb_is_a_valid_gzip_of_its_size() {
     use std::io::Read as _;
@@ -648,17 +633,8 @@ async fn twenty_gzip_bombs_of_1_gib_keep_the_aggregator_process_under_300_mib() 
         ("DATABASE__MIGRATE_ON_START", "false".into()),
         ("DATABASE__MAX_CONNECTIONS", "4".into()),
         ("LOG__FORMAT", "json".into()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("{}{k}", dcs_aggregator::config::ENV_PREFIX), v))
-    .collect();
-    let mut aggregator = Service::new(
-        "dcs-aggregator",
-        &["serve"],
-        env,
-        port,
-        &dir.path().join("aggregator.log"),
-    );
+    ];
+    let mut aggregator = Service::aggregator(env, port, &dir.path().join("aggregator.log"));
     aggregator.start().await;
     let client = agent_client(&pki.agent("acme", "edge-01"));
     let url = format!("https://localhost:{port}{}", wire::BATCHES_PATH);
@@ -920,7 +896,7 @@ impl Agent {
 
     /// Pushes `body` and expects a 400 with an error body; then checks that
     /// nothing was buffered and the agent still answers.
-    async fn refuse(&self, what: &str, content_type: &str, body: Vec<u8>) -> ErrorBody {
+    async fn check_refused(&self, what: &str, content_type: &str, body: Vec<u8>) -> ErrorBody {
         let response = push(&self.http, &self.agent.url, content_type, body).await;
         let error = expect_error_body(what, response, &[StatusCode::BAD_REQUEST]).await;
         if error.error == "invalid_records" {
@@ -940,31 +916,19 @@ impl Agent {
         )
         .await;
         assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(buffered(&self.http, &self.agent.url).await, 1);
+        assert_eq!(buffered(&self.agent.url).await, 1);
     }
 }
 
-async fn buffered(http: &reqwest::Client, url: &str) -> u64 {
-    let status: Value = http
-        .get(format!("{url}/v1/status"))
-        .send()
-        .await
-        .expect("status")
-        .json()
-        .await
-        .expect("status JSON");
-    status["buffer"]["records"]
+async fn buffered(url: &str) -> u64 {
+    agent::status(url).await["buffer"]["records"]
         .as_u64()
         .expect("buffer.records")
 }
 
 async fn assert_agent_unharmed(http: &reqwest::Client, url: &str, what: &str) {
     assert_agent_alive(http, url, what).await;
-    assert_eq!(
-        buffered(http, url).await,
-        0,
-        "{what}: records were buffered"
-    );
+    assert_eq!(buffered(url).await, 0, "{what}: records were buffered");
 }
 
 const JSON: &str = "application/json";
@@ -978,7 +942,7 @@ async fn random_bytes_pushed_as_records_are_refused_with_400_and_nothing_is_buff
         for len in [0, 1, 2, rng.usize(3..4096), 65_536] {
             for content_type in [JSON, NDJSON] {
                 let what = format!("seed {seed}, {len} random bytes as {content_type}");
-                a.refuse(&what, content_type, random_bytes(&mut rng, len))
+                a.check_refused(&what, content_type, random_bytes(&mut rng, len))
                     .await;
             }
             // Printable garbage is UTF-8, so it reaches the JSON parser and,
@@ -992,7 +956,7 @@ async fn random_bytes_pushed_as_records_are_refused_with_400_and_nothing_is_buff
                 })
                 .collect();
             let what = format!("seed {seed}, {len} printable bytes as NDJSON");
-            a.refuse(&what, NDJSON, text.into_bytes()).await;
+            a.check_refused(&what, NDJSON, text.into_bytes()).await;
         }
     }
     a.accepts_a_valid_record().await;
@@ -1010,7 +974,7 @@ async fn truncated_ndjson_is_refused_whole_naming_the_cut_line() {
         for cut in [start + 1, start + 20, start + 45] {
             let what = format!("NDJSON cut at byte {cut}, in line {}", line + 1);
             let error = a
-                .refuse(&what, NDJSON, body.as_bytes()[..cut].to_vec())
+                .check_refused(&what, NDJSON, body.as_bytes()[..cut].to_vec())
                 .await;
             assert_eq!(error.error, "invalid_records", "{what}: {error:?}");
             // The complete lines before the cut are not buffered either.
@@ -1045,7 +1009,7 @@ async fn invalid_utf8_is_refused_with_400() {
         let body: Vec<u8> = [&valid[..at], bytes, &valid[at..]].concat();
         for content_type in [JSON, NDJSON] {
             let what = format!("{what} as {content_type}");
-            let error = a.refuse(&what, content_type, body.clone()).await;
+            let error = a.check_refused(&what, content_type, body.clone()).await;
             assert_eq!(error.error, "malformed_json", "{what}: {error:?}");
             assert!(error.message.contains("UTF-8"), "{what}: {error:?}");
         }
@@ -1092,7 +1056,7 @@ async fn deeply_nested_json_is_refused_with_400_and_the_agent_keeps_answering() 
             long_fraction,
         ),
     ] {
-        let error = a.refuse(what, content_type, body.into_bytes()).await;
+        let error = a.check_refused(what, content_type, body.into_bytes()).await;
         assert!(
             ["malformed_json", "invalid_records"].contains(&error.error.as_str()),
             "{what}: {error:?}"

@@ -52,7 +52,7 @@ use std::time::{Duration, Instant};
 use dcs_aggregator::platform::tokens::{NewToken, create_token};
 use dcs_shared::wire::{self, ErrorBody, OutRecord};
 use dcs_tests::agent;
-use dcs_tests::aggregator::{agent_client, client_without_certificate};
+use dcs_tests::aggregator::{agent_client, client_without_certificate, gzip_bomb};
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::{AgentCert, Pki};
 use dcs_tests::process::Service;
@@ -146,17 +146,9 @@ impl Bench {
             ("CONNECTIONS__HEADER_TIMEOUT", deadline),
             ("LOG__FORMAT", "json".into()),
             ("LOG__LEVEL", "warn".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("{}{k}", dcs_aggregator::config::ENV_PREFIX), v))
-        .collect();
-        let mut aggregator = Service::new(
-            "dcs-aggregator",
-            &["serve"],
-            env,
-            agents_port,
-            &dir.path().join("aggregator.log"),
-        );
+        ];
+        let mut aggregator =
+            Service::aggregator(env, agents_port, &dir.path().join("aggregator.log"));
         aggregator.start().await;
         for tenant in ["victim", "attacker", "acme"] {
             sqlx::query("INSERT INTO tenants (id) VALUES ($1) ON CONFLICT DO NOTHING")
@@ -600,28 +592,8 @@ fn big_batch(records: usize) -> Vec<u8> {
     wire::encode_batch(Uuid::now_v7(), None, out, 6)
 }
 
-/// A valid gzip of `size` zero bytes, built without holding them.
-fn gzip_bomb(size: usize) -> Vec<u8> {
-    use std::io::Write as _;
-    const MIB: usize = 1 << 20;
-    let zeros = vec![0u8; MIB];
-    let mut deflate = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
-    deflate.write_all(&zeros).expect("deflate to memory");
-    deflate.flush().expect("sync flush");
-    let blocks = deflate.get_ref().clone();
-    let mut crc = flate2::Crc::new();
-    let mut bomb = vec![0x1f, 0x8b, 0x08, 0, 0, 0, 0, 0, 0, 0xff];
-    for _ in 0..size / MIB {
-        bomb.extend_from_slice(&blocks);
-        crc.update(&zeros);
-    }
-    bomb.extend_from_slice(&[0x03, 0x00]);
-    bomb.extend_from_slice(&crc.sum().to_le_bytes());
-    bomb.extend_from_slice(&crc.amount().to_le_bytes());
-    bomb
-}
-
-async fn post_batch(client: &reqwest::Client, url: &str, body: Vec<u8>) -> (u16, String) {
+/// Posts a batch; `(status, error code)`, or `(0, why)` when no answer came.
+async fn try_post_batch(client: &reqwest::Client, url: &str, body: Vec<u8>) -> (u16, String) {
     match client
         .post(url)
         .header("content-type", "application/json")
@@ -743,7 +715,7 @@ async fn agent_flood(b: Arc<Bench>, until: Instant) -> String {
         let rounds: Vec<_> = (0..16)
             .map(|_| {
                 let (client, url) = (client.clone(), url.clone());
-                tokio::spawn(async move { post_batch(&client, &url, big_batch(20)).await })
+                tokio::spawn(async move { try_post_batch(&client, &url, big_batch(20)).await })
             })
             .collect();
         for r in rounds {
@@ -789,7 +761,7 @@ async fn oversized_batches(b: Arc<Bench>) -> String {
         .map(|i| {
             let (client, b) = (clients[i % 4].clone(), b.clone());
             tokio::spawn(
-                async move { post_batch(&client, &b.batches(), b.big_batch.clone()).await },
+                async move { try_post_batch(&client, &b.batches(), b.big_batch.clone()).await },
             )
         })
         .collect();
@@ -815,7 +787,7 @@ async fn gzip_bombs(b: Arc<Bench>) -> String {
     let tasks: Vec<_> = (0..16)
         .map(|i| {
             let (client, b) = (clients[i % 4].clone(), b.clone());
-            tokio::spawn(async move { post_batch(&client, &b.batches(), b.bomb.clone()).await })
+            tokio::spawn(async move { try_post_batch(&client, &b.batches(), b.bomb.clone()).await })
         })
         .collect();
     for t in tasks {
@@ -849,7 +821,7 @@ async fn deep_nesting(b: Arc<Bench>) -> String {
         6,
     );
     let client = agent_client(&b.pki.agent("attacker", "deep-1"));
-    let outcome = post_batch(&client, &b.batches(), body).await;
+    let outcome = try_post_batch(&client, &b.batches(), body).await;
     assert!(matches!(outcome.0, 400 | 422), "deep_nesting: {outcome:?}");
     tally(&[outcome])
 }

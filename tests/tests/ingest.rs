@@ -37,15 +37,7 @@ async fn agent_with(adjust: impl FnOnce(&mut dcs_edge::Config)) -> Agent {
 
 impl Agent {
     async fn buffered(&self) -> u64 {
-        let st: Value = self
-            .http
-            .get(self.agent.endpoint("/v1/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let st: Value = self.agent.status().await;
         st["buffer"]["records"].as_u64().unwrap()
     }
 
@@ -296,15 +288,7 @@ async fn health_ready_and_status_answer() {
     assert_eq!(h.status(), 200);
     let r = a.http.get(a.agent.endpoint("/ready")).send().await.unwrap();
     assert_eq!(r.status(), 200);
-    let st: Value = a
-        .http
-        .get(a.agent.endpoint("/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st: Value = a.agent.status().await;
     assert!(st["epoch"].as_str().unwrap().len() == 36);
     assert_eq!(st["buffer"]["records"], 0);
     assert_eq!(st["dead_letters"]["records"], 0);
@@ -413,15 +397,7 @@ impl Agent {
     }
 
     async fn dead_letters(&self) -> u64 {
-        let st: Value = self
-            .http
-            .get(self.agent.endpoint("/v1/status"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let st: Value = self.agent.status().await;
         st["dead_letters"]["records"].as_u64().unwrap()
     }
 }

@@ -153,17 +153,8 @@ impl Aggregator {
             ("LIMITS__RETRY_AFTER", "\"1s\"".into()),
             ("LOG__FORMAT", "text".into()),
             ("LOG__LEVEL", "warn".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("DCS_AGG_{k}"), v))
-        .collect();
-        let mut service = Service::new(
-            "dcs-aggregator",
-            &["serve"],
-            env,
-            port,
-            &dir.join(format!("aggregator-{n}.log")),
-        );
+        ];
+        let mut service = Service::aggregator(env, port, &dir.join(format!("aggregator-{n}.log")));
         service.start().await;
         Aggregator { service, admin }
     }

@@ -128,26 +128,12 @@ async fn records_pushed_as_one_an_array_and_ndjson_arrive_exactly_once_in_order(
     // Delivered records leave the buffer and the status says so.
     assert!(
         wait_until(DELIVERY_TIMEOUT, || async {
-            let st: Value = http
-                .get(agent.endpoint("/v1/status"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let st: Value = agent.status().await;
             st["buffer"]["records"] == 0
         })
         .await
     );
-    let st: Value = http
-        .get(agent.endpoint("/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st: Value = agent.status().await;
     assert_eq!(st["buffer"]["delivered_total"], 10);
     assert_eq!(st["delivery"]["link"], "up");
 
@@ -201,14 +187,7 @@ async fn records_buffered_while_the_aggregator_is_down_arrive_once_it_starts() {
         );
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let st: Value = http
-        .get(agent.endpoint("/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st: Value = agent.status().await;
     assert_eq!(st["buffer"]["records"], 1000);
     assert_eq!(st["delivery"]["link"], "down");
     assert!(st["delivery"]["last_error"].is_string());

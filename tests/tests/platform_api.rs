@@ -7,7 +7,7 @@ use std::collections::HashSet;
 use dcs_aggregator::platform::tokens::{NewToken, create_token};
 use dcs_shared::wire::{self, ErrorBody, OutRecord};
 use dcs_tests::aggregator::{
-    RunningAggregator, RunningPlatform, agent_client, start_platform_with, with_user,
+    RunningAggregator, RunningPlatform, agent_client, post_batch, start_platform_with, with_user,
 };
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::Pki;
@@ -79,14 +79,12 @@ async fn send(
         received: None,
     });
     let body = wire::encode_batch(epoch, None, records, 1);
-    let response = agent_client(&pki.agent(tenant, agent))
-        .post(agg.endpoint(wire::BATCHES_PATH))
-        .header("content-type", "application/json")
-        .header("content-encoding", "gzip")
-        .body(body)
-        .send()
-        .await
-        .expect("batch reaches the aggregator");
+    let response = post_batch(
+        &agent_client(&pki.agent(tenant, agent)),
+        &agg.endpoint(wire::BATCHES_PATH),
+        body,
+    )
+    .await;
     assert_eq!(
         response.status(),
         StatusCode::OK,

@@ -4,7 +4,7 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use dcs_shared::wire::{self, BatchAck, OutRecord};
-use dcs_tests::aggregator::{RunningAggregator, agent_client, start_aggregator};
+use dcs_tests::aggregator::{RunningAggregator, agent_client, post_batch, start_aggregator};
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::{AgentCert, Pki};
 use reqwest::StatusCode;
@@ -48,14 +48,7 @@ async fn send(
             }),
         1,
     );
-    let response = agent_client(cert)
-        .post(agg.endpoint(wire::BATCHES_PATH))
-        .header("content-type", "application/json")
-        .header("content-encoding", "gzip")
-        .body(body)
-        .send()
-        .await
-        .expect("batch reaches the aggregator");
+    let response = post_batch(&agent_client(cert), &agg.endpoint(wire::BATCHES_PATH), body).await;
     let status = response.status();
     let ack: Option<BatchAck> = response.json().await.ok();
     // Counts only: the high-water mark is tested in aggregator_api.

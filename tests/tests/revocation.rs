@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use dcs_aggregator::platform::agents::set_agent_revoked;
 use dcs_aggregator::platform::tokens::{NewToken, create_token};
 use dcs_shared::wire::{self, ErrorBody, OutRecord};
-use dcs_tests::aggregator::{RunningPlatform, agent_client, start_platform_with};
+use dcs_tests::aggregator::{RunningPlatform, agent_client, post_batch, start_platform_with};
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::{AgentCert, Pki};
 use reqwest::StatusCode;
@@ -50,14 +50,12 @@ async fn send(
         }),
         1,
     );
-    let response = agent_client(cert)
-        .post(p.aggregator.endpoint(wire::BATCHES_PATH))
-        .header("content-type", "application/json")
-        .header("content-encoding", "gzip")
-        .body(body)
-        .send()
-        .await
-        .expect("batch reaches the aggregator");
+    let response = post_batch(
+        &agent_client(cert),
+        &p.aggregator.endpoint(wire::BATCHES_PATH),
+        body,
+    )
+    .await;
     let status = response.status();
     (status, response.json().await.unwrap_or(Value::Null))
 }
