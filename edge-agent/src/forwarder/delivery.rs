@@ -37,11 +37,15 @@ impl Inner {
             let (body, batch) = body;
             let mut backoff = Backoff::new(self.retry_initial, self.retry_max);
             loop {
+                // No new attempt once stopping; but an attempt already on the
+                // wire is not dropped at the signal: it may be committed, and
+                // `run` gives it `retry.shutdown_grace` to be acknowledged
+                // (and the buffer updated) before abandoning it.
+                if *stop.borrow() {
+                    return;
+                }
                 let started = std::time::Instant::now();
-                let outcome = tokio::select! {
-                    _ = stop.wait_for(|s| *s) => return,
-                    o = self.post(body.clone()) => o,
-                };
+                let outcome = self.post(body.clone()).await;
                 metrics::histogram!("dcs_agent_batch_send_duration_seconds")
                     .record(started.elapsed().as_secs_f64());
                 metrics::counter!("dcs_agent_batches_sent_total", "outcome" => outcome.label())
