@@ -43,6 +43,10 @@ pub struct FaultProxy {
     fault: watch::Sender<Fault>,
     /// Answers swallowed in `LostAck` mode: proof the fault really happened.
     pub acks_dropped: Arc<AtomicU64>,
+    /// Connections the upstream closed or reset while a batch sent through
+    /// them still awaited its answer: proof that a killed aggregator had
+    /// batches in flight.
+    pub answers_cut: Arc<AtomicU64>,
     pub connections: Arc<AtomicU64>,
     task: JoinHandle<()>,
 }
@@ -59,8 +63,10 @@ impl FaultProxy {
         let (fault, rx) = watch::channel(Fault::Pass);
         let acks_dropped = Arc::new(AtomicU64::new(0));
         let connections = Arc::new(AtomicU64::new(0));
+        let answers_cut = Arc::new(AtomicU64::new(0));
         let task = tokio::spawn({
             let acks_dropped = acks_dropped.clone();
+            let answers_cut = answers_cut.clone();
             let connections = connections.clone();
             async move {
                 loop {
@@ -70,8 +76,9 @@ impl FaultProxy {
                     connections.fetch_add(1, Ordering::Relaxed);
                     let rx = rx.clone();
                     let acks_dropped = acks_dropped.clone();
+                    let answers_cut = answers_cut.clone();
                     tokio::spawn(async move {
-                        let _ = handle(client, upstream, rx, acks_dropped).await;
+                        let _ = handle(client, upstream, rx, acks_dropped, answers_cut).await;
                     });
                 }
             }
@@ -80,6 +87,7 @@ impl FaultProxy {
             addr,
             fault,
             acks_dropped,
+            answers_cut,
             connections,
             task,
         }
@@ -110,6 +118,7 @@ async fn handle(
     upstream: SocketAddr,
     mut rx: watch::Receiver<Fault>,
     acks_dropped: Arc<AtomicU64>,
+    answers_cut: Arc<AtomicU64>,
 ) -> std::io::Result<()> {
     let fault = *rx.borrow_and_update();
     match fault {
@@ -134,6 +143,8 @@ async fn handle(
     let mut cbuf = vec![0u8; 16 * 1024];
     let mut sbuf = vec![0u8; 16 * 1024];
     let mut sent_up = 0u64;
+    // Request bytes went up since the last answer bytes came down.
+    let mut awaiting_answer = false;
     loop {
         let fault = *rx.borrow();
         tokio::select! {
@@ -163,10 +174,21 @@ async fn handle(
                 }
                 pace(fault, n).await;
                 sw.write_all(&cbuf[..n]).await?;
+                awaiting_answer = true;
             }
             n = sr.read(&mut sbuf) => {
-                let n = n?;
-                if n == 0 { let _ = cw.shutdown().await; break; }
+                let n = match n {
+                    Ok(n) if n > 0 => n,
+                    ended => {
+                        if awaiting_answer && sent_up > REQUEST_THRESHOLD {
+                            answers_cut.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if ended.is_err() { break; }
+                        let _ = cw.shutdown().await;
+                        break;
+                    }
+                };
+                awaiting_answer = false;
                 if fault == Fault::LostAck && sent_up > REQUEST_THRESHOLD {
                     // The answer to a batch: let the aggregator finish, drop
                     // what it says, and cut the agent off.

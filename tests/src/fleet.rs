@@ -37,8 +37,8 @@ use sqlx::PgPool;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::agent::status as agent_status;
 use crate::agent::{self, AgentProcess};
-use crate::chaos::agent_status;
 use crate::pki::{AgentCert, Pki};
 
 /// Producers top up their agent this often.

@@ -499,7 +499,7 @@ impl NetWorld {
 
     /// Records waiting in the agent's buffer (`None` while it does not answer).
     pub async fn buffered(&self) -> Option<u64> {
-        chaos::agent_status(&self.agent.url).await["buffer"]["records"].as_u64()
+        crate::agent::status(&self.agent.url).await["buffer"]["records"].as_u64()
     }
 
     /// Runs `plan.producers` producers ([`chaos::produce`]) against the agent

@@ -245,7 +245,10 @@ impl PgCluster {
             .arg(self.data_dir())
             .arg("-o")
             .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1",
+                // track_commit_timestamp: tests read the order in which
+                // batches committed (pg_xact_commit_timestamp(xmin)), not
+                // a timestamp the agent chose.
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c track_commit_timestamp=on",
                 self.port,
                 self.dir.path().display()
             ))

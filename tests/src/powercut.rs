@@ -734,7 +734,7 @@ async fn wait_pull_started(agent_url: &str, vm: &mut Vm) -> anyhow::Result<u64> 
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         vm.check_alive()?;
-        let stored = crate::chaos::agent_status(agent_url).await["buffer"]["records"]
+        let stored = crate::agent::status(agent_url).await["buffer"]["records"]
             .as_u64()
             .unwrap_or(0);
         if stored > 0 {
@@ -845,7 +845,7 @@ async fn drain_and_verify(
         if present != last {
             (last, since) = (present, Instant::now());
         }
-        let empty = crate::chaos::agent_status(agent_url).await["buffer"]["records"] == 0;
+        let empty = crate::agent::status(agent_url).await["buffer"]["records"] == 0;
         let all = present as usize >= ledger.acked();
         if (empty && (all || since.elapsed() > Duration::from_secs(20)))
             || Instant::now() > deadline

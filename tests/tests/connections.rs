@@ -353,11 +353,11 @@ async fn an_agent_counts_no_retry_when_the_aggregator_closes_its_connections_gra
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let drained = dcs_tests::agent::wait_until(Duration::from_secs(20), || async {
-        dcs_tests::chaos::agent_status(&agent.url).await["buffer"]["records"] == 0
+        dcs_tests::agent::status(&agent.url).await["buffer"]["records"] == 0
     })
     .await;
     assert!(drained, "the agent's buffer did not drain");
-    let status = dcs_tests::chaos::agent_status(&agent.url).await;
+    let status = dcs_tests::agent::status(&agent.url).await;
     assert_eq!(status["delivery"]["retries"], 0, "{status}");
     assert_ne!(status["delivery"]["link"], "down", "{status}");
     let stored = world.db.count("records").await;

@@ -33,8 +33,9 @@ use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use dcs_tests::agent::status as agent_status;
 use dcs_tests::agent::{self, AgentProcess};
-use dcs_tests::chaos::{self, Ledger, Plan, Report, agent_status};
+use dcs_tests::chaos::{self, Ledger, Plan, Report};
 use dcs_tests::pki::Pki;
 use dcs_tests::process::{Service, free_port};
 use sqlx::PgPool;

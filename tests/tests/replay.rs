@@ -9,9 +9,9 @@
 
 use std::time::Duration;
 
+use dcs_tests::agent::status as agent_status;
 use dcs_tests::agent::{self, start_agent, wait_until};
 use dcs_tests::aggregator::start_aggregator_with;
-use dcs_tests::chaos::agent_status;
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::Pki;
 use dcs_tests::process::binary;

@@ -26,9 +26,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use dcs_tests::agent::status as agent_status;
 use dcs_tests::agent::{self, RunningAgent};
 use dcs_tests::balancer::{self, Balancer, Replica};
-use dcs_tests::chaos::agent_status;
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::Pki;
 

@@ -30,7 +30,7 @@ async fn rows(pool: &PgPool) -> (i64, i64) {
 }
 
 async fn buffered(agent_url: &str) -> Value {
-    dcs_tests::chaos::agent_status(agent_url).await["buffer"]["records"].clone()
+    dcs_tests::agent::status(agent_url).await["buffer"]["records"].clone()
 }
 
 /// Starts a world whose agent has `grace`, warms its link with one delivered

@@ -25,8 +25,8 @@ pub async fn buffer_full(plan: Plan) -> Report {
             w.proxy.set(Fault::Pass);
         })
         .await;
-    let report = world.check("buffer-full", &ledger).await;
-    assert!(report.refused > 0, "the buffer never filled: {report}");
+    let mut report = world.check("buffer-full", &ledger).await;
+    report.hit("refused_507", report.refused as u64);
     report
 }
 
@@ -68,7 +68,10 @@ pub async fn disk_full(plan: Plan) -> Option<Report> {
     let disk = match SmallDisk::mount("16m") {
         Ok(d) => d,
         Err(reason) => {
-            eprintln!("SKIP disk-full on a small filesystem: cannot mount tmpfs: {reason}");
+            crate::skip(
+                "disk-full on a small filesystem",
+                &format!("cannot mount tmpfs: {reason}"),
+            );
             return None;
         }
     };
@@ -87,7 +90,7 @@ pub async fn disk_full(plan: Plan) -> Option<Report> {
         })
         .await;
     let mut report = world.check("disk-full", &ledger).await;
-    assert!(report.refused > 0, "the disk never filled: {report}");
+    report.hit("refused_507", report.refused as u64);
     let after = reqwest::Client::new()
         .post(format!("{}/v1/records", world.agent.url))
         .header("content-type", "application/x-ndjson")
@@ -121,8 +124,7 @@ pub async fn drop_oldest(plan: Plan) -> Report {
     let dropped = world.agent_status().await["buffer"]["dropped_total"]
         .as_u64()
         .unwrap_or(u64::MAX);
-    report.note("dropped", dropped);
-    assert!(dropped > 0, "nothing was evicted: {report}");
+    report.hit("dropped", dropped);
     assert_eq!(
         report.missing as u64, dropped,
         "missing records must be exactly the evicted ones: {report}"
@@ -166,7 +168,7 @@ pub async fn long_outage(records: usize) -> Report {
     world.proxy.set(Fault::Pass);
     let mut report = world.check("long-outage", &ledger).await;
     let drain = started.elapsed();
-    report.note("buffered", buffered);
+    report.hit("buffered", buffered);
     report.note("drain_secs", format!("{:.1}", drain.as_secs_f64()));
     report.note(
         "drain_records_per_sec",
@@ -183,10 +185,14 @@ pub async fn long_outage(records: usize) -> Report {
     let pool = PgPool::connect(&world.cluster.url())
         .await
         .expect("connect");
+    // The order in which PostgreSQL committed the rows (the cluster runs
+    // with track_commit_timestamp), not a time the agent put in them: a
+    // later seq never committed before an earlier one.
     let out_of_order: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (
-             SELECT received_at < lag(received_at) OVER (ORDER BY seq) AS back
-             FROM records WHERE stream = $1) t WHERE back",
+             SELECT committed < lag(committed) OVER (ORDER BY seq) AS back
+             FROM (SELECT seq, pg_xact_commit_timestamp(xmin) AS committed
+                   FROM records WHERE stream = $1) c) t WHERE back",
     )
     .bind(STREAM)
     .fetch_one(&pool)
@@ -196,7 +202,7 @@ pub async fn long_outage(records: usize) -> Report {
     report.note("out_of_order", out_of_order);
     assert_eq!(
         out_of_order, 0,
-        "records arrived out of sequence order: {report}"
+        "batches committed out of sequence order: {report}"
     );
     report
 }

@@ -9,7 +9,6 @@ use std::fmt;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use sqlx::PgPool;
 
 use super::{DRAIN_TIMEOUT, STREAM};
@@ -67,6 +66,10 @@ pub struct Report {
     pub unknown: usize,
     /// Extra figures a scenario reports (kills, peak RSS, dropped...).
     pub notes: Vec<(String, String)>,
+    /// Evidence that the scenario's fault met traffic (answers cut, 503s
+    /// seen, acks dropped...): each must be above zero, or the scenario
+    /// proved nothing whatever the counts say.
+    pub hits: Vec<(String, u64)>,
 }
 
 impl Report {
@@ -78,6 +81,13 @@ impl Report {
         self.notes.push((key.to_owned(), value.to_string()));
     }
 
+    /// Records `key=count` as evidence that the fault hit traffic;
+    /// [`Report::assert_ok`] fails when it is zero.
+    pub fn hit(&mut self, key: &str, count: u64) {
+        self.note(key, count);
+        self.hits.push((key.to_owned(), count));
+    }
+
     /// Panics with the report when a record was lost, doubled or wrongly kept.
     /// The line also goes to the file named by `DCS_SCENARIO_LOG`, which
     /// `scripts/test.sh` prints after the tests: `cargo test` shows a passing
@@ -87,6 +97,9 @@ impl Report {
         log_scenario(&self.to_string());
         assert!(self.ok(), "{self}");
         assert!(self.acked > 0, "no record was acknowledged: {self}");
+        for (what, count) in &self.hits {
+            assert!(*count > 0, "the fault never met traffic ({what}=0): {self}");
+        }
     }
 }
 
@@ -126,18 +139,6 @@ impl fmt::Display for Report {
     }
 }
 
-/// The agent's `/v1/status`, or `Null` while it is down.
-pub async fn agent_status(agent_url: &str) -> Value {
-    match reqwest::Client::new()
-        .get(format!("{agent_url}/v1/status"))
-        .send()
-        .await
-    {
-        Ok(r) => r.json().await.unwrap_or(Value::Null),
-        Err(_) => Value::Null,
-    }
-}
-
 /// Waits (bounded) until every acknowledged record is in `pool` and the
 /// agent's buffer is empty, then compares PostgreSQL with the ledger.
 pub async fn verify(pool: &PgPool, agent_url: &str, scenario: &str, ledger: &Ledger) -> Report {
@@ -150,7 +151,7 @@ pub async fn verify(pool: &PgPool, agent_url: &str, scenario: &str, ledger: &Led
                 .fetch_one(pool)
                 .await
                 .unwrap_or(0);
-        let drained = agent_status(agent_url).await["buffer"]["records"] == 0;
+        let drained = crate::agent::status(agent_url).await["buffer"]["records"] == 0;
         if (present as usize >= acked.len() && drained) || Instant::now() > deadline {
             break;
         }
@@ -206,5 +207,6 @@ pub async fn compare_on(pool: &PgPool, scenario: &str, ledger: &Ledger, key: Rec
         refused_present: refused.iter().filter(|id| counts.contains_key(*id)).count(),
         unknown: unknown.len(),
         notes: Vec::new(),
+        hits: Vec::new(),
     }
 }

@@ -25,10 +25,16 @@ fn interval(duration: Duration, count: u32) -> Duration {
 pub async fn agent_kill(plan: Plan, kills: u32) -> Report {
     let mut world = World::new(|_| {}).await;
     let every = interval(plan.duration, kills);
+    let mut with_backlog = 0u64;
     let ledger = world
         .run(plan, async |w, _| {
             for _ in 0..kills {
                 jitter_sleep(every / 2, every).await;
+                // Records acknowledged to producers and not yet delivered:
+                // what the kill puts at risk.
+                if w.agent_status().await["buffer"]["records"].as_u64() > Some(0) {
+                    with_backlog += 1;
+                }
                 w.agent.kill();
                 w.agent.start().await;
             }
@@ -36,6 +42,7 @@ pub async fn agent_kill(plan: Plan, kills: u32) -> Report {
         .await;
     let mut report = world.check("agent-kill", &ledger).await;
     report.note("kills", kills);
+    report.hit("kills_with_backlog", with_backlog);
     report
 }
 
@@ -55,6 +62,13 @@ pub async fn aggregator_kill(plan: Plan, kills: u32) -> Report {
         .await;
     let mut report = world.check("aggregator-kill", &ledger).await;
     report.note("kills", kills);
+    report.hit(
+        "answers_cut",
+        world
+            .proxy
+            .answers_cut
+            .load(std::sync::atomic::Ordering::Relaxed),
+    );
     report
 }
 
@@ -72,7 +86,18 @@ pub async fn postgres_restart(plan: Plan) -> Report {
             }
         })
         .await;
-    world.check("postgres-restart", &ledger).await
+    let mut report = world.check("postgres-restart", &ledger).await;
+    // Batches the aggregator refused (503) or could not answer while
+    // PostgreSQL was down, counted by the agent that retried them.
+    let retried = agent::metric_sample(
+        &world.agent.url,
+        "dcs_agent_batches_sent_total",
+        &[("outcome", "retry")],
+    )
+    .await
+    .unwrap_or(0.0);
+    report.hit("batches_retried", retried as u64);
+    report
 }
 
 /// Scenario 4: the link between agent and aggregator fails in each way the
@@ -99,10 +124,10 @@ pub async fn partition(plan: Plan) -> Report {
         })
         .await;
     let mut report = world.check("partition", &ledger).await;
-    report.note(
+    let proxy = &world.proxy;
+    report.hit(
         "acks_dropped",
-        world
-            .proxy
+        proxy
             .acks_dropped
             .load(std::sync::atomic::Ordering::Relaxed),
     );
@@ -156,9 +181,8 @@ pub async fn overload(plan: Plan) -> Report {
                 && w[1].at.duration_since(w[0].at) < Duration::from_millis(RETRY_AFTER_SECS * 900)
         })
         .count();
-    report.note("refusals", refusals);
+    report.hit("refusals", refusals as u64);
     report.note("retried_too_soon", too_soon);
-    assert!(refusals > 0, "the gate never refused: {report}");
     assert_eq!(too_soon, 0, "the agent ignored Retry-After: {report}");
     agent.stop().await;
     aggregator.stop().await;

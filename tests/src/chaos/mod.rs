@@ -21,9 +21,7 @@ mod time_travel;
 mod world;
 
 pub use buffer_pressure::{SmallDisk, buffer_full, disk_full, drop_oldest, long_outage};
-pub use checker::{
-    Ledger, RecordKey, Report, agent_status, compare, compare_on, log_scenario, verify,
-};
+pub use checker::{Ledger, RecordKey, Report, compare, compare_on, log_scenario, verify};
 pub use faults::{agent_kill, aggregator_kill, overload, partition, postgres_restart};
 pub use producers::produce;
 pub use time_travel::{clock_jump, snapshot_revert};
@@ -52,7 +50,7 @@ impl Plan {
             duration: Duration::from_secs(15),
             producers: 4,
             chunk: 50,
-            pace: Duration::from_millis(10),
+            pace: Duration::from_millis(25),
         }
     }
 

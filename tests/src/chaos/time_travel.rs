@@ -9,7 +9,7 @@ use std::sync::Arc;
 use sqlx::PgPool;
 
 use super::producers::produce_count;
-use super::{DRAIN_TIMEOUT, Ledger, Plan, Report, STREAM, World, agent_status};
+use super::{DRAIN_TIMEOUT, Ledger, Plan, Report, STREAM, World};
 use crate::agent;
 use crate::faultproxy::Fault;
 
@@ -98,7 +98,7 @@ pub async fn snapshot_revert(records: usize) -> Report {
 /// Waits (bounded) until the agent reports an empty buffer.
 async fn wait_drained(agent_url: &str) {
     let drained = agent::wait_until(DRAIN_TIMEOUT, || async {
-        agent_status(agent_url).await["buffer"]["records"] == 0
+        crate::agent::status(agent_url).await["buffer"]["records"] == 0
     })
     .await;
     assert!(drained, "the agent's buffer did not drain");

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::PgPool;
 
-use super::{Ledger, Plan, Report, agent_status, produce, verify};
+use super::{Ledger, Plan, Report, produce, verify};
 use crate::agent::{self, AgentProcess};
 use crate::faultproxy::FaultProxy;
 use crate::pg::PgCluster;
@@ -88,7 +88,7 @@ impl World {
 
     /// The agent's `/v1/status`, or `Null` while it is down.
     pub async fn agent_status(&self) -> Value {
-        agent_status(&self.agent.url).await
+        crate::agent::status(&self.agent.url).await
     }
 
     /// Runs `plan.producers` producers against the agent until `plan.duration`
