@@ -48,7 +48,7 @@ pub fn batch_json(json: &[u8]) -> bool {
         batch.v, FORMAT_VERSION,
         "parse_batch accepted another version"
     );
-    // The aggregator's own checks (aggregator/src/http.rs `prepare`).
+    // The aggregator's own checks (aggregator/src/http/batches.rs `prepare`).
     let valid = wire::check_records(&batch.records, &Limits::default()).is_empty();
     for r in &batch.records {
         let _ = record::format_ts(r.ts);

@@ -1000,3 +1000,65 @@ async fn compacted_claims_still_guard_every_key_and_gaps_stay_open() {
     assert_eq!(db.count("records").await, 50);
     agg.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_waits_past_the_request_timeout_for_a_database_slot_is_503_overloaded_and_writes_nothing()
+ {
+    use sqlx::Connection as _;
+    let db = TestDb::new().await;
+    let pki = Pki::new();
+    let agg = start_aggregator_with(&pki, &db.url, |config| {
+        // One database slot, and a second to wait for it before refusing.
+        config.database.max_connections = 1;
+        config.limits.request_timeout = std::time::Duration::from_secs(1);
+        config.limits.retry_after = std::time::Duration::from_secs(2);
+    })
+    .await;
+    let url = agg.endpoint(wire::BATCHES_PATH);
+
+    // The first batch takes the only slot and waits on a lock it cannot get.
+    let mut admin = sqlx::PgConnection::connect(&db.url).await.expect("admin");
+    sqlx::query("BEGIN")
+        .execute(&mut admin)
+        .await
+        .expect("begin");
+    sqlx::query("LOCK TABLE records IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut admin)
+        .await
+        .expect("lock records");
+    let holder = {
+        let client = agent_client(&pki.agent("acme", "edge-01"));
+        let (url, body) = (url.clone(), batch(Uuid::now_v7(), &simple(1..=3)));
+        tokio::spawn(async move { post_batch(&client, &url, body).await.status() })
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+
+    let waiting = agent_client(&pki.agent("globex", "edge-02"));
+    let refused = post_batch(&waiting, &url, batch(Uuid::now_v7(), &simple(1..=3))).await;
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        refused
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_owned()),
+        Some("2".to_owned())
+    );
+    let error: ErrorBody = refused.json().await.expect("error body");
+    assert_eq!(error.error, "overloaded", "{error:?}");
+
+    sqlx::query("ROLLBACK")
+        .execute(&mut admin)
+        .await
+        .expect("unlock");
+    assert_eq!(holder.await.expect("holder"), StatusCode::OK);
+    let stored: Vec<(String,)> = sqlx::query_as("SELECT DISTINCT tenant_id FROM records")
+        .fetch_all(&db.pool)
+        .await
+        .expect("tenants");
+    assert_eq!(
+        stored,
+        vec![("acme".to_owned(),)],
+        "the refused batch wrote nothing"
+    );
+    agg.stop().await;
+}
