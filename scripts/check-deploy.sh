@@ -196,11 +196,18 @@ check_package() {
     # (the release workflow runs cargo deb itself).
     local profile=${DCS_DEB_PROFILE:-dev} out deb
     if [[ "$profile" == dev ]]; then
-        say "cargo deb -p $PKG --profile dev --no-build (the debug build of dcs-edge)"
+        say "cargo deb -p $PKG --no-build, packaging the debug build of dcs-edge"
         # The workspace build (a no-op after test.sh's): `-p dcs-edge` alone
         # would resolve other dependency features and rebuild the agent.
         cargo build -q --workspace --bins --locked
-        out=$(cargo deb -p "$PKG" --profile dev --no-build --locked 2>&1 | tee >(cat >&2))
+        # cargo-deb packages release-profile builds (it warns that the dev
+        # profile will become an error): the debug binary is put where a
+        # release build would be, in a scratch target directory, and the
+        # package is made from there with the manifest's own settings.
+        local deb_target="$SCRATCH/deb-target"
+        mkdir -p "$deb_target/release"
+        cp "$TARGET_DIR/debug/dcs-edge" "$deb_target/release/dcs-edge"
+        out=$(CARGO_TARGET_DIR="$deb_target" cargo deb -p "$PKG" --no-build --locked 2>&1 | tee >(cat >&2))
     else
         say "cargo deb -p $PKG --profile $profile"
         out=$(cargo deb -p "$PKG" --profile "$profile" --locked 2>&1 | tee >(cat >&2))
