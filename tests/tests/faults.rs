@@ -71,7 +71,7 @@ async fn an_overloaded_aggregator_answering_429_and_503_is_waited_for_as_told() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_under_the_buffer_refuses_with_507_and_recovers() {
-    if let Some(report) = chaos::disk_full(Plan::with_duration(Duration::from_secs(10))).await {
+    if let Some(report) = chaos::disk_full(Plan::with_duration(Duration::from_secs(16))).await {
         report.assert_ok();
     }
 }

@@ -5,22 +5,22 @@
 //! against the metrics the binaries really export.
 //!
 //! Needs Debian's `prometheus` package (`/usr/bin/prometheus`, or set
-//! `DCS_TEST_PROMETHEUS`); without it the test prints SKIP and passes.
+//! `DCS_TEST_PROMETHEUS`; scripts/check-observability.sh installs it);
+//! without it the test prints SKIP and passes, and fails under `CI=true`.
 //!
-//! The agent and the aggregator run in this process and share its one global
-//! metrics recorder, so both tiers' metrics appear on both endpoints. Every
-//! query below therefore selects one scrape job.
+//! The agent and the aggregator run as processes of their own, so each
+//! endpoint carries only its own tier's counters, counted from zero; every
+//! query below still selects one scrape job.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use dcs_tests::agent::{self, push, start_agent};
-use dcs_tests::aggregator::start_aggregator_with;
+use dcs_tests::agent::{self, AgentProcess, push};
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::Pki;
-use dcs_tests::process::free_port;
+use dcs_tests::process::{Service, free_port};
 use serde_json::Value;
 
 /// Records pushed through the pipeline.
@@ -240,27 +240,47 @@ async fn prometheus_scrapes_both_tiers_and_sees_every_record() {
     let binary = match prometheus_binary() {
         Ok(path) => path,
         Err(reason) => {
-            eprintln!("SKIP prometheus_scrapes_both_tiers_and_sees_every_record: {reason}");
-            println!("SKIP: {reason}");
+            dcs_tests::skip(
+                "prometheus_scrapes_both_tiers_and_sees_every_record",
+                &reason,
+            );
             return;
         }
     };
 
-    // --- The pipeline: aggregator (with its admin listener) and one agent.
+    // --- The pipeline: aggregator (with its admin listener) and one agent,
+    // each a process of its own: counters are process-wide, and this test
+    // shares its process with every other end-to-end test.
     let pki = Pki::new();
     let db = TestDb::new().await;
+    let dir = tempfile::tempdir().unwrap();
     let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
-    let aggregator = start_aggregator_with(&pki, &db.url, |c| {
-        c.admin.address = admin;
-    })
+    let agg_port = free_port();
+    let mut aggregator = Service::aggregator(
+        [
+            ("LISTEN__ADDRESS", format!("127.0.0.1:{agg_port}")),
+            ("ADMIN__ADDRESS", admin.to_string()),
+            ("TLS__CA", pki.ca.display().to_string()),
+            ("TLS__CERT", pki.server_cert.display().to_string()),
+            ("TLS__KEY", pki.server_key.display().to_string()),
+            ("DATABASE__URL", db.url.clone()),
+            ("DATABASE__MIGRATE_ON_START", "false".into()),
+            ("LOG__FORMAT", "json".into()),
+        ],
+        agg_port,
+        &dir.path().join("aggregator.log"),
+    );
+    aggregator.start().await;
+    let mut agent = AgentProcess::spawn(
+        &agent::test_config(
+            &pki.agent(TENANT, AGENT),
+            &format!("https://localhost:{agg_port}"),
+            &dir.path().join("buffer.db"),
+        ),
+        &dir.path().join("agent.log"),
+    )
     .await;
-    let buffer_dir = tempfile::tempdir().unwrap();
-    let agent = start_agent(agent::test_config(
-        &pki.agent(TENANT, AGENT),
-        &aggregator.url,
-        &buffer_dir.path().join("buffer.db"),
-    ))
-    .await;
+    let agent_addr = agent.url.trim_start_matches("http://").to_owned();
 
     dcs_shared::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
@@ -271,7 +291,7 @@ async fn prometheus_scrapes_both_tiers_and_sees_every_record() {
 
     // Both endpoints answer before Prometheus is pointed at them, so a
     // missing endpoint fails here with a clear message.
-    let agent_metrics = agent.endpoint("/metrics");
+    let agent_metrics = format!("{}/metrics", agent.url);
     let admin_metrics = format!("http://{admin}/metrics");
     for url in [&agent_metrics, &admin_metrics] {
         let ok = agent::wait_until(Duration::from_secs(30), || async {
@@ -306,7 +326,7 @@ scrape_configs:
       - targets: ["{admin}"]
 "#,
         alerts = serde_json::to_string(&alerts.display().to_string()).unwrap(),
-        agent_addr = agent.addr,
+        agent_addr = agent_addr,
     );
     let prometheus = Prometheus::start(&binary, &config, &http).await;
 
@@ -540,6 +560,9 @@ scrape_configs:
     );
 
     drop(prometheus);
-    agent.stop().await;
-    aggregator.stop().await;
+    assert!(agent.terminate(), "dcs-edge did not exit cleanly");
+    assert!(
+        aggregator.terminate(),
+        "dcs-aggregator did not exit cleanly"
+    );
 }

@@ -5,7 +5,7 @@
 //! exactly as much as the agent reports.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
@@ -65,7 +65,7 @@ impl Drop for SmallDisk {
 /// full disk): producers get 507, nothing acknowledged is lost, and ingest
 /// works again once delivery frees pages. `None` when tmpfs cannot be mounted.
 pub async fn disk_full(plan: Plan) -> Option<Report> {
-    let disk = match SmallDisk::mount("16m") {
+    let disk = match SmallDisk::mount("12m") {
         Ok(d) => d,
         Err(reason) => {
             crate::skip(
@@ -85,7 +85,24 @@ pub async fn disk_full(plan: Plan) -> Option<Report> {
     world.proxy.set(Fault::Refuse);
     let ledger = world
         .run(plan, async |w, until| {
-            tokio::time::sleep(until.saturating_duration_since(Instant::now()) / 2).await;
+            // The link stays cut until the disk has refused producers for a
+            // moment, however fast this machine fills it (bounded by the
+            // first three quarters of the run).
+            let latest = until - plan.duration / 4;
+            let filled =
+                agent::wait_until(latest.saturating_duration_since(Instant::now()), || async {
+                    agent::metric_sample(
+                        &w.agent.url,
+                        "dcs_agent_requests_total",
+                        &[("status", "507")],
+                    )
+                    .await
+                    .is_some_and(|n| n > 0.0)
+                })
+                .await;
+            if filled {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
             w.proxy.set(Fault::Pass);
         })
         .await;

@@ -52,17 +52,8 @@ impl World {
             ("DATABASE__MAX_CONNECTIONS", "4".into()),
             ("LIMITS__RETRY_AFTER", "\"1s\"".into()),
             ("LOG__FORMAT", "json".into()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (format!("DCS_AGG_{k}"), v))
-        .collect();
-        let mut aggregator = Service::new(
-            "dcs-aggregator",
-            &["serve"],
-            env,
-            agg_port,
-            &dir.path().join("aggregator.log"),
-        );
+        ];
+        let mut aggregator = Service::aggregator(env, agg_port, &dir.path().join("aggregator.log"));
         aggregator.start().await;
         let proxy = FaultProxy::start(([127, 0, 0, 1], agg_port).into()).await;
 
