@@ -31,7 +31,7 @@ pub fn batch_decode(data: &[u8]) {
             );
             batch_json(&json);
         }
-        Err(dcs_shared::Error::MalformedBatch(_) | dcs_shared::Error::BatchTooLarge { .. }) => {}
+        Err(wire::DecodeError::Malformed(_) | wire::DecodeError::TooLarge { .. }) => {}
         Err(other) => panic!("gunzip_limited failed with an unexpected error: {other}"),
     }
     batch_json(data);

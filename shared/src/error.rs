@@ -19,15 +19,6 @@ pub enum Error {
     Verifier(String),
     #[error("certificate identity: {0}")]
     Identity(String),
-    /// The decompressed batch would exceed the configured limit (a gzip bomb or a
-    /// misconfigured agent); maps to 413.
-    #[error("batch exceeds {limit} bytes once decompressed")]
-    BatchTooLarge { limit: usize },
-    /// Not gzip, truncated, or not the batch JSON shape; maps to 400.
-    #[error("malformed batch: {0}")]
-    MalformedBatch(String),
-    #[error("unsupported batch format version {0} (this build speaks version 1)")]
-    UnsupportedVersion(u32),
     #[error("{0}")]
     Config(#[from] crate::config::ConfigError),
 }

@@ -32,7 +32,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
-use crate::Error;
 use crate::record::FieldError;
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -142,24 +141,41 @@ fn write_batch_json<'a>(
     w.write_all(b"]}")
 }
 
+/// Why a batch body could not be decoded. Decoding has an error of its own,
+/// apart from the crate's [`crate::Error`] (files and TLS): the aggregator
+/// maps each case to its answer, and the fuzz targets accept exactly these.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// The decompressed batch would exceed the limit (a gzip bomb or a
+    /// misconfigured agent); the aggregator answers 413.
+    #[error("batch exceeds {limit} bytes once decompressed")]
+    TooLarge { limit: usize },
+    /// Not gzip, truncated, or not the batch JSON shape; 400.
+    #[error("malformed batch: {0}")]
+    Malformed(String),
+    /// A format version this build does not speak; 400 naming it.
+    #[error("unsupported batch format version {0} (this build speaks version {FORMAT_VERSION})")]
+    UnsupportedVersion(u32),
+}
+
 /// Decompresses a gzip body, refusing to produce more than `limit` bytes. Reading
 /// stops at the limit, so a gzip bomb costs at most `limit` bytes of memory.
-pub fn gunzip_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, Error> {
+pub fn gunzip_limited(body: &[u8], limit: usize) -> Result<Vec<u8>, DecodeError> {
     let mut out = Vec::with_capacity(body.len().saturating_mul(4).min(limit));
     // One byte past the limit tells "too large" from "exactly the limit";
     // saturating, so a limit of usize::MAX means no limit rather than 0.
     let mut decoder = GzDecoder::new(body).take((limit as u64).saturating_add(1));
     decoder
         .read_to_end(&mut out)
-        .map_err(|e| Error::MalformedBatch(format!("gzip: {e}")))?;
+        .map_err(|e| DecodeError::Malformed(format!("gzip: {e}")))?;
     if out.len() > limit {
-        return Err(Error::BatchTooLarge { limit });
+        return Err(DecodeError::TooLarge { limit });
     }
     Ok(out)
 }
 
 /// Parses a decompressed batch.
-pub fn parse_batch(json: &[u8]) -> Result<Batch<'_>, Error> {
+pub fn parse_batch(json: &[u8]) -> Result<Batch<'_>, DecodeError> {
     // Peek at the version first so that a future format gets a clear
     // "unsupported version" rather than a confusing field error.
     #[derive(Deserialize)]
@@ -169,9 +185,9 @@ pub fn parse_batch(json: &[u8]) -> Result<Batch<'_>, Error> {
     if let Ok(VersionOnly { v }) = serde_json::from_slice::<VersionOnly>(json)
         && v != FORMAT_VERSION
     {
-        return Err(Error::UnsupportedVersion(v));
+        return Err(DecodeError::UnsupportedVersion(v));
     }
-    serde_json::from_slice(json).map_err(|e| Error::MalformedBatch(e.to_string()))
+    serde_json::from_slice(json).map_err(|e| DecodeError::Malformed(e.to_string()))
 }
 
 /// The aggregator's per-record checks of a parsed batch, the one copy of
@@ -532,7 +548,7 @@ mod tests {
         );
         assert!(matches!(
             gunzip_limited(&bomb, 1000),
-            Err(Error::BatchTooLarge { limit: 1000 })
+            Err(DecodeError::TooLarge { limit: 1000 })
         ));
     }
 
@@ -546,13 +562,13 @@ mod tests {
     fn garbage_is_malformed_not_a_panic() {
         assert!(matches!(
             gunzip_limited(b"not gzip at all", 1000),
-            Err(Error::MalformedBatch(_))
+            Err(DecodeError::Malformed(_))
         ));
         let truncated = &sample()[..20];
         assert!(gunzip_limited(truncated, 1 << 20).is_err());
         assert!(matches!(
             parse_batch(br#"{"v":1,"records":"#),
-            Err(Error::MalformedBatch(_))
+            Err(DecodeError::Malformed(_))
         ));
     }
 
@@ -560,7 +576,7 @@ mod tests {
     fn an_unknown_version_is_named() {
         assert!(matches!(
             parse_batch(br#"{"v":7,"epoch":"x","records":[],"new":1}"#),
-            Err(Error::UnsupportedVersion(7))
+            Err(DecodeError::UnsupportedVersion(7))
         ));
     }
 }

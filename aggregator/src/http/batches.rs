@@ -21,7 +21,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use bytes::Bytes;
 use dcs_shared::identity::AgentIdentity;
 use dcs_shared::record;
-use dcs_shared::wire::{self, BatchAck};
+use dcs_shared::wire::{self, BatchAck, DecodeError};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
 use tracing::{debug, error, info, warn};
 
@@ -383,14 +383,12 @@ pub(super) fn prepare(
         match error {
             // A gzip trailer states the decompressed size; a body larger than
             // it says is corrupt, not merely large.
-            dcs_shared::Error::BatchTooLarge { .. }
-                if reserved < limits.max_decompressed_bytes.0 =>
-            {
+            DecodeError::TooLarge { .. } if reserved < limits.max_decompressed_bytes.0 => {
                 Error::Malformed(
                     "gzip: the body decompresses to more than its trailer states".into(),
                 )
             }
-            dcs_shared::Error::BatchTooLarge { .. } => Error::BatchTooLarge(format!(
+            DecodeError::TooLarge { .. } => Error::BatchTooLarge(format!(
                 "the batch exceeds {} bytes once decompressed",
                 limits.max_decompressed_bytes
             )),
@@ -442,13 +440,12 @@ pub(super) fn prepare(
     })
 }
 
-fn wire_error(error: dcs_shared::Error) -> Error {
+fn wire_error(error: DecodeError) -> Error {
     match error {
-        dcs_shared::Error::BatchTooLarge { limit } => {
+        DecodeError::TooLarge { limit } => {
             Error::BatchTooLarge(format!("the batch exceeds {limit} bytes once decompressed"))
         }
-        dcs_shared::Error::MalformedBatch(m) => Error::Malformed(m),
-        dcs_shared::Error::UnsupportedVersion(v) => Error::UnsupportedVersion(v),
-        other => Error::Malformed(other.to_string()),
+        DecodeError::Malformed(m) => Error::Malformed(m),
+        DecodeError::UnsupportedVersion(v) => Error::UnsupportedVersion(v),
     }
 }
