@@ -56,6 +56,22 @@ impl RunningAgent {
         status
     }
 
+    /// The agent's `/metrics` text; panics if it does not answer.
+    pub async fn metrics(&self) -> String {
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        client
+            .get(self.endpoint("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
+    }
+
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());

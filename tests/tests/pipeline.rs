@@ -137,14 +137,7 @@ async fn records_pushed_as_one_an_array_and_ndjson_arrive_exactly_once_in_order(
     assert_eq!(st["buffer"]["delivered_total"], 10);
     assert_eq!(st["delivery"]["link"], "up");
 
-    let metrics = http
-        .get(agent.endpoint("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = agent.metrics().await;
     for series in [
         "dcs_agent_buffer_records 0",
         "dcs_agent_records_delivered_total 10",

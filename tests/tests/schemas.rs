@@ -138,14 +138,7 @@ impl Setup {
     }
 
     async fn metrics(&self, agent: &RunningAgent) -> String {
-        self.http
-            .get(agent.endpoint("/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap()
+        agent.metrics().await
     }
 }
 
@@ -448,14 +441,7 @@ async fn a_cron_schedule_with_a_seconds_field_runs_the_source_at_each_fire() {
         .collect();
     seconds.dedup();
     assert_eq!(seconds.len(), jobs.len(), "{jobs:?}");
-    let status: Value = http
-        .get(agent.endpoint("/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status: Value = agent.status().await;
     assert_eq!(status["buffer"]["records"], 1, "the line is read once");
     agent.stop().await;
 }

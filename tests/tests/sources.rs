@@ -394,15 +394,7 @@ async fn a_triggered_job_reports_status_result_and_checkpoints() {
     assert_eq!(limited.as_array().unwrap().len(), 1);
     let (_, none) = a.get("/api/v1/jobs?source=big&state=failed").await;
     assert_eq!(none, json!([]));
-    let st: Value = a
-        .http
-        .get(a.agent.endpoint("/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st: Value = a.agent.status().await;
     assert!(st["buffer"]["records"].as_u64().unwrap() >= 50_010);
 }
 
@@ -488,15 +480,7 @@ async fn scheduled_runs_are_jobs_and_csv_rows_that_do_not_fit_are_dead_letters()
     let (_, result) = a.get(&format!("/api/v1/jobs/result/{job}")).await;
     assert_eq!(result["records_collected"], 2, "{result}");
     assert_eq!(result["records_rejected"], 1);
-    let st: Value = a
-        .http
-        .get(a.agent.endpoint("/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let st: Value = a.agent.status().await;
     assert_eq!(st["dead_letters"]["records"], 1);
     assert!(
         st["dead_letters"]["last_reason"]
@@ -504,15 +488,7 @@ async fn scheduled_runs_are_jobs_and_csv_rows_that_do_not_fit_are_dead_letters()
             .unwrap()
             .contains("2 fields, the header names 3")
     );
-    let metrics = a
-        .http
-        .get(a.agent.endpoint("/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = a.agent.metrics().await;
     for series in [
         "dcs_agent_source_runs_total{source=\"orders\",state=\"succeeded\"}",
         "dcs_agent_source_records_total{source=\"orders\",result=\"rejected\"}",
