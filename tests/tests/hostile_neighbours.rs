@@ -521,7 +521,6 @@ async fn connection_flood(b: Arc<Bench>) -> String {
     let before_handshake = b.refusals("platform", "handshake_timeout").await;
     let port = b.platform_port;
     let per_address = FLOOD_CONNECTIONS / usize::from(FLOOD_ADDRESSES);
-    let deadline = tokio::time::Instant::now() + DEADLINE + Duration::from_secs(20);
     let mut openers = Vec::new();
     for a in 0..FLOOD_ADDRESSES {
         let source = IpAddr::from([127, 0, 0, 30 + a]);
@@ -534,6 +533,12 @@ async fn connection_flood(b: Arc<Bench>) -> String {
                     .await
                 {
                     Ok(Ok(tcp)) => {
+                        // Each connection's own deadline: on a loaded machine
+                        // opening all 10,000 takes longer than the server
+                        // takes to close the first ones.
+                        let deadline = tokio::time::Instant::from_std(opened)
+                            + DEADLINE
+                            + Duration::from_secs(20);
                         held.push(tokio::spawn(held_until_closed(tcp, b"", opened, deadline)))
                     }
                     _ => failed += 1,
