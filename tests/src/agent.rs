@@ -48,7 +48,6 @@ impl RunningAgent {
         format!("{}{path}", self.url)
     }
 
-    /// Stops the agent the way SIGTERM does and waits until the buffer is closed.
     /// The agent's `/v1/status`; panics if it does not answer.
     pub async fn status(&self) -> Value {
         let status = status(&self.url).await;
@@ -58,11 +57,7 @@ impl RunningAgent {
 
     /// The agent's `/metrics` text; panics if it does not answer.
     pub async fn metrics(&self) -> String {
-        let client = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
-        client
+        local_client()
             .get(self.endpoint("/metrics"))
             .send()
             .await
@@ -72,6 +67,7 @@ impl RunningAgent {
             .expect("metrics text")
     }
 
+    /// Stops the agent the way SIGTERM does and waits until the buffer is closed.
     pub async fn stop(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -248,16 +244,24 @@ impl AgentProcess {
 /// The `/v1/status` of the agent at `agent_url`, or `Null` while it does not
 /// answer (a process being restarted).
 pub async fn status(agent_url: &str) -> Value {
-    // Straight to 127.0.0.1, whatever proxy the environment names.
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client");
-    match client.get(format!("{agent_url}/v1/status")).send().await {
+    match local_client()
+        .get(format!("{agent_url}/v1/status"))
+        .send()
+        .await
+    {
         Ok(r) => r.json().await.unwrap_or(Value::Null),
         Err(_) => Value::Null,
     }
+}
+
+/// A client for an agent's local API: straight to 127.0.0.1 whatever proxy
+/// the environment names, and bounded so a hung agent fails the test.
+fn local_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
 }
 
 /// Polls `check` until it returns true or `timeout` passes; returns the last answer.

@@ -179,10 +179,9 @@ pub fn gzip_json(bytes: &[u8]) -> Vec<u8> {
 /// and its blocks repeated: after a sync flush they are byte-aligned, none
 /// final, and refer only to data inside themselves.
 pub fn gzip_bomb(size: usize) -> Vec<u8> {
-    use std::io::Write as _;
     const MIB: usize = 1 << 20;
     let zeros = vec![0u8; MIB];
-    let mut deflate = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    let mut deflate = flate2::write::DeflateEncoder::new(Vec::new(), Compression::best());
     deflate.write_all(&zeros).expect("deflate to memory");
     deflate.flush().expect("sync flush");
     let blocks = deflate.get_ref().clone();

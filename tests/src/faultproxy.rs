@@ -183,8 +183,7 @@ async fn handle(
                         if awaiting_answer && sent_up > REQUEST_THRESHOLD {
                             answers_cut.fetch_add(1, Ordering::Relaxed);
                         }
-                        if ended.is_err() { break; }
-                        let _ = cw.shutdown().await;
+                        if ended.is_ok() { let _ = cw.shutdown().await; }
                         break;
                     }
                 };

@@ -25,6 +25,10 @@ impl Inner {
     ) {
         let mut pending = vec![batch];
         while let Some(batch) = pending.pop() {
+            // Halves split off before the stop are not encoded for nothing.
+            if *stop.borrow() {
+                return;
+            }
             let (first, last) = (batch[0].seq, batch[batch.len() - 1].seq);
             let epoch = self.buffer.epochs().of(first);
             let body = {
