@@ -11,6 +11,7 @@ use serde_json::Value;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
+use crate::http::Fetch as _;
 use crate::pki::AgentCert;
 use crate::process::Service;
 
@@ -59,12 +60,8 @@ impl RunningAgent {
     pub async fn metrics(&self) -> String {
         local_client()
             .get(self.endpoint("/metrics"))
-            .send()
+            .fetch_text()
             .await
-            .expect("GET /metrics")
-            .text()
-            .await
-            .expect("metrics text")
     }
 
     /// Stops the agent the way SIGTERM does and waits until the buffer is closed.
@@ -124,8 +121,9 @@ pub struct AgentProcess {
     pub url: String,
 }
 
-/// The `DCS_EDGE_*` environment that reproduces `config` (listen address aside).
-fn agent_env(config: &Config, port: u16) -> Vec<(String, String)> {
+/// The `DCS_EDGE_*` environment that reproduces `config` for a `dcs-edge run`
+/// listening on `listen` (the config's own listen address is not used).
+pub fn agent_env(config: &Config, listen: SocketAddr) -> Vec<(String, String)> {
     let a = &config.aggregator;
     let ms = |d: Duration| format!("\"{}ms\"", d.as_millis());
     let kebab = |v: &dyn std::fmt::Debug| {
@@ -140,7 +138,7 @@ fn agent_env(config: &Config, port: u16) -> Vec<(String, String)> {
         out
     };
     let mut env = vec![
-        ("LISTEN__ADDRESS", format!("127.0.0.1:{port}")),
+        ("LISTEN__ADDRESS", listen.to_string()),
         ("BUFFER__PATH", config.buffer.path.display().to_string()),
         ("BUFFER__CAPACITY", config.buffer.capacity.0.to_string()),
         ("BUFFER__OVERFLOW", kebab(&config.buffer.overflow)),
@@ -183,7 +181,13 @@ impl AgentProcess {
     /// Starts `dcs-edge` with `config` on a free port; waits until `/health` answers.
     pub async fn spawn(config: &Config, log: &Path) -> AgentProcess {
         let port = free_port();
-        let service = Service::new("dcs-edge", &["run"], agent_env(config, port), port, log);
+        let service = Service::new(
+            "dcs-edge",
+            &["run"],
+            agent_env(config, SocketAddr::from(([127, 0, 0, 1], port))),
+            port,
+            log,
+        );
         let mut p = AgentProcess {
             service,
             url: format!("http://127.0.0.1:{port}"),
@@ -197,7 +201,7 @@ impl AgentProcess {
     /// for settings `config` cannot carry through the environment.
     pub async fn spawn_with(config: &Config, extra: &[(&str, String)], log: &Path) -> AgentProcess {
         let port = free_port();
-        let mut env = agent_env(config, port);
+        let mut env = agent_env(config, SocketAddr::from(([127, 0, 0, 1], port)));
         env.extend(
             extra
                 .iter()

@@ -19,11 +19,13 @@ pub mod drill;
 pub mod faultproxy;
 pub mod fleet;
 pub mod gate;
+pub mod http;
 pub mod netns;
 pub mod pg;
 pub mod pki;
 pub mod powercut;
 pub mod process;
+pub mod site;
 
 /// A test that cannot prove anything on this machine (no root, a missing
 /// tool) says so on the real stderr, past libtest's capture, and passes;

@@ -475,7 +475,7 @@ impl NetWorld {
         let service = Service::new(
             "dcs-edge",
             &["run"],
-            agent_env(&config, ingest),
+            agent::agent_env(&config, ingest),
             ingest.port(),
             &dir.path().join("agent.log"),
         )
@@ -527,44 +527,8 @@ impl NetWorld {
 
     /// [`chaos::verify`] against this world's PostgreSQL and agent.
     pub async fn check(&self, scenario: &str, ledger: &Ledger) -> Report {
-        let pool = PgPool::connect(&self.cluster.url())
-            .await
-            .expect("connect for check");
-        let report = chaos::verify(&pool, &self.agent.url, scenario, ledger).await;
-        pool.close().await;
-        report
+        chaos::verify_at(&self.cluster.url(), &self.agent.url, scenario, ledger).await
     }
-}
-
-/// The `DCS_EDGE_*` environment for a `dcs-edge run` listening on `listen`.
-fn agent_env(config: &dcs_edge::Config, listen: SocketAddr) -> Vec<(String, String)> {
-    let a = &config.aggregator;
-    let ms = |d: Duration| format!("\"{}ms\"", d.as_millis());
-    [
-        ("LISTEN__ADDRESS", listen.to_string()),
-        ("BUFFER__PATH", config.buffer.path.display().to_string()),
-        ("BUFFER__CAPACITY", config.buffer.capacity.0.to_string()),
-        ("AGGREGATOR__URL", a.url.clone()),
-        ("AGGREGATOR__CA", a.ca.display().to_string()),
-        ("AGGREGATOR__CERT", a.cert.display().to_string()),
-        ("AGGREGATOR__KEY", a.key.display().to_string()),
-        ("AGGREGATOR__REQUEST_TIMEOUT", ms(a.request_timeout)),
-        ("AGGREGATOR__CONNECT_TIMEOUT", ms(a.connect_timeout)),
-        ("BATCH__MAX_RECORDS", config.batch.max_records.to_string()),
-        (
-            "BATCH__MAX_IN_FLIGHT",
-            config.batch.max_in_flight.to_string(),
-        ),
-        ("BATCH__LINGER", ms(config.batch.linger)),
-        ("RETRY__INITIAL", ms(config.retry.initial)),
-        ("RETRY__MAX", ms(config.retry.max)),
-        ("RETRY__SHUTDOWN_GRACE", ms(config.retry.shutdown_grace)),
-        ("LOG__FORMAT", "json".into()),
-        ("LOG__LEVEL", config.log.level.clone()),
-    ]
-    .into_iter()
-    .map(|(k, v)| (format!("{}{k}", dcs_edge::config::ENV_PREFIX), v))
-    .collect()
 }
 
 /// PostgreSQL's count of scenario records.

@@ -97,6 +97,11 @@ impl Drop for TestDb {
                 // The pool's connections belong to the test's runtime, which is
                 // blocked in this drop; FORCE terminates them server-side instead.
                 let mut admin = PgConnection::connect(&admin_url).await?;
+                // `local`: a test that failed while its cluster demanded a
+                // synchronous standby that never answers must not hang here.
+                sqlx::raw_sql("SET synchronous_commit = local")
+                    .execute(&mut admin)
+                    .await?;
                 sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                     "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
                 )))

@@ -20,7 +20,7 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::chaos::{Ledger, RecordKey, Report, STREAM};
+use crate::chaos::{Ledger, RecordKey, Report, Request, STREAM};
 use crate::pg::TestDb;
 use crate::pki::Pki;
 use crate::process::{Service, binary, free_port};
@@ -779,43 +779,12 @@ async fn produce(url: String, producer: usize, ledger: Arc<Ledger>, stop: Arc<At
         .expect("client");
     let mut next = 0usize;
     while !stop.load(Ordering::SeqCst) {
-        let ids: Vec<String> = (next..next + CHUNK)
-            .map(|i| format!("p{producer}-{i}"))
-            .collect();
+        let request = Request::new(producer, next..next + CHUNK, "power-cut record");
         next += CHUNK;
-        let body: String = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                format!(
-                    "{{\"stream\":\"{STREAM}\",\"id\":\"{id}\",\"payload\":{{\"producer\":{producer},\"n\":{i},\"note\":\"power-cut record\"}}}}\n"
-                )
-            })
-            .collect();
         let give_up = Instant::now() + BOOT_TIMEOUT * 2;
-        loop {
-            let answer = client
-                .post(format!("{url}/v1/records"))
-                .header("content-type", "application/x-ndjson")
-                .body(body.clone())
-                .send()
-                .await;
-            match answer {
-                Ok(r) if r.status().is_success() => {
-                    ledger.add_acked(&ids);
-                    break;
-                }
-                Ok(r) if r.status().is_client_error() || r.status().is_server_error() => {
-                    ledger.add_refused(&ids);
-                    break;
-                }
-                _ if Instant::now() > give_up => {
-                    ledger.add_unknown(&ids);
-                    break;
-                }
-                _ => tokio::time::sleep(Duration::from_millis(200)).await,
-            }
-        }
+        request
+            .push(&client, &url, give_up, Duration::from_millis(200), &ledger)
+            .await;
     }
 }
 

@@ -1031,7 +1031,26 @@ async fn a_batch_that_waits_past_the_request_timeout_for_a_database_slot_is_503_
         let (url, body) = (url.clone(), batch(Uuid::now_v7(), &simple(1..=3)));
         tokio::spawn(async move { post_batch(&client, &url, body).await.status() })
     };
-    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    // Until its backend waits on the lock, the slot may still be free: on a
+    // loaded machine a fixed pause let the second batch take it first.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let blocked: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity \
+             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .fetch_one(&db.pool)
+        .await
+        .expect("pg_stat_activity");
+        if blocked > 0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the first batch never waited on the lock"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
 
     let waiting = agent_client(&pki.agent("globex", "edge-02"));
     let refused = post_batch(&waiting, &url, batch(Uuid::now_v7(), &simple(1..=3))).await;

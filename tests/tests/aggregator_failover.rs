@@ -1,7 +1,8 @@
-//! What a PostgreSQL failover looks like from the aggregator, reproduced on
-//! a cluster the test owns (see `dcs_tests::pg::PgCluster`): the server turns
-//! read-only (a demoted primary, a standby behind a stale route), a backend
-//! is terminated mid-batch, and a COMMIT is lost after PostgreSQL committed.
+//! What a PostgreSQL outage or failover looks like from the aggregator,
+//! reproduced on a cluster the test owns (see `dcs_tests::pg::PgCluster`):
+//! the server crashes or shuts down and comes back, turns read-only (a
+//! demoted primary, a standby behind a stale route), a backend is terminated
+//! mid-batch, and a COMMIT is lost after PostgreSQL committed.
 //! In each case the batch gets 503 with Retry-After and the usual JSON error,
 //! no connection to the wrong server is reused, the aggregator recovers
 //! without a restart, and a resend is stored exactly once.
@@ -277,4 +278,48 @@ async fn cut_while_waiting(
     let pid = backend_waiting_on(admin, wait_event).await;
     terminate(admin, pid).await;
     sending.await.expect("an answer")
+}
+
+/// A stopped server turns every batch, and `/ready`, into 503; once it is
+/// back, the resend is stored once and `/ready` is 200 again, without an
+/// aggregator restart. `mode` is `pg_ctl stop`'s: `immediate` is a crash,
+/// `fast` a clean shutdown.
+async fn outage_and_recovery(mode: &str) {
+    let Setup {
+        cluster,
+        db,
+        agg,
+        client,
+        epoch,
+        ..
+    } = setup().await;
+    cluster.stop(mode).await;
+    for _ in 0..3 {
+        post(&client, &agg, batch(epoch, 11..=20))
+            .await
+            .assert_retry_later(RETRY_AFTER_SECS);
+    }
+    let ready = client.get(agg.endpoint("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::SERVICE_UNAVAILABLE);
+
+    cluster.start_again().await;
+    // Stale pooled connections may cost an attempt or two.
+    assert_eq!(
+        resend_until_stored(&client, &agg, batch(epoch, 11..=20)).await,
+        (10, 0)
+    );
+    assert_eq!(db.count("records").await, 20);
+    let ready = client.get(agg.endpoint("/ready")).send().await.unwrap();
+    assert_eq!(ready.status(), StatusCode::OK);
+    agg.stop().await;
+}
+
+#[tokio::test]
+async fn a_postgres_crash_turns_batches_into_503_until_it_is_back_then_they_are_stored_once() {
+    outage_and_recovery("immediate").await;
+}
+
+#[tokio::test]
+async fn a_postgres_clean_shutdown_turns_batches_into_503_until_it_is_back() {
+    outage_and_recovery("fast").await;
 }

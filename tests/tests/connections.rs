@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use dcs_shared::wire::{self, OutRecord};
 use dcs_tests::aggregator::{RunningPlatform, agent_client, post_batch, start_platform_with};
+use dcs_tests::http::Fetch as _;
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::{AgentCert, Pki};
 use reqwest::StatusCode;
@@ -57,12 +58,8 @@ impl World {
     async fn metrics(&self) -> String {
         self.http
             .get(format!("{}/metrics", self.platform.admin_url))
-            .send()
+            .fetch_text()
             .await
-            .expect("metrics")
-            .text()
-            .await
-            .expect("metrics text")
     }
 
     /// A TLS connection with the agent's certificate, handshake done; `None`

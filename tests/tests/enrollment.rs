@@ -19,6 +19,7 @@ use dcs_edge::enroll::{CertRequestError, IdentityPaths, enroll};
 use dcs_shared::wire::ErrorBody;
 use dcs_tests::agent::{RunningAgent, start_agent, test_config as agent_config, wait_until};
 use dcs_tests::aggregator::{RunningPlatform, agent_client, start_platform_with, with_user};
+use dcs_tests::http::Fetch as _;
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::{AgentCert, Pki};
 use reqwest::StatusCode;
@@ -510,12 +511,8 @@ async fn enrollment_tokens_never_cross_tenants() {
         .client
         .get(p.endpoint("/api/v1/enrollment-tokens"))
         .bearer_auth(&globex_admin)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(listed, json!([]));
     let (status, _) = post(
         &p,

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use dcs_tests::agent::{self, AgentProcess, ndjson, push, start_agent};
 use dcs_tests::balancer::{Replica, metric_value};
+use dcs_tests::http::Fetch as _;
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::Pki;
 
@@ -64,13 +65,7 @@ fn last_seen(text: &str) -> Option<f64> {
 }
 
 async fn scrape(http: &reqwest::Client, url: &str) -> String {
-    http.get(url)
-        .send()
-        .await
-        .expect("scrape")
-        .text()
-        .await
-        .expect("metrics text")
+    http.get(url).fetch_text().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

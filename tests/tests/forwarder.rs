@@ -7,6 +7,7 @@ use std::time::Duration;
 use dcs_tests::agent::{self, RunningAgent, push, start_agent, wait_until};
 use dcs_tests::aggregator::{RunningAggregator, start_aggregator};
 use dcs_tests::gate::{Gate, Overload};
+use dcs_tests::http::Fetch as _;
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::Pki;
 use serde_json::Value;
@@ -86,12 +87,8 @@ async fn a_permanent_refusal_moves_the_batch_to_dead_letters_with_the_reason() {
     let got: Value = r
         .http
         .get(r.agent.endpoint("/v1/records/d-3"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(got["state"], "dead_letter");
     // Later records are not held up by the dead batch.
     r.gate.overload(None);
@@ -196,12 +193,8 @@ async fn a_key_taken_at_the_aggregator_re_keys_only_that_record_and_nothing_beco
     let got: Value = r
         .http
         .get(r.agent.endpoint("/v1/records/b-4"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(got["state"], "delivered");
     assert_eq!(
         r.rows().await,
@@ -244,12 +237,8 @@ async fn a_refusal_that_blames_one_record_dead_letters_only_that_record() {
     let got: Value = r
         .http
         .get(r.agent.endpoint("/v1/records/b-4"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .fetch_json()
+        .await;
     assert_eq!(got["state"], "dead_letter");
     assert_eq!(r.rows().await, 19, "the 19 others arrived");
 }

@@ -53,6 +53,7 @@ use dcs_aggregator::platform::tokens::{NewToken, create_token};
 use dcs_shared::wire::{self, ErrorBody, OutRecord};
 use dcs_tests::agent;
 use dcs_tests::aggregator::{agent_client, client_without_certificate, gzip_bomb};
+use dcs_tests::http::Fetch as _;
 use dcs_tests::pg::TestDb;
 use dcs_tests::pki::{AgentCert, Pki};
 use dcs_tests::process::Service;
@@ -206,12 +207,8 @@ impl Bench {
         let text = reqwest::Client::new()
             .get(format!("http://127.0.0.1:{}/metrics", self.admin_port))
             .timeout(Duration::from_secs(30))
-            .send()
-            .await
-            .expect("scrape /metrics")
-            .text()
-            .await
-            .expect("metrics text");
+            .fetch_text()
+            .await;
         let (l, r) = (
             format!("listener=\"{listener}\""),
             format!("reason=\"{reason}\""),

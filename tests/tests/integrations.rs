@@ -12,11 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use dcs_tests::agent::{self, RunningAgent, free_port, metric_sample, start_agent, wait_until};
-use dcs_tests::aggregator::{RunningAggregator, start_aggregator};
+use dcs_tests::agent::{RunningAgent, free_port, metric_sample, start_agent, wait_until};
 use dcs_tests::chaos::log_scenario;
-use dcs_tests::pg::TestDb;
 use dcs_tests::pki::{AgentCert, Pki};
+use dcs_tests::site::Site;
 use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
@@ -40,27 +39,26 @@ fn tools() -> PathBuf {
 }
 
 struct Pipeline {
-    pki: Pki,
+    site: Site,
+    /// The agent's own certificate, for the senders' TLS client side.
     cert: AgentCert,
-    db: TestDb,
-    _aggregator: RunningAggregator,
     agent: RunningAgent,
-    dir: tempfile::TempDir,
 }
 
 /// Aggregator, database and an agent with `syslog` listeners.
 async fn pipeline(syslog: impl FnOnce(&Pki) -> Vec<Value>) -> Pipeline {
-    let pki = Pki::new();
-    let db = TestDb::new().await;
-    let aggregator = start_aggregator(&pki, &db.url).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cert = pki.agent("acme", "edge-1");
-    let mut config = agent::test_config(&cert, &aggregator.url, &dir.path().join("buffer.db"));
+    let site = Site::new().await;
+    let mut config = site.agent_config();
     config.batch.linger = Duration::from_millis(50);
-    config.syslog = syslog(&pki)
+    config.syslog = syslog(&site.pki)
         .into_iter()
         .map(|v| serde_json::from_value(v).expect("syslog listener"))
         .collect();
+    let cert = AgentCert {
+        cert: config.aggregator.cert.clone(),
+        key: config.aggregator.key.clone(),
+        ca: config.aggregator.ca.clone(),
+    };
     let agent = start_agent(config).await;
     // The syslog sockets are bound before the API serves: once it answers,
     // senders can connect.
@@ -74,14 +72,7 @@ async fn pipeline(syslog: impl FnOnce(&Pki) -> Vec<Value>) -> Pipeline {
         .await,
         "the agent did not start"
     );
-    Pipeline {
-        pki,
-        cert,
-        db,
-        _aggregator: aggregator,
-        agent,
-        dir,
-    }
+    Pipeline { site, cert, agent }
 }
 
 /// The message texts of a scenario: unique, and easy to find in payloads.
@@ -93,7 +84,7 @@ fn texts(scenario: &str) -> Vec<String> {
 
 /// Writes `texts` one per line to `in.log` in the pipeline's directory.
 fn input_file(p: &Pipeline, texts: &[String]) -> PathBuf {
-    let path = p.dir.path().join("in.log");
+    let path = p.site.dir.path().join("in.log");
     std::fs::write(
         &path,
         texts.iter().map(|t| format!("{t}\n")).collect::<String>(),
@@ -108,7 +99,7 @@ impl Pipeline {
         sqlx::query_as::<_, (String, i64)>(
             "SELECT coalesce(payload->>'message', ''), count(*) FROM records GROUP BY 1",
         )
-        .fetch_all(&self.db.pool)
+        .fetch_all(&self.site.db.pool)
         .await
         .unwrap()
         .into_iter()
@@ -117,7 +108,7 @@ impl Pipeline {
 
     async fn rows(&self) -> i64 {
         sqlx::query_scalar("SELECT count(*) FROM records")
-            .fetch_one(&self.db.pool)
+            .fetch_one(&self.site.db.pool)
             .await
             .unwrap_or(-1)
     }
@@ -145,11 +136,11 @@ impl Pipeline {
             let sample: Vec<(String, String)> = sqlx::query_as(
                 "SELECT stream, payload::text FROM records ORDER BY received_at LIMIT 3",
             )
-            .fetch_all(&self.db.pool)
+            .fetch_all(&self.site.db.pool)
             .await
             .unwrap_or_default();
             for log in ["rsyslogd.log", "syslog-ng.log"] {
-                if let Ok(text) = std::fs::read_to_string(self.dir.path().join(log)) {
+                if let Ok(text) = std::fs::read_to_string(self.site.dir.path().join(log)) {
                     let tail: Vec<&str> = text.lines().rev().take(30).collect();
                     eprintln!("{log} (last lines, newest first):\n{}", tail.join("\n"));
                 }
@@ -184,7 +175,7 @@ fn spawn(program: &Path, args: &[&str], env: &[(&str, String)], log: &Path) -> C
 /// part after `@version`) and its state files in the pipeline's directory.
 fn syslog_ng(p: &Pipeline, config: &str) -> Child {
     let root = tools();
-    let dir = p.dir.path();
+    let dir = p.site.dir.path();
     let conf = dir.join("syslog-ng.conf");
     std::fs::write(&conf, format!("@version: 3.38\n{config}")).unwrap();
     let libs = format!(
@@ -216,7 +207,7 @@ fn syslog_ng(p: &Pipeline, config: &str) -> Child {
 /// package and its work files in the pipeline's directory.
 fn rsyslogd(p: &Pipeline, config: &str) -> Child {
     let root = tools();
-    let dir = p.dir.path();
+    let dir = p.site.dir.path();
     let conf = dir.join("rsyslog.conf");
     std::fs::write(
         &conf,
@@ -293,7 +284,7 @@ async fn syslog_ng_network_and_syslog_destinations_feed_the_syslog_listener() {
         ("syslog-ng-syslog", "syslog"),
     ] {
         sqlx::query("DELETE FROM records")
-            .execute(&p.db.pool)
+            .execute(&p.site.db.pool)
             .await
             .unwrap();
         let texts = texts(scenario);
@@ -302,13 +293,13 @@ async fn syslog_ng_network_and_syslog_destinations_feed_the_syslog_listener() {
             "{source}destination d_dcs {{ {driver}(\"127.0.0.1\" port({port}) transport(\"tcp\")); }};\nlog {{ source(s_app); destination(d_dcs); }};\n",
             source = syslog_ng_file_source(&input),
         );
-        let _ = std::fs::remove_file(p.dir.path().join("syslog-ng.persist"));
+        let _ = std::fs::remove_file(p.site.dir.path().join("syslog-ng.persist"));
         let mut program = syslog_ng(&p, &config);
         p.expect_each_once(scenario, &texts, &mut program).await;
         let _ = program.wait().await;
     }
     let stream: String = sqlx::query_scalar("SELECT DISTINCT stream FROM records")
-        .fetch_one(&p.db.pool)
+        .fetch_one(&p.site.db.pool)
         .await
         .unwrap();
     assert_eq!(stream, "syslog.app");
@@ -355,7 +346,7 @@ async fn rsyslog_omfwd_over_mutual_tls_feeds_the_syslog_listener() {
     let input = input_file(&p, &texts);
     let tls_global = format!(
         "global(defaultNetstreamDriver=\"gtls\" defaultNetstreamDriverCAFile=\"{}\" defaultNetstreamDriverCertFile=\"{}\" defaultNetstreamDriverKeyFile=\"{}\")\n",
-        p.pki.ca.display(),
+        p.site.pki.ca.display(),
         p.cert.cert.display(),
         p.cert.key.display()
     );

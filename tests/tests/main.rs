@@ -14,7 +14,6 @@
 
 mod aggregator_api;
 mod aggregator_failover;
-mod aggregator_faults;
 mod buffer_recovery;
 mod buffer_safety;
 mod cli;

@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use dcs_tests::agent::status as agent_status;
 use dcs_tests::agent::{self, AgentProcess};
+use dcs_tests::balancer::Replica;
 use dcs_tests::chaos::{self, Ledger, Plan, Report};
 use dcs_tests::pki::Pki;
-use dcs_tests::process::{Service, free_port};
 use sqlx::PgPool;
 
 const AGENTS: usize = 3;
@@ -132,58 +132,28 @@ impl Drop for Ha {
     }
 }
 
-struct Aggregator {
-    service: Service,
-    admin: u16,
-}
-
-impl Aggregator {
-    async fn start(dir: &Path, pki: &Pki, pg_url: &str, n: usize) -> Aggregator {
-        let port = free_port();
-        let admin = free_port();
-        let env = [
-            ("LISTEN__ADDRESS", format!("127.0.0.1:{port}")),
-            ("ADMIN__ADDRESS", format!("127.0.0.1:{admin}")),
-            ("TLS__CA", pki.ca.display().to_string()),
-            ("TLS__CERT", pki.server_cert.display().to_string()),
-            ("TLS__KEY", pki.server_key.display().to_string()),
-            ("DATABASE__URL", pg_url.to_owned()),
-            ("DATABASE__MIGRATE_ON_START", "false".into()),
+/// A replica as the failover tests run it: a small pool that gives up on
+/// a connection after a second, so a dead primary turns into 503s quickly.
+async fn start_aggregator(dir: &Path, pki: &Pki, pg_url: &str, n: usize) -> Replica {
+    let mut replica = Replica::new(
+        dir,
+        pki,
+        pg_url,
+        n,
+        &[
             ("DATABASE__MAX_CONNECTIONS", "4".into()),
             ("DATABASE__ACQUIRE_TIMEOUT", "\"1s\"".into()),
-            ("LIMITS__RETRY_AFTER", "\"1s\"".into()),
-            ("LOG__FORMAT", "text".into()),
             ("LOG__LEVEL", "warn".into()),
-        ];
-        let mut service = Service::aggregator(env, port, &dir.join(format!("aggregator-{n}.log")));
-        service.start().await;
-        Aggregator { service, admin }
-    }
-
-    async fn ingested(&self, http: &reqwest::Client) -> f64 {
-        let Ok(response) = http
-            .get(format!("http://127.0.0.1:{}/metrics", self.admin))
-            .send()
-            .await
-        else {
-            return 0.0;
-        };
-        response
-            .text()
-            .await
-            .unwrap_or_default()
-            .lines()
-            .find(|l| l.starts_with("dcs_aggregator_records_ingested_total"))
-            .and_then(|l| l.split_whitespace().last())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
-    }
+        ],
+    );
+    replica.service.start().await;
+    replica
 }
 
-async fn ingested(aggregators: &[Aggregator], http: &reqwest::Client) -> f64 {
+async fn ingested(aggregators: &[Replica], http: &reqwest::Client) -> f64 {
     let mut sum = 0.0;
     for a in aggregators {
-        sum += a.ingested(http).await;
+        sum += a.ingested(http).await.unwrap_or(0.0);
     }
     sum
 }
@@ -223,7 +193,7 @@ async fn scenario(name: &str, fault: Fault, synchronous: bool) -> (Report, Optio
     let pki = Pki::new();
     let mut aggregators = Vec::new();
     for n in 0..AGGREGATORS {
-        aggregators.push(Aggregator::start(dir.path(), &pki, &cluster.pg_url, n).await);
+        aggregators.push(start_aggregator(dir.path(), &pki, &cluster.pg_url, n).await);
     }
     let mut agents = Vec::new();
     for n in 0..AGENTS {

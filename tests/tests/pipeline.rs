@@ -4,10 +4,12 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use dcs_tests::agent::{self, AgentProcess, RunningAgent, push, start_agent, wait_until};
-use dcs_tests::aggregator::{RunningAggregator, start_aggregator, start_aggregator_with};
+use dcs_tests::agent::{self, AgentProcess, push, start_agent, wait_until};
+use dcs_tests::aggregator::start_aggregator_with;
+use dcs_tests::http::Fetch as _;
 use dcs_tests::pg::{PgCluster, TestDb};
 use dcs_tests::pki::Pki;
+use dcs_tests::site::Site;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 
@@ -38,42 +40,9 @@ async fn rows(pool: &PgPool) -> Vec<(String, Value)> {
     .collect()
 }
 
-struct Setup {
-    pki: Pki,
-    db: TestDb,
-    aggregator: RunningAggregator,
-    buffer_dir: tempfile::TempDir,
-}
-
-async fn setup() -> Setup {
-    let pki = Pki::new();
-    let db = TestDb::new().await;
-    let aggregator = start_aggregator(&pki, &db.url).await;
-    Setup {
-        pki,
-        db,
-        aggregator,
-        buffer_dir: tempfile::tempdir().unwrap(),
-    }
-}
-
-impl Setup {
-    fn agent_config(&self) -> dcs_edge::Config {
-        agent::test_config(
-            &self.pki.agent("acme", "edge-1"),
-            &self.aggregator.url,
-            &self.buffer_dir.path().join("buffer.db"),
-        )
-    }
-
-    async fn agent(&self) -> RunningAgent {
-        start_agent(self.agent_config()).await
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn records_pushed_as_one_an_array_and_ndjson_arrive_exactly_once_in_order() {
-    let s = setup().await;
+    let s = Site::new().await;
     let agent = s.agent().await;
     let http = reqwest::Client::new();
 
@@ -198,10 +167,10 @@ async fn records_buffered_while_the_aggregator_is_down_arrive_once_it_starts() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_killed_with_sigkill_and_restarted_loses_and_doubles_nothing() {
-    let s = setup().await;
+    let s = Site::new().await;
     let mut config = s.agent_config();
     config.batch.max_records = 200;
-    let log = s.buffer_dir.path().join("agent.log");
+    let log = s.dir.path().join("agent.log");
     let mut agent = AgentProcess::spawn(&config, &log).await;
     let http = reqwest::Client::new();
     let mut acked = 0usize;
@@ -350,14 +319,7 @@ async fn the_admin_listener_shows_each_agent_and_the_backlog_it_reported() {
     assert_eq!(wait_for_rows(&db.pool, 50).await, 50);
 
     let admin = format!("http://127.0.0.1:{admin_port}");
-    let agents: Value = http
-        .get(format!("{admin}/agents"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let agents: Value = http.get(format!("{admin}/agents")).fetch_json().await;
     let me = agents
         .as_array()
         .unwrap()
@@ -370,14 +332,7 @@ async fn the_admin_listener_shows_each_agent_and_the_backlog_it_reported() {
     assert_eq!(me["backlog_records"], 0);
     assert!(me["last_epoch"].as_str().unwrap().len() == 36);
 
-    let metrics = http
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = http.get(format!("{admin}/metrics")).fetch_text().await;
     assert!(
         metrics.contains("dcs_aggregator_records_ingested_total"),
         "{metrics}"

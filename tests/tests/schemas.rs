@@ -13,9 +13,9 @@ use dcs_edge::sources::file::{FileConfig, Format};
 use dcs_edge::sources::{SourceConfig, SourceKind};
 use dcs_edge::transform::TransformConfig;
 use dcs_tests::agent::{self, RunningAgent, push, start_agent, wait_until};
-use dcs_tests::aggregator::{RunningAggregator, start_aggregator};
-use dcs_tests::pg::TestDb;
+use dcs_tests::http::Fetch as _;
 use dcs_tests::pki::Pki;
+use dcs_tests::site::Site;
 use serde_json::{Value, json};
 
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -32,24 +32,13 @@ const READINGS_SCHEMA: &str = r#"{
 }"#;
 
 struct Setup {
-    pki: Pki,
-    db: TestDb,
-    _aggregator: RunningAggregator,
-    aggregator_url: String,
-    dir: tempfile::TempDir,
+    site: Site,
     http: reqwest::Client,
 }
 
 async fn setup() -> Setup {
-    let pki = Pki::new();
-    let db = TestDb::new().await;
-    let aggregator = start_aggregator(&pki, &db.url).await;
     Setup {
-        aggregator_url: aggregator.url.clone(),
-        pki,
-        db,
-        _aggregator: aggregator,
-        dir: tempfile::tempdir().unwrap(),
+        site: Site::new().await,
         http: reqwest::Client::new(),
     }
 }
@@ -57,11 +46,7 @@ async fn setup() -> Setup {
 impl Setup {
     /// An agent delivering to the aggregator, `readings` under its schema.
     fn config(&self) -> dcs_edge::Config {
-        let mut config = agent::test_config(
-            &self.pki.agent("acme", "edge-1"),
-            &self.aggregator_url,
-            &self.dir.path().join("buffer.db"),
-        );
+        let mut config = self.site.agent_config();
         config.streams.insert(
             "readings".into(),
             StreamConfig {
@@ -78,7 +63,7 @@ impl Setup {
             "SELECT record_id, payload::text FROM records WHERE stream = $1 ORDER BY epoch, seq",
         )
         .bind(stream)
-        .fetch_all(&self.db.pool)
+        .fetch_all(&self.site.db.pool)
         .await
         .unwrap()
         .into_iter()
@@ -95,14 +80,7 @@ impl Setup {
     }
 
     async fn get(&self, agent: &RunningAgent, path: &str) -> Value {
-        self.http
-            .get(agent.endpoint(path))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap()
+        self.http.get(agent.endpoint(path)).fetch_json().await
     }
 
     /// Triggers `source` and waits for the job's result.
@@ -240,14 +218,14 @@ async fn a_pushed_payload_failing_its_stream_schema_is_refused_with_index_field_
     let rows = s.wait_for_rows("readings", 2).await;
     let ids: Vec<&str> = rows.iter().map(|(id, _)| id.as_str()).collect();
     assert_eq!(ids, ["good-0", "good-1"]);
-    assert_eq!(s.db.count("records").await, 2);
+    assert_eq!(s.site.db.count("records").await, 2);
     agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pulled_lines_are_mapped_then_checked_and_the_failures_become_counted_dead_letters() {
     let s = setup().await;
-    let logs = s.dir.path().join("plant");
+    let logs = s.site.dir.path().join("plant");
     std::fs::create_dir(&logs).unwrap();
     let mut config = s.config();
     let mut source = file_source("plant-file", "readings", &logs);
@@ -323,7 +301,7 @@ async fn pulled_lines_are_mapped_then_checked_and_the_failures_become_counted_de
 
     let out = std::process::Command::new(agent::binary("dcs-edge"))
         .args(["buffer", "export", "--path"])
-        .arg(s.dir.path().join("buffer.db"))
+        .arg(s.site.dir.path().join("buffer.db"))
         .output()
         .unwrap();
     assert!(out.status.success());
@@ -354,11 +332,11 @@ async fn a_database_source_delivers_its_rows_with_the_mapped_fields() {
            (1, 19.5, '{\"probe\": \"p1\", \"line\": 4}', 'x'),
            (2, 20.25, '{\"probe\": \"p2\", \"line\": 5}', 'y');",
     )
-    .execute(&s.db.pool)
+    .execute(&s.site.db.pool)
     .await
     .unwrap();
-    let url_file = s.dir.path().join("db.url");
-    std::fs::write(&url_file, &s.db.url).unwrap();
+    let url_file = s.site.dir.path().join("db.url");
+    std::fs::write(&url_file, &s.site.db.url).unwrap();
     let mut config = s.config();
     config.sources = vec![SourceConfig {
         name: "plant-db".into(),

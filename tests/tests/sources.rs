@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dcs_tests::agent::{self, RunningAgent, start_agent, wait_until};
+use dcs_tests::http::Fetch as _;
 use dcs_tests::pki::Pki;
 use dcs_tests::process::Service;
 use serde_json::{Value, json};
@@ -48,13 +49,7 @@ where
 }
 
 async fn status(http: &reqwest::Client, url: &str) -> Value {
-    http.get(format!("{url}/v1/status"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    http.get(format!("{url}/v1/status")).fetch_json().await
 }
 
 async fn buffered(http: &reqwest::Client, url: &str) -> u64 {
@@ -637,21 +632,14 @@ async fn every_row_once(table: Table) {
     if got < 100 {
         let failed: Value = http
             .get(a.endpoint("/api/v1/jobs?source=db&state=failed&limit=1"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+            .fetch_json()
+            .await;
         let detail = match failed[0]["job_id"].as_str() {
-            Some(id) => http
-                .get(a.endpoint(&format!("/api/v1/jobs/result/{id}")))
-                .send()
-                .await
-                .unwrap()
-                .text()
-                .await
-                .unwrap(),
+            Some(id) => {
+                http.get(a.endpoint(&format!("/api/v1/jobs/result/{id}")))
+                    .fetch_text()
+                    .await
+            }
             None => "no failed job".into(),
         };
         panic!("{got} of 100 rows buffered; {detail}");

@@ -7,11 +7,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use dcs_tests::agent::{self, AgentProcess, free_port, metric_sample, start_agent, wait_until};
-use dcs_tests::aggregator::start_aggregator;
+use dcs_tests::agent::{AgentProcess, free_port, metric_sample, start_agent, wait_until};
 use dcs_tests::chaos::log_scenario;
-use dcs_tests::pg::TestDb;
-use dcs_tests::pki::Pki;
+use dcs_tests::site::Site;
 use serde_json::{Value, json};
 use sqlx::PgPool;
 use tokio::io::AsyncWriteExt;
@@ -58,12 +56,12 @@ async fn rows(pool: &PgPool) -> i64 {
 
 #[tokio::test]
 async fn messages_over_tcp_udp_and_tls_each_become_one_record_with_their_syslog_fields() {
-    let pki = Pki::new();
-    let db = TestDb::new().await;
-    let aggregator = start_aggregator(&pki, &db.url).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cert = pki.agent("acme", "edge-1");
-    let mut config = agent::test_config(&cert, &aggregator.url, &dir.path().join("buffer.db"));
+    let site = Site::new().await;
+    let (pki, db) = (&site.pki, &site.db);
+    let mut config = site.agent_config();
+    let agent_tls = &config.aggregator;
+    let client =
+        dcs_shared::tls::client_config(&agent_tls.ca, &agent_tls.cert, &agent_tls.key).unwrap();
     let (tcp, udp, tls) = (free_port(), free_port(), free_port());
     config.syslog = vec![
         listener(
@@ -98,7 +96,6 @@ async fn messages_over_tcp_udp_and_tls_each_become_one_record_with_their_syslog_
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
 
-    let client = dcs_shared::tls::client_config(&pki.ca, &cert.cert, &cert.key).unwrap();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(client));
     let tcp_stream = connect(&local(tls)).await;
     let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
@@ -183,12 +180,9 @@ fn numbered(seq: usize) -> String {
 #[tokio::test]
 async fn a_sigkill_mid_stream_loses_at_most_the_documented_tcp_window_and_doubles_nothing() {
     const RECEIVE_BUFFER: usize = 64 << 10;
-    let pki = Pki::new();
-    let db = TestDb::new().await;
-    let aggregator = start_aggregator(&pki, &db.url).await;
-    let dir = tempfile::tempdir().unwrap();
-    let cert = pki.agent("acme", "edge-1");
-    let config = agent::test_config(&cert, &aggregator.url, &dir.path().join("buffer.db"));
+    let site = Site::new().await;
+    let (db, dir) = (&site.db, &site.dir);
+    let config = site.agent_config();
     let port = free_port();
     let syslog = format!(
         "[{{ protocol = \"tcp\", listen = \"127.0.0.1:{port}\", receive_buffer = {RECEIVE_BUFFER} }}]"

@@ -139,6 +139,14 @@ impl fmt::Display for Report {
     }
 }
 
+/// [`verify`] over a connection of its own to the database at `pg_url`.
+pub async fn verify_at(pg_url: &str, agent_url: &str, scenario: &str, ledger: &Ledger) -> Report {
+    let pool = PgPool::connect(pg_url).await.expect("connect for check");
+    let report = verify(&pool, agent_url, scenario, ledger).await;
+    pool.close().await;
+    report
+}
+
 /// Waits (bounded) until every acknowledged record is in `pool` and the
 /// agent's buffer is empty, then compares PostgreSQL with the ledger.
 pub async fn verify(pool: &PgPool, agent_url: &str, scenario: &str, ledger: &Ledger) -> Report {

@@ -21,9 +21,11 @@ mod time_travel;
 mod world;
 
 pub use buffer_pressure::{SmallDisk, buffer_full, disk_full, drop_oldest, long_outage};
-pub use checker::{Ledger, RecordKey, Report, compare, compare_on, log_scenario, verify};
+pub use checker::{
+    Ledger, RecordKey, Report, compare, compare_on, log_scenario, verify, verify_at,
+};
 pub use faults::{agent_kill, aggregator_kill, overload, partition, postgres_restart};
-pub use producers::produce;
+pub use producers::{Request, produce};
 pub use time_travel::{clock_jump, snapshot_revert};
 pub use world::World;
 

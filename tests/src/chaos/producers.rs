@@ -5,15 +5,66 @@
 //! ids, so every id ends acknowledged, refused or (past the deadline)
 //! unknown, never silently forgotten.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Ledger, Plan, STREAM};
 
-/// One producer: pushes NDJSON requests of unique ids until `until`. A request
-/// without a definitive answer (the agent died mid-request) is retried with
-/// the same ids, which the agent deduplicates, so every id ends acknowledged
-/// or refused.
+/// One NDJSON request: records `p{producer}-{i}` for each `i` of a range.
+pub struct Request {
+    ids: Vec<String>,
+    body: String,
+}
+
+impl Request {
+    /// Records `p{producer}-{i}` for `i` in `range`; `note` says which
+    /// scenario wrote them, in each payload.
+    pub fn new(producer: usize, range: Range<usize>, note: &str) -> Self {
+        let ids: Vec<String> = range.map(|i| format!("p{producer}-{i}")).collect();
+        let body = ids
+            .iter()
+            .enumerate()
+            .map(|(n, id)| {
+                format!(
+                    "{{\"stream\":\"{STREAM}\",\"id\":\"{id}\",\"payload\":{{\"producer\":{producer},\"n\":{n},\"note\":\"{note}\"}}}}\n"
+                )
+            })
+            .collect();
+        Self { ids, body }
+    }
+
+    /// Sends the request until the agent answers it or `give_up` passes,
+    /// `retry` apart, and notes the answer in `ledger`: a 2xx acknowledged,
+    /// any other status refused, no answer at all unknown. The agent
+    /// deduplicates the ids a retry repeats.
+    pub async fn push(
+        &self,
+        client: &reqwest::Client,
+        url: &str,
+        give_up: Instant,
+        retry: Duration,
+        ledger: &Ledger,
+    ) {
+        loop {
+            let answer = client
+                .post(format!("{url}/v1/records"))
+                .header("content-type", "application/x-ndjson")
+                .body(self.body.clone())
+                .send()
+                .await;
+            match answer {
+                Ok(r) if r.status().is_success() => return ledger.add_acked(&self.ids),
+                Ok(_) => return ledger.add_refused(&self.ids),
+                Err(_) if Instant::now() > give_up => return ledger.add_unknown(&self.ids),
+                Err(_) => tokio::time::sleep(retry).await,
+            }
+        }
+    }
+}
+
+/// One producer: pushes requests of `plan.chunk` unique ids until `until`,
+/// `plan.pace` apart.
 pub async fn produce(
     url: String,
     producer: usize,
@@ -27,60 +78,18 @@ pub async fn produce(
         .expect("client");
     let mut next = 0usize;
     while Instant::now() < until {
-        let ids: Vec<String> = (next..next + plan.chunk)
-            .map(|i| format!("p{producer}-{i}"))
-            .collect();
+        let request = Request::new(producer, next..next + plan.chunk, "chaos record");
         next += plan.chunk;
-        let body: String = ids
-            .iter()
-            .enumerate()
-            .map(|(i, id)| {
-                format!(
-                    "{{\"stream\":\"{STREAM}\",\"id\":\"{id}\",\"payload\":{{\"producer\":{producer},\"n\":{i},\"note\":\"chaos record\"}}}}\n"
-                )
-            })
-            .collect();
         let give_up = until + Duration::from_secs(60);
-        loop {
-            let answer = client
-                .post(format!("{url}/v1/records"))
-                .header("content-type", "application/x-ndjson")
-                .body(body.clone())
-                .send()
-                .await;
-            match answer {
-                Ok(r) if r.status().is_success() => {
-                    ledger
-                        .acked
-                        .lock()
-                        .expect("ledger")
-                        .extend(ids.iter().cloned());
-                    break;
-                }
-                Ok(r) if r.status().is_client_error() || r.status().is_server_error() => {
-                    ledger
-                        .refused
-                        .lock()
-                        .expect("ledger")
-                        .extend(ids.iter().cloned());
-                    break;
-                }
-                _ if Instant::now() > give_up => {
-                    ledger
-                        .unknown
-                        .lock()
-                        .expect("ledger")
-                        .extend(ids.iter().cloned());
-                    break;
-                }
-                _ => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
+        request
+            .push(&client, &url, give_up, Duration::from_millis(100), &ledger)
+            .await;
         tokio::time::sleep(plan.pace).await;
     }
 }
 
-/// Pushes exactly `count` records (in requests of `chunk`) as producer `producer`.
+/// Pushes exactly `count` records (in requests of `chunk`) as producer
+/// `producer`; each request is given up after 10 s without an answer.
 pub(super) async fn produce_count(
     url: String,
     producer: usize,
@@ -88,44 +97,12 @@ pub(super) async fn produce_count(
     count: usize,
     ledger: Arc<Ledger>,
 ) {
-    for offset in (0..count).step_by(chunk) {
-        produce_offset(&url, producer, chunk.min(count - offset), offset, &ledger).await;
-    }
-}
-
-/// One request of `chunk` records starting at `offset` (same id scheme as
-/// [`produce`]), retried until the agent gives a definitive answer.
-async fn produce_offset(url: &str, producer: usize, chunk: usize, offset: usize, ledger: &Ledger) {
     let client = reqwest::Client::new();
-    let ids: Vec<String> = (offset..offset + chunk)
-        .map(|i| format!("p{producer}-{i}"))
-        .collect();
-    let body: String = ids
-        .iter()
-        .map(|id| {
-            format!(
-                "{{\"stream\":\"{STREAM}\",\"id\":\"{id}\",\"payload\":{{\"producer\":{producer},\"note\":\"backlog record with some text\"}}}}\n"
-            )
-        })
-        .collect();
-    for _ in 0..100 {
-        match client
-            .post(format!("{url}/v1/records"))
-            .header("content-type", "application/x-ndjson")
-            .body(body.clone())
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => {
-                ledger.acked.lock().expect("ledger").extend(ids);
-                return;
-            }
-            Ok(_) => {
-                ledger.refused.lock().expect("ledger").extend(ids);
-                return;
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-        }
+    for offset in (0..count).step_by(chunk) {
+        let end = count.min(offset + chunk);
+        let give_up = Instant::now() + Duration::from_secs(10);
+        Request::new(producer, offset..end, "backlog record with some text")
+            .push(&client, &url, give_up, Duration::from_millis(100), &ledger)
+            .await;
     }
-    ledger.unknown.lock().expect("ledger").extend(ids);
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sqlx::PgPool;
 
-use super::{Ledger, Plan, Report, produce, verify};
+use super::{Ledger, Plan, Report, produce, verify_at};
 use crate::agent::{self, AgentProcess};
 use crate::faultproxy::FaultProxy;
 use crate::pg::PgCluster;
@@ -112,11 +112,6 @@ impl World {
     /// Waits for every acknowledged record to arrive (bounded), then compares
     /// PostgreSQL with the ledger.
     pub async fn check(&self, scenario: &str, ledger: &Ledger) -> Report {
-        let pool = PgPool::connect(&self.cluster.url())
-            .await
-            .expect("connect for check");
-        let report = verify(&pool, &self.agent.url, scenario, ledger).await;
-        pool.close().await;
-        report
+        verify_at(&self.cluster.url(), &self.agent.url, scenario, ledger).await
     }
 }
