@@ -16,7 +16,9 @@
 # Needs PostgreSQL on 127.0.0.1:5432 (scripts/ensure-postgres.sh) and the
 # debug binaries (cargo build --workspace --bins). DCS_FUZZ_SEED picks another
 # seed (the default one keeps CI reproducible); DCS_FUZZ_MAX_TIME and
-# DCS_FUZZ_MAX_EXAMPLES widen the search for a longer local run.
+# DCS_FUZZ_MAX_EXAMPLES widen the search for a longer local run (the test
+# command runs the short default; the long run is
+# `DCS_FUZZ_MAX_TIME=900 DCS_FUZZ_MAX_EXAMPLES=100 scripts/check-api-fuzz.sh`).
 set -Eeuo pipefail
 
 DCS_SCRIPT_NAME="check-api-fuzz"
@@ -32,8 +34,8 @@ VENV="${XDG_CACHE_HOME:-$HOME/.cache}/dcs/schemathesis-$SCHEMATHESIS_VERSION"
 SEED=${DCS_FUZZ_SEED:-20261206}
 # About two minutes on a shared 2-core machine; the whole step stays under
 # five with the wall-clock guard below.
-MAX_TIME=${DCS_FUZZ_MAX_TIME:-150}
-MAX_EXAMPLES=${DCS_FUZZ_MAX_EXAMPLES:-40}
+MAX_TIME=${DCS_FUZZ_MAX_TIME:-75}
+MAX_EXAMPLES=${DCS_FUZZ_MAX_EXAMPLES:-20}
 DB_NAME=dcs_api_fuzz
 PG_URL_BASE="postgres://postgres@127.0.0.1:5432"
 PSQL=(psql -w -X -q -v ON_ERROR_STOP=1 -h 127.0.0.1 -p 5432 -U postgres -d postgres)

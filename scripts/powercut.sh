@@ -75,7 +75,10 @@ STARTED=$SECONDS
 
 # --- 1. tools -------------------------------------------------------------
 missing=()
-command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86)
+# qemu-utils comes along: where the host has a qemu-img of another release,
+# apt would otherwise remove it to install a matching qemu-system-x86, and
+# the host would be left without qemu-img.
+command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86 qemu-utils)
 command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
 if ((${#missing[@]})); then
     apt_install "${missing[@]}"
