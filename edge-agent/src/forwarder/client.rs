@@ -43,7 +43,7 @@ impl SharedClient {
 /// configured proxy, else `HTTPS_PROXY`/`ALL_PROXY` from the environment.
 pub fn http_client(config: &Config) -> Result<reqwest::Client, Error> {
     let agg = &config.aggregator;
-    let tls = dcs_shared::tls::client_config(&agg.ca, &agg.cert, &agg.key)?;
+    let tls = agg.tls_files().client_config()?;
     let mut builder = reqwest::Client::builder()
         .tls_backend_preconfigured(tls)
         .connect_timeout(agg.connect_timeout)
