@@ -71,7 +71,7 @@ const PHASE: Duration = Duration::from_secs(5);
 /// The victim's pace: about 250 batches per phase.
 const VICTIM_EVERY: Duration = Duration::from_millis(20);
 /// Baseline-and-attack measurements per attack before a p99 miss fails.
-const ATTEMPTS: usize = 3;
+const ATTEMPTS: usize = 5;
 /// `limits.handshake_timeout` and `connections.header_timeout` of the
 /// suite's aggregator (default 10 s each).
 const DEADLINE: Duration = Duration::from_secs(3);
