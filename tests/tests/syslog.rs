@@ -59,9 +59,8 @@ async fn messages_over_tcp_udp_and_tls_each_become_one_record_with_their_syslog_
     let site = Site::new().await;
     let (pki, db) = (&site.pki, &site.db);
     let mut config = site.agent_config();
-    let agent_tls = &config.aggregator;
-    let client =
-        dcs_shared::tls::client_config(&agent_tls.ca, &agent_tls.cert, &agent_tls.key).unwrap();
+    // The senders present the agent's own certificate on the TLS listener.
+    let client = config.aggregator.tls_files().client_config().unwrap();
     let (tcp, udp, tls) = (free_port(), free_port(), free_port());
     config.syslog = vec![
         listener(
