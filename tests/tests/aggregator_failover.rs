@@ -67,8 +67,10 @@ async fn setup() -> Setup {
     let agg = start_aggregator_with(&pki, &db.url, |config| {
         config.database.acquire_timeout = Duration::from_secs(1);
         config.limits.retry_after = Duration::from_secs(RETRY_AFTER_SECS);
+        config.retention.partitions_ahead = PARTITIONS_AHEAD;
     })
     .await;
+    until_startup_partitions_committed(&db).await;
     let client = agent_client(&pki.agent("acme", "edge-01"));
     let epoch = Uuid::now_v7();
     assert_eq!(
@@ -85,6 +87,36 @@ async fn setup() -> Setup {
         client,
         admin,
         epoch,
+    }
+}
+
+/// How many days of partitions the aggregator creates ahead at start-up.
+const PARTITIONS_AHEAD: u32 = 7;
+
+/// Returns once the aggregator's start-up partition run has committed. That
+/// run takes `records`' lock and commits like a batch: on a loaded machine it
+/// can still be going when a test makes commits wait or blocks a claim, and
+/// every batch then waits behind it. (The compaction that follows it writes
+/// nothing on a new database.)
+async fn until_startup_partitions_committed(db: &TestDb) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let created: bool = sqlx::query_scalar(
+            "SELECT to_regclass('records_p' || to_char((now() AT TIME ZONE 'UTC')::date + $1, \
+             'YYYYMMDD')) IS NOT NULL",
+        )
+        .bind(PARTITIONS_AHEAD as i32)
+        .fetch_one(&db.pool)
+        .await
+        .expect("look for the partition");
+        if created {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the aggregator did not create its partitions within 30 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -114,15 +146,39 @@ async fn aggregator_sessions(admin: &mut PgConnection) -> i64 {
     .expect("count sessions")
 }
 
-/// The aggregator's backend waiting on `wait_event`, once it is there.
-async fn backend_waiting_on(admin: &mut PgConnection, wait_event: &str) -> i32 {
+/// Where a batch's backend is cut: what it waits on
+/// (`pg_stat_activity.wait_event`) and the statement it waits in
+/// (`LIKE` pattern). The statement tells the batch apart from the
+/// aggregator's own maintenance, whose start-up partition run also commits
+/// and, on a loaded machine, can still be running.
+struct Cut {
+    wait_event: &'static str,
+    statement: &'static str,
+}
+
+/// Waiting for another transaction's claim on the same seqs.
+const AT_CLAIM: Cut = Cut {
+    wait_event: "transactionid",
+    statement: "%INSERT INTO record_ranges%",
+};
+
+/// Committed locally, waiting for the synchronous standby.
+const AT_COMMIT: Cut = Cut {
+    wait_event: "SyncRep",
+    statement: "COMMIT%",
+};
+
+/// The aggregator's backend at `cut`, once it is there.
+async fn backend_waiting_at(admin: &mut PgConnection, cut: &Cut) -> i32 {
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let pid: Option<i32> = sqlx::query_scalar(
             "SELECT pid FROM pg_stat_activity \
-             WHERE application_name = 'dcs-aggregator' AND wait_event = $1 LIMIT 1",
+             WHERE application_name = 'dcs-aggregator' AND wait_event = $1 \
+               AND query LIKE $2 LIMIT 1",
         )
-        .bind(wait_event)
+        .bind(cut.wait_event)
+        .bind(cut.statement)
         .fetch_optional(&mut *admin)
         .await
         .expect("find backend");
@@ -131,7 +187,9 @@ async fn backend_waiting_on(admin: &mut PgConnection, wait_event: &str) -> i32 {
         }
         assert!(
             Instant::now() < deadline,
-            "no aggregator backend waits on {wait_event}"
+            "no aggregator backend waits on {} in {}",
+            cut.wait_event,
+            cut.statement
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -208,15 +266,9 @@ async fn a_backend_terminated_mid_batch_gets_503_and_the_resend_is_stored_once()
     .execute(&mut blocker)
     .await
     .expect("hold the range");
-    cut_while_waiting(
-        &client,
-        &agg,
-        &mut admin,
-        batch(epoch, 11..=20),
-        "transactionid",
-    )
-    .await
-    .assert_retry_later(RETRY_AFTER_SECS);
+    cut_while_waiting(&client, &agg, &mut admin, batch(epoch, 11..=20), &AT_CLAIM)
+        .await
+        .assert_retry_later(RETRY_AFTER_SECS);
     sqlx::raw_sql("ROLLBACK")
         .execute(&mut blocker)
         .await
@@ -233,7 +285,7 @@ async fn a_backend_terminated_mid_batch_gets_503_and_the_resend_is_stored_once()
 #[tokio::test]
 async fn a_commit_whose_answer_is_lost_is_not_acknowledged_and_its_resend_is_a_duplicate_success() {
     let Setup {
-        cluster: _cluster,
+        cluster,
         db,
         agg,
         client,
@@ -245,13 +297,16 @@ async fn a_commit_whose_answer_is_lost_is_not_acknowledged_and_its_resend_is_a_d
     // then waits for it. Terminating the backend there is the failover case
     // where PostgreSQL committed and the aggregator never heard so.
     set_system(&mut admin, "SET synchronous_standby_names = 'nobody'").await;
-    cut_while_waiting(&client, &agg, &mut admin, batch(epoch, 11..=20), "SyncRep")
+    until_commits_wait_for_the_standby(&cluster.url(), &mut admin).await;
+    cut_while_waiting(&client, &agg, &mut admin, batch(epoch, 11..=20), &AT_COMMIT)
         .await
         .assert_retry_later(RETRY_AFTER_SECS);
     // The outcome really was "committed": the 503 is what keeps it safe.
     assert_eq!(db.count("records").await, 20);
 
     set_system(&mut admin, "RESET synchronous_standby_names").await;
+    // Returns once commits stop waiting, which also frees any still queued.
+    commit_probe(&cluster.url()).await;
     // The resend meets its own committed range: duplicates, not a 409.
     assert_eq!(
         resend_until_stored(&client, &agg, batch(epoch, 11..=20)).await,
@@ -261,21 +316,83 @@ async fn a_commit_whose_answer_is_lost_is_not_acknowledged_and_its_resend_is_a_d
     agg.stop().await;
 }
 
-/// Posts `body`, terminates its backend once it waits on `wait_event`
-/// (`pg_stat_activity.wait_event`), and returns the answer.
+/// A connection to `url` and the transaction it is about to commit: one with
+/// a transaction id, whose commit record is what waits for a synchronous
+/// standby. Returns the backend's pid and the commit in flight.
+async fn commit_probe_started(
+    url: &str,
+) -> (i32, tokio::task::JoinHandle<Result<(), sqlx::Error>>) {
+    let mut probe = PgConnection::connect(url).await.expect("probe connection");
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&mut probe)
+        .await
+        .expect("probe pid");
+    let commit = tokio::spawn(async move {
+        sqlx::query("SELECT txid_current()")
+            .execute(&mut probe)
+            .await
+            .map(drop)
+    });
+    (pid, commit)
+}
+
+/// Commits a probe transaction on `url` and returns once it is committed.
+async fn commit_probe(url: &str) {
+    let (_, commit) = commit_probe_started(url).await;
+    tokio::time::timeout(Duration::from_secs(30), commit)
+        .await
+        .expect("a commit still waits for the standby 30 s after the reset")
+        .expect("probe task")
+        .expect("probe commit");
+}
+
+/// Returns once a commit waits for the synchronous standby. Whether commits
+/// wait is decided for all backends by the checkpointer, which applies a
+/// reload in its own time: on a loaded machine a batch sent right after
+/// `ALTER SYSTEM` could still commit at once.
+async fn until_commits_wait_for_the_standby(url: &str, admin: &mut PgConnection) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (pid, commit) = commit_probe_started(url).await;
+        while !commit.is_finished() {
+            let waiting: bool = sqlx::query_scalar(
+                "SELECT EXISTS (SELECT 1 FROM pg_stat_activity \
+                 WHERE pid = $1 AND wait_event = 'SyncRep')",
+            )
+            .bind(pid)
+            .fetch_one(&mut *admin)
+            .await
+            .expect("read the probe's wait");
+            if waiting {
+                // Committed locally; terminating it ends the wait.
+                terminate(admin, pid).await;
+                let _ = commit.await;
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "commits still do not wait for the standby 30 s after the reload"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Posts `body`, terminates its backend at `cut`, and returns the answer.
 async fn cut_while_waiting(
     client: &reqwest::Client,
     agg: &RunningAggregator,
     admin: &mut PgConnection,
     body: Vec<u8>,
-    wait_event: &str,
+    cut: &Cut,
 ) -> BatchAnswer {
     let sending = {
         let client = client.clone();
         let url = agg.endpoint(wire::BATCHES_PATH);
         tokio::spawn(async move { BatchAnswer::post(&client, &url, body).await })
     };
-    let pid = backend_waiting_on(admin, wait_event).await;
+    let pid = backend_waiting_at(admin, cut).await;
     terminate(admin, pid).await;
     sending.await.expect("an answer")
 }
