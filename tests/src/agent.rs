@@ -258,6 +258,21 @@ pub async fn status(agent_url: &str) -> Value {
     }
 }
 
+/// Asserts that a quarantine `report` (an entry of `/v1/status`'s
+/// `quarantine`) is for a buffer whose write-ahead log was missing, and that
+/// every one of the `held` records the file proves it held was salvaged.
+pub fn assert_lost_wal_salvaged_all(report: &Value, held: u64) {
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("write-ahead log is missing"),
+        "{report}"
+    );
+    assert_eq!(report["held"], held, "{report}");
+    assert_eq!(report["salvaged"], held, "{report}");
+}
+
 /// A client for an agent's local API: straight to 127.0.0.1 whatever proxy
 /// the environment names, and bounded so a hung agent fails the test.
 fn local_client() -> reqwest::Client {

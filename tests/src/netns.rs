@@ -401,12 +401,7 @@ impl NetWorld {
         let net = NetPair::new()?;
         let dir = tempfile::tempdir().expect("temp dir");
         let pki = Pki::new();
-        let cluster = PgCluster::start().await;
-        let pool = PgPool::connect(&cluster.url())
-            .await
-            .expect("connect cluster");
-        dcs_aggregator::migrate(&pool).await.expect("migrate");
-        pool.close().await;
+        let cluster = PgCluster::start_migrated().await;
         let pg_relay = FaultProxy::start_on(
             SocketAddr::new(IpAddr::V4(net.aggregator_uplink.outside), 0),
             SocketAddr::from(([127, 0, 0, 1], cluster.port())),

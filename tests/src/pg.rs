@@ -159,6 +159,18 @@ impl PgCluster {
             .expect("start a test PostgreSQL cluster")
     }
 
+    /// [`PgCluster::start`] with the aggregator's schema migrated into its
+    /// `postgres` database, for tests that run the aggregator on it.
+    pub async fn start_migrated() -> PgCluster {
+        let cluster = Self::start().await;
+        let pool = PgPool::connect(&cluster.url())
+            .await
+            .expect("connect cluster");
+        dcs_aggregator::migrate(&pool).await.expect("migrate");
+        pool.close().await;
+        cluster
+    }
+
     pub async fn try_start() -> anyhow::Result<PgCluster> {
         let bin = std::env::var_os("DCS_TEST_PG_BIN")
             .map(PathBuf::from)

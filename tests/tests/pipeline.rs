@@ -208,9 +208,7 @@ async fn an_agent_killed_with_sigkill_and_restarted_loses_and_doubles_nothing() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_outage_is_503_with_retry_after_and_everything_arrives_after_it() {
-    let cluster = PgCluster::start().await;
-    let pool = PgPool::connect(&cluster.url()).await.unwrap();
-    dcs_aggregator::migrate(&pool).await.unwrap();
+    let cluster = PgCluster::start_migrated().await;
     let pki = Pki::new();
     let aggregator = start_aggregator_with(&pki, &cluster.url(), |c| {
         c.database.acquire_timeout = Duration::from_secs(1);
@@ -237,6 +235,7 @@ async fn a_postgres_outage_is_503_with_retry_after_and_everything_arrives_after_
         .status(),
         200
     );
+    let pool = PgPool::connect(&cluster.url()).await.unwrap();
     assert_eq!(wait_for_rows(&pool, 100).await, 100);
     pool.close().await;
 

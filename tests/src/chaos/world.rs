@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use sqlx::PgPool;
 
 use super::{Ledger, Plan, Report, produce, verify_at};
 use crate::agent::{self, AgentProcess};
@@ -32,12 +31,7 @@ impl World {
         dcs_shared::tls::install_crypto_provider();
         let dir = tempfile::tempdir().expect("temp dir");
         let pki = Pki::new();
-        let cluster = PgCluster::start().await;
-        let pool = PgPool::connect(&cluster.url())
-            .await
-            .expect("connect cluster");
-        dcs_aggregator::migrate(&pool).await.expect("migrate");
-        pool.close().await;
+        let cluster = PgCluster::start_migrated().await;
 
         let agg_port = free_port();
         let env = [
