@@ -74,15 +74,26 @@ CACHE_ROOT=${DCS_POWERCUT_CACHE:-${XDG_CACHE_HOME:-$HOME_DIR/.cache}/dcs/powercu
 STARTED=$SECONDS
 
 # --- 1. tools -------------------------------------------------------------
-missing=()
-# qemu-utils comes along: where the host has a qemu-img of another release,
-# apt would otherwise remove it to install a matching qemu-system-x86, and
-# the host would be left without qemu-img.
-command -v qemu-system-x86_64 >/dev/null 2>&1 || missing+=(qemu-system-x86 qemu-utils)
-command -v mkfs.ext4 >/dev/null 2>&1 || missing+=(e2fsprogs)
-if ((${#missing[@]})); then
-    apt_install "${missing[@]}"
-fi
+# qemu-system-x86 and qemu-utils at one release, apt's candidate for the
+# former. A host may carry a qemu-img (qemu-utils) newer than its apt
+# sources' qemu, which qemu-system-x86 cannot be installed beside: naming
+# qemu-utils at that release replaces it (a downgrade if need be) where apt
+# would otherwise remove it, so the host keeps a qemu-img.
+install_qemu() {
+    local version
+    version=$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ { print $2 }')
+    if [[ -z "$version" || "$version" == "(none)" ]]; then
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 update ||
+            die "apt-get update failed"
+        version=$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ { print $2 }')
+    fi
+    [[ -n "$version" && "$version" != "(none)" ]] ||
+        die "apt has no qemu-system-x86: the power-cut tests cannot run here"
+    apt_install --allow-downgrades "qemu-system-x86=$version" "qemu-utils=$version"
+}
+
+command -v qemu-system-x86_64 >/dev/null 2>&1 || install_qemu
+command -v mkfs.ext4 >/dev/null 2>&1 || apt_install e2fsprogs
 command -v qemu-system-x86_64 >/dev/null 2>&1 ||
     die "qemu-system-x86_64 is not available: the power-cut tests cannot run here"
 
