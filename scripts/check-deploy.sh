@@ -147,7 +147,9 @@ cargo_tool() { # cargo_tool SUBCOMMAND CRATE [INSTALL-ARGS...]
         return 0
     fi
     say "installing $2 with cargo install --locked (once; it stays in ~/.cargo/bin)"
-    cargo install --locked "${@:3}" "$2"
+    # Built as a tool, not linted as ours (scripts/test.sh exports clippy
+    # as the compiler of this workspace's crates).
+    env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS cargo install --locked "${@:3}" "$2"
 }
 
 # --- shell ----------------------------------------------------------------------
