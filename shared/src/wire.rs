@@ -98,16 +98,24 @@ pub fn encode_batch<'a>(
     records: impl IntoIterator<Item = OutRecord<'a>>,
     level: u32,
 ) -> Vec<u8> {
-    // The JSON is built in memory and compressed in one write: flate2 clears
-    // its output buffer on every write, and a write per field made that the
-    // agent's largest CPU cost (see docs/PERFORMANCE.md).
-    let mut json = Vec::with_capacity(64 * 1024);
+    // The JSON reaches gzip in 64 KiB chunks: flate2 clears its output
+    // buffer on every write, and a write per field made that the agent's
+    // largest CPU cost (see docs/PERFORMANCE.md), while the whole batch's
+    // JSON in one buffer (megabytes, grown by doubling) was the largest part
+    // of the agent's heap during a drain.
+    let gz = GzEncoder::new(Vec::with_capacity(64 * 1024), Compression::new(level));
+    let mut json = std::io::BufWriter::with_capacity(JSON_CHUNK, gz);
     // Writing into a Vec cannot fail, hence the expects below.
     write_batch_json(&mut json, epoch, backlog, records).expect("write to memory");
-    let mut gz = GzEncoder::new(Vec::with_capacity(json.len() / 4), Compression::new(level));
-    gz.write_all(&json).expect("compress in memory");
-    gz.finish().expect("finish gzip in memory")
+    json.into_inner()
+        .map_err(|e| e.into_error())
+        .expect("compress in memory")
+        .finish()
+        .expect("finish gzip in memory")
 }
+
+/// How much batch JSON is handed to gzip per write.
+const JSON_CHUNK: usize = 64 * 1024;
 
 fn write_batch_json<'a>(
     w: &mut impl Write,
