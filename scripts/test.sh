@@ -96,9 +96,10 @@ trap 'rm -rf "$SCRATCH"' EXIT
 
 CURRENT_STEP=
 STARTED=$SECONDS
+# Each header says when its step began, so the log shows where the time goes.
 step() {
     CURRENT_STEP=$1
-    section "$1"
+    section "$1 [at $((SECONDS - STARTED))s]"
 }
 trap 'printf "\n%s: FAILED in step: %s\n" "$DCS_SCRIPT_NAME" "$CURRENT_STEP" >&2' ERR
 
