@@ -82,6 +82,35 @@ impl TestDb {
             .await
             .unwrap_or_else(|e| panic!("count {table}: {e}"))
     }
+
+    /// Returns once an aggregator on this database has committed its
+    /// start-up partition run, whose last partition is `ahead` days from
+    /// today (`retention.partitions_ahead`). That run takes `records`' lock
+    /// and a database connection, and commits like a batch: on a loaded
+    /// machine it can still be going when a test blocks `records` or makes
+    /// commits wait, and the test then meets it instead of its batch. (The
+    /// compaction that follows it writes nothing on a new database.)
+    pub async fn until_startup_partitions(&self, ahead: u32) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let created: bool = sqlx::query_scalar(
+                "SELECT to_regclass('records_p' || to_char((now() AT TIME ZONE 'UTC')::date + $1, \
+                 'YYYYMMDD')) IS NOT NULL",
+            )
+            .bind(ahead as i32)
+            .fetch_one(&self.pool)
+            .await
+            .expect("look for the partition");
+            if created {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the aggregator did not create its partitions within 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
 }
 
 impl Drop for TestDb {

@@ -1014,6 +1014,9 @@ async fn a_batch_that_waits_past_the_request_timeout_for_a_database_slot_is_503_
         config.limits.retry_after = std::time::Duration::from_secs(2);
     })
     .await;
+    // Its start-up partition run also needs the slot and `records`' lock.
+    db.until_startup_partitions(dcs_aggregator::config::DEFAULT_PARTITIONS_AHEAD)
+        .await;
     let url = agg.endpoint(wire::BATCHES_PATH);
 
     // The first batch takes the only slot and waits on a lock it cannot get.
@@ -1037,7 +1040,8 @@ async fn a_batch_that_waits_past_the_request_timeout_for_a_database_slot_is_503_
     loop {
         let blocked: i64 = sqlx::query_scalar(
             "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND wait_event_type = 'Lock'",
+             WHERE datname = current_database() AND wait_event_type = 'Lock' \
+               AND application_name = 'dcs-aggregator'",
         )
         .fetch_one(&db.pool)
         .await

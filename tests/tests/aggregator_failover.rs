@@ -70,7 +70,7 @@ async fn setup() -> Setup {
         config.retention.partitions_ahead = PARTITIONS_AHEAD;
     })
     .await;
-    until_startup_partitions_committed(&db).await;
+    db.until_startup_partitions(PARTITIONS_AHEAD).await;
     let client = agent_client(&pki.agent("acme", "edge-01"));
     let epoch = Uuid::now_v7();
     assert_eq!(
@@ -92,33 +92,6 @@ async fn setup() -> Setup {
 
 /// How many days of partitions the aggregator creates ahead at start-up.
 const PARTITIONS_AHEAD: u32 = 7;
-
-/// Returns once the aggregator's start-up partition run has committed. That
-/// run takes `records`' lock and commits like a batch: on a loaded machine it
-/// can still be going when a test makes commits wait or blocks a claim, and
-/// every batch then waits behind it. (The compaction that follows it writes
-/// nothing on a new database.)
-async fn until_startup_partitions_committed(db: &TestDb) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let created: bool = sqlx::query_scalar(
-            "SELECT to_regclass('records_p' || to_char((now() AT TIME ZONE 'UTC')::date + $1, \
-             'YYYYMMDD')) IS NOT NULL",
-        )
-        .bind(PARTITIONS_AHEAD as i32)
-        .fetch_one(&db.pool)
-        .await
-        .expect("look for the partition");
-        if created {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the aggregator did not create its partitions within 30 s"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 /// `ALTER SYSTEM` and a reload: the change reaches every open session too.
 async fn set_system(admin: &mut PgConnection, setting: &str) {
