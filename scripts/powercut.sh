@@ -79,13 +79,17 @@ STARTED=$SECONDS
 # sources' qemu, which qemu-system-x86 cannot be installed beside: naming
 # qemu-utils at that release replaces it (a downgrade if need be) where apt
 # would otherwise remove it, so the host keeps a qemu-img.
+qemu_candidate() {
+    apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ { print $2 }'
+}
+
 install_qemu() {
     local version
-    version=$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ { print $2 }')
+    version=$(qemu_candidate)
     if [[ -z "$version" || "$version" == "(none)" ]]; then
         as_root env DEBIAN_FRONTEND=noninteractive apt-get -q -o DPkg::Lock::Timeout=300 update ||
             die "apt-get update failed"
-        version=$(apt-cache policy qemu-system-x86 2>/dev/null | awk '/Candidate:/ { print $2 }')
+        version=$(qemu_candidate)
     fi
     [[ -n "$version" && "$version" != "(none)" ]] ||
         die "apt has no qemu-system-x86: the power-cut tests cannot run here"

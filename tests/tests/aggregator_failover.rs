@@ -67,10 +67,10 @@ async fn setup() -> Setup {
     let agg = start_aggregator_with(&pki, &db.url, |config| {
         config.database.acquire_timeout = Duration::from_secs(1);
         config.limits.retry_after = Duration::from_secs(RETRY_AFTER_SECS);
-        config.retention.partitions_ahead = PARTITIONS_AHEAD;
     })
     .await;
-    db.until_startup_partitions(PARTITIONS_AHEAD).await;
+    db.until_startup_partitions(dcs_aggregator::config::DEFAULT_PARTITIONS_AHEAD)
+        .await;
     let client = agent_client(&pki.agent("acme", "edge-01"));
     let epoch = Uuid::now_v7();
     assert_eq!(
@@ -89,9 +89,6 @@ async fn setup() -> Setup {
         epoch,
     }
 }
-
-/// How many days of partitions the aggregator creates ahead at start-up.
-const PARTITIONS_AHEAD: u32 = 7;
 
 /// `ALTER SYSTEM` and a reload: the change reaches every open session too.
 async fn set_system(admin: &mut PgConnection, setting: &str) {
