@@ -5,10 +5,15 @@
 //! - Schemas are compiled once, at start-up; a schema that does not compile
 //!   stops the agent with the key that names it. Nothing is compiled per
 //!   request.
-//! - A schema must be self-contained: the `jsonschema` crate is built
-//!   without its remote and file resolvers, so a `$ref` to anything but the
-//!   schema itself (or the standard meta-schemas it embeds) fails to compile
+//! - A schema must be self-contained: the engine (`boon`) is given a URL
+//!   loader that refuses every URL, so a `$ref` to anything but the schema
+//!   itself (or the standard meta-schemas it embeds) fails to compile
 //!   instead of making the agent fetch URLs or read files at run time.
+//! - The engine is `boon`, an interpreter of the compiled schema, not
+//!   `jsonschema`: the agent runs on client VMs, and `jsonschema` with its
+//!   two regex engines and format checkers was a quarter of the agent's
+//!   binary (docs/PERFORMANCE.md, "Footprint"). Both pass the official
+//!   JSON-Schema-Test-Suite for the drafts the agent accepts.
 //! - `format` is asserted (`"format": "date-time"` refuses `"yesterday"`):
 //!   an operator who writes it expects it checked.
 //! - The schema applies to the record's `payload`, for pushed and pulled
@@ -62,8 +67,13 @@ impl SchemaViolation {
     }
 }
 
+/// One stream's compiled schema: boon keeps compiled schemas in a
+/// collection and hands out an index into it.
 #[cfg(feature = "json-schema")]
-type Validator = jsonschema::Validator;
+struct Validator {
+    schemas: boon::Schemas,
+    root: boon::SchemaIndex,
+}
 
 /// Without the `json-schema` feature no schema compiles, so none exists.
 #[cfg(not(feature = "json-schema"))]
@@ -164,15 +174,53 @@ fn violations(validator: &Validator, _: &serde_json::Value) -> Vec<SchemaViolati
 
 #[cfg(feature = "json-schema")]
 fn violations(validator: &Validator, value: &serde_json::Value) -> Vec<SchemaViolation> {
-    validator
-        .iter_errors(value)
+    let Err(error) = validator.schemas.validate(value, validator.root) else {
+        return Vec::new();
+    };
+    // The basic output is the flat list of failed keywords (the leaves of
+    // boon's error tree, plus `allOf`/`oneOf`-style branches), each with
+    // the keyword's location in the schema and the value's in the payload.
+    let output = error.basic_output();
+    let units = match &output.error {
+        boon::OutputError::Branch(units) => units.iter().collect(),
+        boon::OutputError::Leaf(_) => vec![&output],
+    };
+    units
+        .into_iter()
+        .filter_map(|unit| match unit.error {
+            boon::OutputError::Leaf(kind) => Some((unit, kind)),
+            boon::OutputError::Branch(_) => None,
+        })
         .take(MAX_ERRORS_PER_RECORD)
-        .map(|e| SchemaViolation {
-            instance_path: e.instance_path().as_str().to_owned(),
-            schema_path: e.schema_path().as_str().to_owned(),
-            message: e.to_string(),
+        .map(|(unit, kind)| {
+            let instance_path = unit.instance_location.to_string();
+            SchemaViolation {
+                message: message(value.pointer(&instance_path), kind),
+                instance_path,
+                schema_path: unit.keyword_location.clone(),
+            }
         })
         .collect()
+}
+
+/// The reason for one failed keyword. The offending value goes in front
+/// when it is a scalar the engine's text leaves out (`"hot": want number,
+/// but got string`), so a producer sees what it sent; objects and arrays
+/// are named by the field alone. The text is cut at `MAX_MESSAGE_CHARS`, so
+/// a huge string cannot make a huge response.
+#[cfg(feature = "json-schema")]
+fn message(value: Option<&serde_json::Value>, kind: &boon::ErrorKind<'_, '_>) -> String {
+    const MAX_MESSAGE_CHARS: usize = 200;
+    use boon::ErrorKind::{Format, MultipleOf, Pattern};
+    let names_value = matches!(kind, Format { .. } | Pattern { .. } | MultipleOf { .. });
+    let text = match value {
+        Some(v) if !names_value && !v.is_object() && !v.is_array() => format!("{v}: {kind}"),
+        _ => kind.to_string(),
+    };
+    match text.char_indices().nth(MAX_MESSAGE_CHARS) {
+        Some((cut, _)) => format!("{}...", &text[..cut]),
+        None => text,
+    }
 }
 
 #[cfg(not(feature = "json-schema"))]
@@ -183,15 +231,34 @@ fn compile_one(_: &str) -> Result<Validator, String> {
 /// Parses and compiles one schema, with `format` asserted.
 #[cfg(feature = "json-schema")]
 fn compile_one(text: &str) -> Result<Validator, String> {
+    /// Refuses every URL the schema refers to (see the module's design
+    /// constraints): the standard meta-schemas are built into boon and
+    /// never reach a loader.
+    struct NoFetch;
+    impl boon::UrlLoader for NoFetch {
+        fn load(&self, url: &str) -> Result<serde_json::Value, Box<dyn std::error::Error>> {
+            Err(format!("{url}: a schema must be self-contained; the agent fetches nothing").into())
+        }
+    }
+    // Where the schema itself lives for boon; `$ref`s relative to it
+    // resolve to other URLs there, which NoFetch refuses.
+    const LOCATION: &str = "urn:dcs:stream-schema";
+
     let schema: serde_json::Value =
         serde_json::from_str(text).map_err(|e| format!("not valid JSON: {e}"))?;
     if !schema.is_object() && !schema.is_boolean() {
         return Err("a JSON Schema is an object (or true/false)".into());
     }
-    jsonschema::options()
-        .should_validate_formats(true)
-        .build(&schema)
-        .map_err(|e| format!("not a valid JSON Schema: {e}"))
+    let mut compiler = boon::Compiler::new();
+    compiler.set_default_draft(boon::Draft::V2020_12);
+    compiler.enable_format_assertions();
+    compiler.use_loader(Box::new(NoFetch));
+    let mut schemas = boon::Schemas::new();
+    compiler
+        .add_resource(LOCATION, schema)
+        .and_then(|()| compiler.compile(LOCATION, &mut schemas))
+        .map(|root| Validator { schemas, root })
+        .map_err(|e| format!("not a valid JSON Schema: {e:#}"))
 }
 
 /// All violations of one pulled record as one dead-letter reason.
@@ -260,7 +327,12 @@ mod tests {
         assert!(fields.contains(&"payload/tags/1".to_string()), "{v:?}");
         let value = v.iter().find(|v| v.instance_path == "/value").unwrap();
         assert_eq!(value.schema_path, "/properties/value/type");
-        assert!(value.reason().contains("\"hot\""), "{}", value.reason());
+        assert!(
+            value.reason().starts_with("\"hot\": "),
+            "{}",
+            value.reason()
+        );
+        assert!(value.reason().ends_with("(schema /properties/value/type)"));
 
         let missing = s.check("readings", r#"{"value":1}"#).unwrap_err();
         assert_eq!(missing[0].field(), "payload");
@@ -281,6 +353,12 @@ mod tests {
             .check("readings", r#"{"sensor":"a","value":1,"at":"yesterday"}"#)
             .unwrap_err();
         assert_eq!(v[0].field(), "payload/at");
+        assert!(
+            v[0].message.contains("is not valid date-time")
+                && v[0].message.matches("yesterday").count() == 1,
+            "the value is named once: {}",
+            v[0].message
+        );
     }
 
     #[test]
@@ -312,6 +390,28 @@ mod tests {
                 r#"streams."readings".schema"#,
             ),
             (
+                inline(r#"{"$ref": "file:///etc/passwd"}"#),
+                r#"streams."readings".schema"#,
+            ),
+            (
+                inline(r#"{"$ref": "other.json"}"#),
+                r#"streams."readings".schema"#,
+            ),
+            (
+                inline(r#"{"properties": {"a": {"pattern": "("}}}"#),
+                r#"streams."readings".schema"#,
+            ),
+            // Look-around has no linear-time engine: refused, not run
+            // with backtracking on every record.
+            (
+                inline(r#"{"properties": {"a": {"pattern": "^(?!x)"}}}"#),
+                r#"streams."readings".schema"#,
+            ),
+            (
+                inline(r#"{"properties": {"a": {"pattern": "(a)\\1"}}}"#),
+                r#"streams."readings".schema"#,
+            ),
+            (
                 StreamConfig {
                     schema_file: Some("/nonexistent/readings.json".into()),
                     schema: None,
@@ -331,6 +431,39 @@ mod tests {
         }
         let err = schemas(&[("Bad Name", inline("{}"))]).unwrap_err();
         assert!(err.contains(r#"streams."Bad Name""#), "{err}");
+    }
+
+    #[test]
+    fn refs_inside_the_schema_and_to_the_standard_drafts_compile() {
+        let s = schemas(&[(
+            "s",
+            inline(
+                r##"{"$schema": "http://json-schema.org/draft-07/schema#",
+                    "definitions": {"level": {"enum": ["info", "warn"]}},
+                    "properties": {"level": {"$ref": "#/definitions/level"}}}"##,
+            ),
+        )])
+        .unwrap();
+        assert!(s.check("s", r#"{"level":"info"}"#).is_ok());
+        let v = s.check("s", r#"{"level":"loud"}"#).unwrap_err();
+        assert_eq!(v[0].field(), "payload/level");
+        assert!(
+            v[0].schema_path.starts_with("/properties/level/$ref"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_long_offending_value_is_cut_in_the_reason() {
+        let s = schemas(&[("s", inline(r#"{"properties": {"a": {"maxLength": 3}}}"#))]).unwrap();
+        let long = "x".repeat(10_000);
+        let v = s.check("s", &format!(r#"{{"a":"{long}"}}"#)).unwrap_err();
+        assert!(v[0].message.len() < 300, "{}", v[0].message);
+        assert!(v[0].message.starts_with("\"xxx"), "{}", v[0].message);
+
+        let s = schemas(&[("s", inline(r#"{"properties": {"a": {"pattern": "^y"}}}"#))]).unwrap();
+        let v = s.check("s", &format!(r#"{{"a":"{long}"}}"#)).unwrap_err();
+        assert!(v[0].message.len() < 300, "{}", v[0].message);
     }
 
     #[test]
