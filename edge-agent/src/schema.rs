@@ -253,12 +253,11 @@ fn compile_one(text: &str) -> Result<Validator, String> {
     compiler.set_default_draft(boon::Draft::V2020_12);
     compiler.enable_format_assertions();
     compiler.use_loader(Box::new(NoFetch));
+    let invalid = |e: boon::CompileError| format!("not a valid JSON Schema: {e:#}");
     let mut schemas = boon::Schemas::new();
-    compiler
-        .add_resource(LOCATION, schema)
-        .and_then(|()| compiler.compile(LOCATION, &mut schemas))
-        .map(|root| Validator { schemas, root })
-        .map_err(|e| format!("not a valid JSON Schema: {e:#}"))
+    compiler.add_resource(LOCATION, schema).map_err(invalid)?;
+    let root = compiler.compile(LOCATION, &mut schemas).map_err(invalid)?;
+    Ok(Validator { schemas, root })
 }
 
 /// All violations of one pulled record as one dead-letter reason.
