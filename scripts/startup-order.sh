@@ -5,7 +5,10 @@
 #
 #   scripts/startup-order.sh [--no-build]
 #
-# --no-build takes target/release/dcs-edge (and dcs-certs) as they are.
+# --no-build takes target/release/dcs-edge (and dcs-certs) as they are and
+# adds the names it runs to the list, keeping the names already there (of
+# the other build); without it, both builds are made and the list is
+# written afresh.
 #
 # Why: an idle agent's resident memory is mostly its own code, and the
 # kernel maps the 64 KiB around every page a process touches. Start-up code
@@ -48,7 +51,12 @@ trap cleanup EXIT
 # package) name their dependencies' functions differently. The list holds
 # the names of both builds.
 BUILDS=("--workspace --bins" "-p dcs-edge")
-[[ "${1:-}" == "--no-build" ]] && BUILDS=("")
+if [[ "${1:-}" == "--no-build" ]]; then
+    BUILDS=("")
+    if [[ -f "$OUT" ]]; then
+        grep -v '^#' "$OUT" >"$WORK/ran.kept" || true
+    fi
+fi
 
 trace() { # BINARY CERTS_BIN OUT: the functions BINARY ran, one a line
     local bin=$1 certs=$2 out=$3 dir
@@ -107,7 +115,7 @@ for build in "${BUILDS[@]}"; do
     fi
     BIN=$TARGET_DIR/release/dcs-edge
     [[ -x "$BIN" ]] || die "$BIN not found: build it, or run without --no-build"
-    section "the agent ($build) under callgrind"
+    section "the agent (${build:-as built}) under callgrind"
     cp "$BIN" "$WORK/dcs-edge"
     trace "$WORK/dcs-edge" "$TARGET_DIR/release/dcs-certs" "$WORK/ran.$(date +%s%N)"
 done
