@@ -9,7 +9,8 @@
 # 4. cargo fmt --check (skipped with --quick)
 # 5. cargo build --workspace --bins (the tests run the real binaries) and
 #    cargo test --workspace --no-run, with clippy -D warnings linting our
-#    crates as they compile (skipped with --quick)
+#    crates as they compile (skipped with --quick); a fresh checkout starts
+#    from the compiled dependencies cached by scripts/build-cache.sh
 # 6. the power-cut scenarios: dcs-edge in a qemu VM whose power is cut
 #    (scripts/powercut.sh; installs qemu and builds a cached guest image),
 #    in the background while steps 7-15 run, waited for before step 16
@@ -179,8 +180,14 @@ else
 fi
 
 step "$BUILD_STEP"
+# A fresh checkout starts from the dependencies a previous run compiled,
+# cached outside it under a key of Cargo.lock, the manifests and the
+# toolchain (scripts/build-cache.sh); our own crates are always compiled,
+# and linted, here.
+bash "$ROOT/scripts/build-cache.sh" restore
 cargo build --workspace --bins
 cargo test --workspace --no-run
+bash "$ROOT/scripts/build-cache.sh" save
 
 # The power cuts run one emulated CPU (qemu TCG) for about 5 minutes; the
 # steps up to the hostile-neighbours suite (which measures latency and so
@@ -287,11 +294,11 @@ cargo test --workspace --test e2e -- --ignored --nocapture --test-threads=1 --sk
 
 step "PostgreSQL failover: Patroni, etcd and HAProxy under load (scripts/ha.sh)"
 # Three Patroni members in network namespaces (root), each scenario on a
-# fresh cluster (about a minute each); --nocapture puts each
-# "scenario=pg-... rto_s=..." line in this log, including the asynchronous
-# run's lost= figure (docs/DEPLOYMENT.md).
+# fresh cluster of its own (30 to 45 s each, two at a time); --nocapture
+# puts each "scenario=pg-... rto_s=..." line in this log, including the
+# asynchronous run's lost= figure (docs/DEPLOYMENT.md).
 as_root bash "$ROOT/scripts/ha.sh" install
-cargo test --workspace --test e2e -- --ignored --nocapture --test-threads=1 patroni::
+cargo test --workspace --test e2e -- --ignored --nocapture --test-threads=2 patroni::
 
 step "Fleet: 100 agents through HAProxy to two replicas, every acknowledged record exactly once"
 # About 40 s; prints "scenario=fleet-100 acked=... missing=0 duplicated=0 refused=...".
