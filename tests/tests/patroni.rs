@@ -20,12 +20,14 @@
 //! and reports `lost=` (acknowledged records the failover lost); it asserts
 //! only that nothing is duplicated: losing records is what it measures.
 //!
-//! They need root (namespaces) and take about a minute each, so they are
-//! `#[ignore]`d in `cargo test --workspace`; scripts/test.sh runs them:
+//! The load stops 10 s after writes are stored again, so each scenario takes
+//! 30 to 45 s. Each cluster has its own ports and subnet, so two scenarios
+//! run at once. They need root (namespaces), so they are `#[ignore]`d in
+//! `cargo test --workspace`; scripts/test.sh runs them:
 //!
 //! ```text
 //! scripts/ha.sh install
-//! cargo test -p dcs-tests --test e2e -- --ignored --nocapture --test-threads=1 patroni::
+//! cargo test --workspace --test e2e -- --ignored --nocapture --test-threads=2 patroni::
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -43,9 +45,12 @@ use sqlx::PgPool;
 const AGENTS: usize = 3;
 const PRODUCERS_PER_AGENT: usize = 2;
 const AGGREGATORS: usize = 2;
-/// Load before the fault, and in all.
+/// Load before the fault; the most load in all; and the load that goes on
+/// once writes are stored again, so records are seen to flow through the
+/// new primary (the load stops then, not at `LOAD`).
 const WARM_UP: Duration = Duration::from_secs(8);
 const LOAD: Duration = Duration::from_secs(40);
+const AFTER_RECOVERY: Duration = Duration::from_secs(10);
 const MAX_RTO: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,14 +64,23 @@ enum Fault {
 struct Ha {
     dir: PathBuf,
     pg_url: String,
+    base_port: u16,
 }
 
-fn ha_script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ha.sh")
+/// Each scenario's cluster gets its own ports, subnet and namespaces
+/// (`scripts/ha.sh` derives them from `HA_BASE_PORT`), so scenarios run two
+/// at a time: a cluster spends most of a scenario waiting on Patroni's
+/// timers, not on the CPU.
+const BASE_PORTS: [u16; 4] = [25430, 25740, 26050, 26360];
+
+fn ha_script(base_port: u16) -> Command {
+    let mut command = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/ha.sh"));
+    command.env("HA_BASE_PORT", base_port.to_string());
+    command
 }
 
-fn ha(args: &[&str]) -> String {
-    let output = Command::new(ha_script())
+fn ha(base_port: u16, args: &[&str]) -> String {
+    let output = ha_script(base_port)
         .args(args)
         .output()
         .expect("run scripts/ha.sh");
@@ -80,27 +94,34 @@ fn ha(args: &[&str]) -> String {
 }
 
 impl Ha {
-    fn up(dir: &Path, synchronous: bool) -> Ha {
+    fn up(dir: &Path, synchronous: bool, base_port: u16) -> Ha {
         let dir = dir.join("ha");
         let d = dir.to_str().expect("utf-8 dir");
         // A cluster left by a killed run of this test is taken down first.
-        ha(&["down", d]);
+        ha(base_port, &["down", d]);
         let mut args = vec!["up", d];
         if !synchronous {
             args.push("--async");
         }
-        println!("{}", ha(&args));
+        println!("{}", ha(base_port, &args));
         let env = std::fs::read_to_string(dir.join("env")).expect("ha env");
         let pg_url = env
             .lines()
             .find_map(|l| l.strip_prefix("HA_PG_URL="))
             .expect("HA_PG_URL")
             .to_owned();
-        Ha { dir, pg_url }
+        Ha {
+            dir,
+            pg_url,
+            base_port,
+        }
     }
 
     fn cmd(&self, command: &str) -> String {
-        ha(&[command, self.dir.to_str().expect("utf-8 dir")])
+        ha(
+            self.base_port,
+            &[command, self.dir.to_str().expect("utf-8 dir")],
+        )
     }
 }
 
@@ -109,7 +130,7 @@ impl Ha {
     async fn current_primary(&self) -> String {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
-            let output = Command::new(ha_script())
+            let output = ha_script(self.base_port)
                 .args(["primary", self.dir.to_str().expect("utf-8 dir")])
                 .output()
                 .expect("run scripts/ha.sh");
@@ -126,7 +147,7 @@ impl Ha {
 
 impl Drop for Ha {
     fn drop(&mut self) {
-        let _ = Command::new(ha_script())
+        let _ = ha_script(self.base_port)
             .args(["down", self.dir.to_str().unwrap_or("")])
             .status();
     }
@@ -180,10 +201,15 @@ async fn drain(pool: &PgPool, agents: &[AgentProcess], ledger: &Ledger) {
     }
 }
 
-async fn scenario(name: &str, fault: Fault, synchronous: bool) -> (Report, Option<Duration>) {
+async fn scenario(
+    name: &str,
+    fault: Fault,
+    synchronous: bool,
+    base_port: u16,
+) -> (Report, Option<Duration>) {
     dcs_shared::tls::install_crypto_provider();
     let dir = tempfile::tempdir().expect("temp dir");
-    let cluster = Ha::up(dir.path(), synchronous);
+    let cluster = Ha::up(dir.path(), synchronous, base_port);
     let pool = PgPool::connect(&cluster.pg_url)
         .await
         .expect("connect through HAProxy");
@@ -215,14 +241,14 @@ async fn scenario(name: &str, fault: Fault, synchronous: bool) -> (Report, Optio
         chunk: 20,
         pace: Duration::from_millis(20),
     };
-    let until = Instant::now() + LOAD;
+    let (stop, until) = tokio::sync::watch::channel(Instant::now() + LOAD);
     let producers: Vec<_> = (0..plan.producers)
         .map(|p| {
-            tokio::spawn(chaos::produce(
+            tokio::spawn(chaos::produce_until(
                 agents[p % AGENTS].url.clone(),
                 p,
                 plan,
-                until,
+                until.clone(),
                 ledger.clone(),
             ))
         })
@@ -247,17 +273,21 @@ async fn scenario(name: &str, fault: Fault, synchronous: bool) -> (Report, Optio
     while faulted.elapsed() < Duration::from_secs(90) {
         if ingested(&aggregators, &http).await > before {
             rto = Some(faulted.elapsed());
+            stop.send_modify(|end| *end = (*end).min(Instant::now() + AFTER_RECOVERY));
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let new_primary = cluster.current_primary().await;
     if fault == Fault::Partition {
-        ha(&[
-            "heal",
-            cluster.dir.to_str().expect("utf-8 dir"),
-            &old_primary,
-        ]);
+        ha(
+            cluster.base_port,
+            &[
+                "heal",
+                cluster.dir.to_str().expect("utf-8 dir"),
+                &old_primary,
+            ],
+        );
     }
     for p in producers {
         p.await.expect("producer panicked");
@@ -286,12 +316,11 @@ async fn scenario(name: &str, fault: Fault, synchronous: bool) -> (Report, Optio
     if !synchronous {
         report.note("lost", report.missing);
     }
-    for a in &mut agents {
-        a.terminate();
-    }
-    for a in &mut aggregators {
-        a.service.terminate();
-    }
+    // The verdict is in and nothing is left to deliver: the processes are
+    // killed (on drop), not stopped gracefully one after the other, which
+    // would wait out each aggregator's drain delay.
+    drop(agents);
+    drop(aggregators);
     (report, rto)
 }
 
@@ -305,21 +334,27 @@ fn assert_synchronous(report: &Report, rto: Option<Duration>) {
 #[tokio::test]
 #[ignore = "needs root, Patroni, etcd and HAProxy (scripts/ha.sh); run by scripts/test.sh"]
 async fn pg_failover_kill_loses_no_acknowledged_record_in_synchronous_mode() {
-    let (report, rto) = scenario("pg-failover-kill", Fault::Kill, true).await;
+    let (report, rto) = scenario("pg-failover-kill", Fault::Kill, true, BASE_PORTS[0]).await;
     assert_synchronous(&report, rto);
 }
 
 #[tokio::test]
 #[ignore = "needs root, Patroni, etcd and HAProxy (scripts/ha.sh); run by scripts/test.sh"]
 async fn pg_switchover_loses_no_acknowledged_record() {
-    let (report, rto) = scenario("pg-switchover", Fault::Switchover, true).await;
+    let (report, rto) = scenario("pg-switchover", Fault::Switchover, true, BASE_PORTS[1]).await;
     assert_synchronous(&report, rto);
 }
 
 #[tokio::test]
 #[ignore = "needs root, Patroni, etcd and HAProxy (scripts/ha.sh); run by scripts/test.sh"]
 async fn pg_failover_partition_loses_no_acknowledged_record_in_synchronous_mode() {
-    let (report, rto) = scenario("pg-failover-partition", Fault::Partition, true).await;
+    let (report, rto) = scenario(
+        "pg-failover-partition",
+        Fault::Partition,
+        true,
+        BASE_PORTS[2],
+    )
+    .await;
     assert_synchronous(&report, rto);
 }
 
@@ -328,7 +363,7 @@ async fn pg_failover_partition_loses_no_acknowledged_record_in_synchronous_mode(
 #[tokio::test]
 #[ignore = "needs root, Patroni, etcd and HAProxy (scripts/ha.sh); run by scripts/test.sh"]
 async fn pg_failover_kill_in_asynchronous_mode_reports_what_it_loses() {
-    let (report, _) = scenario("pg-failover-kill-async", Fault::Kill, false).await;
+    let (report, _) = scenario("pg-failover-kill-async", Fault::Kill, false, BASE_PORTS[3]).await;
     println!("{report}");
     chaos::log_scenario(&report.to_string());
     assert!(report.acked > 0, "no record was acknowledged: {report}");

@@ -25,7 +25,7 @@ pub use checker::{
     Ledger, RecordKey, Report, compare, compare_on, log_scenario, verify, verify_at,
 };
 pub use faults::{agent_kill, aggregator_kill, overload, partition, postgres_restart};
-pub use producers::{Request, produce};
+pub use producers::{Request, produce, produce_until};
 pub use time_travel::{clock_jump, snapshot_revert};
 pub use world::World;
 

@@ -9,6 +9,8 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::watch;
+
 use super::{Ledger, Plan, STREAM};
 
 /// One NDJSON request: records `p{producer}-{i}` for each `i` of a range.
@@ -72,15 +74,33 @@ pub async fn produce(
     until: Instant,
     ledger: Arc<Ledger>,
 ) {
+    let (_fixed, until) = watch::channel(until);
+    produce_until(url, producer, plan, until, ledger).await
+}
+
+/// As [`produce`], with an end the scenario may bring forward once it has
+/// seen what it waits for (a failover's recovery, say), so the load lasts
+/// as long as the proof needs and no longer.
+pub async fn produce_until(
+    url: String,
+    producer: usize,
+    plan: Plan,
+    until: watch::Receiver<Instant>,
+    ledger: Arc<Ledger>,
+) {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
         .expect("client");
     let mut next = 0usize;
-    while Instant::now() < until {
+    loop {
+        let end = *until.borrow();
+        if Instant::now() >= end {
+            break;
+        }
         let request = Request::new(producer, next..next + plan.chunk, "chaos record");
         next += plan.chunk;
-        let give_up = until + Duration::from_secs(60);
+        let give_up = end + Duration::from_secs(60);
         request
             .push(&client, &url, give_up, Duration::from_millis(100), &ledger)
             .await;
