@@ -3,6 +3,7 @@
 # qemu (tests/src/powercut.rs, tests/powercut/).
 #
 #   scripts/powercut.sh [--scenario NAME|all] [--records N] [--rebuild-image]
+#                       [--no-build]
 #
 # 1. installs qemu-system-x86, debootstrap and e2fsprogs with apt if missing
 # 2. builds the guest image (debootstrap --variant=minbase bookworm with
@@ -11,7 +12,8 @@
 #    where <hash> covers tests/powercut/build-image.sh and tests/powercut/init:
 #    a change to either builds a new image (about 4 minutes, needs root)
 # 3. PostgreSQL (scripts/ensure-postgres.sh) and cargo build --workspace
-#    --bins (both no-ops within scripts/test.sh)
+#    --bins (--no-build uses the binaries as they are: scripts/test.sh
+#    starts this script while it compiles the tests)
 # 4. runs target/debug/dcs-powercut, which prints one line per scenario:
 #    scenario=NAME acked=N in_pg=M missing=X duplicated=Y refused=R ...
 #
@@ -29,6 +31,7 @@ cd "$ROOT"
 usage() {
     cat <<'EOF_USAGE'
 Usage: scripts/powercut.sh [--scenario NAME|all] [--records N] [--rebuild-image]
+                           [--no-build]
 
   --scenario NAME   power-cut, power-cut-during-rotation,
                     power-cut-during-delivery, power-cut-process-crash-mode,
@@ -36,6 +39,7 @@ Usage: scripts/powercut.sh [--scenario NAME|all] [--records N] [--rebuild-image]
                     or all (the default); may be repeated
   --records N       records acknowledged before each cut (default 20000)
   --rebuild-image   build the guest image even if a cached one matches
+  --no-build        use target/debug's binaries without cargo build
   -h, --help        this text
 EOF_USAGE
 }
@@ -43,6 +47,7 @@ EOF_USAGE
 SCENARIOS=()
 RECORDS=20000
 REBUILD=0
+BUILD=1
 while (($#)); do
     case "$1" in
     --scenario)
@@ -54,6 +59,7 @@ while (($#)); do
         shift
         ;;
     --rebuild-image) REBUILD=1 ;;
+    --no-build) BUILD=0 ;;
     -h | --help)
         usage
         exit 0
@@ -129,7 +135,12 @@ flock -u 9
 
 # --- 3. PostgreSQL and the binaries -----------------------------------------
 bash "$ROOT/scripts/ensure-postgres.sh" >/dev/null
-cargo build --workspace --bins
+if ((BUILD)); then
+    cargo build --workspace --bins
+fi
+for bin in dcs-powercut dcs-edge dcs-aggregator; do
+    [[ -x "$TARGET_DIR/debug/$bin" ]] || die "$TARGET_DIR/debug/$bin not found: cargo build --workspace --bins"
+done
 
 # --- 4. the scenarios -----------------------------------------------------
 # The disk images need a file system that supports O_DIRECT (cache=none):

@@ -13,7 +13,8 @@
 #    from the compiled dependencies cached by scripts/build-cache.sh
 # 6. the power-cut scenarios: dcs-edge in a qemu VM whose power is cut
 #    (scripts/powercut.sh; installs qemu and builds a cached guest image),
-#    in the background while steps 7-15 run, waited for before step 16
+#    started once the binaries are built, in the background while the test
+#    build and steps 7-15 run, waited for before step 16
 # 7. the disaster-recovery drill: pgBackRest backup, point-in-time restore,
 #    replay (scripts/dr-drill.sh; installs pgbackrest)
 # 8. dcs-edge / dcs-aggregator check-config on config/examples/*.toml
@@ -163,7 +164,7 @@ ensure_haproxy
 
 if ((QUICK)); then
     section "cargo fmt / cargo clippy: skipped (--quick)"
-    BUILD_STEP="cargo build --workspace --bins, cargo test --workspace --no-run"
+    LINTED=""
 else
     step "cargo fmt --all -- --check"
     cargo fmt --all -- --check
@@ -176,31 +177,36 @@ else
     RUSTC_WORKSPACE_WRAPPER=$(clippy_driver)
     export RUSTC_WORKSPACE_WRAPPER
     export CLIPPY_ARGS="-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__"
-    BUILD_STEP="cargo build --workspace --bins, cargo test --workspace --no-run, linted as cargo clippy --workspace --all-targets -- -D warnings"
+    LINTED=", linted as cargo clippy --workspace --all-targets -- -D warnings"
 fi
 
-step "$BUILD_STEP"
+step "cargo build --workspace --bins$LINTED"
 # A fresh checkout starts from the dependencies a previous run compiled,
 # cached outside it under a key of Cargo.lock, the manifests and the
 # toolchain (scripts/build-cache.sh); our own crates are always compiled,
 # and linted, here.
 bash "$ROOT/scripts/build-cache.sh" restore
 cargo build --workspace --bins
-cargo test --workspace --no-run
-bash "$ROOT/scripts/build-cache.sh" save
 
-# The power cuts run one emulated CPU (qemu TCG) for about 5 minutes; the
-# steps up to the hostile-neighbours suite (which measures latency and so
-# waits for them) use mostly the other core. Its log is printed, and its
-# result checked, where it is waited for.
+# The power cuts run one emulated CPU (qemu TCG) for about 5 minutes, so
+# they start as soon as the binaries exist; the test build and the steps up
+# to the hostile-neighbours suite (which measures latency and so waits for
+# them) use mostly the other core. Its log is printed, and its result
+# checked, where it is waited for.
 step "Power cuts: dcs-edge in a qemu VM, kill -9 of qemu (scripts/powercut.sh), in the background"
 # Never skipped: a machine that cannot run the VM fails this step.
 POWERCUT_LOG="$SCRATCH/powercut.log"
 # Its own process group, so a failing step stops the VM with it.
-setsid --wait bash "$ROOT/scripts/powercut.sh" </dev/null >"$POWERCUT_LOG" 2>&1 &
+# --no-build: the binaries were just built, and its own cargo build would
+# wait for the test build below to release the build directory.
+setsid --wait bash "$ROOT/scripts/powercut.sh" --no-build </dev/null >"$POWERCUT_LOG" 2>&1 &
 POWERCUT_PID=$!
 trap 'kill -- -"$POWERCUT_PID" 2>/dev/null || true; rm -rf "$SCRATCH"' EXIT
 say "started (pid $POWERCUT_PID); its output follows when it is waited for"
+
+step "cargo test --workspace --no-run$LINTED"
+cargo test --workspace --no-run
+bash "$ROOT/scripts/build-cache.sh" save
 
 step "Disaster recovery: pgBackRest point-in-time restore and replay (scripts/dr-drill.sh)"
 bash "$ROOT/scripts/dr-drill.sh"
