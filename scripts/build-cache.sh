@@ -14,7 +14,8 @@
 #
 # The key covers everything that decides how a dependency is compiled:
 # Cargo.lock, every Cargo.toml of the workspace (features and profiles), the
-# compiler and cargo versions, and RUSTFLAGS. One key is kept; saving a new
+# compiler and cargo versions, RUSTFLAGS and CARGO_PROFILE_*/CARGO_BUILD_*
+# settings in the environment. One key is kept; saving a new
 # one removes the others. Cargo still checks every restored unit's
 # fingerprint and rebuilds any that does not match, so a stale or partial
 # cache costs time, never correctness.
@@ -79,6 +80,8 @@ key() {
         rustc -vV
         cargo -V
         printf 'RUSTFLAGS=%s\nCARGO_ENCODED_RUSTFLAGS=%s\n' "${RUSTFLAGS:-}" "${CARGO_ENCODED_RUSTFLAGS:-}"
+        # Profile and build settings given in the environment (none in CI).
+        env | grep -E '^CARGO_(PROFILE|BUILD)_' | grep -v '^CARGO_BUILD_TARGET_DIR=' | LC_ALL=C sort || true
         cat Cargo.lock
         # Sorted, so the key does not depend on the order find walks in.
         while read -r manifest; do
