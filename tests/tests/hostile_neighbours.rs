@@ -6,7 +6,7 @@
 //! measures the victim's p99 for [`PHASE`] right before the attack (the
 //! baseline), then while the attack runs (at least [`PHASE`]), and asserts:
 //! - none of the victim's batches failed, and its p99 stayed within twice
-//!   that baseline;
+//!   that baseline, or within [`SLACK`] of it where that is more;
 //! - the aggregator's peak RSS stayed under its memory budget (1 GiB);
 //! - the attacker got the documented refusal.
 //!
@@ -72,6 +72,14 @@ const PHASE: Duration = Duration::from_secs(5);
 const VICTIM_EVERY: Duration = Duration::from_millis(20);
 /// Baseline-and-attack measurements per attack before a p99 miss fails.
 const ATTEMPTS: usize = 5;
+/// The least the victim's p99 may rise over its baseline: the bound is
+/// twice the baseline, but never under baseline + `SLACK`. With baselines
+/// of 5 to 9 ms, twice the baseline leaves a few milliseconds, which a
+/// few scheduler slices on a shared 2-core machine take (misses of +5 to
+/// +21 ms were seen with nothing attacking the victim's share); a
+/// neighbour that starves a tenant shows up as failed batches or p99s of
+/// hundreds of milliseconds, far above it.
+const SLACK: Duration = Duration::from_millis(20);
 /// `limits.handshake_timeout` and `connections.header_timeout` of the
 /// suite's aggregator (default 10 s each).
 const DEADLINE: Duration = Duration::from_secs(3);
@@ -1067,7 +1075,8 @@ async fn suite() {
         for attempt in 1..=ATTEMPTS {
             let m = measure(&b, &victim, run).await;
             let rss = b.peak_rss_mb();
-            let within = m.p99 <= m.baseline * 2;
+            let bound = (m.baseline * 2).max(m.baseline + SLACK);
+            let within = m.p99 <= bound;
             let line = format!(
                 "attack={attack} victim_p99_ms={} baseline_ms={} peak_rss_mb={rss} refusal={}",
                 m.p99.as_millis(),
@@ -1090,7 +1099,7 @@ async fn suite() {
             }
             if !within {
                 problems.push(format!(
-                    "{attack}: victim p99 {:?} > 2 × baseline {:?} in {ATTEMPTS} attempts",
+                    "{attack}: victim p99 {:?} > {bound:?} (2 × baseline {:?}, at least baseline + {SLACK:?}) in {ATTEMPTS} attempts",
                     m.p99, m.baseline
                 ));
             }
