@@ -45,11 +45,12 @@ use sqlx::PgPool;
 const AGENTS: usize = 3;
 const PRODUCERS_PER_AGENT: usize = 2;
 const AGGREGATORS: usize = 2;
-/// Load before the fault; the most load in all; and the load that goes on
-/// once writes are stored again, so records are seen to flow through the
-/// new primary (the load stops then, not at `LOAD`).
+/// Load before the fault.
 const WARM_UP: Duration = Duration::from_secs(8);
+/// The most load in all, for a scenario whose writes never resume.
 const LOAD: Duration = Duration::from_secs(40);
+/// Load that goes on once writes are stored again, so records are seen to
+/// flow through the new primary; the load stops then, not at `LOAD`.
 const AFTER_RECOVERY: Duration = Duration::from_secs(10);
 const MAX_RTO: Duration = Duration::from_secs(30);
 
