@@ -237,6 +237,9 @@ fn single(v: &[(Value, f64)], want: f64) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_scrapes_both_tiers_and_sees_every_record() {
+    // Its HTTP clients need the process's TLS provider; run alone (one
+    // test per process, as nextest does) nothing else installs it.
+    dcs_shared::tls::install_crypto_provider();
     let binary = match prometheus_binary() {
         Ok(path) => path,
         Err(reason) => {
