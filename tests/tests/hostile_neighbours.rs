@@ -76,9 +76,10 @@ const ATTEMPTS: usize = 5;
 /// twice the baseline, but never under baseline + `SLACK`. With baselines
 /// of 5 to 9 ms, twice the baseline leaves a few milliseconds, which a
 /// few scheduler slices on a shared 2-core machine take (misses of +5 to
-/// +21 ms were seen with nothing attacking the victim's share); a
-/// neighbour that starves a tenant shows up as failed batches or p99s of
-/// hundreds of milliseconds, far above it.
+/// +21 ms were seen under `connections_10k` and `oversized_batches`, each
+/// refused as documented and with no victim batch failing); a neighbour
+/// that starves a tenant shows up as failed batches or p99s of hundreds of
+/// milliseconds, far above it.
 const SLACK: Duration = Duration::from_millis(20);
 /// `limits.handshake_timeout` and `connections.header_timeout` of the
 /// suite's aggregator (default 10 s each).
